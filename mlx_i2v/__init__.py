@@ -1,0 +1,15 @@
+"""mlx-i2v: image-to-video diffusion (the Wan family) in MLX.
+
+Public API::
+
+    from mlx_i2v import load_pipeline
+    pipe = load_pipeline("Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+    video = pipe("photo.jpg", "a cat surfing a wave")
+    video.save("cat.mp4")
+"""
+
+import logging
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

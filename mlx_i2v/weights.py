@@ -1,0 +1,211 @@
+"""Declarative, strict weight maps and the loader that applies them.
+
+A :class:`WeightMap` is an ordered table of :class:`Rule` rows, one table per source layout, kept beside
+the model it describes (``models/wan_transformer.py`` has ``DIFFUSERS_MAP``, and so on). Each source
+tensor must be claimed by exactly one rule (the first whose regex matches the whole key) or by an
+``ignore`` pattern; each model parameter must be filled exactly once with the right shape. Anything else
+is a :class:`~mlx_i2v.errors.WeightLoadError` that names the offending keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, TypeVar
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import WeightLoadError
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[mx.array], mx.array]
+
+
+# --- layout transforms (PyTorch channels-first -> MLX channels-last) -------------------------------
+
+
+def conv_weight(w: mx.array) -> mx.array:
+    """PyTorch conv weight (O, I, *kernel) -> MLX (O, *kernel, I); works for 1D, 2D and 3D."""
+    return mx.moveaxis(w, 1, -1)
+
+
+def flatten(w: mx.array) -> mx.array:
+    """Squeeze broadcast-shaped parameters such as the VAE's RMS gamma (C, 1, 1[, 1]) -> (C,)."""
+    return w.reshape(-1)
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Map source keys matching ``source`` (a full-match regex) to ``target`` (an ``re`` template).
+
+    ``transform`` re-lays the tensor out (e.g. :func:`conv_weight`); None keeps it as it is.
+    """
+
+    source: str
+    target: str = r"\g<0>"
+    transform: Transform | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_regex", re.compile(self.source))
+
+    def match(self, key: str) -> str | None:
+        m = self._regex.fullmatch(key)  # type: ignore[attr-defined]
+        return m.expand(self.target) if m else None
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """An ordered rule table for one source layout, plus the source keys deliberately left unused."""
+
+    name: str
+    rules: tuple[Rule, ...]
+    ignore: tuple[str, ...] = ()
+
+    def apply(self, tensors: Mapping[str, mx.array]) -> dict[str, mx.array]:
+        """Rename and re-lay out every source tensor; raise if one is claimed by no rule.
+
+        Returns a dict keyed by model parameter names (dotted, as ``tree_flatten`` spells them).
+        """
+        ignore = [re.compile(p) for p in self.ignore]
+        out: dict[str, mx.array] = {}
+        unclaimed: list[str] = []
+        duplicates: list[str] = []
+        for key, value in tensors.items():
+            for rule in self.rules:
+                target = rule.match(key)
+                if target is not None:
+                    if target in out:
+                        duplicates.append(target)
+                    out[target] = rule.transform(value) if rule.transform else value
+                    break
+            else:
+                if any(p.fullmatch(key) for p in ignore):
+                    log.debug("%s: ignoring %s", self.name, key)
+                else:
+                    unclaimed.append(key)
+        if unclaimed:
+            raise WeightLoadError(f"{self.name}: {_describe(unclaimed)} not used by any rule")
+        if duplicates:
+            raise WeightLoadError(f"{self.name}: several source tensors map to {_describe(duplicates)}")
+        return out
+
+
+IDENTITY = Rule(r".*")
+
+
+def _describe(keys: Iterable[str], limit: int = 6) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{len(keys)} tensor{'s' if len(keys) != 1 else ''} ({shown}{more})"
+
+
+# --- strict loading ---------------------------------------------------------------------------------
+
+
+def load_strict(
+    model: nn.Module,
+    weights: Mapping[str, mx.array],
+    *,
+    dtype: mx.Dtype,
+    keep_float32: Iterable[str] = (),
+    what: str = "model",
+) -> None:
+    """Fill every parameter of ``model`` from ``weights`` (already mapped to parameter names).
+
+    Floating tensors are cast to ``dtype`` except those whose name matches a ``keep_float32`` regex
+    (search semantics), which stay float32 as the reference keeps them. Missing, unexpected and
+    mis-shaped tensors raise :class:`WeightLoadError` naming them. Quantized models are supported: the
+    expected names come from the model itself, so ``scales``/``biases`` must be present.
+    """
+    expected = dict(tree_flatten(model.parameters()))
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    misshaped = [
+        f"{k} {tuple(weights[k].shape)} != {tuple(expected[k].shape)}"
+        for k in expected
+        if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_describe(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped {_describe(misshaped)}")
+    if problems:
+        raise WeightLoadError(f"{what}: " + "; ".join(problems))
+    keep = [re.compile(p) for p in keep_float32]
+    cast: list[tuple[str, mx.array]] = []
+    for k, v in weights.items():
+        if mx.issubdtype(v.dtype, mx.floating) and expected[k].dtype != mx.uint32:
+            target = mx.float32 if any(p.search(k) for p in keep) else dtype
+            v = v.astype(target)
+        cast.append((k, v))
+    model.load_weights(cast, strict=True)
+    mx.eval(model.parameters())
+
+
+# --- reading checkpoints ----------------------------------------------------------------------------
+
+
+def read_safetensors(folder: str | Path, *, what: str | None = None) -> dict[str, mx.array]:
+    """Read every tensor of a component folder: a sharded checkpoint through its
+    ``*.safetensors.index.json``, otherwise all ``*.safetensors`` files in it.
+
+    Truncated or unreadable files raise :class:`WeightLoadError` naming the file.
+    """
+    folder = Path(folder)
+    what = what or folder.name
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise WeightLoadError(f"{what}: unreadable index {indexes[0].name}: {e}") from None
+        files = sorted({folder / f for f in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadError(f"{what}: no .safetensors weights in {folder}")
+    tensors: dict[str, mx.array] = {}
+    for f in files:
+        if not f.is_file():
+            raise WeightLoadError(f"{what}: shard {f.name} listed in the index is missing")
+        try:
+            tensors.update(mx.load(str(f)))
+        except Exception as e:  # mlx raises RuntimeError/ValueError with a C++ message
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise WeightLoadError(f"{what}: cannot read {f.name} (truncated or corrupt?): {msg}") from None
+    return tensors
+
+
+C = TypeVar("C")
+
+
+def read_config(folder: str | Path, filename: str = "config.json") -> dict[str, Any]:
+    """Read a component's JSON config, raising :class:`WeightLoadError` if absent or malformed."""
+    path = Path(folder) / filename
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightLoadError(f"missing {path}") from None
+    except (OSError, ValueError) as e:
+        raise WeightLoadError(f"unreadable {path}: {e}") from None
+
+
+def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+    """Build a config dataclass from a checkpoint's ``config.json``, ignoring fields it does not model
+    (``_class_name``, ``_diffusers_version``, ...). Lists become tuples for hashable, frozen configs."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+    return cls(**kwargs)
