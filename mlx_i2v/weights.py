@@ -64,7 +64,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class WeightMap:
-    """An ordered rule table for one source layout, plus the source keys deliberately left unused."""
+    """An ordered rule table for one source layout, plus the source keys deliberately left unused
+    (full-match regexes, checked before the rules)."""
 
     name: str
     rules: tuple[Rule, ...]
@@ -80,6 +81,10 @@ class WeightMap:
         unclaimed: list[str] = []
         duplicates: list[str] = []
         for key, value in tensors.items():
+            # Declared ignores win over catch-all rules such as IDENTITY.
+            if any(p.fullmatch(key) for p in ignore):
+                log.debug("%s: ignoring %s", self.name, key)
+                continue
             for rule in self.rules:
                 target = rule.match(key)
                 if target is not None:
@@ -88,10 +93,7 @@ class WeightMap:
                     out[target] = rule.transform(value) if rule.transform else value
                     break
             else:
-                if any(p.fullmatch(key) for p in ignore):
-                    log.debug("%s: ignoring %s", self.name, key)
-                else:
-                    unclaimed.append(key)
+                unclaimed.append(key)
         if unclaimed:
             raise WeightLoadError(f"{self.name}: {_describe(unclaimed)} not used by any rule")
         if duplicates:

@@ -1,0 +1,72 @@
+"""``mlx-i2v generate``: photo + prompt -> video file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mlx_i2v.image import load_image
+from mlx_i2v.video import FORMATS, ensure_writable
+
+DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+
+
+@click.command()
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-p", "--prompt", required=True, help="What should happen in the video.")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, help="Model directory or Hub repo id.")
+@click.option("--negative-prompt", default=None, help="What to avoid (default: the model's own; '' for none).")
+@click.option("--frames", "num_frames", type=int, default=None, help="Number of frames (4k+1).")
+@click.option("--height", type=int, default=None, help="Frame height in pixels.")
+@click.option("--width", type=int, default=None, help="Frame width in pixels.")
+@click.option("--steps", "num_inference_steps", type=int, default=None, help="Denoising steps.")
+@click.option("--guidance", "guidance_scale", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--shift", "flow_shift", type=float, default=None, help="Flow-matching timestep shift.")
+@click.option("--seed", type=int, default=None, help="Random seed (default: random, recorded in the file).")
+@click.option("--fps", type=float, default=None, help="Playback rate of the output (default: the model's).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Compute dtype (default: bfloat16 on a GPU, float32 on the CPU).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output .mp4, .gif or a folder name for PNG frames (default: IMAGE's name with .mp4).")
+def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, height, width,
+             num_inference_steps, guidance_scale, flow_shift, seed, fps, dtype, output) -> None:
+    """Generate a video that starts from IMAGE."""
+    from mlx_i2v import load_pipeline
+
+    if fps is not None and fps <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--fps")
+    output = output or _default_output(image)
+    if output.suffix.lower() not in FORMATS:
+        raise click.BadParameter(f"unsupported format {output.suffix!r}; use .mp4, .gif or a folder", param_hint="--output")
+    # Cheap checks first: nobody should wait for a model to load to learn their photo is unreadable.
+    photo = load_image(image)
+    ensure_writable(output)
+
+    pipe = load_pipeline(model, dtype=dtype)
+    with click.progressbar(length=1, label="denoising", show_pos=True, file=click.get_text_stream("stderr")) as bar:
+        def on_step(step: int, total: int, timestep: int) -> None:
+            bar.length = total
+            bar.update(1)
+
+        video = pipe(photo, prompt, negative_prompt=negative_prompt, height=height, width=width,
+                     num_frames=num_frames, num_inference_steps=num_inference_steps,
+                     guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed, on_step=on_step)
+    if fps is not None:
+        video.fps = fps
+        video.metadata["fps"] = fps
+    path = video.save(output)
+    m = video.metadata
+    click.echo(f"wrote {path} ({m['num_frames']} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})")
+    seconds = video.stats["seconds"]
+    click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
+    click.echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")
+
+
+def _default_output(image: Path) -> Path:
+    candidate = Path(f"{image.stem}.mp4")
+    n = 2
+    while candidate.exists():
+        candidate = Path(f"{image.stem}-{n}.mp4")
+        n += 1
+    return candidate

@@ -1,0 +1,65 @@
+"""Finding a model: a local diffusers-layout directory or a Hugging Face Hub repo id."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+# What a diffusers-layout Wan repo needs at run time; READMEs, example assets and duplicate
+# .bin/.pth copies of the weights are never downloaded.
+ALLOW_PATTERNS = (
+    "model_index.json",
+    "*/config.json",
+    "*/*.safetensors",
+    "*/*.safetensors.index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+    "image_processor/preprocessor_config.json",
+)
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_model(model: str | Path, *, revision: str | None = None) -> Path:
+    """Return the local directory holding ``model``.
+
+    ``model`` is a directory with a ``model_index.json`` or a Hub repo id ("Wan-AI/Wan2.2-TI2V-5B-Diffusers"),
+    fetched with ``huggingface_hub.snapshot_download`` (only the files listed in ``ALLOW_PATTERNS``) or
+    taken from the local Hugging Face cache when the Hub cannot be reached.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a diffusers-layout model directory (no model_index.json)")
+        return path
+    name = str(model)
+    if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model directory not found: {path}")
+    return _download(name, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(ALLOW_PATTERNS))
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"no such model on the Hugging Face Hub: {repo_id}") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        log.debug("snapshot_download(%s) failed: %s", repo_id, e)
+        raise ModelNotFoundError(
+            f"cannot reach the Hugging Face Hub and {repo_id} is not in the local cache; on a connected machine run "
+            f"`hf download {repo_id} --local-dir DIR`, copy DIR here and pass it as the model"
+        ) from None
+    path = Path(folder)
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{repo_id} has no model_index.json: it is not a diffusers-layout repository")
+    return path
