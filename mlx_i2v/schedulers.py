@@ -1,0 +1,511 @@
+"""Flow-matching samplers for the Wan pipelines, numerically equal to diffusers 0.42.1.
+
+Two schedulers, both driven the same way::
+
+    scheduler.set_timesteps(num_inference_steps)
+    for t in scheduler.timesteps:
+        velocity = model(latents, t)
+        latents = scheduler.step(velocity, t, latents)
+
+* :class:`FlowUniPCMultistepScheduler` is diffusers' ``UniPCMultistepScheduler`` in the only mode the Wan
+  repositories ship (``use_flow_sigmas=True``, ``prediction_type="flow_prediction"``, ``predict_x0=True``):
+  the UniP predictor plus UniC corrector on data predictions ``x0 = x - sigma * v``.
+* :class:`FlowMatchEulerDiscreteScheduler` is diffusers' ``FlowMatchEulerDiscreteScheduler`` without dynamic
+  shifting: ``x_next = x + (sigma_next - sigma) * v``.
+
+The noise schedule and every scalar coefficient are computed in numpy with the dtypes the torch reference
+uses (float64 for the shifted linspace, float32 for everything derived from the stored sigmas); only the
+element-wise updates of the latents run in MLX, on arrays of any shape. Config options the Wan models do not
+use are rejected with :class:`~mlx_i2v.errors.InvalidInputError` instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import InvalidInputError
+from .weights import read_config
+
+log = logging.getLogger(__name__)
+
+_F32 = np.float32
+
+
+# --- shared helpers ---------------------------------------------------------------------------------
+
+
+def _check_count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise InvalidInputError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_shift(shift: float) -> float:
+    numeric = isinstance(shift, (int, float, np.floating, np.integer)) and not isinstance(shift, bool)
+    if not numeric or not shift > 0:
+        raise InvalidInputError(f"shift must be a positive number, got {shift!r}")
+    return float(shift)
+
+
+def _log(x: np.float32) -> np.float32:
+    """float32 ``log``: torch's float32 ``log``/``expm1`` are within one ulp of the correctly rounded value,
+    so rounding the float64 result is the closest reproducible match (bit-equal in most cases)."""
+    return _F32(np.log(np.float64(x)))
+
+
+def _expm1(x: np.float32) -> np.float32:
+    """float32 ``expm1``, rounded from float64 like :func:`_log`."""
+    return _F32(np.expm1(np.float64(x)))
+
+
+def _match_timestep(timesteps: np.ndarray, timestep: Any) -> np.ndarray:
+    """Indices of ``timestep`` in the schedule (an ``mx.array``, numpy or Python scalar)."""
+    value = np.asarray(timestep).reshape(())
+    return np.flatnonzero(timesteps == value)
+
+
+def _read_options(
+    config: Mapping[str, Any],
+    kind: str,
+    fixed: Mapping[str, tuple[Any, Any]],
+    inert: frozenset[str],
+    params: frozenset[str],
+) -> dict[str, Any]:
+    """Validate a diffusers scheduler config and return the keyword arguments we implement.
+
+    ``fixed`` maps an option to ``(the value we implement, diffusers' default when absent)``; ``inert``
+    options have no effect on a flow-sigma schedule, so any value is accepted. Unknown keys are ignored with
+    a warning, as diffusers does.
+    """
+    for key, (wanted, default) in fixed.items():
+        value = config.get(key, default)
+        if value != wanted:
+            raise InvalidInputError(f"{kind}: {key}={value!r} is not supported (only {wanted!r})")
+    known = fixed.keys() | inert | params
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        log.warning("%s: ignoring unknown config keys %s", kind, ", ".join(unknown))
+    return {k: config[k] for k in params if k in config}
+
+
+# --- UniPC ------------------------------------------------------------------------------------------
+
+
+_UNIPC_FIXED: dict[str, tuple[Any, Any]] = {
+    "prediction_type": ("flow_prediction", "epsilon"),
+    "use_flow_sigmas": (True, False),
+    "predict_x0": (True, True),
+    "thresholding": (False, False),
+    "solver_p": (None, None),
+    "use_karras_sigmas": (False, False),
+    "use_exponential_sigmas": (False, False),
+    "use_beta_sigmas": (False, False),
+    "use_dynamic_shifting": (False, False),
+    "shift_terminal": (None, None),
+}
+# With flow sigmas these only feed the (unused) beta/alpha tables, the non-flow timestep spacings, the
+# Karras-style sigma conversions, thresholding or dynamic shifting, all excluded above.
+_UNIPC_INERT = frozenset(
+    {
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "dynamic_thresholding_ratio",
+        "sample_max_value",
+        "timestep_spacing",
+        "steps_offset",
+        "rescale_betas_zero_snr",
+        "time_shift_type",
+        "sigma_min",
+        "sigma_max",
+    }
+)
+_UNIPC_PARAMS = frozenset(
+    {
+        "num_train_timesteps",
+        "flow_shift",
+        "solver_order",
+        "solver_type",
+        "lower_order_final",
+        "final_sigmas_type",
+        "disable_corrector",
+    }
+)
+
+
+class FlowUniPCMultistepScheduler:
+    """UniPC multistep sampler on flow-matching sigmas (diffusers ``UniPCMultistepScheduler`` with
+    ``use_flow_sigmas=True, prediction_type="flow_prediction", predict_x0=True``).
+
+    Args:
+        num_train_timesteps: Training timesteps; model timesteps are ``int(sigma * num_train_timesteps)``.
+        flow_shift: Default shift ``s`` of ``sigma -> s * sigma / (1 + (s - 1) * sigma)``.
+        solver_order: UniP order (UniC adds one).
+        solver_type: ``"bh2"`` (Wan) or ``"bh1"``: the ``B(h)`` of the UniPC paper.
+        lower_order_final: Drop to lower orders in the last steps (needed with ``final_sigmas_type="zero"``).
+        final_sigmas_type: ``"zero"`` ends the schedule at sigma 0; ``"sigma_min"`` repeats the last sigma.
+        disable_corrector: Step indices after which the UniC corrector is skipped.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        flow_shift: float = 1.0,
+        solver_order: int = 2,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        final_sigmas_type: str = "zero",
+        disable_corrector: list[int] | tuple[int, ...] = (),
+    ) -> None:
+        solver_order = _check_count("solver_order", solver_order)
+        if solver_type not in ("bh1", "bh2"):
+            raise InvalidInputError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
+        if final_sigmas_type not in ("zero", "sigma_min"):
+            raise InvalidInputError(
+                f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}"
+            )
+        if not isinstance(lower_order_final, bool):
+            raise InvalidInputError(f"lower_order_final must be a boolean, got {lower_order_final!r}")
+        # lambda is infinite at sigma = 0, so diffusers returns inf/nan for a multistep final update (it
+        # divides by rk = 0) and for bh1 (B(h) = -inf times a zero residual).
+        if final_sigmas_type == "zero":
+            if solver_order > 1 and not lower_order_final:
+                raise InvalidInputError(
+                    "lower_order_final=False with final_sigmas_type='zero' gives non-finite samples"
+                )
+            if solver_type == "bh1":
+                raise InvalidInputError(
+                    "solver_type='bh1' with final_sigmas_type='zero' gives non-finite samples"
+                )
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in disable_corrector):
+            raise InvalidInputError(
+                f"disable_corrector must be a list of step indices, got {disable_corrector!r}"
+            )
+
+        self.num_train_timesteps = _check_count("num_train_timesteps", num_train_timesteps)
+        self.shift = _check_shift(flow_shift)
+        self.solver_order = solver_order
+        self.solver_type = solver_type
+        self.lower_order_final = lower_order_final
+        self.final_sigmas_type = final_sigmas_type
+        self.disable_corrector = frozenset(int(i) for i in disable_corrector)
+
+        self.timesteps: np.ndarray | None = None
+        self.sigmas: np.ndarray | None = None
+        self.num_inference_steps: int | None = None
+        self._reset()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FlowUniPCMultistepScheduler:
+        """Build from a diffusers ``UniPCMultistepScheduler`` ``scheduler_config.json`` dict."""
+        kwargs = _read_options(config, "UniPCMultistepScheduler", _UNIPC_FIXED, _UNIPC_INERT, _UNIPC_PARAMS)
+        return cls(**kwargs)
+
+    def _reset(self) -> None:
+        self._step_index: int | None = None
+        self._model_outputs: list[mx.array] = []  # data predictions x0, oldest first, at most solver_order
+        self._lower_order_nums = 0
+        self._this_order = 0
+        self._last_sample: mx.array | None = None
+
+    def set_timesteps(self, num_inference_steps: int, shift: float | None = None) -> None:
+        """Build the schedule and reset the multistep state.
+
+        Sets ``timesteps`` (int64, shape ``(num_inference_steps,)``) and ``sigmas`` (float32, one longer,
+        ending in the final sigma). ``shift`` overrides ``flow_shift`` for this schedule only.
+        """
+        n = _check_count("num_inference_steps", num_inference_steps)
+        s = self.shift if shift is None else _check_shift(shift)
+        n_train = self.num_train_timesteps
+
+        sigmas = np.linspace(1, 1 / n_train, n + 1)[:-1]
+        sigmas = s * sigmas / (1 + (s - 1) * sigmas)
+        # diffusers nudges a first sigma of 1 so that log(alpha = 1 - sigma) stays finite.
+        eps = 1e-6
+        if np.fabs(sigmas[0] - 1) < eps:
+            sigmas[0] -= eps
+        # Timesteps come from the float64 sigmas and are truncated, not rounded (999, 937, ...).
+        self.timesteps = (sigmas * n_train).astype(np.int64)
+        last = sigmas[-1] if self.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        self.num_inference_steps = n
+        self._reset()
+
+    def step(
+        self, model_output: mx.array, timestep: int | np.integer | mx.array, sample: mx.array
+    ) -> mx.array:
+        """Advance ``sample`` by one step of the schedule.
+
+        Args:
+            model_output: Predicted velocity ``v`` (noise minus data), same shape as ``sample``.
+            timestep: The current entry of ``timesteps``; it only locates the first step of a run.
+            sample: Current latents, any shape, e.g. ``(B, F, H, W, C)``.
+
+        Returns:
+            The latents at the next sigma, shape and dtype of ``sample``.
+        """
+        if self.sigmas is None or self.timesteps is None:
+            raise RuntimeError("set_timesteps must be called before step")
+        if self._step_index is None:
+            matches = _match_timestep(self.timesteps, timestep)
+            # diffusers: a timestep not in the schedule starts at the last step; a repeated one at its
+            # second occurrence, so that a restart mid-schedule does not skip a sigma.
+            if len(matches) == 0:
+                self._step_index = len(self.timesteps) - 1
+            else:
+                self._step_index = int(matches[1] if len(matches) > 1 else matches[0])
+        i = self._step_index
+        if i >= len(self.timesteps):
+            raise RuntimeError("the schedule is finished; call set_timesteps again")
+
+        x0 = sample - float(self.sigmas[i]) * model_output
+        if i > 0 and (i - 1) not in self.disable_corrector and self._last_sample is not None:
+            sample = self._correct(x0, self._last_sample)
+
+        self._model_outputs = (self._model_outputs + [x0])[-self.solver_order :]
+        order = self.solver_order
+        if self.lower_order_final:
+            order = min(order, len(self.timesteps) - i)
+        self._this_order = min(order, self._lower_order_nums + 1)  # warm up from first order
+        self._last_sample = sample
+        prev_sample = self._predict(sample)
+        if self._lower_order_nums < self.solver_order:
+            self._lower_order_nums += 1
+        self._step_index += 1
+        return prev_sample
+
+    def _coefficients(self, t: int, s0: int, history: list[int]) -> _BhCoefficients:
+        """Scalars of one UniPC B(h) update from sigma index ``s0`` to ``t``, in float32 like diffusers.
+
+        ``history`` holds the sigma indices of the older data predictions, newest first; the update's
+        order is ``len(history) + 1``.
+        """
+        sigmas = self.sigmas
+        assert sigmas is not None
+
+        def lam(sigma: np.float32) -> np.float32:  # log(alpha / sigma) with the flow alpha = 1 - sigma
+            return _log(_F32(1) - sigma) - _log(sigma)
+
+        # A final sigma of 0 makes lambda infinite, and "sigma_min" repeats the last sigma (h = 0): the
+        # resulting inf/nan entries are the reference's too and multiply only zero residuals.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigma_t, sigma_s0 = sigmas[t], sigmas[s0]
+            alpha_t = _F32(1) - sigma_t
+            lambda_s0 = lam(sigma_s0)
+            h = lam(sigma_t) - lambda_s0
+            rks = [(lam(sigmas[si]) - lambda_s0) / h for si in history]
+
+            hh = -h  # predict_x0
+            h_phi_1 = _expm1(hh)
+            h_phi_k = h_phi_1 / hh - _F32(1)
+            b_h = _expm1(hh) if self.solver_type == "bh2" else hh
+            rks_all = np.array(rks + [_F32(1)], dtype=np.float32)
+            rows, b = [], []
+            factorial = 1
+            for k in range(1, len(history) + 2):
+                rows.append(rks_all ** (k - 1))
+                b.append(h_phi_k * _F32(factorial) / b_h)
+                factorial *= k + 1
+                h_phi_k = h_phi_k / hh - _F32(1 / factorial)
+        return _BhCoefficients(
+            ratio=float(sigma_t / sigma_s0),
+            alpha_phi_1=float(alpha_t * h_phi_1),
+            alpha_b_h=float(alpha_t * b_h),
+            rks=[float(r) for r in rks],
+            R=np.stack(rows).astype(np.float32),
+            b=np.array(b, dtype=np.float32),
+        )
+
+    def _predict(self, sample: mx.array) -> mx.array:
+        """UniP: extrapolate from ``sigmas[i]`` to ``sigmas[i + 1]`` with the last ``this_order`` x0s."""
+        i, order, m = self._step_index, self._this_order, self._model_outputs
+        assert i is not None
+        c = self._coefficients(i + 1, i, [i - k for k in range(1, order)])
+        x_t = c.ratio * sample - c.alpha_phi_1 * m[-1]
+        if order > 1:
+            # diffusers hard-codes rho = 0.5 for order 2 instead of solving the 1x1 system.
+            rhos = [0.5] if order == 2 else [float(r) for r in np.linalg.solve(c.R[:-1, :-1], c.b[:-1])]
+            x_t = x_t - c.alpha_b_h * _weighted_differences(rhos, c.rks, m)
+        return x_t.astype(sample.dtype)
+
+    def _correct(self, x0: mx.array, last_sample: mx.array) -> mx.array:
+        """UniC: redo the previous step ``sigmas[i - 1] -> sigmas[i]`` using the fresh prediction ``x0``."""
+        i, order, m = self._step_index, self._this_order, self._model_outputs
+        assert i is not None
+        c = self._coefficients(i, i - 1, [i - 1 - k for k in range(1, order)])
+        # diffusers hard-codes rho = 0.5 for order 1 instead of solving the 1x1 system.
+        rhos = [0.5] if order == 1 else [float(r) for r in np.linalg.solve(c.R, c.b)]
+        x_t = c.ratio * last_sample - c.alpha_phi_1 * m[-1]
+        correction = rhos[-1] * (x0 - m[-1])
+        if order > 1:
+            correction = _weighted_differences(rhos[:-1], c.rks, m) + correction
+        x_t = x_t - c.alpha_b_h * correction
+        return x_t.astype(last_sample.dtype)
+
+
+@dataclass(frozen=True)
+class _BhCoefficients:
+    """Scalars of one UniPC update (float32 values held as Python floats, so that they multiply MLX
+    arrays without promoting them, like torch's 0-dim tensors)."""
+
+    ratio: float  # sigma_t / sigma_s0
+    alpha_phi_1: float  # alpha_t * (exp(-h) - 1)
+    alpha_b_h: float  # alpha_t * B(h)
+    rks: list[float]  # (lambda_si - lambda_s0) / h of the older steps, newest first
+    R: np.ndarray  # (p, p) order conditions, rows rks**k
+    b: np.ndarray  # (p,)
+
+
+def _weighted_differences(rhos: list[float], rks: list[float], model_outputs: list[mx.array]) -> mx.array:
+    """``sum_k rho_k * (m_k - m_0) / r_k`` over the older data predictions ``m_k`` (newest first)."""
+    m0 = model_outputs[-1]
+    terms = [rho * ((model_outputs[-(k + 2)] - m0) / rk) for k, (rho, rk) in enumerate(zip(rhos, rks))]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+# --- Euler ------------------------------------------------------------------------------------------
+
+
+_EULER_FIXED: dict[str, tuple[Any, Any]] = {
+    "use_dynamic_shifting": (False, False),
+    "invert_sigmas": (False, False),
+    "shift_terminal": (None, None),
+    "use_karras_sigmas": (False, False),
+    "use_exponential_sigmas": (False, False),
+    "use_beta_sigmas": (False, False),
+    "stochastic_sampling": (False, False),
+}
+# Only read by dynamic shifting, which is excluded above.
+_EULER_INERT = frozenset(
+    {"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"}
+)
+_EULER_PARAMS = frozenset({"num_train_timesteps", "shift"})
+
+
+class FlowMatchEulerDiscreteScheduler:
+    """First-order Euler sampler for flow matching (diffusers ``FlowMatchEulerDiscreteScheduler`` without
+    dynamic shifting, terminal stretching, sigma conversions or stochastic sampling).
+
+    Args:
+        num_train_timesteps: Training timesteps; model timesteps are ``sigma * num_train_timesteps``.
+        shift: Default shift ``s`` of ``sigma -> s * sigma / (1 + (s - 1) * sigma)``.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
+        self.num_train_timesteps = _check_count("num_train_timesteps", num_train_timesteps)
+        self.shift = _check_shift(shift)
+        self.timesteps: np.ndarray | None = None
+        self.sigmas: np.ndarray | None = None
+        self.num_inference_steps: int | None = None
+        self._step_index: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FlowMatchEulerDiscreteScheduler:
+        """Build from a diffusers ``FlowMatchEulerDiscreteScheduler`` ``scheduler_config.json`` dict."""
+        kwargs = _read_options(
+            config, "FlowMatchEulerDiscreteScheduler", _EULER_FIXED, _EULER_INERT, _EULER_PARAMS
+        )
+        return cls(**kwargs)
+
+    def set_timesteps(self, num_inference_steps: int, shift: float | None = None) -> None:
+        """Build the schedule.
+
+        Sets ``timesteps`` (float32, shape ``(num_inference_steps,)``) and ``sigmas`` (float32, one longer,
+        ending in 0). ``shift`` overrides the configured shift for this schedule only, giving the schedule
+        of a diffusers scheduler constructed with that shift.
+        """
+        n = _check_count("num_inference_steps", num_inference_steps)
+        s = self.shift if shift is None else _check_shift(shift)
+        n_train = self.num_train_timesteps
+
+        # diffusers shifts its float32 training sigmas in __init__ and takes the end points of the
+        # inference linspace from them, then shifts the inference sigmas again: both shifts are reproduced.
+        train = np.linspace(1, n_train, n_train, dtype=np.float32)[::-1] / _F32(n_train)
+        train = _F32(s) * train / (_F32(1) + _F32(s - 1) * train)
+        sigma_max, sigma_min = float(train[0]), float(train[-1])
+
+        timesteps = np.linspace(sigma_max * n_train, sigma_min * n_train, n)
+        sigmas = timesteps / n_train
+        sigmas = (s * sigmas / (1 + (s - 1) * sigmas)).astype(np.float32)
+        self.timesteps = sigmas * _F32(n_train)
+        self.sigmas = np.concatenate([sigmas, np.zeros(1, dtype=np.float32)])
+        self.num_inference_steps = n
+        self._step_index = None
+
+    def step(
+        self, model_output: mx.array, timestep: float | np.floating | mx.array, sample: mx.array
+    ) -> mx.array:
+        """Advance ``sample`` by one Euler step.
+
+        Args:
+            model_output: Predicted velocity ``v``, same shape as ``sample``.
+            timestep: The current entry of ``timesteps``; it only locates the first step of a run.
+            sample: Current latents, any shape, e.g. ``(B, F, H, W, C)``.
+
+        Returns:
+            The latents at the next sigma, in float32 arithmetic, cast to ``model_output``'s dtype as
+            diffusers does.
+        """
+        if self.sigmas is None or self.timesteps is None:
+            raise RuntimeError("set_timesteps must be called before step")
+        if self._step_index is None:
+            matches = _match_timestep(self.timesteps, timestep)
+            if len(matches) == 0:
+                raise InvalidInputError(f"timestep {np.asarray(timestep).item()} is not in the schedule")
+            self._step_index = int(matches[1] if len(matches) > 1 else matches[0])
+        i = self._step_index
+        if i >= len(self.timesteps):
+            raise RuntimeError("the schedule is finished; call set_timesteps again")
+
+        dt = self.sigmas[i + 1] - self.sigmas[i]
+        prev_sample = sample.astype(mx.float32) + float(dt) * model_output
+        self._step_index += 1
+        return prev_sample.astype(model_output.dtype)
+
+
+# --- construction -----------------------------------------------------------------------------------
+
+Scheduler = FlowUniPCMultistepScheduler | FlowMatchEulerDiscreteScheduler
+
+_BY_CLASS_NAME: dict[str, type[Scheduler]] = {
+    "UniPCMultistepScheduler": FlowUniPCMultistepScheduler,
+    "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler,
+}
+
+
+def scheduler_from_config(config: Mapping[str, Any]) -> Scheduler:
+    """Build the scheduler a diffusers ``scheduler_config.json`` describes (dispatch on ``_class_name``)."""
+    name = config.get("_class_name")
+    if name not in _BY_CLASS_NAME:
+        expected = ", ".join(_BY_CLASS_NAME)
+        raise InvalidInputError(f"unsupported scheduler {name!r} (expected one of {expected})")
+    return _BY_CLASS_NAME[name].from_config(config)
+
+
+def load_scheduler(folder: str | Path) -> Scheduler:
+    """Read ``<folder>/scheduler/scheduler_config.json`` of a diffusers pipeline folder."""
+    config = read_config(Path(folder) / "scheduler", "scheduler_config.json")
+    scheduler = scheduler_from_config(config)
+    log.info("scheduler: %s (shift %s)", type(scheduler).__name__, scheduler.shift)
+    return scheduler
+
+
+def scheduler_by_name(name: str, flow_shift: float, num_train_timesteps: int = 1000) -> Scheduler:
+    """Build a scheduler with the Wan defaults: ``"unipc"`` (as shipped) or ``"euler"``."""
+    if name == "unipc":
+        return FlowUniPCMultistepScheduler(num_train_timesteps=num_train_timesteps, flow_shift=flow_shift)
+    if name == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=flow_shift)
+    raise InvalidInputError(f"unknown scheduler {name!r} (expected 'unipc' or 'euler')")
