@@ -1,0 +1,268 @@
+"""The Wan video VAE (diffusers ``AutoencoderKLWan``) for both Wan2.1 (z=16, 8x8 spatial) and Wan2.2
+(z=48, residual stages, 2x2 patchify, 16x16 spatial), channels-last.
+
+Videos are (B, T, H, W, 3) in [-1, 1]; latents are (B, 1 + (T-1)//4, H/s, W/s, z_dim). Encoding and
+decoding run in causal chunks exactly like the reference, so results match diffusers numerically, and
+decoding streams: :meth:`AutoencoderKLWan.decode_frames` yields frames as each latent frame is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import WeightLoadError
+from ..weights import (
+    IDENTITY,
+    Rule,
+    WeightMap,
+    config_from_dict,
+    conv_weight,
+    flatten,
+    load_strict,
+    read_config,
+    read_safetensors,
+)
+from .wan_vae_blocks import (
+    CausalCache,
+    CausalConv3d,
+    MidBlock,
+    Resample,
+    ResidualBlock,
+    ResidualDownBlock,
+    ResidualUpBlock,
+    RMSNorm,
+    UpBlock,
+    cached_conv,
+)
+
+log = logging.getLogger(__name__)
+
+WAN21_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WanVAEConfig:
+    """diffusers' ``AutoencoderKLWan`` config; the defaults are the Wan2.1 VAE. ``dropout`` is kept for
+    config fidelity and unused (inference only)."""
+
+    base_dim: int = 96
+    decoder_base_dim: int | None = None
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    latents_mean: tuple[float, ...] = field(default=WAN21_LATENTS_MEAN)
+    latents_std: tuple[float, ...] = field(default=WAN21_LATENTS_STD)
+    is_residual: bool = False
+    in_channels: int = 3
+    out_channels: int = 3
+    patch_size: int | None = None
+    scale_factor_temporal: int | None = 4
+    scale_factor_spatial: int | None = 8
+
+    def __post_init__(self) -> None:
+        # diffusers builds encoder attention blocks for attn_scales but then calls them with cache
+        # arguments they do not accept, so no working checkpoint can have any.
+        if self.attn_scales:
+            raise WeightLoadError(
+                f"Wan VAE: attn_scales={list(self.attn_scales)} is not supported (diffusers cannot run it)"
+            )
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise WeightLoadError(f"Wan VAE: latents_mean/latents_std need z_dim={self.z_dim} values")
+
+
+class Encoder(nn.Module):
+    """Video (B, T, H, W, in_channels) -> (B, 1 + (T-1)//4, H/8, W/8, 2*z_dim), one chunk at a time."""
+
+    def __init__(self, cfg: WanVAEConfig) -> None:
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        last = len(cfg.dim_mult) - 1
+        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3, padding=1)
+        self.down_blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            temporal = i != last and cfg.temperal_downsample[i]
+            if cfg.is_residual:
+                self.down_blocks.append(
+                    ResidualDownBlock(in_dim, out_dim, cfg.num_res_blocks, temporal, down=i != last)
+                )
+                continue
+            for j in range(cfg.num_res_blocks):
+                self.down_blocks.append(ResidualBlock(in_dim if j == 0 else out_dim, out_dim))
+            if i != last:
+                self.down_blocks.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
+
+    def __call__(self, x: mx.array, cache: CausalCache) -> mx.array:
+        cache.begin_chunk()
+        x = cached_conv(self.conv_in, x, cache)
+        for block in self.down_blocks:
+            x = block(x, cache)
+        x = self.mid_block(x, cache)
+        return cached_conv(self.conv_out, nn.silu(self.norm_out(x)), cache)
+
+
+class Decoder(nn.Module):
+    """Latents (B, t, h, w, z_dim) -> video frames (B, T, 8h, 8w, out_channels), one chunk at a time."""
+
+    def __init__(self, cfg: WanVAEConfig) -> None:
+        super().__init__()
+        base = cfg.decoder_base_dim or cfg.base_dim
+        mult = cfg.dim_mult
+        dims = [base * m for m in (mult[-1], *mult[::-1])]
+        temporal_upsample = cfg.temperal_downsample[::-1]
+        last = len(mult) - 1
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0])
+        self.up_blocks: list[nn.Module] = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            up = i != last
+            temporal = up and temporal_upsample[i]
+            if cfg.is_residual:
+                self.up_blocks.append(ResidualUpBlock(in_dim, out_dim, cfg.num_res_blocks, temporal, up))
+            else:
+                # Wan2.1 upsamplers halve the width, so every stage after the first starts at half.
+                mode = ("upsample3d" if temporal else "upsample2d") if up else None
+                in_dim = in_dim // 2 if i > 0 else in_dim
+                self.up_blocks.append(UpBlock(in_dim, out_dim, cfg.num_res_blocks, mode))
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array, cache: CausalCache, first_chunk: bool) -> mx.array:
+        cache.begin_chunk()
+        x = cached_conv(self.conv_in, x, cache)
+        x = self.mid_block(x, cache)
+        for block in self.up_blocks:
+            x = block(x, cache, first_chunk)
+        return cached_conv(self.conv_out, nn.silu(self.norm_out(x)), cache)
+
+
+def patchify(x: mx.array, p: int) -> mx.array:
+    """(B, T, H, W, C) -> (B, T, H/p, W/p, C*p*p), channels ordered (c, p_w, p_h) like diffusers."""
+    b, t, h, w, c = x.shape
+    x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 6, 5, 3)
+    return x.reshape(b, t, h // p, w // p, c * p * p)
+
+
+def unpatchify(x: mx.array, p: int) -> mx.array:
+    """Inverse of :func:`patchify`: (B, T, h, w, C*p*p) -> (B, T, h*p, w*p, C)."""
+    b, t, h, w, cpp = x.shape
+    x = x.reshape(b, t, h, w, cpp // (p * p), p, p).transpose(0, 1, 2, 6, 3, 5, 4)
+    return x.reshape(b, t, h * p, w * p, cpp // (p * p))
+
+
+class AutoencoderKLWan(nn.Module):
+    """Wan2.1 / Wan2.2 video VAE; parameter names follow diffusers' state dict."""
+
+    def __init__(self, config: WanVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
+        self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder(config)
+
+    def encode(self, video: mx.array) -> tuple[mx.array, mx.array]:
+        """Encode a video in the reference's frame chunks [0], [1:5], [5:9], ...
+
+        Args:
+            video: (B, T, H, W, 3) in [-1, 1]; frames past the last full chunk (T not 1 mod 4) are
+                ignored, as in diffusers. H and W must be multiples of ``scale_factor_spatial``.
+
+        Returns:
+            ``(mean, logvar)``, each (B, 1 + (T-1)//4, H/s, W/s, z_dim); logvar is clamped to [-30, 20].
+            Condition latents use ``mean`` (the posterior mode).
+        """
+        video = video.astype(self.quant_conv.weight.dtype)
+        p = self.config.patch_size
+        if p is not None:
+            video = patchify(video, p)
+        cache = CausalCache()
+        chunks = []
+        for i in range(1 + (video.shape[1] - 1) // 4):
+            frames = video[:, :1] if i == 0 else video[:, 1 + 4 * (i - 1) : 1 + 4 * i]
+            chunks.append(self.quant_conv(self.encoder(frames, cache)))
+            mx.eval(chunks[-1], cache.arrays())
+        mean, logvar = mx.split(mx.concatenate(chunks, axis=1), 2, axis=-1)
+        return mean, mx.clip(logvar, -30.0, 20.0)
+
+    def decode_frames(self, z: mx.array) -> Iterator[mx.array]:
+        """Decode one latent frame at a time, yielding evaluated video frames as they are ready, so memory
+        does not grow with the number of frames.
+
+        Args:
+            z: latents (B, T', h, w, z_dim) (not normalised: see :meth:`denormalize_latents`).
+
+        Yields:
+            (B, 1, H, W, 3) for the first latent frame, then (B, 4, H, W, 3) for each further one,
+            unpatchified and clamped to [-1, 1].
+        """
+        z = z.astype(self.post_quant_conv.weight.dtype)
+        cache = CausalCache()
+        p = self.config.patch_size
+        for i in range(z.shape[1]):
+            # post_quant_conv is 1x1x1, so applying it per frame equals the reference's whole-tensor call.
+            x = self.decoder(self.post_quant_conv(z[:, i : i + 1]), cache, first_chunk=i == 0)
+            if p is not None:
+                x = unpatchify(x, p)
+            x = mx.clip(x, -1.0, 1.0)
+            mx.eval(x, cache.arrays())
+            yield x
+
+    def decode(self, z: mx.array) -> mx.array:
+        """Latents (B, T', h, w, z_dim) -> video (B, 4T'-3, H, W, 3) in [-1, 1]."""
+        return mx.concatenate(list(self.decode_frames(z)), axis=1)
+
+    def normalize_latents(self, z: mx.array) -> mx.array:
+        """(z - latents_mean) / latents_std per channel (last axis), as the pipeline does to VAE output."""
+        mean, std = self._latent_stats(z.dtype)
+        return (z - mean) / std
+
+    def denormalize_latents(self, z: mx.array) -> mx.array:
+        """Inverse of :meth:`normalize_latents`: z * latents_std + latents_mean."""
+        mean, std = self._latent_stats(z.dtype)
+        return z * std + mean
+
+    def _latent_stats(self, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        # Built on demand from the config: as attributes they would be taken for parameters.
+        mean = mx.array(self.config.latents_mean, dtype=mx.float32).astype(dtype)
+        std = mx.array(self.config.latents_std, dtype=mx.float32).astype(dtype)
+        return mean, std
+
+
+DIFFUSERS_MAP = WeightMap(
+    name="diffusers AutoencoderKLWan",
+    rules=(
+        Rule(r".*\.gamma", transform=flatten),  # RMS gamma (C, 1, 1[, 1]) -> (C,)
+        Rule(r".*\.weight", transform=conv_weight),  # every weight of this VAE is a conv kernel
+        IDENTITY,
+    ),
+)
+
+
+def load_wan_vae(folder: str | Path, dtype: mx.Dtype = mx.float32) -> AutoencoderKLWan:
+    """Load a diffusers ``vae/`` folder (``config.json`` + safetensors) strictly into
+    :class:`AutoencoderKLWan`, casting weights to ``dtype``."""
+    config = config_from_dict(WanVAEConfig, read_config(folder))
+    model = AutoencoderKLWan(config)
+    weights = DIFFUSERS_MAP.apply(read_safetensors(folder, what="vae"))
+    load_strict(model, weights, dtype=dtype, what="vae")
+    log.info("loaded Wan VAE (z_dim=%d, residual=%s) from %s", config.z_dim, config.is_residual, folder)
+    return model
