@@ -1,0 +1,523 @@
+"""The Wan diffusion transformer (``WanTransformer3DModel``): Wan2.1 I2V / FLF2V, Wan2.2 I2V-A14B, TI2V-5B.
+
+Mirrors diffusers 0.42.1 ``models/transformers/transformer_wan.py``; module and parameter names follow
+it, so the diffusers checkpoint maps one to one (only the patch-embedding convolution is re-laid out).
+The reference's float32 islands are kept: the sinusoidal time embedding and time MLP, every modulation
+table and the arithmetic that applies it, the block LayerNorms, and the RoPE rotation.
+
+Layout is channels-last: latents are (B, F, H, W, C); tokens are ordered (f, h, w) row-major over the
+patch grid, as the reference's ``flatten(2).transpose(1, 2)`` orders them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..weights import (
+    IDENTITY,
+    Rule,
+    WeightMap,
+    config_from_dict,
+    conv_weight,
+    load_strict,
+    read_config,
+    read_safetensors,
+)
+from .attention import attention
+
+log = logging.getLogger(__name__)
+
+# The reference's hard-coded text length: with an image K/V branch, the last 512 context tokens are text
+# and everything before them is image (diffusers ``WanAttnProcessor``; the original Wan code has the same).
+TEXT_CONTEXT_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class WanTransformerConfig:
+    """diffusers' ``WanTransformer3DModel`` config; defaults are diffusers' so a sparse config.json reads
+    the same. ``qk_norm`` is recorded but, as in diffusers, q/k always get an RMSNorm across all heads."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int | None = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        # diffusers: ``out_channels = out_channels or in_channels``
+        if not self.out_channels:
+            object.__setattr__(self, "out_channels", self.in_channels)
+
+    @property
+    def inner_dim(self) -> int:
+        """Model width: heads * head_dim (3072 for TI2V-5B, 5120 for the 14B models)."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def patch_volume(self) -> int:
+        """Latent positions per token: pt * ph * pw."""
+        return math.prod(self.patch_size)
+
+
+# --- building blocks ----------------------------------------------------------------------------------
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (weights are kept float32 too), returning the input's dtype."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(x.astype(mx.float32)).astype(x.dtype)
+
+
+class GELU(nn.Module):
+    """diffusers' ``GELU`` module: a Linear followed by exact or tanh-approximated GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: bool):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.proj(x)
+        return nn.gelu_approx(x) if self.approximate else nn.gelu(x)
+
+
+class FeedForward(nn.Module):
+    """diffusers' ``FeedForward``: ``net = [GELU(dim -> inner), Dropout, Linear(inner -> dim_out)]``.
+
+    Index 1 is the reference's inference-time no-op Dropout, kept so the names stay ``net.0`` / ``net.2``.
+    """
+
+    def __init__(self, dim: int, inner_dim: int, dim_out: int, approximate: bool):
+        super().__init__()
+        self.net = [GELU(dim, inner_dim, approximate), nn.Identity(), nn.Linear(inner_dim, dim_out)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+def timestep_embedding(t: mx.array, dim: int) -> mx.array:
+    """Sinusoidal embedding (N,) -> (N, dim) in float32, ``[cos, sin]`` order, frequencies
+    ``exp(-ln(1e4) * i / (dim/2))`` (diffusers ``Timesteps(dim, flip_sin_to_cos=True, shift=0)``)."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(10000) * mx.arange(half, dtype=mx.float32) / half)
+    args = t.astype(mx.float32)[:, None] * freqs[None]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+class WanRotaryPosEmbed:
+    """3-axis rotary tables: the head dim splits into t = d - 4*(d//6) and h = w = 2*(d//6) channels
+    (44/42/42 for d = 128), each with 1-D RoPE (theta 1e4) over its axis of the patch grid.
+
+    The per-axis tables are built in float64 and rounded to float32 as diffusers does; the per-grid
+    tables are cached, since every denoising step uses the same grid.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        h_dim = w_dim = 2 * (head_dim // 6)
+        t_dim = head_dim - h_dim - w_dim
+        self.max_seq_len = max_seq_len
+        positions = np.arange(max_seq_len, dtype=np.float64)
+        self.axes: list[tuple[np.ndarray, np.ndarray]] = []
+        for dim in (t_dim, h_dim, w_dim):
+            inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+            angles = np.outer(positions, inv_freq)  # (max_seq_len, dim/2)
+            self.axes.append((np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
+        self._cache: dict[tuple[int, int, int], tuple[mx.array, mx.array]] = {}
+
+    def __call__(self, grid: tuple[int, int, int]) -> tuple[mx.array, mx.array]:
+        """cos, sin for a (F', H', W') token grid, each (F'*H'*W', head_dim/2) float32, one entry per
+        rotated (even, odd) channel pair."""
+        if grid not in self._cache:
+            if max(grid) > self.max_seq_len:
+                raise ValueError(f"token grid {grid} exceeds rope_max_seq_len={self.max_seq_len}")
+            cos_parts, sin_parts = [], []
+            for axis, (n, (cos, sin)) in enumerate(zip(grid, self.axes)):
+                shape = [1, 1, 1, -1]
+                shape[axis] = n
+                cos_parts.append(np.broadcast_to(cos[:n].reshape(shape), (*grid, cos.shape[1])))
+                sin_parts.append(np.broadcast_to(sin[:n].reshape(shape), (*grid, sin.shape[1])))
+            L = math.prod(grid)
+            self._cache[grid] = (
+                mx.array(np.concatenate(cos_parts, axis=-1).reshape(L, -1)),
+                mx.array(np.concatenate(sin_parts, axis=-1).reshape(L, -1)),
+            )
+        return self._cache[grid]
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, heads, L, D) by (L, D/2) tables, in
+    float32, returning x's dtype."""
+    pairs = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    out = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class WanAttention(nn.Module):
+    """Self- or cross-attention with q/k RMSNorm across all heads (before the head split), optional RoPE,
+    and, for Wan2.1 I2V/FLF2V cross-attention, a second K/V branch over the image tokens whose result is
+    added to the text attention before ``to_out``."""
+
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = [nn.Linear(dim, dim)]  # the reference's to_out.1 is a no-op Dropout
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.has_image_kv = added_kv_proj_dim is not None
+        if self.has_image_kv:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+
+    def _heads(self, x: mx.array) -> mx.array:
+        """(B, L, heads*D) -> (B, heads, L, D)"""
+        B, L, _ = x.shape
+        return x.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
+
+    def __call__(
+        self,
+        x: mx.array,
+        context: mx.array | None = None,
+        rope: tuple[mx.array, mx.array] | None = None,
+    ) -> mx.array:
+        """x (B, L, dim); context (B, L_ctx, dim) or None for self-attention; rope: cos, sin (L, D/2)."""
+        context_img = None
+        if self.has_image_kv:
+            # Copied literally from diffusers: mis-routes tokens unless the text part is exactly 512 long.
+            image_context_length = context.shape[1] - TEXT_CONTEXT_LENGTH
+            context_img = context[:, :image_context_length]
+            context = context[:, image_context_length:]
+        kv_source = x if context is None else context
+
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(kv_source)))
+        v = self._heads(self.to_v(kv_source))
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+
+        out = attention(q, k, v)
+        # No image tokens (a 512-token text-only context): the reference's SDPA over zero keys adds zeros.
+        if context_img is not None and context_img.shape[1] > 0:
+            k_img = self._heads(self.norm_added_k(self.add_k_proj(context_img)))
+            v_img = self._heads(self.add_v_proj(context_img))
+            out = out + attention(q, k_img, v_img)
+
+        B, _, L, _ = out.shape
+        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def modulation(table: mx.array, proj: mx.array, index: mx.array) -> list[mx.array]:
+    """Split per-timestep modulation into per-token tensors.
+
+    Args:
+        table: (1, n, dim) float32 learned table.
+        proj: (U, n, dim) projection of the U distinct timesteps.
+        index: (B, T) int, which distinct timestep each row/token uses (T = 1 or the token count).
+
+    Returns:
+        n float32 arrays (B, T, dim), in the table's order.
+    """
+    mod = table + proj.astype(mx.float32)
+    return [mod[:, i][index] for i in range(mod.shape[1])]
+
+
+class WanTransformerBlock(nn.Module):
+    """adaLN-modulated self-attention (with RoPE), cross-attention, and tanh-GELU feed-forward.
+
+    Modulation rows of ``scale_shift_table + time_proj``: shift, scale, gate (self-attention), then
+    c_shift, c_scale, c_gate (feed-forward); cross-attention is unmodulated.
+    """
+
+    def __init__(self, config: WanTransformerConfig):
+        super().__init__()
+        dim, eps = config.inner_dim, config.eps
+        self.norm1 = FP32LayerNorm(dim, eps=eps, affine=False)
+        self.attn1 = WanAttention(dim, config.num_attention_heads, eps)
+        self.attn2 = WanAttention(dim, config.num_attention_heads, eps, config.added_kv_proj_dim)
+        self.norm2 = FP32LayerNorm(dim, eps=eps, affine=True) if config.cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, config.ffn_dim, dim, approximate=True)
+        self.norm3 = FP32LayerNorm(dim, eps=eps, affine=False)
+        self.scale_shift_table = mx.zeros((1, 6, dim))
+
+    def __call__(
+        self,
+        x: mx.array,
+        context: mx.array,
+        time_proj: mx.array,
+        time_index: mx.array,
+        rope: tuple[mx.array, mx.array],
+    ) -> mx.array:
+        """x (B, L, dim); context (B, L_ctx, dim); time_proj (U, 6, dim); time_index (B, T)."""
+        shift, scale, gate, c_shift, c_scale, c_gate = modulation(
+            self.scale_shift_table, time_proj, time_index
+        )
+        f32 = mx.float32
+
+        h = (self.norm1(x.astype(f32)) * (1 + scale) + shift).astype(x.dtype)
+        x = (x.astype(f32) + self.attn1(h, rope=rope) * gate).astype(x.dtype)
+
+        h = self.norm2(x.astype(f32)).astype(x.dtype)
+        x = x + self.attn2(h, context)
+
+        h = (self.norm3(x.astype(f32)) * (1 + c_scale) + c_shift).astype(x.dtype)
+        return (x.astype(f32) + self.ffn(h).astype(f32) * c_gate).astype(x.dtype)
+
+
+# --- conditioning -------------------------------------------------------------------------------------
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoid (freq_dim) -> linear_1 -> SiLU -> linear_2 (dim); kept in float32."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class TextProjection(nn.Module):
+    """diffusers' ``PixArtAlphaTextProjection``: linear_1 -> tanh-GELU -> linear_2."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.gelu_approx(self.linear_1(x)))
+
+
+class WanImageEmbedding(nn.Module):
+    """CLIP tokens -> model width: [+ FLF2V pos_embed] -> LayerNorm -> Linear, exact GELU, Linear ->
+    LayerNorm (both LayerNorms float32)."""
+
+    def __init__(self, image_dim: int, dim: int, pos_embed_seq_len: int | None):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(image_dim)
+        self.ff = FeedForward(image_dim, image_dim, dim, approximate=False)
+        self.norm2 = FP32LayerNorm(dim)
+        if pos_embed_seq_len is not None:
+            self.pos_embed = mx.zeros((1, pos_embed_seq_len, image_dim))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """x (N, L_img, image_dim) -> (N, L_img, dim); with pos_embed (FLF2V) consecutive pairs of
+        images (first frame, last frame) are joined: (2B, L_img, image_dim) -> (B, 2*L_img, dim)."""
+        if "pos_embed" in self:
+            _, L, C = x.shape
+            x = x.reshape(-1, 2 * L, C) + self.pos_embed
+        return self.norm2(self.ff(self.norm1(x)))
+
+
+class WanTimeTextImageEmbedding(nn.Module):
+    """The conditioning embedders: time MLP + its 6-way projection, text projection, image embedding."""
+
+    def __init__(self, config: WanTransformerConfig):
+        super().__init__()
+        dim = config.inner_dim
+        self.freq_dim = config.freq_dim
+        self.time_embedder = TimestepEmbedding(config.freq_dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = TextProjection(config.text_dim, dim)
+        if config.image_dim is not None:
+            self.image_embedder = WanImageEmbedding(config.image_dim, dim, config.pos_embed_seq_len)
+
+    def embed_time(self, t: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """t (U,) -> temb (U, dim) and its projection (U, 6, dim), both in ``dtype``.
+
+        The sinusoid and MLP run in float32 and temb is then cast to the compute dtype, as the reference
+        does (``.type_as(encoder_hidden_states)``), before the SiLU + ``time_proj``.
+        """
+        temb = self.time_embedder(timestep_embedding(t, self.freq_dim)).astype(dtype)
+        return temb, self.time_proj(nn.silu(temb)).reshape(t.shape[0], 6, -1)
+
+
+# --- the model ----------------------------------------------------------------------------------------
+
+
+class WanTransformer3DModel(nn.Module):
+    """Wan DiT predicting the flow velocity for a latent video.
+
+    Call ``model(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)``, or embed
+    the step-invariant conditioning once with :meth:`embed_context` and pass ``context=`` every step.
+    The compute dtype is the dtype the weights were loaded in (see :func:`load_wan_transformer`).
+    """
+
+    def __init__(self, config: WanTransformerConfig):
+        super().__init__()
+        self.config = config
+        dim = config.inner_dim
+        self.rope = WanRotaryPosEmbed(config.attention_head_dim, config.rope_max_seq_len)
+        self.patch_embedding = nn.Conv3d(
+            config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.condition_embedder = WanTimeTextImageEmbedding(config)
+        self.blocks = [WanTransformerBlock(config) for _ in range(config.num_layers)]
+        self.norm_out = FP32LayerNorm(dim, eps=config.eps, affine=False)
+        self.proj_out = nn.Linear(dim, config.out_channels * config.patch_volume)
+        self.scale_shift_table = mx.zeros((1, 2, dim))
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The compute dtype (that of the patch embedding, which is never kept in float32)."""
+        return self.patch_embedding.weight.dtype
+
+    def embed_context(
+        self, encoder_hidden_states: mx.array, encoder_hidden_states_image: mx.array | None = None
+    ) -> mx.array:
+        """Project the conditioning to the model width once per generation.
+
+        Args:
+            encoder_hidden_states: (B, L_text, text_dim) UMT5 states (512 tokens for the I2V/FLF2V models,
+                whose cross-attention takes the last 512 context tokens as text).
+            encoder_hidden_states_image: (B, L_img, image_dim) CLIP penultimate states, or for FLF2V
+                (2B, L_img, image_dim) with each sample's first- and last-frame images adjacent.
+
+        Returns:
+            context (B, L_img' + L_text, dim) in the compute dtype, image tokens first.
+        """
+        embedder = self.condition_embedder
+        context = embedder.text_embedder(encoder_hidden_states.astype(self.dtype))
+        if encoder_hidden_states_image is not None:
+            if "image_embedder" not in embedder:
+                raise ValueError("this transformer has no image embedder (image_dim is None)")
+            image = embedder.image_embedder(encoder_hidden_states_image.astype(self.dtype))
+            context = mx.concatenate([image, context], axis=1)
+        return context
+
+    def _timestep_index(
+        self, timestep: mx.array | np.ndarray, batch: int, num_tokens: int
+    ) -> tuple[mx.array, mx.array]:
+        """Distinct timesteps (U,) float32 and the (B, T) index of each row's (T = 1) or token's (T = L)
+        timestep into them.
+
+        Per-token timesteps (TI2V) take only a few distinct values (0 on the conditioning frame, t
+        elsewhere), so the time MLP and its 6*dim projection run once per value instead of once per token.
+        """
+        if isinstance(timestep, mx.array):
+            timestep = timestep.astype(mx.float32)  # numpy has no bfloat16
+        t = np.asarray(timestep, dtype=np.float32)  # the reference casts to float32 before the sinusoid
+        if t.shape not in ((batch,), (batch, 1), (batch, num_tokens)):
+            raise ValueError(f"timestep must be ({batch},) or ({batch}, {num_tokens}), got {t.shape}")
+        t = t.reshape(batch, -1)
+        values, index = np.unique(t, return_inverse=True)
+        return mx.array(values), mx.array(index.reshape(t.shape).astype(np.int32))
+
+    def __call__(
+        self,
+        hidden_states: mx.array,
+        timestep: mx.array | np.ndarray,
+        encoder_hidden_states: mx.array | None = None,
+        encoder_hidden_states_image: mx.array | None = None,
+        *,
+        context: mx.array | None = None,
+    ) -> mx.array:
+        """Predict the velocity.
+
+        Args:
+            hidden_states: (B, F, H, W, in_channels) latents; F, H, W divisible by the patch size.
+            timestep: (B,) one timestep per sample, or (B, F/pt * H/ph * W/pw) one per token in (f, h, w)
+                order (TI2V / diffusers ``expand_timesteps``).
+            encoder_hidden_states: (B, L_text, text_dim); omit when passing ``context``.
+            encoder_hidden_states_image: (B, L_img, image_dim) or None; see :meth:`embed_context`.
+            context: the output of :meth:`embed_context`, instead of the two previous arguments.
+
+        Returns:
+            (B, F, H, W, out_channels) in the compute dtype.
+        """
+        if (context is None) == (encoder_hidden_states is None):
+            raise ValueError("pass exactly one of encoder_hidden_states and context")
+        if context is None:
+            context = self.embed_context(encoder_hidden_states, encoder_hidden_states_image)
+        elif encoder_hidden_states_image is not None:
+            raise ValueError("encoder_hidden_states_image is already part of context")
+
+        B, F, H, W, _ = hidden_states.shape
+        pt, ph, pw = self.config.patch_size
+        if F % pt or H % ph or W % pw:
+            raise ValueError(f"latent size {(F, H, W)} is not divisible by the patch size {(pt, ph, pw)}")
+        grid = (F // pt, H // ph, W // pw)
+        rope = self.rope(grid)
+
+        x = self.patch_embedding(hidden_states.astype(self.dtype))
+        x = x.reshape(B, -1, x.shape[-1])
+
+        t_values, t_index = self._timestep_index(timestep, B, x.shape[1])
+        temb, time_proj = self.condition_embedder.embed_time(t_values, self.dtype)
+
+        for block in self.blocks:
+            x = block(x, context, time_proj, t_index, rope)
+
+        shift, scale = modulation(self.scale_shift_table, temb[:, None], t_index)
+        x = (self.norm_out(x.astype(mx.float32)) * (1 + scale) + shift).astype(x.dtype)
+        x = self.proj_out(x)
+
+        # unpatchify: proj_out features are ordered (pt, ph, pw, C)
+        x = x.reshape(B, *grid, pt, ph, pw, -1)
+        x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+        return x.reshape(B, F, H, W, -1)
+
+
+# --- weights ------------------------------------------------------------------------------------------
+
+DIFFUSERS_MAP = WeightMap(
+    name="transformer (diffusers)",
+    rules=(Rule(r"patch_embedding\.weight", transform=conv_weight), IDENTITY),
+    # diffusers' ``_keys_to_ignore_on_load_unexpected``: some converted checkpoints carry an unused q norm
+    ignore=(r".*\.norm_added_q\..*",),
+)
+
+# diffusers' ``_keep_in_fp32_modules`` ("rope" has no parameters), matched as whole name components.
+KEEP_FLOAT32 = (r"(^|\.)(time_embedder|scale_shift_table|norm1|norm2|norm3)(\.|$)",)
+
+
+def load_wan_transformer(folder: str | Path, dtype: mx.Dtype) -> WanTransformer3DModel:
+    """Load a diffusers ``transformer/`` (or ``transformer_2/``) folder: config.json plus a single or
+    sharded safetensors checkpoint. Weights are cast to ``dtype`` except the float32 islands.
+
+    Raises:
+        WeightLoadError: unreadable config or checkpoint, or missing/unexpected/mis-shaped tensors.
+    """
+    folder = Path(folder)
+    config = config_from_dict(WanTransformerConfig, read_config(folder))
+    model = WanTransformer3DModel(config)
+    weights = DIFFUSERS_MAP.apply(read_safetensors(folder))
+    load_strict(model, weights, dtype=dtype, keep_float32=KEEP_FLOAT32, what=folder.name)
+    log.info(
+        "loaded %s: %d layers, dim %d, in %d / out %d channels, %s",
+        folder.name,
+        config.num_layers,
+        config.inner_dim,
+        config.in_channels,
+        config.out_channels,
+        dtype,
+    )
+    return model
