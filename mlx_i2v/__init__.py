@@ -10,6 +10,21 @@ Public API::
 
 import logging
 
+from .errors import GenerationCancelled, InvalidInputError, MlxI2VError, ModelNotFoundError, WeightLoadError
+from .pipeline import WanPipeline, load_pipeline
+from .video import Video
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "load_pipeline",
+    "WanPipeline",
+    "Video",
+    "MlxI2VError",
+    "InvalidInputError",
+    "ModelNotFoundError",
+    "WeightLoadError",
+    "GenerationCancelled",
+]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -40,7 +40,7 @@ class Conditioning(Protocol):
 
 def _encode_mode(vae, video: np.ndarray) -> mx.array:
     """(T, H, W, 3) in [-1, 1] -> normalised posterior mode (1, T', h, w, z)."""
-    mean, _ = vae.encode(mx.array(video)[None].astype(vae.dtype))
+    mean, _ = vae.encode(mx.array(video)[None])  # the VAE casts to its own dtype
     return vae.normalize_latents(mean.astype(mx.float32))
 
 

@@ -159,14 +159,15 @@ class WanPipeline:
         scheduler = self.scheduler_factory()
         scheduler.set_timesteps(settings.num_inference_steps, shift=settings.flow_shift)
         timesteps = [int(t) for t in np.asarray(scheduler.timesteps)]
-        context = context.astype(self.dtype)
+        # Text (and image) embeddings are step-invariant: embed them once for the whole loop.
+        context = self.transformer.embed_context(context.astype(self.dtype))
         batch = 2 if use_cfg else 1
         conditioning = self.variant.conditioning
         for i, t in enumerate(timesteps):
             x, timestep = conditioning.model_input(latents, state, float(t))
             x = mx.broadcast_to(x, (batch, *x.shape[1:])).astype(self.dtype)
             timestep = mx.broadcast_to(timestep, (batch, *timestep.shape[1:]))
-            out = self.transformer(x, timestep, context).astype(mx.float32)
+            out = self.transformer(x, timestep, context=context).astype(mx.float32)
             # Classifier-free guidance: the conditional and unconditional passes ran as one batch of two.
             noise_pred = out[1:] + settings.guidance_scale * (out[:1] - out[1:]) if use_cfg else out
             latents = scheduler.step(noise_pred, t, latents)
@@ -178,7 +179,7 @@ class WanPipeline:
     def decode(self, latents: mx.array) -> np.ndarray:
         """Normalised latents (1, T, h, w, C) -> frames (4T-3, H, W, 3) float32 in [0, 1], streamed one
         latent frame at a time so memory does not grow with the clip length."""
-        z = self.vae.denormalize_latents(latents.astype(mx.float32)).astype(self.vae.dtype)
+        z = self.vae.denormalize_latents(latents.astype(mx.float32))
         chunks = []
         for chunk in self.vae.decode_frames(z):
             chunk = mx.clip(chunk.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
@@ -271,9 +272,7 @@ def load_pipeline(model: str | Path, *, dtype: str | None = None, quantize: int 
     model_dir = resolve_model(model)
     variant = detect_variant(model_dir)
     log.info("loading %s from %s (%s)", variant.name, model_dir, dtype_name(compute_dtype))
-    scheduler_dir = model_dir / "scheduler"
-    base_scheduler = load_scheduler(scheduler_dir)
-    configured_shift = getattr(base_scheduler, "flow_shift", None)
+    configured_shift = load_scheduler(model_dir).shift
     return WanPipeline(
         variant=variant,
         model_name=str(model),
@@ -284,5 +283,5 @@ def load_pipeline(model: str | Path, *, dtype: str | None = None, quantize: int 
         transformer=load_wan_transformer(model_dir / "transformer", compute_dtype),
         vae=load_wan_vae(model_dir / "vae", compute_dtype),
         scheduler_config_shift=configured_shift,
-        scheduler_factory=lambda: load_scheduler(scheduler_dir),
+        scheduler_factory=lambda: load_scheduler(model_dir),
     )
