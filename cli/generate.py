@@ -17,14 +17,17 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 @click.option("-p", "--prompt", required=True, help="What should happen in the video.")
 @click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, help="Model directory or Hub repo id.")
 @click.option("--negative-prompt", default=None, help="What to avoid (default: the model's own; '' for none).")
-@click.option("--frames", "num_frames", type=int, default=None, help="Number of frames (4k+1).")
-@click.option("--height", type=int, default=None, help="Frame height in pixels.")
-@click.option("--width", type=int, default=None, help="Frame width in pixels.")
-@click.option("--steps", "num_inference_steps", type=int, default=None, help="Denoising steps.")
-@click.option("--guidance", "guidance_scale", type=float, default=None, help="Classifier-free guidance scale.")
-@click.option("--shift", "flow_shift", type=float, default=None, help="Flow-matching timestep shift.")
+@click.option("--frames", "num_frames", type=click.IntRange(min=1), default=None, help="Number of frames (4k+1).")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Frame height in pixels.")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Frame width in pixels.")
+@click.option("--steps", "num_inference_steps", type=click.IntRange(min=1), default=None, help="Denoising steps.")
+@click.option("--guidance", "guidance_scale", type=click.FloatRange(min=0), default=None,
+              help="Classifier-free guidance scale (<= 1 turns guidance off).")
+@click.option("--shift", "flow_shift", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Flow-matching timestep shift.")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, recorded in the file).")
-@click.option("--fps", type=float, default=None, help="Playback rate of the output (default: the model's).")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Playback rate of the output (default: the model's).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype (default: bfloat16 on a GPU, float32 on the CPU).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
@@ -34,8 +37,6 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
     """Generate a video that starts from IMAGE."""
     from mlx_i2v import load_pipeline
 
-    if fps is not None and fps <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--fps")
     output = output or _default_output(image)
     if output.suffix.lower() not in FORMATS:
         raise click.BadParameter(f"unsupported format {output.suffix!r}; use .mp4, .gif or a folder", param_hint="--output")
@@ -44,14 +45,13 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
     ensure_writable(output)
 
     pipe = load_pipeline(model, dtype=dtype)
-    with click.progressbar(length=1, label="denoising", show_pos=True, file=click.get_text_stream("stderr")) as bar:
-        def on_step(step: int, total: int, timestep: int) -> None:
-            bar.length = total
-            bar.update(1)
-
+    progress = _Progress()
+    try:
         video = pipe(photo, prompt, negative_prompt=negative_prompt, height=height, width=width,
                      num_frames=num_frames, num_inference_steps=num_inference_steps,
-                     guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed, on_step=on_step)
+                     guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed, on_step=progress)
+    finally:
+        progress.close()
     if fps is not None:
         video.fps = fps
         video.metadata["fps"] = fps
@@ -61,6 +61,25 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
     seconds = video.stats["seconds"]
     click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
     click.echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")
+
+
+class _Progress:
+    """A progress bar over the denoising steps, opened at the first step so that errors raised before
+    it (bad settings, a broken checkpoint) stay the only line printed."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def __call__(self, step: int, total: int, timestep: int) -> None:
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label="denoising", show_pos=True, show_eta=True,
+                                          file=click.get_text_stream("stderr"))
+            self._bar.__enter__()
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
 
 
 def _default_output(image: Path) -> Path:

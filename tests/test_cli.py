@@ -1,0 +1,115 @@
+"""The CLI end to end on a tiny model: a playable mp4, and one-line errors for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+GOOD = ["--frames", "5", "--height", "64", "--width", "96", "--steps", "2", "--seed", "3"]
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it (a fresh process each time)."""
+    exe = Path(sys.executable).parent / "mlx-i2v"
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    y, x = np.mgrid[0:80, 0:120]
+    Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(path)
+    return path
+
+
+def test_generate_writes_playable_mp4(tiny_ti2v_dir, photo, tmp_path):
+    out = tmp_path / "clip.mp4"
+    result = _run("generate", str(photo), "--prompt", "a fox", "--model", str(tiny_ti2v_dir), *GOOD,
+                  "--fps", "12", "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    assert "peak memory" in result.stdout and "denoise" in result.stdout
+    with av.open(str(out)) as c:
+        stream = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(frames) == 5 and frames[0].shape == (64, 96, 3)
+        assert float(stream.average_rate) == 12
+        meta = json.loads(c.metadata["comment"])
+    assert meta["prompt"] == "a fox" and meta["seed"] == 3 and meta["num_inference_steps"] == 2
+    assert meta["model"] == str(tiny_ti2v_dir)
+
+
+def _broken_model(src: Path, dst: Path, damage) -> Path:
+    shutil.copytree(src, dst)
+    damage(dst / "transformer" / "diffusion_pytorch_model.safetensors")
+    return dst
+
+
+def _truncate(f: Path) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+def _misshape(f: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(f))
+    tensors["proj_out.bias"] = np.zeros(3, dtype=tensors["proj_out.bias"].dtype)
+    save_file(tensors, str(f))
+
+
+BAD_INPUTS = {
+    "missing image": (lambda d, m, p: ["generate", str(d / "nope.jpg")], "image not found"),
+    "unreadable image": (lambda d, m, p: ["generate", str(_text_file(d / "fake.jpg"))], "cannot read image"),
+    "missing model": (lambda d, m, p: ["generate", str(p), "--model", str(d / "no-model")], "not found"),
+    "missing weights": (
+        lambda d, m, p: ["generate", str(p), "--model", str(_broken_model(m, d / "m", Path.unlink))],
+        "no .safetensors weights",
+    ),
+    "truncated weights": (
+        lambda d, m, p: ["generate", str(p), "--model", str(_broken_model(m, d / "m", _truncate))],
+        "truncated or corrupt",
+    ),
+    "mis-shaped weights": (
+        lambda d, m, p: ["generate", str(p), "--model", str(_broken_model(m, d / "m", _misshape))],
+        "proj_out.bias",
+    ),
+    "zero steps": (lambda d, m, p: ["generate", str(p), "--model", str(m), "--steps", "0"], "--steps"),
+    "negative guidance": (lambda d, m, p: ["generate", str(p), "--model", str(m), "--guidance", "-2"], "guidance"),
+    "unwritable output": (
+        lambda d, m, p: ["generate", str(p), "--model", str(m), "--output", str(_text_file(d / "file") / "x.mp4")],
+        "output",
+    ),
+}
+
+
+def _text_file(path: Path) -> Path:
+    path.write_text("not an image")
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_error_without_output(case, tiny_ti2v_dir, photo, tmp_path):
+    make_args, expected = BAD_INPUTS[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    args = make_args(tmp_path, tiny_ti2v_dir, photo)
+    if "--output" not in args:
+        args += ["--output", str(work / "out.mp4")]
+    before = set(os.listdir(work))
+    result = _run(*args, "--prompt", "x", *GOOD[:6], cwd=work)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert set(os.listdir(work)) == before  # nothing written, not even a partial file
