@@ -23,6 +23,10 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 @click.option("--steps", "num_inference_steps", type=click.IntRange(min=1), default=None, help="Denoising steps.")
 @click.option("--guidance", "guidance_scale", type=click.FloatRange(min=0), default=None,
               help="Classifier-free guidance scale (<= 1 turns guidance off).")
+@click.option("--guidance-2", "guidance_scale_2", type=click.FloatRange(min=0), default=None,
+              help="Guidance of the low-noise expert (Wan2.2-A14B; default: the model's).")
+@click.option("--last-image", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The clip's last frame (first-last-frame models, Wan2.1-FLF2V).")
 @click.option("--shift", "flow_shift", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Flow-matching timestep shift.")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, recorded in the file).")
@@ -33,7 +37,8 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output .mp4, .gif or a folder name for PNG frames (default: IMAGE's name with .mp4).")
 def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, height, width,
-             num_inference_steps, guidance_scale, flow_shift, seed, fps, dtype, output) -> None:
+             num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, seed, fps, dtype,
+             output) -> None:
     """Generate a video that starts from IMAGE."""
     from mlx_i2v import load_pipeline
 
@@ -42,6 +47,7 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
         raise click.BadParameter(f"unsupported format {output.suffix!r}; use .mp4, .gif or a folder", param_hint="--output")
     # Cheap checks first: nobody should wait for a model to load to learn their photo is unreadable.
     photo = load_image(image)
+    last_photo = load_image(last_image) if last_image is not None else None
     ensure_writable(output)
 
     pipe = load_pipeline(model, dtype=dtype)
@@ -49,7 +55,8 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
     try:
         video = pipe(photo, prompt, negative_prompt=negative_prompt, height=height, width=width,
                      num_frames=num_frames, num_inference_steps=num_inference_steps,
-                     guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed, on_step=progress)
+                     guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, flow_shift=flow_shift,
+                     seed=seed, last_image=last_photo, on_step=progress)
     finally:
         progress.close()
     if fps is not None:

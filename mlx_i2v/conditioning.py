@@ -25,6 +25,8 @@ class ConditionState:
 class Conditioning(Protocol):
     """A variant's way of conditioning on the image(s)."""
 
+    requires_image: bool
+
     def prepare(self, vae, images: Sequence[np.ndarray], num_frames: int, latent_shape: tuple[int, ...]) -> ConditionState:
         """Encode the image(s) once. ``latent_shape`` is the noise shape (1, T, h, w, C)."""
         ...
@@ -51,6 +53,7 @@ class FirstFrameLatent:
     Without an image the same model generates from text alone."""
 
     patch_hw: tuple[int, int] = (2, 2)
+    requires_image: bool = False
 
     def prepare(self, vae, images, num_frames, latent_shape):
         cond = _encode_mode(vae, images[0][None])  # (1, 1, h, w, z)
@@ -77,3 +80,39 @@ class FirstFrameLatent:
         # Equal to diffusers' (1 - mask) * condition + mask * latents for a 0/1 mask, without the multiply.
         cond = mx.broadcast_to(state.latent, (latents.shape[0], *state.latent.shape[1:])).astype(latents.dtype)
         return mx.concatenate([cond, latents[:, 1:]], axis=1)
+
+
+@dataclass(frozen=True)
+class ChannelConcat:
+    """Wan2.1 I2V/FLF2V and Wan2.2-I2V-A14B: the transformer sees 36 channels, the noisy latent (16) next
+    to a 4-channel frame mask and the encoded clip [photo, zero frames..., (last photo)] (16).
+
+    The mask marks which video frames are given. The first frame is repeated 4 times so that 4k+1 video
+    frames fold into k+1 latent frames of 4 mask channels each (diffusers ``prepare_latents``).
+    """
+
+    temporal_stride: int = 4
+    requires_image: bool = True
+
+    def prepare(self, vae, images, num_frames, latent_shape):
+        _, latent_frames, h, w, _ = latent_shape
+        height, width = images[0].shape[:2]
+        clip = np.zeros((num_frames, height, width, 3), np.float32)
+        clip[0] = images[0]
+        given = np.zeros(num_frames, np.float32)
+        given[0] = 1.0
+        if len(images) > 1:  # first-last-frame: the last photo closes the clip
+            clip[-1] = images[1]
+            given[-1] = 1.0
+        latent = _encode_mode(vae, clip)  # (1, T, h, w, z)
+        folded = np.concatenate([np.repeat(given[:1], self.temporal_stride), given[1:]])
+        mask = folded.reshape(latent_frames, self.temporal_stride)  # (T, 4): channel c of latent frame t
+        mask = mx.broadcast_to(mx.array(mask)[None, :, None, None, :], (1, latent_frames, h, w, self.temporal_stride))
+        return ConditionState(latent=mx.concatenate([mask, latent], axis=-1))
+
+    def model_input(self, latents, state, t):
+        cond = mx.broadcast_to(state.latent, (latents.shape[0], *state.latent.shape[1:])).astype(latents.dtype)
+        return mx.concatenate([latents, cond], axis=-1), mx.full((latents.shape[0],), t, dtype=mx.float32)
+
+    def finalize(self, latents, state):
+        return latents

@@ -5,24 +5,29 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 
 from .conditioning import ConditionState
 from .errors import GenerationCancelled, InvalidInputError
+from .experts import Experts
 from .image import ImageInput, fit_to_frame, load_image, to_model_range
+from .models.clip import CLIPVisionTower, load_clip_vision
+from .models.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import UMT5Encoder, encode_prompts, load_umt5
-from .models.wan_transformer import WanTransformer3DModel, load_wan_transformer
+from .models.wan_transformer import load_wan_transformer
 from .models.wan_vae import AutoencoderKLWan, load_wan_vae
 from .runtime import dtype_name, resolve_dtype
-from .schedulers import load_scheduler, scheduler_by_name
+from .schedulers import Scheduler, load_scheduler, scheduler_by_name
 from .variants import Variant, detect_variant
 from .video import Video
+from .weights import read_config
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,23 @@ class Settings:
     num_frames: int
     num_inference_steps: int
     guidance_scale: float
+    guidance_scale_2: float | None
     flow_shift: float
-    seed: int | None
+    seed: int
     negative_prompt: str
     fps: float
+
+
+@dataclass
+class ImageEncoder:
+    """CLIP ViT-H/14 image tokens for Wan2.1 I2V/FLF2V: penultimate hidden states of the original photo(s)."""
+
+    processor: CLIPImageProcessor
+    tower: CLIPVisionTower
+
+    def __call__(self, images: list[Image.Image]) -> mx.array:
+        """N photos -> (N, 257, 1280) tokens (for ViT-H/14 at 224 px)."""
+        return self.tower(mx.array(self.processor(images)))
 
 
 @dataclass
@@ -53,14 +71,13 @@ class WanPipeline:
 
     variant: Variant
     model_name: str
-    model_dir: Path
     dtype: mx.Dtype
     tokenizer: UMT5Tokenizer
     text_encoder: UMT5Encoder
-    transformer: WanTransformer3DModel
+    experts: Experts
     vae: AutoencoderKLWan
-    scheduler_config_shift: float | None = None
-    scheduler_factory: Callable[[], Any] = field(default=None, repr=False)  # type: ignore[assignment]
+    make_scheduler: Callable[[], Scheduler]
+    image_encoder: ImageEncoder | None = None
 
     def __call__(
         self,
@@ -73,39 +90,47 @@ class WanPipeline:
         num_frames: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
         flow_shift: float | None = None,
         seed: int | None = None,
         latents: np.ndarray | None = None,
+        last_image: ImageInput | None = None,
         on_step: StepCallback | None = None,
     ) -> Video:
-        """Generate a clip that starts from ``image`` (None: text-to-video where the variant supports it).
+        """Generate a clip that starts from ``image``.
 
         Args:
             image: path, PIL image or uint8 array (H, W, 3); resized to cover the frame and center-cropped.
+                None generates from the prompt alone where the variant can (Wan2.2-TI2V-5B).
             prompt: what should happen. ``negative_prompt``: None for the model's default, "" for none.
             height, width: frame size; rounded to the variant's multiple (16 or 32) with a logged notice.
+                Unset: the variant's default size in the photo's orientation.
             num_frames: rounded to 4k+1. Unset settings take the variant's defaults.
+            guidance_scale: classifier-free guidance (> 1 enables it); ``guidance_scale_2`` is the
+                low-noise expert's for Wan2.2-A14B (default: its own default, else ``guidance_scale``).
             seed: for the initial noise; ``latents`` overrides it with explicit noise, a float array in
                 diffusers' layout (1, C, T, H/stride, W/stride), to reproduce a diffusers run.
+            last_image: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V).
             on_step: ``on_step(step, total, timestep)`` after every denoising step; returning False stops
                 the generation by raising :class:`GenerationCancelled`.
 
         Returns:
             A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1].
         """
-        timings: dict[str, float] = {}
-        pil_image = load_image(image) if image is not None else None
-        settings = self._settings(
-            pil_image, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, flow_shift, seed
-        )
         if not isinstance(prompt, str):
             raise InvalidInputError("prompt must be a string")
+        photos = self._photos(image, last_image)
+        settings = self._settings(
+            photos, negative_prompt, height, width, num_frames, num_inference_steps,
+            guidance_scale, guidance_scale_2, flow_shift, seed,
+        )  # fmt: skip
+        timings: dict[str, float] = {}
         mx.reset_peak_memory()
 
         tic = time.perf_counter()
-        use_cfg = settings.guidance_scale > 1.0
-        prompts = [prompt, settings.negative_prompt] if use_cfg else [prompt]
-        context = self.encode_text(prompts)
+        use_cfg = settings.guidance_scale > 1.0 or (settings.guidance_scale_2 or 0.0) > 1.0
+        text = self.encode_text([prompt, settings.negative_prompt] if use_cfg else [prompt])
+        image_tokens = self.encode_image_tokens(photos, batch=text.shape[0])
         timings["text"] = time.perf_counter() - tic
 
         latent_shape = self._latent_shape(settings)
@@ -113,18 +138,18 @@ class WanPipeline:
 
         tic = time.perf_counter()
         state: ConditionState | None = None
-        if pil_image is not None:
-            frame = to_model_range(fit_to_frame(pil_image, settings.width, settings.height))
-            state = self.variant.conditioning.prepare(self.vae, [frame], settings.num_frames, latent_shape)
+        if photos:
+            frames = [to_model_range(fit_to_frame(p, settings.width, settings.height)) for p in photos]
+            state = self.variant.conditioning.prepare(self.vae, frames, settings.num_frames, latent_shape)
             mx.eval(state.latent)
         timings["image"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        final = self._denoise(noise, state, context, settings, use_cfg, on_step)
+        final = self._denoise(noise, state, text, image_tokens, settings, use_cfg, on_step)
         timings["denoise"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        frames = self.decode(final)
+        video = self.decode(final)
         timings["decode"] = time.perf_counter() - tic
 
         metadata = {
@@ -132,11 +157,11 @@ class WanPipeline:
             "model": self.model_name,
             "variant": self.variant.name,
             "dtype": dtype_name(self.dtype),
-            "image": pil_image is not None,
+            "image": image is not None,
             **vars(settings),
         }
         stats = {"seconds": timings, "peak_memory_gb": mx.get_peak_memory() / 1e9}
-        return Video(frames=frames, fps=settings.fps, metadata=metadata, stats=stats)
+        return Video(frames=video, fps=settings.fps, metadata=metadata, stats=stats)
 
     # --- stages -------------------------------------------------------------------------------------
 
@@ -147,30 +172,47 @@ class WanPipeline:
         mx.eval(embeds)
         return embeds
 
+    def encode_image_tokens(self, photos: list[Image.Image], batch: int) -> mx.array | None:
+        """CLIP tokens for variants that attend to the photo, repeated for each of ``batch`` rows:
+        (batch * len(photos), 257, 1280), each row's photos adjacent (what FLF2V's position table expects)."""
+        if self.image_encoder is None:
+            return None
+        tokens = self.image_encoder(photos)  # the photos as given, not fitted to the frame: as diffusers
+        tokens = mx.concatenate([tokens] * batch, axis=0)
+        mx.eval(tokens)
+        return tokens
+
     def _denoise(
         self,
         latents: mx.array,
         state: ConditionState | None,
-        context: mx.array,
+        text: mx.array,
+        image_tokens: mx.array | None,
         settings: Settings,
         use_cfg: bool,
         on_step: StepCallback | None,
     ) -> mx.array:
-        scheduler = self.scheduler_factory()
+        scheduler = self.make_scheduler()
         scheduler.set_timesteps(settings.num_inference_steps, shift=settings.flow_shift)
         timesteps = [int(t) for t in np.asarray(scheduler.timesteps)]
-        # Text (and image) embeddings are step-invariant: embed them once for the whole loop.
-        context = self.transformer.embed_context(context.astype(self.dtype))
+        guidance = (settings.guidance_scale, settings.guidance_scale_2)
         batch = 2 if use_cfg else 1
         conditioning = self.variant.conditioning
+        contexts: dict[int, mx.array] = {}
         for i, t in enumerate(timesteps):
+            index = self.experts.index_for(t)
+            model = self.experts.get(index)
+            if index not in contexts:  # text/image tokens are embedded once per expert, not per step
+                contexts[index] = model.embed_context(
+                    text.astype(self.dtype), None if image_tokens is None else image_tokens.astype(self.dtype)
+                )
             x, timestep = conditioning.model_input(latents, state, float(t))
             x = mx.broadcast_to(x, (batch, *x.shape[1:])).astype(self.dtype)
             timestep = mx.broadcast_to(timestep, (batch, *timestep.shape[1:]))
-            out = self.transformer(x, timestep, context=context).astype(mx.float32)
-            # Classifier-free guidance: the conditional and unconditional passes ran as one batch of two.
-            noise_pred = out[1:] + settings.guidance_scale * (out[:1] - out[1:]) if use_cfg else out
-            latents = scheduler.step(noise_pred, t, latents)
+            out = model(x, timestep, context=contexts[index]).astype(mx.float32)
+            if use_cfg:  # the conditional and unconditional passes ran as one batch of two
+                out = out[1:] + guidance[index] * (out[:1] - out[1:])
+            latents = scheduler.step(out, t, latents)
             mx.eval(latents)
             if on_step is not None and on_step(i + 1, len(timesteps), t) is False:
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
@@ -187,41 +229,59 @@ class WanPipeline:
             chunks.append(np.array(chunk[0]))
         return np.concatenate(chunks, axis=0)
 
-    # --- settings -----------------------------------------------------------------------------------
+    # --- inputs and settings ------------------------------------------------------------------------
 
-    def _settings(self, image, negative_prompt, height, width, num_frames, steps, guidance, shift, seed) -> Settings:
+    def _photos(self, image: ImageInput | None, last_image: ImageInput | None) -> list[Image.Image]:
+        v = self.variant
+        if image is None:
+            if v.conditioning.requires_image:
+                raise InvalidInputError(f"{v.name} needs an input image")
+            if last_image is not None:
+                raise InvalidInputError("last_image needs an image for the first frame too")
+            return []
+        if last_image is None and v.takes_last_image:
+            raise InvalidInputError(f"{v.name} needs a last image (--last-image)")
+        if last_image is not None and not v.takes_last_image:
+            raise InvalidInputError(f"{v.name} does not take a last image; use a first-last-frame model (FLF2V)")
+        return [load_image(image)] + ([load_image(last_image)] if last_image is not None else [])
+
+    def _settings(
+        self, photos, negative_prompt, height, width, num_frames, steps, guidance, guidance_2, shift, seed
+    ) -> Settings:
         d = self.variant.defaults
-        if steps is None:
-            steps = d.num_inference_steps
+        steps = d.num_inference_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InvalidInputError(f"num_inference_steps must be a positive integer, got {steps!r}")
-        guidance = d.guidance_scale if guidance is None else float(guidance)
-        if not np.isfinite(guidance) or guidance < 0:
-            raise InvalidInputError(f"guidance_scale must be >= 0, got {guidance}")
-        shift = (d.flow_shift if self.scheduler_config_shift is None else self.scheduler_config_shift) if shift is None else float(shift)
-        if shift is None or not np.isfinite(shift) or shift <= 0:
+        guidance = _non_negative("guidance_scale", d.guidance_scale if guidance is None else guidance)
+        if self.variant.two_experts:
+            guidance_2 = d.guidance_scale_2 if guidance_2 is None else guidance_2
+            guidance_2 = _non_negative("guidance_scale_2", guidance if guidance_2 is None else guidance_2)
+        elif guidance_2 is not None:
+            raise InvalidInputError(f"{self.variant.name} has one transformer; guidance_scale_2 does not apply")
+        shift = float(d.flow_shift if shift is None else shift)
+        if not np.isfinite(shift) or shift <= 0:
             raise InvalidInputError(f"flow_shift must be > 0, got {shift}")
-        if height is None and width is None:
-            aspect = image.width / image.height if image is not None else d.sizes[0][1] / d.sizes[0][0]
-            height, width = d.size_for(aspect)
-        elif height is None or width is None:
-            # One side given: keep the image's (or the default) aspect ratio.
-            ref_h, ref_w = (image.height, image.width) if image is not None else d.sizes[0]
-            height = height if height is not None else round(width * ref_h / ref_w)
-            width = width if width is not None else round(height * ref_w / ref_h)
-        height, width = self._round_size(int(height), int(width))
+        height, width = self._size(photos[0] if photos else None, height, width)
         num_frames = self._round_frames(d.num_frames if num_frames is None else int(num_frames))
-        if seed is None:
-            seed = secrets.randbits(31)
-        if negative_prompt is None:
-            negative_prompt = d.negative_prompt
-        return Settings(height, width, num_frames, int(steps), guidance, shift, int(seed), negative_prompt, d.fps)
+        if self.variant.takes_last_image and num_frames < 2:
+            raise InvalidInputError("a first-last-frame clip needs at least 5 frames")
+        seed = secrets.randbits(31) if seed is None else int(seed)
+        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
+        return Settings(height, width, num_frames, int(steps), guidance, guidance_2, shift, seed, negative_prompt, d.fps)
 
-    def _round_size(self, height: int, width: int) -> tuple[int, int]:
+    def _size(self, photo: Image.Image | None, height: int | None, width: int | None) -> tuple[int, int]:
+        d = self.variant.defaults
+        ref_h, ref_w = (photo.height, photo.width) if photo is not None else d.sizes[0]
+        if height is None and width is None:
+            height, width = d.size_for(ref_w / ref_h)
+        elif height is None:  # one side given: keep the photo's (or the default) aspect ratio
+            height = round(width * ref_h / ref_w)
+        elif width is None:
+            width = round(height * ref_w / ref_h)
         m = self.variant.size_multiple
         if height < m or width < m:
             raise InvalidInputError(f"height and width must be at least {m}, got {height}x{width}")
-        rounded = (max(m, round(height / m) * m), max(m, round(width / m) * m))
+        rounded = (round(height / m) * m, round(width / m) * m)
         if rounded != (height, width):
             log.warning("size %dx%d is not a multiple of %d; using %dx%d", width, height, m, rounded[1], rounded[0])
         return rounded
@@ -230,7 +290,7 @@ class WanPipeline:
     def _round_frames(num_frames: int) -> int:
         if num_frames < 1:
             raise InvalidInputError(f"num_frames must be >= 1, got {num_frames}")
-        rounded = max(1, round((num_frames - 1) / TEMPORAL_STRIDE) * TEMPORAL_STRIDE + 1)
+        rounded = round((num_frames - 1) / TEMPORAL_STRIDE) * TEMPORAL_STRIDE + 1
         if rounded != num_frames:
             log.warning("num_frames %d is not 4k+1; using %d", num_frames, rounded)
         return rounded
@@ -241,7 +301,7 @@ class WanPipeline:
         return (1, frames, s.height // stride, s.width // stride, self.vae.config.z_dim)
 
     @staticmethod
-    def _initial_noise(shape: tuple[int, ...], seed: int | None, latents: np.ndarray | None) -> mx.array:
+    def _initial_noise(shape: tuple[int, ...], seed: int, latents: np.ndarray | None) -> mx.array:
         """Noise in channels-last (1, T, h, w, C). Drawn in diffusers' (1, C, T, h, w) order, so a given
         seed fills the same element positions whichever layout the caller thinks in."""
         b, t, h, w, c = shape
@@ -255,7 +315,21 @@ class WanPipeline:
         return noise.transpose(0, 2, 3, 4, 1)
 
 
-def load_pipeline(model: str | Path, *, dtype: str | None = None, quantize: int | None = None) -> WanPipeline:
+def _non_negative(name: str, value: float) -> float:
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise InvalidInputError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    dtype: str | None = None,
+    quantize: int | None = None,
+    scheduler: str | None = None,
+    keep_experts_resident: bool = False,
+) -> WanPipeline:
     """Load a Wan image-to-video pipeline.
 
     Args:
@@ -263,6 +337,9 @@ def load_pipeline(model: str | Path, *, dtype: str | None = None, quantize: int 
             such as "Wan-AI/Wan2.2-TI2V-5B-Diffusers" (downloaded once with ``huggingface_hub``).
         dtype: "float32", "bfloat16" or "float16"; default bfloat16 on a GPU, float32 on the CPU.
         quantize: not supported yet; anything but None is an error.
+        scheduler: "unipc" or "euler" to override the checkpoint's ``scheduler_config.json``.
+        keep_experts_resident: Wan2.2-A14B only: keep both experts in memory instead of swapping them at
+            the boundary (faster on machines with memory to spare).
     """
     from .hub import resolve_model
 
@@ -270,18 +347,48 @@ def load_pipeline(model: str | Path, *, dtype: str | None = None, quantize: int 
         raise InvalidInputError("quantization is not supported yet (quantize must be None)")
     compute_dtype = resolve_dtype(dtype)
     model_dir = resolve_model(model)
-    variant = detect_variant(model_dir)
+    variant = detect_variant(model_dir, str(model))
     log.info("loading %s from %s (%s)", variant.name, model_dir, dtype_name(compute_dtype))
-    configured_shift = load_scheduler(model_dir).shift
+
+    base_scheduler = load_scheduler(model_dir)
+    if scheduler is not None:
+        scheduler_by_name(scheduler, base_scheduler.shift)  # validate the name now, not mid-generation
+
+    def make_scheduler() -> Scheduler:
+        if scheduler is None:
+            return load_scheduler(model_dir)
+        return scheduler_by_name(scheduler, base_scheduler.shift, base_scheduler.num_train_timesteps)
+
+    experts = _experts(model_dir, variant, compute_dtype, base_scheduler.num_train_timesteps, keep_experts_resident)
+    experts.get(0)  # load (and so validate) the first transformer now
+    image_encoder = None
+    if variant.uses_clip:
+        image_encoder = ImageEncoder(
+            CLIPImageProcessor.from_folder(model_dir / "image_processor"),
+            load_clip_vision(model_dir / "image_encoder", compute_dtype),
+        )
     return WanPipeline(
         variant=variant,
         model_name=str(model),
-        model_dir=model_dir,
         dtype=compute_dtype,
         tokenizer=UMT5Tokenizer.from_folder(model_dir / "tokenizer"),
         text_encoder=load_umt5(model_dir / "text_encoder", compute_dtype),
-        transformer=load_wan_transformer(model_dir / "transformer", compute_dtype),
+        experts=experts,
         vae=load_wan_vae(model_dir / "vae", compute_dtype),
-        scheduler_config_shift=configured_shift,
-        scheduler_factory=lambda: load_scheduler(model_dir),
+        make_scheduler=make_scheduler,
+        image_encoder=image_encoder,
+    )
+
+
+def _experts(model_dir: Path, variant: Variant, dtype: mx.Dtype, train_steps: int, keep_resident: bool) -> Experts:
+    folders = [model_dir / "transformer"]
+    boundary = None
+    if variant.two_experts:
+        folders.append(model_dir / "transformer_2")
+        boundary = read_config(model_dir, "model_index.json")["boundary_ratio"] * train_steps
+        read_config(folders[1])  # a missing second expert should fail at load time, not at the boundary
+    return Experts(
+        loaders=[lambda f=f: load_wan_transformer(f, dtype) for f in folders],
+        boundary=boundary,
+        keep_resident=keep_resident,
     )

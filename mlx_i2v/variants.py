@@ -1,7 +1,9 @@
 """The Wan variants as data: how each conditions on the image and what it generates by default.
 
-A variant is recognised from the checkpoint itself (``model_index.json`` and the transformer config),
-never from the directory name alone, so a renamed or converted copy still loads as what it is.
+A variant is recognised from the checkpoint's configs (``model_index.json`` and the transformer's
+``config.json``). The one thing the configs cannot tell apart is Wan2.1-I2V-14B-480P from -720P (same
+architecture, different training resolution), so that choice of default size and shift follows the
+model's name and falls back to 480P.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .conditioning import Conditioning, FirstFrameLatent
+from .conditioning import ChannelConcat, Conditioning, FirstFrameLatent
 from .errors import WeightLoadError
 from .weights import read_config
 
@@ -25,18 +27,23 @@ WAN_NEGATIVE_PROMPT = (
     "杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
+SIZES_480P = ((480, 832), (832, 480))
+SIZES_720P = ((720, 1280), (1280, 720))
+
 
 @dataclass(frozen=True)
 class Defaults:
-    """Generation settings a variant uses when the caller leaves them unset (the original Wan configs)."""
+    """Generation settings a variant uses when the caller leaves them unset (the original Wan configs
+    and generate.py)."""
 
     num_inference_steps: int
     guidance_scale: float
+    flow_shift: float
     fps: float
     num_frames: int
     sizes: tuple[tuple[int, int], ...]  # (height, width) choices; the one closest to the image's aspect wins
     negative_prompt: str = WAN_NEGATIVE_PROMPT
-    flow_shift: float | None = None  # None: the checkpoint's scheduler_config.json decides
+    guidance_scale_2: float | None = None  # the low-noise expert's guidance (two-expert models only)
 
     def size_for(self, aspect: float) -> tuple[int, int]:
         """The default (height, width) whose width/height ratio is closest to ``aspect``."""
@@ -45,41 +52,89 @@ class Defaults:
 
 @dataclass(frozen=True)
 class Variant:
-    """One member of the Wan family: its name, conditioning strategy and defaults."""
+    """One member of the Wan family: its name, conditioning strategy, components and defaults."""
 
     name: str
     conditioning: Conditioning
     defaults: Defaults
-    # Spatial multiple for height/width: VAE stride x transformer patch (32 for TI2V-5B, 16 otherwise).
-    size_multiple: int
+    size_multiple: int  # VAE stride x transformer patch: 32 for TI2V-5B, 16 otherwise
+    uses_clip: bool = False  # CLIP ViT-H image tokens in cross-attention (Wan2.1)
+    takes_last_image: bool = False  # first-last-frame-to-video
+    two_experts: bool = False  # Wan2.2-A14B: high-noise and low-noise transformers
 
 
 TI2V_5B = Variant(
     name="wan2.2-ti2v-5b",
     conditioning=FirstFrameLatent(),
-    # wan/configs/wan_ti2v_5B.py: 50 steps, guide 5.0, shift 5.0, 121 frames at 24 fps, 704x1280 or 1280x704.
-    defaults=Defaults(
-        num_inference_steps=50,
-        guidance_scale=5.0,
-        fps=24.0,
-        num_frames=121,
-        sizes=((704, 1280), (1280, 704)),
-        flow_shift=5.0,
-    ),
+    # wan/configs/wan_ti2v_5B.py: 50 steps, guide 5.0, shift 5.0, 121 frames at 24 fps, 1280x704 either way.
+    defaults=Defaults(50, 5.0, 5.0, fps=24.0, num_frames=121, sizes=((704, 1280), (1280, 704))),
     size_multiple=32,
 )
 
+# Wan2.1 generate.py: i2v runs 40 steps at guide 5.0; shift 3.0 at 480x832, 5.0 otherwise; its negative
+# prompt is prefixed with "镜头晃动，" ("camera shake,").
+I2V_14B_480P = Variant(
+    name="wan2.1-i2v-14b-480p",
+    conditioning=ChannelConcat(),
+    defaults=Defaults(40, 5.0, 3.0, fps=16.0, num_frames=81, sizes=SIZES_480P,
+                      negative_prompt="镜头晃动，" + WAN_NEGATIVE_PROMPT),
+    size_multiple=16,
+    uses_clip=True,
+)
+I2V_14B_720P = Variant(
+    name="wan2.1-i2v-14b-720p",
+    conditioning=ChannelConcat(),
+    defaults=Defaults(40, 5.0, 5.0, fps=16.0, num_frames=81, sizes=SIZES_720P,
+                      negative_prompt="镜头晃动，" + WAN_NEGATIVE_PROMPT),
+    size_multiple=16,
+    uses_clip=True,
+)
+# Wan2.1 generate.py: flf2v runs 50 steps with shift 16; negative prompt prefixed "镜头切换，" ("scene cut,").
+FLF2V_14B = Variant(
+    name="wan2.1-flf2v-14b-720p",
+    conditioning=ChannelConcat(),
+    defaults=Defaults(50, 5.0, 16.0, fps=16.0, num_frames=81, sizes=SIZES_720P,
+                      negative_prompt="镜头切换，" + WAN_NEGATIVE_PROMPT),
+    size_multiple=16,
+    uses_clip=True,
+    takes_last_image=True,
+)
+# wan/configs/wan_i2v_A14B.py: 40 steps, shift 5.0, guide 3.5 for both experts, boundary 0.900 (read from
+# model_index.json), 81 frames at 16 fps; generate.py's default size is 1280x720.
+I2V_A14B = Variant(
+    name="wan2.2-i2v-a14b",
+    conditioning=ChannelConcat(),
+    defaults=Defaults(40, 3.5, 5.0, fps=16.0, num_frames=81, sizes=SIZES_720P + SIZES_480P, guidance_scale_2=3.5),
+    size_multiple=16,
+    two_experts=True,
+)
 
-def detect_variant(model_dir: str | Path) -> Variant:
-    """Recognise the variant of a diffusers-layout directory from its configs."""
+VARIANTS = {v.name: v for v in (TI2V_5B, I2V_14B_480P, I2V_14B_720P, FLF2V_14B, I2V_A14B)}
+
+
+def detect_variant(model_dir: str | Path, name: str = "") -> Variant:
+    """Recognise the variant of a diffusers-layout directory from its configs. ``name`` (the repo id or
+    directory name) only separates Wan2.1-I2V 480P from 720P."""
     model_dir = Path(model_dir)
     index = read_config(model_dir, "model_index.json")
     if index.get("expand_timesteps"):
         return TI2V_5B
+    if _present(index, "transformer_2") and index.get("boundary_ratio") is not None:
+        return I2V_A14B
+    transformer = read_config(model_dir / "transformer")
+    if transformer.get("image_dim") is not None:
+        if transformer.get("pos_embed_seq_len"):
+            return FLF2V_14B
+        return I2V_14B_720P if "720" in (name or model_dir.name) else I2V_14B_480P
     raise WeightLoadError(f"{model_dir}: unsupported Wan variant ({_describe_index(index)})")
+
+
+def _present(index: dict[str, Any], component: str) -> bool:
+    entry = index.get(component)
+    return isinstance(entry, list) and entry[0] is not None
 
 
 def _describe_index(index: dict[str, Any]) -> str:
     return f"pipeline {index.get('_class_name', '?')}, components " + ", ".join(
-        k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]
+        k for k in index if not k.startswith("_") and _present(index, k)
     )

@@ -15,3 +15,12 @@ def tiny_ti2v_dir(tmp_path_factory) -> Path:
     from ref_pipeline import build_tiny_ti2v
 
     return build_tiny_ti2v(tmp_path_factory.mktemp("wan22_ti2v_tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Wan2.1-I2V-480P, Wan2.1-FLF2V-720P and Wan2.2-I2V-A14B shaped tiny pipelines, by variant key."""
+    from ref_pipeline import build_tiny_i2v
+
+    names = {"i2v": "Wan2.1-I2V-14B-480P-tiny", "flf2v": "Wan2.1-FLF2V-14B-720P-tiny", "a14b": "Wan2.2-I2V-A14B-tiny"}
+    return {k: build_tiny_i2v(tmp_path_factory.mktemp("models") / name, k) for k, name in names.items()}

@@ -113,3 +113,22 @@ def test_bad_input_is_one_line_error_without_output(case, tiny_ti2v_dir, photo, 
     assert expected in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert set(os.listdir(work)) == before  # nothing written, not even a partial file
+
+
+def test_generate_first_last_frame_and_two_experts(tiny_i2v_dirs, photo, tmp_path):
+    last = tmp_path / "last.png"
+    Image.fromarray(np.full((80, 120, 3), 200, np.uint8)).save(last)
+    out = tmp_path / "flf2v.gif"
+    result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_i2v_dirs["flf2v"]), "--last-image", str(last),
+                  *GOOD, "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).n_frames == 5
+    out = tmp_path / "a14b.mp4"
+    result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_i2v_dirs["a14b"]), "--guidance-2", "2.5",
+                  *GOOD, "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with av.open(str(out)) as c:
+        assert json.loads(c.metadata["comment"])["guidance_scale_2"] == 2.5
+    result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_i2v_dirs["flf2v"]), *GOOD,
+                  "--output", str(tmp_path / "no-last.mp4"), cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip() == "error: wan2.1-flf2v-14b-720p needs a last image (--last-image)"
