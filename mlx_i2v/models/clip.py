@@ -254,3 +254,82 @@ def load_clip_vision(folder: str | Path, dtype: mx.Dtype) -> CLIPVisionTower:
         dtype,
     )
     return model
+
+
+# === Wan-AI original layout (``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``) =============
+# The Wan-AI repos ship the whole XLM-RoBERTa CLIP (wan/modules/clip.py ``XLMRobertaCLIP``) as an fp16
+# ``torch.save`` state dict; read it with :func:`mlx_i2v.pth.read_pth`, split the fused attention
+# projections with :func:`split_fused_qkv`, then apply :func:`original_map` (wan.md §4.4, verified
+# bit-exact in §4.5). Only the ``visual`` tower is used, up to its penultimate block.
+
+import re  # noqa: E402  (kept inside this appended block)
+
+from ..weights import flatten  # noqa: E402
+
+_FUSED_QKV = re.compile(r"(.+)\.to_qkv\.(weight|bias)")
+
+
+def split_fused_qkv(tensors: Mapping[str, mx.array]) -> dict[str, mx.array]:
+    """Split every ``<prefix>.to_qkv.{weight,bias}`` into ``<prefix>.to_q/to_k/to_v.{weight,bias}``.
+
+    open_clip-style attention projects q, k and v with one Linear of 3*D outputs, q first (the reference
+    views its output as (B, L, 3, heads, head_dim)); ours has three. A rule maps one tensor to one, so
+    this pre-pass runs before :func:`original_map`. Other tensors pass through unchanged.
+
+    Raises:
+        WeightLoadError: a fused tensor's first axis is not divisible by 3, or a split name is taken.
+    """
+    out: dict[str, mx.array] = {}
+    for key, value in tensors.items():
+        m = _FUSED_QKV.fullmatch(key)
+        if m is None:
+            parts = {key: value}
+        elif value.shape[0] % 3:
+            raise WeightLoadError(f"image_encoder: {key} {tuple(value.shape)} is not a fused q/k/v tensor")
+        else:
+            parts = {f"{m[1]}.to_{n}.{m[2]}": t for n, t in zip("qkv", mx.split(value, 3, axis=0))}
+        for name, tensor in parts.items():
+            if name in out:
+                raise WeightLoadError(f"image_encoder: {name} occurs twice after splitting fused q/k/v")
+            out[name] = tensor
+    return out
+
+
+def _drop_leading_axis(w: mx.array) -> mx.array:
+    """(1, N, D) -> (N, D): the original keeps its position table batch-shaped."""
+    return w.reshape(w.shape[1:])
+
+
+def original_map(config: CLIPVisionConfig) -> WeightMap:
+    """The rule table for the original CLIP checkpoint after :func:`split_fused_qkv`.
+
+    Depends on the config because the unused last block of the visual tower is ignored (Wan uses
+    ``use_31_block=True``, i.e. ``hidden_states[-2]``). The text tower, ``log_scale``, the visual
+    ``post_norm`` and ``head`` projection are never used by I2V and are ignored.
+    """
+    last = config.num_hidden_layers - 1
+    layer = r"visual\.transformer\.(\d+)"
+    ours = r"vision_model.encoder.layers.\1"
+    embeddings = "vision_model.embeddings"
+    return WeightMap(
+        name="image_encoder (Wan-AI original)",
+        rules=(
+            Rule(r"visual\.patch_embedding\.weight", f"{embeddings}.patch_embedding.weight", conv_weight),
+            Rule(r"visual\.cls_embedding", f"{embeddings}.class_embedding", flatten),  # (1, 1, D)
+            Rule(r"visual\.pos_embedding", f"{embeddings}.position_embedding.weight", _drop_leading_axis),
+            Rule(r"visual\.pre_norm\.(weight|bias)", r"vision_model.pre_layrnorm.\1"),
+            Rule(rf"{layer}\.norm1\.(weight|bias)", rf"{ours}.layer_norm1.\2"),
+            Rule(rf"{layer}\.attn\.to_([qkv])\.(weight|bias)", rf"{ours}.self_attn.\2_proj.\3"),
+            Rule(rf"{layer}\.attn\.proj\.(weight|bias)", rf"{ours}.self_attn.out_proj.\2"),
+            Rule(rf"{layer}\.norm2\.(weight|bias)", rf"{ours}.layer_norm2.\2"),
+            Rule(rf"{layer}\.mlp\.0\.(weight|bias)", rf"{ours}.mlp.fc1.\2"),  # Sequential(Linear, GELU,
+            Rule(rf"{layer}\.mlp\.2\.(weight|bias)", rf"{ours}.mlp.fc2.\2"),  # Linear, Dropout)
+        ),
+        ignore=(
+            rf"visual\.transformer\.{last}\..+",
+            r"visual\.(post_norm\..+|head)",
+            r"textual\..+",  # the XLM-RoBERTa text tower
+            r"log_scale",
+        ),
+    )
+# === end of the Wan-AI original layout ================================================================

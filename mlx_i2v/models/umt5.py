@@ -278,3 +278,29 @@ def encode_prompts(
     real = mx.arange(L)[None, :] < lengths[:, None]
     hidden = mx.where(real[..., None], hidden, mx.zeros((), dtype=hidden.dtype))
     return mx.pad(hidden, [(0, 0), (0, max_length - L), (0, 0)])
+
+
+# === Wan-AI original layout (``models_t5_umt5-xxl-enc-bf16.pth``) =====================================
+# The Wan-AI repos ship the umt5-xxl encoder as a bf16 ``torch.save`` state dict of ``T5Encoder``
+# (wan/modules/t5.py, ``shared_pos=False``: every block owns its relative position table); read it with
+# :func:`mlx_i2v.pth.read_pth`. Shapes are transformers' (wan.md §4.4, verified numerically in §4.5).
+# The original FFN is ``fc2(fc1(x) * gelu_tanh(gate(x)))``, so ``gate.0`` is transformers' ``wi_0`` (the
+# activated branch) and ``fc1`` its ``wi_1``.
+ORIGINAL_MAP = WeightMap(
+    name="umt5 (Wan-AI original)",
+    rules=(
+        Rule(r"token_embedding\.weight", "shared.weight"),
+        Rule(r"blocks\.(\d+)\.norm1\.weight", r"encoder.block.\1.layer.0.layer_norm.weight"),
+        Rule(r"blocks\.(\d+)\.attn\.([qkvo])\.weight", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+        Rule(
+            r"blocks\.(\d+)\.pos_embedding\.embedding\.weight",
+            r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight",
+        ),
+        Rule(r"blocks\.(\d+)\.norm2\.weight", r"encoder.block.\1.layer.1.layer_norm.weight"),
+        Rule(r"blocks\.(\d+)\.ffn\.gate\.0\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
+        Rule(r"blocks\.(\d+)\.ffn\.fc1\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
+        Rule(r"blocks\.(\d+)\.ffn\.fc2\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+        Rule(r"norm\.weight", "encoder.final_layer_norm.weight"),
+    ),
+)
+# === end of the Wan-AI original layout ================================================================

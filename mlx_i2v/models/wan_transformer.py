@@ -521,3 +521,77 @@ def load_wan_transformer(folder: str | Path, dtype: mx.Dtype) -> WanTransformer3
         dtype,
     )
     return model
+
+
+# === Wan-AI original layout (``WanModel``) ============================================================
+# The Wan-AI repos (Wan2.1-I2V/FLF2V, Wan2.2-TI2V-5B, Wan2.2-I2V-A14B high/low_noise_model) ship the DiT
+# as ``WanModel`` safetensors; names follow ``wan/modules/model.py`` (wan.md §4.1). The table maps them
+# straight to our parameters; tensors keep their shapes (no transposes besides the patch conv), exactly as
+# diffusers' converter keeps them.
+
+from typing import Mapping  # noqa: E402  (kept inside this appended block)
+
+from ..errors import WeightLoadError  # noqa: E402
+
+ORIGINAL_MAP = WeightMap(
+    name="transformer (Wan-AI original)",
+    rules=(
+        Rule(r"patch_embedding\.weight", transform=conv_weight),
+        Rule(r"patch_embedding\.bias"),
+        # Sequential(Linear, SiLU, Linear) / Sequential(Linear, GELU(tanh), Linear) / Sequential(SiLU, Linear)
+        Rule(r"time_embedding\.0\.(weight|bias)", r"condition_embedder.time_embedder.linear_1.\1"),
+        Rule(r"time_embedding\.2\.(weight|bias)", r"condition_embedder.time_embedder.linear_2.\1"),
+        Rule(r"text_embedding\.0\.(weight|bias)", r"condition_embedder.text_embedder.linear_1.\1"),
+        Rule(r"text_embedding\.2\.(weight|bias)", r"condition_embedder.text_embedder.linear_2.\1"),
+        Rule(r"time_projection\.1\.(weight|bias)", r"condition_embedder.time_proj.\1"),
+        # MLPProj (I2V/FLF2V): Sequential(LayerNorm, Linear, GELU, Linear, LayerNorm)
+        Rule(r"img_emb\.proj\.0\.(weight|bias)", r"condition_embedder.image_embedder.norm1.\1"),
+        Rule(r"img_emb\.proj\.1\.(weight|bias)", r"condition_embedder.image_embedder.ff.net.0.proj.\1"),
+        Rule(r"img_emb\.proj\.3\.(weight|bias)", r"condition_embedder.image_embedder.ff.net.2.\1"),
+        Rule(r"img_emb\.proj\.4\.(weight|bias)", r"condition_embedder.image_embedder.norm2.\1"),
+        Rule(r"img_emb\.emb_pos", "condition_embedder.image_embedder.pos_embed"),  # FLF2V
+        Rule(r"blocks\.(\d+)\.modulation", r"blocks.\1.scale_shift_table"),
+        Rule(r"blocks\.(\d+)\.self_attn\.([qkv])\.(weight|bias)", r"blocks.\1.attn1.to_\2.\3"),
+        Rule(r"blocks\.(\d+)\.self_attn\.o\.(weight|bias)", r"blocks.\1.attn1.to_out.0.\2"),
+        Rule(r"blocks\.(\d+)\.self_attn\.(norm_[qk])\.weight", r"blocks.\1.attn1.\2.weight"),
+        Rule(r"blocks\.(\d+)\.cross_attn\.([qkv])\.(weight|bias)", r"blocks.\1.attn2.to_\2.\3"),
+        Rule(r"blocks\.(\d+)\.cross_attn\.o\.(weight|bias)", r"blocks.\1.attn2.to_out.0.\2"),
+        Rule(r"blocks\.(\d+)\.cross_attn\.(norm_[qk])\.weight", r"blocks.\1.attn2.\2.weight"),
+        # Wan2.1 I2V/FLF2V image K/V branch (WanI2VCrossAttention)
+        Rule(r"blocks\.(\d+)\.cross_attn\.([kv])_img\.(weight|bias)", r"blocks.\1.attn2.add_\2_proj.\3"),
+        Rule(r"blocks\.(\d+)\.cross_attn\.norm_k_img\.weight", r"blocks.\1.attn2.norm_added_k.weight"),
+        # The naming swap (wan.md §0.9): the original applies norm1, norm3 (affine, before cross-attention),
+        # norm2 (no affine, before the FFN); diffusers calls them norm1, norm2, norm3. Only the affine one
+        # has tensors, so the original's parameter-free norm2 needs no rule.
+        Rule(r"blocks\.(\d+)\.norm3\.(weight|bias)", r"blocks.\1.norm2.\2"),
+        Rule(r"blocks\.(\d+)\.ffn\.0\.(weight|bias)", r"blocks.\1.ffn.net.0.proj.\2"),
+        Rule(r"blocks\.(\d+)\.ffn\.2\.(weight|bias)", r"blocks.\1.ffn.net.2.\2"),
+        Rule(r"head\.head\.(weight|bias)", r"proj_out.\1"),
+        Rule(r"head\.modulation", "scale_shift_table"),
+    ),
+    # WanModel keeps its RoPE table ``freqs`` as an attribute, so the released files lack it; a re-save
+    # that registered it as a buffer must still load (the table is recomputed here).
+    ignore=(r"freqs",),
+)
+
+# ComfyUI single-file repacks of the same weights prefix every key with this (diffusers strips it too,
+# ``single_file_utils.convert_wan_transformer_to_diffusers``).
+COMFYUI_PREFIX = "model.diffusion_model."
+
+
+def strip_prefix(tensors: Mapping[str, mx.array], prefix: str = COMFYUI_PREFIX) -> dict[str, mx.array]:
+    """Drop ``prefix`` from the keys that carry it, so ``ORIGINAL_MAP.apply(strip_prefix(tensors))`` loads
+    a ComfyUI repack. Keys without the prefix pass through unchanged (and so still have to be claimed by
+    the map: a file bundling other components fails loudly, naming them).
+
+    Raises:
+        WeightLoadError: a key occurs both with and without the prefix.
+    """
+    out: dict[str, mx.array] = {}
+    for key, value in tensors.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name in out:
+            raise WeightLoadError(f"transformer: {name} occurs both with and without the {prefix!r} prefix")
+        out[name] = value
+    return out
+# === end of the Wan-AI original layout ================================================================

@@ -266,3 +266,109 @@ def load_wan_vae(folder: str | Path, dtype: mx.Dtype = mx.float32) -> Autoencode
     load_strict(model, weights, dtype=dtype, what="vae")
     log.info("loaded Wan VAE (z_dim=%d, residual=%s) from %s", config.z_dim, config.is_residual, folder)
     return model
+
+
+# === Wan-AI original layout (``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``) =================================
+# The Wan-AI repos ship the VAE as a plain ``torch.save`` state dict of ``WanVAE_`` (wan/modules/vae.py,
+# vae2_2.py); read it with :func:`mlx_i2v.pth.read_pth`. Names differ from diffusers' only in module paths
+# (wan.md §4.2, §4.3); tensors are re-laid out as in DIFFUSERS_MAP: RMS gammas flattened, every weight a
+# conv kernel moved channels-last, biases as they are.
+
+
+def _module_rules(source: str, target: str) -> tuple[Rule, ...]:
+    """Rules moving one module's ``gamma`` / ``weight`` / ``bias`` from ``source`` (a key regex without
+    the leaf) to ``target`` (an ``re`` template without the leaf)."""
+    return (
+        Rule(rf"{source}\.gamma", f"{target}.gamma", flatten),
+        Rule(rf"{source}\.weight", f"{target}.weight", conv_weight),
+        Rule(rf"{source}\.bias", f"{target}.bias"),
+    )
+
+
+# The original ResidualBlock's ``residual`` is Sequential(RMS_norm, SiLU, CausalConv3d, RMS_norm, SiLU,
+# Dropout, CausalConv3d): only indices 0, 2, 3 and 6 hold tensors. ``shortcut`` is the 1x1x1 conv.
+_RESNET_MEMBERS = (
+    (r"residual\.0", "norm1"),
+    (r"residual\.2", "conv1"),
+    (r"residual\.3", "norm2"),
+    (r"residual\.6", "conv2"),
+    (r"shortcut", "conv_shortcut"),
+)
+
+
+def _resnet_rules(source: str, target: str) -> tuple[Rule, ...]:
+    """Rules for a whole residual block at ``source`` -> ``target`` (both without the member name)."""
+    return tuple(
+        rule
+        for member, ours in _RESNET_MEMBERS
+        for rule in _module_rules(rf"{source}\.{member}", f"{target}.{ours}")
+    )
+
+
+# Parts both versions share: the stems, the middle (resnet, attention, resnet), the heads, the 1x1x1
+# quant convs. ``middle.1`` is the attention block, whose ``norm``/``to_qkv``/``proj`` keep their names.
+_SHARED_RULES = (
+    *_module_rules(r"(encoder|decoder)\.conv1", r"\1.conv_in"),
+    *_resnet_rules(r"(encoder|decoder)\.middle\.0", r"\1.mid_block.resnets.0"),
+    *_module_rules(r"(encoder|decoder)\.middle\.1\.(norm|to_qkv|proj)", r"\1.mid_block.attentions.0.\2"),
+    *_resnet_rules(r"(encoder|decoder)\.middle\.2", r"\1.mid_block.resnets.1"),
+    *_module_rules(r"(encoder|decoder)\.head\.0", r"\1.norm_out"),
+    *_module_rules(r"(encoder|decoder)\.head\.2", r"\1.conv_out"),
+    *_module_rules(r"conv1", "quant_conv"),
+    *_module_rules(r"conv2", "post_quant_conv"),
+)
+
+# Wan2.1: the encoder's flat ``downsamples`` Sequential is our flat ``down_blocks`` list index for index
+# (resnets and resamples interleaved). The decoder's flat ``upsamples`` (15 entries) is regrouped into 4
+# stages of 3 resnets + 1 upsampler (none after the last): entry 4*s + j is stage s's resnet j (j < 3) or
+# its upsampler (j = 3). That arithmetic is fixed by the released architecture (num_res_blocks=2,
+# 4 stages), as in diffusers' converters; other depths leave keys unclaimed and fail loudly.
+_WAN21_STAGES, _WAN21_RESNETS = 4, 3
+ORIGINAL_MAP_21 = WeightMap(
+    name="Wan2.1 VAE (Wan-AI original)",
+    rules=(
+        *_SHARED_RULES,
+        *_resnet_rules(r"encoder\.downsamples\.(\d+)", r"encoder.down_blocks.\1"),
+        *_module_rules(r"encoder\.downsamples\.(\d+)\.(resample\.1|time_conv)", r"encoder.down_blocks.\1.\2"),
+        *(
+            rule
+            for s in range(_WAN21_STAGES)
+            for j in range(_WAN21_RESNETS)
+            for rule in _resnet_rules(
+                rf"decoder\.upsamples\.{(_WAN21_RESNETS + 1) * s + j}", f"decoder.up_blocks.{s}.resnets.{j}"
+            )
+        ),
+        *(
+            rule
+            for s in range(_WAN21_STAGES - 1)
+            for rule in _module_rules(
+                rf"decoder\.upsamples\.{(_WAN21_RESNETS + 1) * s + _WAN21_RESNETS}\.(resample\.1|time_conv)",
+                rf"decoder.up_blocks.{s}.upsamplers.0.\1",
+            )
+        ),
+    ),
+)
+
+# Wan2.2: stages are nested (``downsamples.i.downsamples.j`` / ``upsamples.i.upsamples.j``), the same
+# grouping as ours; each stage's trailing entry is its resampler (j = num_res_blocks in the encoder,
+# num_res_blocks + 1 in the decoder), told apart from the resnets by its members. The AvgDown3D/DupUp3D
+# shortcuts have no tensors.
+ORIGINAL_MAP_22 = WeightMap(
+    name="Wan2.2 VAE (Wan-AI original)",
+    rules=(
+        *_SHARED_RULES,
+        *_resnet_rules(
+            r"encoder\.downsamples\.(\d+)\.downsamples\.(\d+)", r"encoder.down_blocks.\1.resnets.\2"
+        ),
+        *_module_rules(
+            r"encoder\.downsamples\.(\d+)\.downsamples\.\d+\.(resample\.1|time_conv)",
+            r"encoder.down_blocks.\1.downsampler.\2",
+        ),
+        *_resnet_rules(r"decoder\.upsamples\.(\d+)\.upsamples\.(\d+)", r"decoder.up_blocks.\1.resnets.\2"),
+        *_module_rules(
+            r"decoder\.upsamples\.(\d+)\.upsamples\.\d+\.(resample\.1|time_conv)",
+            r"decoder.up_blocks.\1.upsampler.\2",
+        ),
+    ),
+)
+# === end of the Wan-AI original layout ================================================================
