@@ -289,19 +289,19 @@ def _parse_legacy(f: IO[bytes], mm: mmap.mmap) -> tuple[Any, StorageData]:
     except UnsafeCheckpointError:
         raise
     except Exception as e:
-        raise WeightLoadError(f"not a PyTorch checkpoint (neither a torch.save zip archive "
+        raise WeightLoadError("not a PyTorch checkpoint (neither a torch.save zip archive "
                               "nor the legacy pickle format)") from e
     if magic != _LEGACY_MAGIC:
-        raise WeightLoadError(f"not a PyTorch checkpoint (a pickle without torch's magic "
+        raise WeightLoadError("not a PyTorch checkpoint (a pickle without torch's magic "
                               "number)")
     if _RestrictedUnpickler(f).load() != _LEGACY_PROTOCOL:
-        raise WeightLoadError(f"unsupported legacy protocol version")
+        raise WeightLoadError("unsupported legacy protocol version")
     _RestrictedUnpickler(f).load()  # sys_info: the writer's endianness does not matter
     unpickler = _RestrictedUnpickler(f)
     obj = unpickler.load()
     keys = _RestrictedUnpickler(f).load()
     if not isinstance(keys, list) or set(keys) != set(unpickler.storages):
-        raise WeightLoadError(f"storage key list does not match the tensors")
+        raise WeightLoadError("storage key list does not match the tensors")
     # The C unpickler consumes exactly the pickle's bytes, so the storages start at f.tell().
     position = f.tell()
     arrays: dict[str, np.ndarray] = {}

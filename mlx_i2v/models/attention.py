@@ -1,8 +1,53 @@
-"""The one attention entry point every model calls, so memory policy lives in one place."""
+"""The one attention entry point every model calls, so memory policy lives in one place.
+
+``mx.fast.scaled_dot_product_attention`` is memory-efficient only where the backend runs a fused kernel:
+on Metal the "vector" kernel (at most 8 queries, head dim 64/96/128/256) and the tiled "steel" kernel
+(more than 8 queries, head dim 64/80/128), neither of which forms the (Lq, Lk) score matrix. Everywhere
+else (the CPU, other head dims such as the VAE's 384/1024-channel single head, CUDA) MLX falls back to
+matmul -> softmax -> matmul and materialises every score. There the queries are split into chunks so
+that one chunk's scores fit a share of the memory budget; each query row's softmax is independent of
+the others, so the result equals the unchunked one. Chunks are evaluated one after another, so this path
+cannot run inside ``mx.compile``.
+"""
 
 from __future__ import annotations
 
 import mlx.core as mx
+
+from ..memory import memory_budget
+
+# Share of the memory budget one attention call may spend on its score matrix.
+ATTENTION_FRACTION = 1 / 8
+# Bytes reserved per score: the fallback keeps the scores and, when it cannot reuse their buffer for the
+# softmax, a second copy; counted in float32, the dtype the mask or a precise softmax may promote to.
+SCORE_BYTES = 2 * 4
+
+_STEEL_HEAD_DIMS = (64, 80, 128)
+_VECTOR_HEAD_DIMS = (64, 96, 128, 256)
+_VECTOR_MAX_QUERIES = 8
+
+
+def fused_is_memory_efficient(q_len: int, k_len: int, head_dim: int, value_dim: int) -> bool:
+    """True when MLX will run a fused kernel that never materialises the (Lq, Lk) scores."""
+    if not (mx.metal.is_available() and mx.default_device().type == mx.DeviceType.gpu):
+        return False
+    if head_dim != value_dim:
+        return False
+    if q_len <= _VECTOR_MAX_QUERIES:
+        return q_len <= k_len and head_dim in _VECTOR_HEAD_DIMS
+    return head_dim in _STEEL_HEAD_DIMS
+
+
+def attention_workspace(budget: int | None = None) -> int:
+    """Bytes one attention call may spend on scores: :data:`ATTENTION_FRACTION` of the budget."""
+    return int((memory_budget() if budget is None else budget) * ATTENTION_FRACTION)
+
+
+def query_chunk_size(batch: int, heads: int, q_len: int, k_len: int, workspace: int) -> int:
+    """Queries per chunk so that ``batch * heads * chunk * k_len * SCORE_BYTES <= workspace`` (at least
+    one query, at most ``q_len``)."""
+    per_query = batch * heads * k_len * SCORE_BYTES
+    return max(1, min(q_len, workspace // per_query))
 
 
 def attention(
@@ -20,4 +65,23 @@ def attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    if fused_is_memory_efficient(q_len, k_len, head_dim, v.shape[-1]):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    chunk = query_chunk_size(B, heads, q_len, k_len, attention_workspace())
+    if chunk >= q_len:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    # A mask with a real query axis is cut with the queries; one broadcast over queries is shared.
+    split_mask = mask is not None and mask.ndim >= 2 and mask.shape[-2] != 1
+    outputs = []
+    for start in range(0, q_len, chunk):
+        chunk_mask = mask[..., start : start + chunk, :] if split_mask else mask
+        out = mx.fast.scaled_dot_product_attention(
+            q[:, :, start : start + chunk], k, v, scale=scale, mask=chunk_mask
+        )
+        # Evaluated chunk by chunk: MLX allocates the buffers of every queued operation before the first
+        # one finishes, so a lazily built list of chunks would hold all their scores at once anyway.
+        mx.eval(out)
+        outputs.append(out)
+    return mx.concatenate(outputs, axis=2)

@@ -12,6 +12,7 @@ Layout is channels-last: pixels are (B, H, W, 3), tokens (B, 1 + (H/p)*(W/p), hi
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,15 +20,14 @@ from typing import Any, Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..components import ComponentType, load_component
 from ..errors import InvalidInputError, WeightLoadError
 from ..weights import (
     Rule,
     WeightMap,
     config_from_dict,
     conv_weight,
-    load_strict,
-    read_config,
-    read_safetensors,
+    flatten,
 )
 from .attention import attention
 
@@ -240,20 +240,17 @@ def diffusers_map(config: CLIPVisionConfig) -> WeightMap:
     )
 
 
+IMAGE_ENCODER = ComponentType(
+    "image_encoder",
+    build=lambda config: CLIPVisionTower(CLIPVisionConfig.from_dict(config)),
+    source_map=lambda model: diffusers_map(model.config),
+)
+
+
 def load_clip_vision(folder: str | Path, dtype: mx.Dtype) -> CLIPVisionTower:
-    """Load ``image_encoder/`` (config.json + safetensors) strictly, casting weights to ``dtype``."""
-    config = CLIPVisionConfig.from_dict(read_config(folder))
-    model = CLIPVisionTower(config)
-    weights = diffusers_map(config).apply(read_safetensors(folder, what="image_encoder"))
-    load_strict(model, weights, dtype=dtype, what="image_encoder")
-    log.info(
-        "loaded CLIP vision tower: %d of %d layers, hidden %d, %s",
-        config.num_hidden_layers - 1,
-        config.num_hidden_layers,
-        config.hidden_size,
-        dtype,
-    )
-    return model
+    """Load ``image_encoder/`` (config.json + safetensors, diffusers or MLX layout) strictly, casting
+    weights to ``dtype``. CLIP is never quantized."""
+    return load_component(IMAGE_ENCODER, folder, dtype)
 
 
 # === Wan-AI original layout (``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``) =============
@@ -261,10 +258,6 @@ def load_clip_vision(folder: str | Path, dtype: mx.Dtype) -> CLIPVisionTower:
 # ``torch.save`` state dict; read it with :func:`mlx_i2v.pth.read_pth`, split the fused attention
 # projections with :func:`split_fused_qkv`, then apply :func:`original_map` (wan.md §4.4, verified
 # bit-exact in §4.5). Only the ``visual`` tower is used, up to its penultimate block.
-
-import re  # noqa: E402  (kept inside this appended block)
-
-from ..weights import flatten  # noqa: E402
 
 _FUSED_QKV = re.compile(r"(.+)\.to_qkv\.(weight|bias)")
 

@@ -24,8 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..components import ComponentType, load_component
 from ..errors import InvalidInputError, WeightLoadError
-from ..weights import Rule, WeightMap, config_from_dict, load_strict, read_config, read_safetensors
+from ..quantize import Quantization, quantize_text_encoder
+from ..weights import Rule, WeightMap, config_from_dict
 from .attention import attention
 
 log = logging.getLogger(__name__)
@@ -159,7 +161,10 @@ class UMT5DenseGatedActDense(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         h = nn.gelu_approx(self.wi_0(x)) * self.wi_1(x)
         # ``wo`` is float32 in float16 models (see load_umt5); the reference casts its input up to match.
-        return self.wo(h.astype(self.wo.weight.dtype))
+        wo = self.wo
+        # A quantized ``wo`` holds uint32 codes; its float dtype is that of its scales.
+        dtype = wo.scales.dtype if isinstance(wo, nn.QuantizedLinear) else wo.weight.dtype
+        return wo(h.astype(dtype))
 
 
 class UMT5LayerFF(nn.Module):
@@ -234,27 +239,25 @@ DIFFUSERS_MAP = WeightMap(
 )
 
 
-def load_umt5(folder: str | Path, dtype: mx.Dtype) -> UMT5Encoder:
-    """Build a :class:`UMT5Encoder` from a transformers ``text_encoder/`` folder (config.json + safetensors).
+def _keep_float32(dtype: mx.Dtype) -> tuple[str, ...]:
+    # transformers' ``_keep_in_fp32_modules = ["wo"]`` applies to float16 only; the norms follow ``dtype``
+    # in the reference too.
+    return (r"DenseReluDense\.wo\.",) if dtype == mx.float16 else ()
 
-    Weights are cast to ``dtype``. For float16 the FFN output projections ``wo`` stay float32, as
-    transformers' ``_keep_in_fp32_modules = ["wo"]`` does (it applies that list to float16 only; the
-    norms follow ``dtype`` in the reference too).
-    """
-    folder = Path(folder)
-    config = config_from_dict(UMT5Config, read_config(folder))
-    model = UMT5Encoder(config)
-    weights = DIFFUSERS_MAP.apply(read_safetensors(folder, what="text_encoder"))
-    keep = (r"DenseReluDense\.wo\.",) if dtype == mx.float16 else ()
-    load_strict(model, weights, dtype=dtype, keep_float32=keep, what="text_encoder")
-    log.info(
-        "loaded UMT5 encoder: %d layers, d_model %d, vocab %d (%s)",
-        config.num_layers,
-        config.d_model,
-        config.vocab_size,
-        dtype,
-    )
-    return model
+
+TEXT_ENCODER = ComponentType(
+    "text_encoder",
+    build=lambda config: UMT5Encoder(config_from_dict(UMT5Config, config)),
+    source_map=lambda model: DIFFUSERS_MAP,
+    keep_float32=_keep_float32,
+    quantize=quantize_text_encoder,
+)
+
+
+def load_umt5(folder: str | Path, dtype: mx.Dtype, *, quantize: Quantization | None = None) -> UMT5Encoder:
+    """Build a :class:`UMT5Encoder` from a ``text_encoder/`` folder (config.json + safetensors, transformers
+    or MLX layout), casting weights to ``dtype``; ``quantize`` quantizes a float checkpoint on load."""
+    return load_component(TEXT_ENCODER, folder, dtype, quantize=quantize)
 
 
 def encode_prompts(

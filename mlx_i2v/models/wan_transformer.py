@@ -15,20 +15,21 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..components import ComponentType, load_component
+from ..errors import WeightLoadError
+from ..quantize import Quantization, quantize_transformer
 from ..weights import (
     IDENTITY,
     Rule,
     WeightMap,
     config_from_dict,
     conv_weight,
-    load_strict,
-    read_config,
-    read_safetensors,
 )
 from .attention import attention
 
@@ -499,28 +500,26 @@ DIFFUSERS_MAP = WeightMap(
 KEEP_FLOAT32 = (r"(^|\.)(time_embedder|scale_shift_table|norm1|norm2|norm3)(\.|$)",)
 
 
-def load_wan_transformer(folder: str | Path, dtype: mx.Dtype) -> WanTransformer3DModel:
-    """Load a diffusers ``transformer/`` (or ``transformer_2/``) folder: config.json plus a single or
-    sharded safetensors checkpoint. Weights are cast to ``dtype`` except the float32 islands.
+TRANSFORMER = ComponentType(
+    "transformer",
+    build=lambda config: WanTransformer3DModel(config_from_dict(WanTransformerConfig, config)),
+    source_map=lambda model: DIFFUSERS_MAP,
+    keep_float32=lambda dtype: KEEP_FLOAT32,
+    quantize=quantize_transformer,
+)
+
+
+def load_wan_transformer(
+    folder: str | Path, dtype: mx.Dtype, *, quantize: Quantization | None = None
+) -> WanTransformer3DModel:
+    """Load a ``transformer/`` (or ``transformer_2/``) folder: config.json plus a single or sharded
+    safetensors checkpoint, in diffusers or converted MLX layout. Weights are cast to ``dtype`` except the
+    float32 islands; ``quantize`` quantizes a float checkpoint on load (see :mod:`mlx_i2v.quantize`).
 
     Raises:
         WeightLoadError: unreadable config or checkpoint, or missing/unexpected/mis-shaped tensors.
     """
-    folder = Path(folder)
-    config = config_from_dict(WanTransformerConfig, read_config(folder))
-    model = WanTransformer3DModel(config)
-    weights = DIFFUSERS_MAP.apply(read_safetensors(folder))
-    load_strict(model, weights, dtype=dtype, keep_float32=KEEP_FLOAT32, what=folder.name)
-    log.info(
-        "loaded %s: %d layers, dim %d, in %d / out %d channels, %s",
-        folder.name,
-        config.num_layers,
-        config.inner_dim,
-        config.in_channels,
-        config.out_channels,
-        dtype,
-    )
-    return model
+    return load_component(TRANSFORMER, folder, dtype, quantize=quantize)
 
 
 # === Wan-AI original layout (``WanModel``) ============================================================
@@ -528,10 +527,6 @@ def load_wan_transformer(folder: str | Path, dtype: mx.Dtype) -> WanTransformer3
 # as ``WanModel`` safetensors; names follow ``wan/modules/model.py`` (wan.md §4.1). The table maps them
 # straight to our parameters; tensors keep their shapes (no transposes besides the patch conv), exactly as
 # diffusers' converter keeps them.
-
-from typing import Mapping  # noqa: E402  (kept inside this appended block)
-
-from ..errors import WeightLoadError  # noqa: E402
 
 ORIGINAL_MAP = WeightMap(
     name="transformer (Wan-AI original)",

@@ -16,6 +16,7 @@ from typing import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..components import ComponentType, load_component
 from ..errors import WeightLoadError
 from ..weights import (
     IDENTITY,
@@ -24,9 +25,6 @@ from ..weights import (
     config_from_dict,
     conv_weight,
     flatten,
-    load_strict,
-    read_config,
-    read_safetensors,
 )
 from .wan_vae_blocks import (
     CausalCache,
@@ -257,15 +255,17 @@ DIFFUSERS_MAP = WeightMap(
 )
 
 
+VAE = ComponentType(
+    "vae",
+    build=lambda config: AutoencoderKLWan(config_from_dict(WanVAEConfig, config)),
+    source_map=lambda model: DIFFUSERS_MAP,
+)
+
+
 def load_wan_vae(folder: str | Path, dtype: mx.Dtype = mx.float32) -> AutoencoderKLWan:
-    """Load a diffusers ``vae/`` folder (``config.json`` + safetensors) strictly into
-    :class:`AutoencoderKLWan`, casting weights to ``dtype``."""
-    config = config_from_dict(WanVAEConfig, read_config(folder))
-    model = AutoencoderKLWan(config)
-    weights = DIFFUSERS_MAP.apply(read_safetensors(folder, what="vae"))
-    load_strict(model, weights, dtype=dtype, what="vae")
-    log.info("loaded Wan VAE (z_dim=%d, residual=%s) from %s", config.z_dim, config.is_residual, folder)
-    return model
+    """Load a ``vae/`` folder (``config.json`` + safetensors, diffusers or MLX layout) strictly into
+    :class:`AutoencoderKLWan`, casting weights to ``dtype``. The VAE is never quantized."""
+    return load_component(VAE, folder, dtype)
 
 
 # === Wan-AI original layout (``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``) =================================

@@ -1,0 +1,101 @@
+"""Loading one component folder, whatever form it is in.
+
+A folder holds a ``config.json`` and safetensors in one of two layouts:
+
+* the **source** layout of the diffusers/transformers checkpoints (PyTorch names and channels-first
+  convolutions), mapped through the component's declarative weight map on every load;
+* the **MLX** layout written by ``mlx-i2v convert``: our parameter names, channels-last, optionally
+  quantized. Its safetensors carry the metadata ``{"format": "mlx"}``, and a quantized one has a
+  ``"quantization"`` entry in its config.json.
+
+Each model module declares a :class:`ComponentType` beside its weight maps; :func:`load_component` is the
+single loader behind them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import WeightLoadError
+from .quantize import Quantization, prepare_for_quantized_load, stored_quantization
+from .weights import WeightMap, load_strict, read_config, read_safetensors
+
+log = logging.getLogger(__name__)
+
+MLX_FORMAT = {"format": "mlx"}
+
+
+@dataclass(frozen=True)
+class ComponentType:
+    """How to build, map and load one kind of component.
+
+    Attributes:
+        name: what errors and logs call it ("transformer", "vae", ...).
+        build: config.json dict -> a freshly initialised model.
+        source_map: the model -> the weight map of the diffusers/transformers layout.
+        keep_float32: compute dtype -> parameter-name regexes that stay float32 (the reference's fp32 islands).
+        quantize: quantizes a loaded model in place to (bits, group size); None if never quantized.
+    """
+
+    name: str
+    build: Callable[[Mapping[str, Any]], nn.Module]
+    source_map: Callable[[nn.Module], WeightMap]
+    keep_float32: Callable[[mx.Dtype], tuple[str, ...]] = lambda dtype: ()
+    quantize: Callable[[nn.Module, int, int], Any] | None = None
+
+
+def is_mlx_layout(folder: str | Path) -> bool:
+    """True if the folder's safetensors were written by the converter (MLX names and layout)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return False
+    try:
+        _, metadata = mx.load(str(files[0]), return_metadata=True)
+    except Exception:  # unreadable: let read_safetensors report it with the file name
+        return False
+    return metadata.get("format") == MLX_FORMAT["format"]
+
+
+def load_component(
+    kind: ComponentType,
+    folder: str | Path,
+    dtype: mx.Dtype,
+    *,
+    quantize: Quantization | None = None,
+) -> nn.Module:
+    """Load ``folder`` as a ``kind`` component in ``dtype`` (the float32 islands excepted).
+
+    ``quantize`` quantizes a float checkpoint after loading; on a checkpoint already quantized it must
+    match the stored bits (it cannot be re-quantized) and nothing more is done.
+
+    Raises:
+        WeightLoadError: unreadable config or weights; missing, unexpected or mis-shaped tensors.
+        InvalidInputError: ``quantize`` disagrees with the checkpoint's stored quantization.
+    """
+    folder = Path(folder)
+    what = folder.name
+    config = read_config(folder)
+    model = kind.build(config)
+    tensors = read_safetensors(folder, what=what)
+    requested = quantize.bits if quantize is not None and kind.quantize is not None else None
+    stored = stored_quantization(config, what=what, requested_bits=requested)
+    if is_mlx_layout(folder):
+        if stored is not None:
+            prepare_for_quantized_load(model, stored, saved=tensors.keys())
+        weights = tensors
+    elif stored is not None:
+        raise WeightLoadError(f"{what}: config.json says quantized but the weights are not in MLX layout")
+    else:
+        weights = kind.source_map(model).apply(tensors)
+    del tensors
+    load_strict(model, weights, dtype=dtype, keep_float32=kind.keep_float32(dtype), what=what)
+    if stored is None and requested is not None:
+        kind.quantize(model, quantize.bits, quantize.group_size)
+    log.info("loaded %s from %s (%s%s)", kind.name, folder, dtype, f", {stored.bits}-bit" if stored else "")
+    return model
