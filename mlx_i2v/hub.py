@@ -10,17 +10,20 @@ from .errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
-# What a diffusers-layout Wan repo needs at run time; READMEs, example assets and duplicate
-# .bin/.pth copies of the weights are never downloaded.
+# What a Wan repo needs, in the diffusers layout or the Wan-AI original one (``*.pth`` VAE/T5/CLIP,
+# ``google/umt5-xxl/`` tokenizer, A14B's ``high/low_noise_model/``); READMEs, example assets and duplicate
+# ``.bin`` copies of the weights are never downloaded. (``*`` matches ``/`` in these patterns.)
 ALLOW_PATTERNS = (
     "model_index.json",
+    "config.json",
     "*/config.json",
-    "*/*.safetensors",
-    "*/*.safetensors.index.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.pth",
     "scheduler/scheduler_config.json",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
+    "*tokenizer.json",
+    "*tokenizer_config.json",
+    "*special_tokens_map.json",
     "image_processor/preprocessor_config.json",
 )
 
@@ -32,17 +35,26 @@ def resolve_model(model: str | Path, *, revision: str | None = None) -> Path:
 
     ``model`` is a directory with a ``model_index.json`` or a Hub repo id ("Wan-AI/Wan2.2-TI2V-5B-Diffusers"),
     fetched with ``huggingface_hub.snapshot_download`` (only the files listed in ``ALLOW_PATTERNS``) or
-    taken from the local Hugging Face cache when the Hub cannot be reached.
+    taken from the local Hugging Face cache when the Hub cannot be reached. A Hub snapshot is returned as
+    downloaded (either layout); :func:`mlx_i2v.cache.cached_conversion` turns it into an MLX directory.
     """
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise ModelNotFoundError(f"{path} is not a diffusers-layout model directory (no model_index.json)")
+            raise ModelNotFoundError(
+                f"{path} is not a diffusers-layout or converted model directory (no model_index.json); "
+                "convert an original Wan-AI checkpoint with `mlx-i2v convert`"
+            )
         return path
-    name = str(model)
-    if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
+    if not is_hub_id(model):
         raise ModelNotFoundError(f"model directory not found: {path}")
-    return _download(name, revision)
+    return _download(str(model), revision)
+
+
+def is_hub_id(model: str | Path) -> bool:
+    """True for "owner/name" strings that do not name an existing local path."""
+    name = str(model)
+    return bool(_REPO_ID.match(name)) and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -60,6 +72,6 @@ def _download(repo_id: str, revision: str | None) -> Path:
             f"`hf download {repo_id} --local-dir DIR`, copy DIR here and pass it as the model"
         ) from None
     path = Path(folder)
-    if not (path / "model_index.json").is_file():
-        raise ModelNotFoundError(f"{repo_id} has no model_index.json: it is not a diffusers-layout repository")
+    if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{repo_id} is neither a diffusers-layout nor a Wan-AI original repository")
     return path

@@ -25,7 +25,8 @@ from .models.wan_transformer import load_wan_transformer
 from .models.wan_vae import AutoencoderKLWan, load_wan_vae
 from .runtime import dtype_name, resolve_dtype
 from .schedulers import Scheduler, load_scheduler, scheduler_by_name
-from .variants import Variant, detect_variant
+from .quantize import Quantization, QuantizationConfig
+from .variants import Variant, load_variant
 from .video import Video
 from .weights import read_config
 
@@ -326,28 +327,33 @@ def load_pipeline(
     model: str | Path,
     *,
     dtype: str | None = None,
-    quantize: int | None = None,
+    quantize: int | QuantizationConfig | None = None,
     scheduler: str | None = None,
     keep_experts_resident: bool = False,
 ) -> WanPipeline:
     """Load a Wan image-to-video pipeline.
 
     Args:
-        model: a local diffusers-layout directory (model_index.json + component folders) or a Hub repo id
-            such as "Wan-AI/Wan2.2-TI2V-5B-Diffusers" (downloaded once with ``huggingface_hub``).
+        model: a local model directory, in diffusers layout (model_index.json + component folders) or
+            converted by ``mlx-i2v convert``, or a Hub repo id such as "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            downloaded once with ``huggingface_hub`` and converted once into the cache (see :mod:`mlx_i2v.cache`).
         dtype: "float32", "bfloat16" or "float16"; default bfloat16 on a GPU, float32 on the CPU.
-        quantize: not supported yet; anything but None is an error.
+        quantize: 4 or 8 to quantize the transformer(s) on load (the UMT5 encoder to 8 bits), or a
+            :class:`~mlx_i2v.quantize.QuantizationConfig`. A directory already quantized loads as it is;
+            asking it for other bits is an error.
         scheduler: "unipc" or "euler" to override the checkpoint's ``scheduler_config.json``.
         keep_experts_resident: Wan2.2-A14B only: keep both experts in memory instead of swapping them at
             the boundary (faster on machines with memory to spare).
     """
-    from .hub import resolve_model
+    from .cache import cached_conversion
+    from .hub import is_hub_id, resolve_model
 
-    if quantize is not None:
-        raise InvalidInputError("quantization is not supported yet (quantize must be None)")
     compute_dtype = resolve_dtype(dtype)
+    quantization = QuantizationConfig(bits=quantize) if isinstance(quantize, int) else quantize
     model_dir = resolve_model(model)
-    variant = detect_variant(model_dir, str(model))
+    if is_hub_id(model):
+        model_dir = cached_conversion(str(model), model_dir, dtype_name(compute_dtype), quantization)
+    variant = load_variant(model_dir, str(model))
     log.info("loading %s from %s (%s)", variant.name, model_dir, dtype_name(compute_dtype))
 
     base_scheduler = load_scheduler(model_dir)
@@ -359,7 +365,8 @@ def load_pipeline(
             return load_scheduler(model_dir)
         return scheduler_by_name(scheduler, base_scheduler.shift, base_scheduler.num_train_timesteps)
 
-    experts = _experts(model_dir, variant, compute_dtype, base_scheduler.num_train_timesteps, keep_experts_resident)
+    transformer_q = quantization.transformer if quantization is not None else None
+    experts = _experts(model_dir, variant, compute_dtype, transformer_q, base_scheduler, keep_experts_resident)
     experts.get(0)  # load (and so validate) the first transformer now
     image_encoder = None
     if variant.uses_clip:
@@ -372,7 +379,10 @@ def load_pipeline(
         model_name=str(model),
         dtype=compute_dtype,
         tokenizer=UMT5Tokenizer.from_folder(model_dir / "tokenizer"),
-        text_encoder=load_umt5(model_dir / "text_encoder", compute_dtype),
+        text_encoder=load_umt5(
+            model_dir / "text_encoder", compute_dtype,
+            quantize=quantization.text_encoder if quantization is not None else None,
+        ),  # fmt: skip
         experts=experts,
         vae=load_wan_vae(model_dir / "vae", compute_dtype),
         make_scheduler=make_scheduler,
@@ -380,15 +390,22 @@ def load_pipeline(
     )
 
 
-def _experts(model_dir: Path, variant: Variant, dtype: mx.Dtype, train_steps: int, keep_resident: bool) -> Experts:
+def _experts(
+    model_dir: Path,
+    variant: Variant,
+    dtype: mx.Dtype,
+    quantize: Quantization | None,
+    scheduler: Scheduler,
+    keep_resident: bool,
+) -> Experts:
     folders = [model_dir / "transformer"]
     boundary = None
     if variant.two_experts:
         folders.append(model_dir / "transformer_2")
-        boundary = read_config(model_dir, "model_index.json")["boundary_ratio"] * train_steps
+        boundary = read_config(model_dir, "model_index.json")["boundary_ratio"] * scheduler.num_train_timesteps
         read_config(folders[1])  # a missing second expert should fail at load time, not at the boundary
     return Experts(
-        loaders=[lambda f=f: load_wan_transformer(f, dtype) for f in folders],
+        loaders=[lambda f=f: load_wan_transformer(f, dtype, quantize=quantize) for f in folders],
         boundary=boundary,
         keep_resident=keep_resident,
     )

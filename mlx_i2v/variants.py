@@ -8,7 +8,7 @@ model's name and falls back to 480P.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,24 @@ I2V_A14B = Variant(
 )
 
 VARIANTS = {v.name: v for v in (TI2V_5B, I2V_14B_480P, I2V_14B_720P, FLF2V_14B, I2V_A14B)}
+
+
+def load_variant(model_dir: str | Path, name: str = "") -> Variant:
+    """The variant of a model directory: as recorded by the converter (with the default settings it
+    wrote, which a user may have edited), else detected from the diffusers configs."""
+    index = read_config(Path(model_dir), "model_index.json")
+    recorded = index.get("_mlx_i2v")
+    if recorded is None:
+        return detect_variant(model_dir, name)
+    try:
+        variant = VARIANTS[recorded["variant"]]
+        defaults = recorded.get("defaults")
+        if defaults is None:
+            return variant
+        fields = {k: tuple(map(tuple, v)) if k == "sizes" else v for k, v in defaults.items()}
+        return replace(variant, defaults=Defaults(**fields))
+    except (KeyError, TypeError) as e:
+        raise WeightLoadError(f"{model_dir}: malformed _mlx_i2v entry in model_index.json ({e})") from None
 
 
 def detect_variant(model_dir: str | Path, name: str = "") -> Variant:

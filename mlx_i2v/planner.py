@@ -1,0 +1,424 @@
+"""Peak-memory planning for a generation, before any weight is loaded.
+
+:func:`plan_generation` estimates, per stage, the bytes of resident weights and the activation peak:
+
+- weights from the parameter shapes of the real modules (built lazily: MLX never materialises their
+  random initial values, so counting costs nothing), by dtype and, when quantizing, by bits (MLX's
+  affine quantization of every Linear/Embedding whose input width is a multiple of the group size:
+  ``bits`` per weight plus a scale and a bias per group in the compute dtype);
+- activations from the token count, the attention chunk :mod:`~mlx_i2v.models.attention` will use
+  for this budget, and the VAE frame (or tile) size.
+
+Activation formulas are first-principles terms (hidden-state-sized tensors, score matrices, FFN
+intermediates, im2col convolution buffers) with multiplicities measured on MLX 0.32. Those
+multiplicities include MLX's scheduling: it allocates the buffers of several queued operations before
+the first one completes, so a chain of convolutions holds several im2col buffers at once. They were
+measured on the CPU backend; Metal runs convolutions as implicit GEMMs for many shapes and the fused
+attention kernel, so there the VAE terms over-estimate (the plan errs on the safe side).
+
+Residency assumed: the text encoder is released after encoding (``release_text_encoder``); the
+transformer and the VAE are resident together for VAE encode, denoising and VAE decode.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import InvalidInputError
+from .memory import GB, memory_budget
+from .models.attention import attention_workspace, query_chunk_size
+from .models.umt5 import UMT5Config, UMT5Encoder
+from .models.wan_transformer import KEEP_FLOAT32, WanTransformer3DModel, WanTransformerConfig
+from .models.wan_vae import AutoencoderKLWan, WanVAEConfig
+from .models.wan_vae_tiling import Tiling
+from .weights import config_from_dict, read_config
+
+log = logging.getLogger(__name__)
+
+TEXT_TOKENS = 512
+GROUP_SIZE = 64  # MLX's default quantization group
+TEXT_ENCODER_BITS = 8  # the text encoder is kept at 8 bits whenever the transformer is quantized
+
+# --- measured multiplicities (MLX 0.32, CPU; see the module docstring) ----------------------------------
+# Denoising: float32 hidden-state-sized (B, L, dim) tensors alive at a block's peak (the float32 islands:
+# residual, LayerNorm, per-token modulation, RoPE), and compute-dtype ones (q, k, v, projections).
+HIDDEN_F32_COPIES = 8
+HIDDEN_COPIES = 4
+# A fixed working set of a denoising step independent of the token count (context K/V, tables, queue).
+DENOISE_FIXED = 150 * 10**6
+# VAE: activation peak over the im2col buffer of one convolution at the largest stage (decoder: the last
+# up stage on a 4-frame chunk; encoder: the first stage). Residual (Wan2.2) decoders also keep the
+# stage-wide DupUp3D shortcut alive.
+VAE_DECODE_IM2COL_COPIES = {False: 5.3, True: 6.6}
+VAE_ENCODE_IM2COL_COPIES = 5.4
+# Candidate VAE tilings, largest first (video pixels; diffusers' default is 256/192).
+TILINGS = (Tiling(512, 384), Tiling(256, 192), Tiling(128, 96))
+
+# Wan2.2-TI2V-5B, for planning without a checkout (wan.md §1.1, §1.2, §1.5).
+TI2V_5B_TRANSFORMER = WanTransformerConfig(
+    num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48, ffn_dim=14336,
+    num_layers=30,
+)  # fmt: skip
+WAN22_VAE = WanVAEConfig(
+    base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+    patch_size=2, scale_factor_spatial=16, latents_mean=(0.0,) * 48, latents_std=(1.0,) * 48,
+)  # fmt: skip
+UMT5_XXL = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The configs that decide memory: transformer, VAE and text encoder."""
+
+    transformer: WanTransformerConfig
+    vae: WanVAEConfig
+    text_encoder: UMT5Config
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> ModelDims:
+        """Read the three ``config.json`` files of a diffusers-layout checkpoint (no weights)."""
+        d = Path(model_dir)
+        return cls(
+            transformer=config_from_dict(WanTransformerConfig, read_config(d / "transformer")),
+            vae=config_from_dict(WanVAEConfig, read_config(d / "vae")),
+            text_encoder=config_from_dict(UMT5Config, read_config(d / "text_encoder")),
+        )
+
+
+TI2V_5B = ModelDims(TI2V_5B_TRANSFORMER, WAN22_VAE, UMT5_XXL)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's resident weights and activation peak, in bytes."""
+
+    name: str
+    weights: int
+    activations: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.activations
+
+
+@dataclass
+class Plan:
+    """The estimate for one request. ``peak`` is the largest stage peak."""
+
+    height: int
+    width: int
+    num_frames: int
+    guidance: bool
+    dtype: mx.Dtype
+    quantize: int | None
+    backend: str
+    budget: int
+    tokens: int
+    attention_chunk: int | None  # queries per chunk; None: fused kernel or unchunked
+    vae_tiling: Tiling | None  # None: untiled decode
+    vae_encode_tiling: Tiling | None  # None: untiled encode
+    stages: list[Stage] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(s.peak for s in self.stages)
+
+    def fits(self, budget: int | None = None) -> bool:
+        """Whether the peak stays within ``budget`` bytes (default: the budget planned for)."""
+        return self.peak <= (self.budget if budget is None else budget)
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def summary(self) -> str:
+        """Human-readable plan, as ``--dry-run`` prints it."""
+        lines = [
+            f"plan: {self.width}x{self.height}, {self.num_frames} frames, {self.tokens} tokens, "
+            f"{'CFG (batch 2)' if self.guidance else 'no CFG'}, {_dtype_name(self.dtype)}"
+            f"{f', {self.quantize}-bit' if self.quantize else ''}, {self.backend}",
+            f"  attention: {'fused kernel / whole' if self.attention_chunk is None else f'{self.attention_chunk} queries per chunk'}",
+            f"  VAE decode: {_tiling_text(self.vae_tiling)}; VAE encode: {_tiling_text(self.vae_encode_tiling)}",
+        ]
+        for s in self.stages:
+            lines.append(
+                f"  {s.name:<12} weights {s.weights / GB:6.2f} GB + activations {s.activations / GB:6.2f} GB"
+                f" = {s.peak / GB:6.2f} GB"
+            )
+        verdict = "fits" if self.fits() else "does NOT fit"
+        lines.append(f"  peak {self.peak / GB:.2f} GB, budget {self.budget / GB:.2f} GB: {verdict}")
+        lines += [f"  to fit: {s}" for s in self.suggestions]
+        return "\n".join(lines)
+
+
+class PlanDoesNotFitError(InvalidInputError):
+    """The request's estimated peak exceeds the memory budget; the message says what would fit."""
+
+
+def check_fits(plan: Plan) -> None:
+    """Raise :class:`PlanDoesNotFitError` (estimate + suggestions) unless ``plan`` fits its budget."""
+    if not plan.fits():
+        hint = "; ".join(plan.suggestions) or "no smaller setting fits either"
+        raise PlanDoesNotFitError(
+            f"estimated peak {plan.peak / GB:.1f} GB exceeds the {plan.budget / GB:.1f} GB memory budget "
+            f"(override with --memory-limit); try: {hint}"
+        )
+
+
+# --- weights ------------------------------------------------------------------------------------------
+
+
+def _tiling_text(tiling: Tiling | None) -> str:
+    return "untiled" if tiling is None else f"tiles {tiling.size} px, stride {tiling.stride} px"
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def module_weight_bytes(
+    module: nn.Module, dtype: mx.Dtype, bits: int | None = None, keep_float32: tuple[str, ...] = ()
+) -> int:
+    """Bytes of ``module``'s parameters once loaded in ``dtype`` (``keep_float32`` regexes stay float32),
+    with Linear/Embedding weights quantized to ``bits`` where their input width allows."""
+    keep = [re.compile(p) for p in keep_float32]
+    quantizable: set[str] = set()
+    if bits is not None:
+        for name, leaf in module.named_modules():
+            if isinstance(leaf, (nn.Linear, nn.Embedding)) and leaf.weight.shape[-1] % GROUP_SIZE == 0:
+                quantizable.add(f"{name}.weight" if name else "weight")
+    total = 0
+    for name, p in tree_flatten(module.parameters()):
+        if any(k.search(name) for k in keep):
+            total += p.size * 4
+        elif name in quantizable:
+            total += p.size * bits // 8 + 2 * (p.size // GROUP_SIZE) * dtype.size
+        else:
+            total += p.size * dtype.size
+    return total
+
+
+@functools.lru_cache(maxsize=16)
+def weight_bytes(dims: ModelDims, dtype: mx.Dtype, quantize: int | None) -> dict[str, int]:
+    """Resident bytes of each component: ``transformer``, ``vae`` and ``text_encoder`` (cached: the
+    suggestions re-plan the same models many times)."""
+    # Built lazily: nothing here is evaluated, so the random initial weights never exist in memory.
+    return {
+        "transformer": module_weight_bytes(WanTransformer3DModel(dims.transformer), dtype, quantize, KEEP_FLOAT32),
+        "vae": module_weight_bytes(AutoencoderKLWan(dims.vae), dtype),
+        "text_encoder": module_weight_bytes(
+            UMT5Encoder(dims.text_encoder), dtype, TEXT_ENCODER_BITS if quantize else None
+        ),
+    }
+
+
+# --- activations --------------------------------------------------------------------------------------
+
+
+def latent_grid(vae: WanVAEConfig, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+    """Latent (frames, height, width) of a video."""
+    s = vae.scale_factor_spatial
+    return 1 + (num_frames - 1) // 4, height // s, width // s
+
+
+def denoise_activations(
+    cfg: WanTransformerConfig, tokens: int, batch: int, dtype: mx.Dtype, fused: bool, budget: int
+) -> tuple[int, int | None]:
+    """Activation peak of one transformer forward and the attention chunk it uses (None: unchunked).
+
+    Terms: hidden-state-sized tensors (float32 islands and compute-dtype ones), the self-attention scores
+    (none with a fused kernel; else one chunk), the text cross-attention scores, FFN intermediate and
+    activation, and a fixed part.
+    """
+    dim, heads = cfg.inner_dim, cfg.num_attention_heads
+    hidden = batch * tokens * dim
+    chunk = None
+    self_scores = 0
+    cross_scores = 0
+    if not fused:
+        rows = query_chunk_size(batch, heads, tokens, tokens, attention_workspace(budget))
+        chunk = rows if rows < tokens else None
+        self_scores = batch * heads * rows * tokens * dtype.size
+        cross_scores = batch * heads * tokens * TEXT_TOKENS * dtype.size
+    ffn = 2 * batch * tokens * cfg.ffn_dim * dtype.size
+    per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size) + max(self_scores, ffn) + cross_scores
+    return per_block + DENOISE_FIXED, chunk
+
+
+def text_activations(cfg: UMT5Config, batch: int, dtype: mx.Dtype) -> int:
+    """UMT5 over ``batch`` prompts of 512 tokens: hidden states, gated FFN, scores and position bias."""
+    n = batch * TEXT_TOKENS
+    inner = cfg.num_heads * cfg.d_kv
+    scores = (batch + 1) * cfg.num_heads * TEXT_TOKENS**2 * 4  # scores + the shared float32 bias
+    return n * (6 * cfg.d_model * 4 + 3 * inner * dtype.size + 3 * cfg.d_ff * dtype.size) + 2 * scores
+
+
+def _vae_cache_bytes(cfg: WanVAEConfig, latent_hw: tuple[int, int], itemsize: int) -> int:
+    """Causal cache of the decoder: two frames of each cached convolution's input."""
+    base = cfg.decoder_base_dim or cfg.base_dim
+    dims = [base * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+    area = latent_hw[0] * latent_hw[1]
+    total = cfg.z_dim + 4 * dims[0]  # conv_in, mid block
+    for i, d in enumerate(dims[1:]):
+        total += 4**i * (2 * (cfg.num_res_blocks + 1) * d + d)  # res blocks, time_conv
+    total += 4 ** (len(dims) - 2) * dims[-1]  # conv_out
+    return 2 * area * total * itemsize
+
+
+def vae_decode_activations(
+    cfg: WanVAEConfig, latent_hw: tuple[int, int], dtype: mx.Dtype, tiling: Tiling | None
+) -> int:
+    """Peak of decoding one latent frame (four video frames), untiled or per tile plus all tiles' caches."""
+    s, p = cfg.scale_factor_spatial, cfg.patch_size or 1
+    h, w = latent_hw
+    if tiling is not None:
+        t = tiling.size // s
+        ny, nx = math.ceil(h / (tiling.stride // s)), math.ceil(w / (tiling.stride // s))
+        tile_hw = (min(t, h), min(t, w))
+        caches = _vae_cache_bytes(cfg, tile_hw, dtype.size) * (ny * nx - 1)
+    else:
+        tile_hw, caches = (h, w), 0
+    pixels = tile_hw[0] * tile_hw[1] * (s // p) ** 2
+    im2col = 4 * pixels * 27 * (cfg.decoder_base_dim or cfg.base_dim) * dtype.size
+    frames_out = 4 * h * w * s * s * 3 * 4  # the yielded chunk, float32 after the pipeline's cast
+    return int(VAE_DECODE_IM2COL_COPIES[cfg.is_residual] * im2col) + caches + frames_out
+
+
+def vae_encode_activations(
+    cfg: WanVAEConfig, height: int, width: int, frames: int, dtype: mx.Dtype, tiling: Tiling | None
+) -> int:
+    """Peak of encoding ``frames`` video frames (chunks of at most four), untiled or per tile (tiles are
+    measured on the patchified video, as in :func:`~mlx_i2v.models.wan_vae_tiling.tiled_encode`). The
+    causal cache of multi-chunk encodes is not modelled: TI2V encodes a single frame."""
+    p = cfg.patch_size or 1
+    h, w = height // p, width // p
+    if tiling is not None:
+        h, w = min(h, tiling.size), min(w, tiling.size)
+    im2col = min(frames, 4) * h * w * 27 * cfg.base_dim * dtype.size
+    return int(VAE_ENCODE_IM2COL_COPIES * im2col)
+
+
+# --- the plan -----------------------------------------------------------------------------------------
+
+
+def plan_generation(
+    dims: ModelDims,
+    *,
+    height: int,
+    width: int,
+    num_frames: int,
+    guidance: bool = True,
+    dtype: mx.Dtype = mx.bfloat16,
+    quantize: int | None = None,
+    backend: str | None = None,
+    budget: int | None = None,
+    encode_frames: int = 1,
+    release_text_encoder: bool = True,
+    suggest: bool = True,
+) -> Plan:
+    """Estimate the peak memory of one generation.
+
+    Args:
+        dims: model configs (:data:`TI2V_5B` or :meth:`ModelDims.from_model_dir`).
+        height, width, num_frames: the (already rounded) request.
+        guidance: classifier-free guidance, which doubles the transformer batch and the prompts.
+        dtype: compute dtype; quantize: transformer bits (the text encoder then uses 8) or None.
+        backend: "metal" (fused attention) or "cpu"; default: this machine's.
+        budget: bytes; default :func:`~mlx_i2v.memory.memory_budget`.
+        encode_frames: video frames the VAE encodes for conditioning (1 for TI2V; the whole clip for
+            Wan2.1 I2V).
+        release_text_encoder: the text encoder is freed before the transformer runs.
+        suggest: fill ``Plan.suggestions`` when the plan does not fit.
+
+    Returns:
+        A :class:`Plan` with stages "text", "vae_encode", "denoise" and "vae_decode", the attention chunk
+        and the VAE decode/encode tilings (each the largest of :data:`TILINGS` that fits when the untiled
+        pass does not).
+    """
+    if backend is None:
+        backend = "metal" if mx.metal.is_available() else "cpu"
+    if backend not in ("metal", "cpu"):
+        raise InvalidInputError(f"backend must be 'metal' or 'cpu', got {backend!r}")
+    budget = memory_budget() if budget is None else budget
+    batch = 2 if guidance else 1
+    weights = weight_bytes(dims, dtype, quantize)
+    text_resident = 0 if release_text_encoder else weights["text_encoder"]
+    resident = weights["transformer"] + weights["vae"] + text_resident
+
+    frames_lat, h_lat, w_lat = latent_grid(dims.vae, height, width, num_frames)
+    pt, ph, pw = dims.transformer.patch_size
+    tokens = (frames_lat // pt) * (h_lat // ph) * (w_lat // pw)
+    # The steel kernel serves head dims 64/80/128 (every Wan transformer has 128).
+    fused = backend == "metal" and dims.transformer.attention_head_dim in (64, 80, 128)
+    denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget)
+
+    tiling = None
+    decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, None)
+    if resident + decode > budget:
+        for candidate in TILINGS:
+            tiling = candidate
+            decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, candidate)
+            if resident + decode <= budget:
+                break
+
+    encode_tiling = None
+    encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, None)
+    if resident + encode > budget:
+        for candidate in TILINGS:
+            encode_tiling = candidate
+            encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, candidate)
+            if resident + encode <= budget:
+                break
+
+    stages = [
+        Stage("text", weights["text_encoder"], text_activations(dims.text_encoder, batch, dtype)),
+        Stage("vae_encode", resident, encode),
+        Stage("denoise", resident, denoise),
+        Stage("vae_decode", resident, decode),
+    ]
+    plan = Plan(
+        height, width, num_frames, guidance, dtype, quantize, backend, budget, tokens, chunk, tiling,
+        encode_tiling, stages,
+    )  # fmt: skip
+    if suggest and not plan.fits():
+        plan.suggestions = _suggestions(dims, plan, encode_frames, release_text_encoder)
+    log.info("planned peak %.2f GB (budget %.2f GB)", plan.peak / GB, budget / GB)
+    return plan
+
+
+def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, release_text_encoder: bool) -> list[str]:
+    """Single changes that make ``plan`` fit: 4-bit weights, fewer frames, a smaller frame."""
+
+    def replan(**changes: object) -> Plan:
+        args = dict(
+            height=plan.height, width=plan.width, num_frames=plan.num_frames, guidance=plan.guidance,
+            dtype=plan.dtype, quantize=plan.quantize, backend=plan.backend, budget=plan.budget,
+            encode_frames=encode_frames, release_text_encoder=release_text_encoder, suggest=False,
+        )  # fmt: skip
+        args.update(changes)
+        return plan_generation(dims, **args)  # type: ignore[arg-type]
+
+    out = []
+    if plan.quantize != 4 and replan(quantize=4).fits():
+        out.append("--quantize 4")
+    for frames in range(plan.num_frames - 4, 0, -4):
+        if replan(num_frames=frames, encode_frames=min(encode_frames, frames)).fits():
+            out.append(f"--num-frames {frames}")
+            break
+    multiple = 32
+    for scale in (0.875, 0.75, 0.625, 0.5, 0.375, 0.25):
+        h = max(multiple, int(plan.height * scale) // multiple * multiple)
+        w = max(multiple, int(plan.width * scale) // multiple * multiple)
+        if replan(height=h, width=w).fits():
+            out.append(f"--width {w} --height {h}")
+            break
+    return out

@@ -1,0 +1,233 @@
+"""Memory policy: the budget, chunked attention, tiled VAE (against diffusers) and the planner's estimates
+against peaks measured with ``mx.get_peak_memory`` (CPU, float32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mlx.core as mx
+from mlx_i2v import planner
+from mlx_i2v.errors import InvalidInputError
+from mlx_i2v.memory import ENV_VAR, GB, memory_budget, set_memory_limit
+from mlx_i2v.models import attention as attn
+from mlx_i2v.models.wan_transformer import WanTransformer3DModel, WanTransformerConfig
+from mlx_i2v.models.wan_vae import load_wan_vae
+from mlx_i2v.models.wan_vae_tiling import Tiling, tiled_decode, tiled_encode
+from ref_vae import build_tiny_vae
+
+PLANNER_TOL = 0.15
+
+
+@pytest.fixture(autouse=True)
+def no_override(monkeypatch):
+    """Every test starts from the device budget and leaves no override behind."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    set_memory_limit(None)
+    yield
+    set_memory_limit(None)
+
+
+def measure_peak(fn) -> tuple[int, object]:
+    """Peak bytes of all MLX allocations while ``fn()`` runs and is evaluated."""
+    mx.synchronize()
+    mx.reset_peak_memory()
+    out = fn()
+    mx.eval(out)
+    mx.synchronize()
+    return mx.get_peak_memory(), out
+
+
+def rel_err(a: mx.array, b: mx.array) -> float:
+    a, b = np.array(a), np.array(b)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# --- budget -------------------------------------------------------------------------------------------
+
+
+def test_budget_from_device_env_and_override(monkeypatch):
+    device = memory_budget()
+    assert device > 10**8
+    monkeypatch.setenv(ENV_VAR, "3.5")
+    assert memory_budget() == int(3.5 * GB)
+    set_memory_limit(2)  # the CLI flag wins over the environment
+    assert memory_budget() == 2 * GB
+    set_memory_limit(None)
+    assert memory_budget() == int(3.5 * GB)
+    monkeypatch.setenv(ENV_VAR, "lots")
+    with pytest.raises(InvalidInputError, match=ENV_VAR):
+        memory_budget()
+    with pytest.raises(InvalidInputError):
+        set_memory_limit(-1)
+
+
+# --- attention ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, mask_shape",
+    [
+        ((2, 3, 100, 200, 16), None),
+        ((1, 4, 257, 257, 32), None),  # 257 does not divide into the chunks
+        ((2, 4, 130, 130, 64), (2, 4, 130, 130)),  # UMT5's bias: per batch and head
+        ((2, 4, 130, 130, 64), (1, 4, 130, 130)),  # shared over the batch
+        ((2, 4, 130, 90, 64), (2, 1, 1, 90)),  # key padding, broadcast over queries
+    ],
+)
+def test_chunked_attention_equals_unchunked(shape, mask_shape):
+    B, H, Lq, Lk, D = shape
+    keys = mx.random.split(mx.random.key(Lq + Lk), 4)
+    q = mx.random.normal((B, H, Lq, D), key=keys[0])
+    k = mx.random.normal((B, H, Lk, D), key=keys[1])
+    v = mx.random.normal((B, H, Lk, D), key=keys[2])
+    mask = None if mask_shape is None else mx.random.normal(mask_shape, key=keys[3])
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask=mask)
+    # A budget so small that every chunk holds a few queries, leaving a ragged last chunk.
+    set_memory_limit(B * H * Lk * attn.SCORE_BYTES * 7 / attn.ATTENTION_FRACTION / GB)
+    chunk = attn.query_chunk_size(B, H, Lq, Lk, attn.attention_workspace())
+    assert chunk == 7 and Lq % chunk
+    assert rel_err(attn.attention(q, k, v, mask=mask), expected) < 1e-5
+
+
+def test_chunk_size_respects_the_workspace():
+    B, H, L = 2, 24, 27280
+    for workspace in (10**6, 10**8, 2 * 10**9):
+        chunk = attn.query_chunk_size(B, H, L, L, workspace)
+        per_query = B * H * L * attn.SCORE_BYTES
+        assert chunk * per_query <= workspace < (chunk + 1) * per_query or chunk == 1
+    assert attn.query_chunk_size(B, H, L, L, 1) == 1  # always progresses
+    assert attn.query_chunk_size(1, 1, 10, 10, 10**12) == 10  # never more than the queries
+    assert attn.attention_workspace(8 * GB) == int(8 * GB * attn.ATTENTION_FRACTION)
+
+
+def test_chunked_attention_peak_is_much_lower():
+    L, H, D = 4096, 4, 64
+    keys = mx.random.split(mx.random.key(0), 3)
+    q, k, v = (mx.random.normal((1, H, L, D), key=kk) for kk in keys)
+    mx.eval(q, k, v)
+    base = mx.get_active_memory()
+    whole, expected = measure_peak(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5))
+    scores = H * L * L * 4
+    assert whole - base > scores  # the CPU fallback materialises every score
+    set_memory_limit(scores / 8 / GB / attn.ATTENTION_FRACTION)  # a workspace of 1/8 of the scores
+    chunked, out = measure_peak(lambda: attn.attention(q, k, v))
+    assert chunked - base < (whole - base) / 3
+    assert rel_err(out, expected) < 1e-5
+
+
+# --- tiled VAE ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["2.1", "2.2"])
+def tiny_vaes(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"vae{request.param}")
+    ref = build_tiny_vae(path, request.param)
+    return ref, load_wan_vae(path, mx.float32)
+
+
+TEST_TILING = Tiling(size=64, stride=48)  # small tiles, so a small video still has a 2x3 grid
+
+
+def test_tiled_decode_matches_diffusers(tiny_vaes):
+    ref, ours = tiny_vaes
+    s = ref.config.scale_factor_spatial
+    ref.enable_tiling(TEST_TILING.size, TEST_TILING.size, TEST_TILING.stride, TEST_TILING.stride)
+    torch.manual_seed(0)
+    z = torch.randn(1, ref.config.z_dim, 2, 96 // s, 128 // s)
+    with torch.no_grad():
+        expected = ref.decode(z).sample.permute(0, 2, 3, 4, 1).numpy()
+    z_mlx = mx.array(z.permute(0, 2, 3, 4, 1).numpy())
+    video = tiled_decode(ours, z_mlx, TEST_TILING)
+    assert video.shape == expected.shape == (1, 5, 96, 128, 3)
+    assert rel_err(video, mx.array(expected)) < 1e-4
+    # Tiles see zero padding instead of their neighbours: the seams differ from the untiled decode.
+    assert rel_err(video, ours.decode(z_mlx)) > 1e-3
+
+
+def test_tiled_encode_matches_diffusers(tiny_vaes):
+    ref, ours = tiny_vaes
+    ref.enable_tiling(TEST_TILING.size, TEST_TILING.size, TEST_TILING.stride, TEST_TILING.stride)
+    torch.manual_seed(1)
+    video = torch.rand(1, 3, 5, 96, 128) * 2 - 1
+    with torch.no_grad():
+        dist = ref.encode(video).latent_dist
+    mean, logvar = tiled_encode(ours, mx.array(video.permute(0, 2, 3, 4, 1).numpy()), TEST_TILING)
+    assert rel_err(mean, mx.array(dist.mean.permute(0, 2, 3, 4, 1).numpy())) < 1e-4
+    assert rel_err(logvar, mx.array(dist.logvar.permute(0, 2, 3, 4, 1).numpy())) < 1e-4
+
+
+# --- planner ------------------------------------------------------------------------------------------
+
+
+def test_planner_matches_measured_denoise_peak():
+    """One block at TI2V-5B widths, CFG batch, 384 tokens: weights + activations within 15 %."""
+    cfg = WanTransformerConfig(
+        num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48, ffn_dim=14336,
+        num_layers=1,
+    )  # fmt: skip
+    model = WanTransformer3DModel(cfg)
+    mx.eval(model.parameters())
+    context = model.embed_context(mx.random.normal((2, 512, 4096), key=mx.random.key(0)))
+    latents = mx.random.normal((2, 3, 16, 32, 48), key=mx.random.key(1))
+    tokens = 3 * 8 * 16
+    timestep = np.full((2, tokens), 700.0, np.float32)
+    timestep[:, : tokens // 3] = 0  # TI2V: the conditioning frame's tokens are clean
+    mx.eval(context, latents)
+    measured, _ = measure_peak(lambda: model(latents, timestep, context=context))
+
+    weights = planner.module_weight_bytes(WanTransformer3DModel(cfg), mx.float32)
+    activations, chunk = planner.denoise_activations(cfg, tokens, 2, mx.float32, False, memory_budget())
+    assert chunk is None
+    estimate = weights + activations
+    assert abs(estimate - measured) / measured < PLANNER_TOL, (estimate, measured)
+
+
+def test_planner_matches_measured_vae_decode_peak(tiny_vaes):
+    _, ours = tiny_vaes
+    cfg = ours.config
+    s = cfg.scale_factor_spatial
+    z = mx.random.normal((1, 3, 192 // s, 320 // s, cfg.z_dim), key=mx.random.key(2))
+    mx.eval(z)
+
+    def decode():
+        for chunk in ours.decode_frames(z):
+            mx.eval(chunk.astype(mx.float32))
+        return z
+
+    measured, _ = measure_peak(decode)
+    weights = planner.module_weight_bytes(ours, mx.float32)
+    estimate = weights + planner.vae_decode_activations(cfg, z.shape[2:4], mx.float32, None)
+    assert abs(estimate - measured) / measured < PLANNER_TOL, (estimate, measured)
+
+
+def test_ti2v_5b_4bit_720p_121_frames_plans_within_16gb():
+    plan = planner.plan_generation(
+        planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.bfloat16, quantize=4,
+        backend="metal", budget=16 * GB,
+    )  # fmt: skip
+    assert plan.tokens == 27280
+    assert plan.peak <= 16 * GB and plan.fits()
+    # Weights alone: 4-bit DiT (~2.8 GB) + bf16 VAE (~1.4 GB); 8-bit UMT5 (~6 GB) only while encoding text.
+    assert 2.6 * GB < plan.stage("denoise").weights - planner.weight_bytes(planner.TI2V_5B, mx.bfloat16, None)["vae"] < 3.2 * GB
+    assert 5.5 * GB < plan.stage("text").weights < 6.5 * GB
+    planner.check_fits(plan)
+    assert "denoise" in plan.summary()
+
+
+def test_plan_that_does_not_fit_says_what_would():
+    plan = planner.plan_generation(
+        planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.bfloat16, backend="metal",
+        budget=16 * GB,
+    )  # fmt: skip
+    assert not plan.fits()
+    assert "--quantize 4" in plan.suggestions
+    with pytest.raises(planner.PlanDoesNotFitError, match=r"exceeds the 16\.0 GB.*--quantize 4"):
+        planner.check_fits(plan)
+    # On the CPU attention is chunked to the budget, and the planner knows the chunk.
+    cpu = planner.plan_generation(
+        planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.float32, quantize=4,
+        backend="cpu", budget=16 * GB,
+    )  # fmt: skip
+    assert cpu.attention_chunk == attn.query_chunk_size(2, 24, 27280, 27280, attn.attention_workspace(16 * GB))
