@@ -203,10 +203,12 @@ class WanPipeline:
         for i, t in enumerate(timesteps):
             index = self.experts.index_for(t)
             model = self.experts.get(index)
-            if index not in contexts:  # text/image tokens are embedded once per expert, not per step
-                contexts[index] = model.embed_context(
+            if index not in contexts:  # the context and its cross-attention K/V: once per expert, not per step
+                context = model.embed_context(
                     text.astype(self.dtype), None if image_tokens is None else image_tokens.astype(self.dtype)
                 )
+                contexts[index] = model.cross_attention_cache(context)
+                mx.eval(contexts[index])
             x, timestep = conditioning.model_input(latents, state, float(t))
             x = mx.broadcast_to(x, (batch, *x.shape[1:])).astype(self.dtype)
             timestep = mx.broadcast_to(timestep, (batch, *timestep.shape[1:]))

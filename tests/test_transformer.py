@@ -99,6 +99,10 @@ def test_i2v_image_branch(tiny):
     assert rel_err(got, want) < TOL
     # the image branch matters: dropping the image changes the output
     assert rel_err(model(latents_to_mx(x), to_mx(t), to_mx(text)), want) > 1e-2
+    # cross-attention K/V (text and image branch) precomputed once per generation give the same result
+    cache = model.cross_attention_cache(model.embed_context(to_mx(text), to_mx(image)))
+    assert len(cache) == len(model.blocks) and cache[0].image is not None
+    assert mx.allclose(model(latents_to_mx(x), to_mx(t), context=cache), got, rtol=1e-6, atol=1e-6).item()
 
 
 def test_flf2v_pos_embed(tiny):
