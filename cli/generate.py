@@ -34,13 +34,20 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
               help="Playback rate of the output (default: the model's).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype (default: bfloat16 on a GPU, float32 on the CPU).")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
+              help="Quantize the transformer to 4 or 8 bits on load (the text encoder to 8).")
+@click.option("--memory-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Memory budget in GB (default: what the device recommends; env MLX_I2V_MEMORY_LIMIT).")
+@click.option("--dry-run", is_flag=True, help="Print the settings and the memory plan, then stop.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output .mp4, .gif or a folder name for PNG frames (default: IMAGE's name with .mp4).")
 def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, height, width,
              num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, seed, fps, dtype,
-             output) -> None:
+             quantize, memory_limit, dry_run, output) -> None:
     """Generate a video that starts from IMAGE."""
     from mlx_i2v import load_pipeline
+    from mlx_i2v.memory import set_memory_limit
+    from mlx_i2v.planner import check_fits
 
     output = output or _default_output(image)
     if output.suffix.lower() not in FORMATS:
@@ -50,13 +57,24 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
     last_photo = load_image(last_image) if last_image is not None else None
     ensure_writable(output)
 
-    pipe = load_pipeline(model, dtype=dtype)
+    if memory_limit is not None:
+        set_memory_limit(memory_limit)
+    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None)
+    arguments = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                     guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed)
+    settings = pipe.resolve_settings(photo, last_image=last_photo, **arguments)
+    use_cfg = settings.guidance_scale > 1 or (settings.guidance_scale_2 or 0) > 1
+    plan = pipe.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames, guidance=use_cfg)
+    if dry_run:
+        click.echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
+                   f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}")
+        click.echo(plan.summary())
+        return
+    check_fits(plan)
     progress = _Progress()
     try:
-        video = pipe(photo, prompt, negative_prompt=negative_prompt, height=height, width=width,
-                     num_frames=num_frames, num_inference_steps=num_inference_steps,
-                     guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, flow_shift=flow_shift,
-                     seed=seed, last_image=last_photo, on_step=progress)
+        video = pipe(photo, prompt, last_image=last_photo, on_step=progress, **arguments)
     finally:
         progress.close()
     if fps is not None:

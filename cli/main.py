@@ -10,6 +10,7 @@ import click
 from mlx_i2v import __version__
 from mlx_i2v.errors import MlxI2VError
 
+from .bench import bench
 from .generate import generate
 
 
@@ -49,6 +50,7 @@ def main(verbose: bool) -> None:
 
 
 main.add_command(generate)
+main.add_command(bench)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-import mlx.core as mx
-
 from .models.wan_transformer import WanTransformer3DModel
+from .resident import free_memory
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +22,13 @@ class Experts:
     expert 0, the rest to expert 1, as diffusers' ``WanImageToVideoPipeline`` does. Unless
     ``keep_resident``, at most one expert is in memory: the other is released before the next is loaded,
     which halves A14B's weight memory (26.6 GiB instead of 53 in bf16) at the cost of one load per switch.
+    ``keep_between_calls`` keeps the last expert loaded after a generation instead of releasing it.
     """
 
     loaders: list[Loader]
     boundary: float | None = None
     keep_resident: bool = False
+    keep_between_calls: bool = False
     _resident: dict[int, WanTransformer3DModel] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,5 +56,9 @@ class Experts:
         """Drop every resident expert and return its memory to the system."""
         if self._resident:
             self._resident.clear()
-            gc.collect()
-            mx.clear_cache()
+            free_memory()
+
+    def done(self) -> None:
+        """The denoising stage is over: release the experts unless they are kept between calls."""
+        if not self.keep_between_calls:
+            self.release()

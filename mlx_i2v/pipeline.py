@@ -16,6 +16,9 @@ from PIL import Image
 from .conditioning import ConditionState
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
+from .models.wan_vae_tiling import Tiling, tiled_decode_frames
+from .planner import ModelDims, Plan, check_fits, plan_generation
+from .resident import Resident
 from .image import ImageInput, fit_to_frame, load_image, to_model_range
 from .models.clip import CLIPVisionTower, load_clip_vision
 from .models.clip_preprocess import CLIPImageProcessor
@@ -28,7 +31,7 @@ from .schedulers import Scheduler, load_scheduler, scheduler_by_name
 from .quantize import Quantization, QuantizationConfig
 from .variants import Variant, load_variant
 from .video import Video
-from .weights import read_config
+from .weights import check_safetensors, read_config
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +71,47 @@ class ImageEncoder:
 
 @dataclass
 class WanPipeline:
-    """Photo + prompt -> :class:`Video`. Build it with :func:`load_pipeline`."""
+    """Photo + prompt -> :class:`Video`. Build it with :func:`load_pipeline`.
+
+    Components are loaded when their stage starts and released when it ends (text encoder, CLIP, VAE,
+    transformer experts), so only one large model is in memory at a time; ``keep_resident`` keeps them.
+    """
 
     variant: Variant
     model_name: str
+    dims: ModelDims
     dtype: mx.Dtype
+    quantize_bits: int | None
     tokenizer: UMT5Tokenizer
-    text_encoder: UMT5Encoder
+    text_encoder: Resident[UMT5Encoder]
     experts: Experts
-    vae: AutoencoderKLWan
+    vae: Resident[AutoencoderKLWan]
     make_scheduler: Callable[[], Scheduler]
-    image_encoder: ImageEncoder | None = None
+    image_encoder: Resident[ImageEncoder] | None = None
+
+    def plan(
+        self, *, height: int, width: int, num_frames: int, guidance: bool = True, budget: int | None = None
+    ) -> Plan:
+        """Estimate this pipeline's peak memory for a request, before anything is loaded (see
+        :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid."""
+        return plan_generation(
+            self.dims,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            guidance=guidance,
+            dtype=self.dtype,
+            quantize=self.quantize_bits,
+            budget=budget,
+            encode_frames=num_frames if self.variant.conditioning.requires_image else 1,
+            release_text_encoder=not self.text_encoder.keep,
+        )
+
+    def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:
+        """The settings a call with these arguments would use (defaults filled in, sizes rounded),
+        without loading or generating anything. Accepts the keyword arguments of ``__call__``."""
+        photos = self._photos(image, kwargs.pop("last_image", None))
+        return self._settings(photos, **kwargs)
 
     def __call__(
         self,
@@ -122,35 +155,40 @@ class WanPipeline:
             raise InvalidInputError("prompt must be a string")
         photos = self._photos(image, last_image)
         settings = self._settings(
-            photos, negative_prompt, height, width, num_frames, num_inference_steps,
-            guidance_scale, guidance_scale_2, flow_shift, seed,
+            photos, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed,
         )  # fmt: skip
+        use_cfg = settings.guidance_scale > 1.0 or (settings.guidance_scale_2 or 0.0) > 1.0
+        plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames, guidance=use_cfg)
+        check_fits(plan)  # stop before loading anything rather than run out of memory halfway
+        noise = self._initial_noise(self._latent_shape(settings), settings.seed, latents)
         timings: dict[str, float] = {}
         mx.reset_peak_memory()
 
         tic = time.perf_counter()
-        use_cfg = settings.guidance_scale > 1.0 or (settings.guidance_scale_2 or 0.0) > 1.0
         text = self.encode_text([prompt, settings.negative_prompt] if use_cfg else [prompt])
         image_tokens = self.encode_image_tokens(photos, batch=text.shape[0])
         timings["text"] = time.perf_counter() - tic
-
-        latent_shape = self._latent_shape(settings)
-        noise = self._initial_noise(latent_shape, settings.seed, latents)
 
         tic = time.perf_counter()
         state: ConditionState | None = None
         if photos:
             frames = [to_model_range(fit_to_frame(p, settings.width, settings.height)) for p in photos]
-            state = self.variant.conditioning.prepare(self.vae, frames, settings.num_frames, latent_shape)
+            state = self.variant.conditioning.prepare(self.vae.get(), frames, settings.num_frames, noise.shape)
             mx.eval(state.latent)
+            self.vae.release()
         timings["image"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        final = self._denoise(noise, state, text, image_tokens, settings, use_cfg, on_step)
+        try:
+            final = self._denoise(noise, state, text, image_tokens, settings, use_cfg, on_step)
+        finally:
+            self.experts.done()
         timings["denoise"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        video = self.decode(final)
+        video = self.decode(final, tiling=plan.vae_tiling)
         timings["decode"] = time.perf_counter() - tic
 
         metadata = {
@@ -169,8 +207,9 @@ class WanPipeline:
     def encode_text(self, prompts: list[str]) -> mx.array:
         """Prompts -> (len(prompts), 512, text_dim) embeddings, cut to their length and zero-padded."""
         ids, mask = self.tokenizer(prompts, max_length=TEXT_TOKENS)
-        embeds = encode_prompts(self.text_encoder, mx.array(ids), mx.array(mask), max_length=TEXT_TOKENS)
+        embeds = encode_prompts(self.text_encoder.get(), mx.array(ids), mx.array(mask), max_length=TEXT_TOKENS)
         mx.eval(embeds)
+        self.text_encoder.release()
         return embeds
 
     def encode_image_tokens(self, photos: list[Image.Image], batch: int) -> mx.array | None:
@@ -178,9 +217,10 @@ class WanPipeline:
         (batch * len(photos), 257, 1280), each row's photos adjacent (what FLF2V's position table expects)."""
         if self.image_encoder is None:
             return None
-        tokens = self.image_encoder(photos)  # the photos as given, not fitted to the frame: as diffusers
+        tokens = self.image_encoder.get()(photos)  # the photos as given, not fitted to the frame: as diffusers
         tokens = mx.concatenate([tokens] * batch, axis=0)
         mx.eval(tokens)
+        self.image_encoder.release()
         return tokens
 
     def _denoise(
@@ -221,15 +261,19 @@ class WanPipeline:
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
         return conditioning.finalize(latents, state)
 
-    def decode(self, latents: mx.array) -> np.ndarray:
+    def decode(self, latents: mx.array, tiling: Tiling | None = None) -> np.ndarray:
         """Normalised latents (1, T, h, w, C) -> frames (4T-3, H, W, 3) float32 in [0, 1], streamed one
-        latent frame at a time so memory does not grow with the clip length."""
-        z = self.vae.denormalize_latents(latents.astype(mx.float32))
+        latent frame at a time so memory does not grow with the clip length; spatially tiled when
+        ``tiling`` is given (the plan asks for it when one frame does not fit the memory budget)."""
+        vae = self.vae.get()
+        z = vae.denormalize_latents(latents.astype(mx.float32))
+        stream = tiled_decode_frames(vae, z, tiling) if tiling is not None else vae.decode_frames(z)
         chunks = []
-        for chunk in self.vae.decode_frames(z):
+        for chunk in stream:
             chunk = mx.clip(chunk.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(chunk)
             chunks.append(np.array(chunk[0]))
+        self.vae.release()
         return np.concatenate(chunks, axis=0)
 
     # --- inputs and settings ------------------------------------------------------------------------
@@ -249,8 +293,20 @@ class WanPipeline:
         return [load_image(image)] + ([load_image(last_image)] if last_image is not None else [])
 
     def _settings(
-        self, photos, negative_prompt, height, width, num_frames, steps, guidance, guidance_2, shift, seed
+        self,
+        photos: list[Image.Image],
+        *,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
+        flow_shift: float | None = None,
+        seed: int | None = None,
     ) -> Settings:
+        steps, guidance, guidance_2, shift = num_inference_steps, guidance_scale, guidance_scale_2, flow_shift
         d = self.variant.defaults
         steps = d.num_inference_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -299,9 +355,9 @@ class WanPipeline:
         return rounded
 
     def _latent_shape(self, s: Settings) -> tuple[int, int, int, int, int]:
-        stride = self.vae.config.scale_factor_spatial
+        stride = self.dims.vae.scale_factor_spatial
         frames = (s.num_frames - 1) // TEMPORAL_STRIDE + 1
-        return (1, frames, s.height // stride, s.width // stride, self.vae.config.z_dim)
+        return (1, frames, s.height // stride, s.width // stride, self.dims.vae.z_dim)
 
     @staticmethod
     def _initial_noise(shape: tuple[int, ...], seed: int, latents: np.ndarray | None) -> mx.array:
@@ -331,9 +387,13 @@ def load_pipeline(
     dtype: str | None = None,
     quantize: int | QuantizationConfig | None = None,
     scheduler: str | None = None,
+    keep_resident: bool = False,
     keep_experts_resident: bool = False,
 ) -> WanPipeline:
     """Load a Wan image-to-video pipeline.
+
+    Nothing large is read yet: the configs are parsed and every weight file is checked to be complete;
+    each model is loaded when its stage of a generation starts.
 
     Args:
         model: a local model directory, in diffusers layout (model_index.json + component folders) or
@@ -344,8 +404,10 @@ def load_pipeline(
             :class:`~mlx_i2v.quantize.QuantizationConfig`. A directory already quantized loads as it is;
             asking it for other bits is an error.
         scheduler: "unipc" or "euler" to override the checkpoint's ``scheduler_config.json``.
+        keep_resident: keep every model loaded between stages and generations (faster repeated runs on
+            machines with memory to spare); by default each is released when its stage ends.
         keep_experts_resident: Wan2.2-A14B only: keep both experts in memory instead of swapping them at
-            the boundary (faster on machines with memory to spare).
+            the boundary.
     """
     from .cache import cached_conversion
     from .hub import is_hub_id, resolve_model
@@ -356,7 +418,13 @@ def load_pipeline(
     if is_hub_id(model):
         model_dir = cached_conversion(str(model), model_dir, dtype_name(compute_dtype), quantization)
     variant = load_variant(model_dir, str(model))
-    log.info("loading %s from %s (%s)", variant.name, model_dir, dtype_name(compute_dtype))
+    log.info("using %s from %s (%s)", variant.name, model_dir, dtype_name(compute_dtype))
+
+    components = ["text_encoder", "vae", "transformer"] + ["transformer_2"] * variant.two_experts
+    components += ["image_encoder"] * variant.uses_clip
+    for name in components:
+        read_config(model_dir / name)
+        check_safetensors(model_dir / name)
 
     base_scheduler = load_scheduler(model_dir)
     if scheduler is not None:
@@ -368,28 +436,38 @@ def load_pipeline(
         return scheduler_by_name(scheduler, base_scheduler.shift, base_scheduler.num_train_timesteps)
 
     transformer_q = quantization.transformer if quantization is not None else None
-    experts = _experts(model_dir, variant, compute_dtype, transformer_q, base_scheduler, keep_experts_resident)
-    experts.get(0)  # load (and so validate) the first transformer now
+    text_q = quantization.text_encoder if quantization is not None else None
     image_encoder = None
     if variant.uses_clip:
-        image_encoder = ImageEncoder(
-            CLIPImageProcessor.from_folder(model_dir / "image_processor"),
-            load_clip_vision(model_dir / "image_encoder", compute_dtype),
+        processor = CLIPImageProcessor.from_folder(model_dir / "image_processor")
+        image_encoder = Resident(
+            "image_encoder",
+            lambda: ImageEncoder(processor, load_clip_vision(model_dir / "image_encoder", compute_dtype)),
+            keep_resident,
         )
     return WanPipeline(
         variant=variant,
         model_name=str(model),
+        dims=ModelDims.from_model_dir(model_dir),
         dtype=compute_dtype,
+        quantize_bits=_quantized_bits(model_dir, quantization),
         tokenizer=UMT5Tokenizer.from_folder(model_dir / "tokenizer"),
-        text_encoder=load_umt5(
-            model_dir / "text_encoder", compute_dtype,
-            quantize=quantization.text_encoder if quantization is not None else None,
-        ),  # fmt: skip
-        experts=experts,
-        vae=load_wan_vae(model_dir / "vae", compute_dtype),
+        text_encoder=Resident(
+            "text_encoder", lambda: load_umt5(model_dir / "text_encoder", compute_dtype, quantize=text_q), keep_resident
+        ),
+        experts=_experts(model_dir, variant, compute_dtype, transformer_q, base_scheduler, keep_resident,
+                         keep_experts_resident),  # fmt: skip
+        vae=Resident("vae", lambda: load_wan_vae(model_dir / "vae", compute_dtype), keep_resident),
         make_scheduler=make_scheduler,
         image_encoder=image_encoder,
     )
+
+
+def _quantized_bits(model_dir: Path, requested: QuantizationConfig | None) -> int | None:
+    """The transformer's bits for planning: as stored in a converted directory, else as requested
+    (a mismatch between the two is reported when the transformer loads)."""
+    stored = read_config(model_dir / "transformer").get("quantization")
+    return stored.get("bits") if isinstance(stored, dict) else (requested.bits if requested else None)
 
 
 def _experts(
@@ -398,6 +476,7 @@ def _experts(
     dtype: mx.Dtype,
     quantize: Quantization | None,
     scheduler: Scheduler,
+    keep_between_calls: bool,
     keep_resident: bool,
 ) -> Experts:
     folders = [model_dir / "transformer"]
@@ -405,9 +484,9 @@ def _experts(
     if variant.two_experts:
         folders.append(model_dir / "transformer_2")
         boundary = read_config(model_dir, "model_index.json")["boundary_ratio"] * scheduler.num_train_timesteps
-        read_config(folders[1])  # a missing second expert should fail at load time, not at the boundary
     return Experts(
         loaders=[lambda f=f: load_wan_transformer(f, dtype, quantize=quantize) for f in folders],
         boundary=boundary,
         keep_resident=keep_resident,
+        keep_between_calls=keep_between_calls,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
@@ -160,14 +161,7 @@ def load_strict(
 # --- reading checkpoints ----------------------------------------------------------------------------
 
 
-def read_safetensors(folder: str | Path, *, what: str | None = None) -> dict[str, mx.array]:
-    """Read every tensor of a component folder: a sharded checkpoint through its
-    ``*.safetensors.index.json``, otherwise all ``*.safetensors`` files in it.
-
-    Truncated or unreadable files raise :class:`WeightLoadError` naming the file.
-    """
-    folder = Path(folder)
-    what = what or folder.name
+def _safetensors_files(folder: Path, what: str) -> list[Path]:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         try:
@@ -179,10 +173,40 @@ def read_safetensors(folder: str | Path, *, what: str | None = None) -> dict[str
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WeightLoadError(f"{what}: no .safetensors weights in {folder}")
-    tensors: dict[str, mx.array] = {}
     for f in files:
         if not f.is_file():
             raise WeightLoadError(f"{what}: shard {f.name} listed in the index is missing")
+    return files
+
+
+def check_safetensors(folder: str | Path, *, what: str | None = None) -> None:
+    """Cheaply check that a component's weights are all there: every file exists and is as long as its
+    header says (a truncated download fails here, at load time, instead of mid-generation). Reads only
+    the headers."""
+    folder = Path(folder)
+    what = what or folder.name
+    for f in _safetensors_files(folder, what):
+        try:
+            with open(f, "rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            raise WeightLoadError(f"{what}: cannot read {f.name} (truncated or corrupt?): {e}") from None
+        if f.stat().st_size < 8 + header_len + end:
+            raise WeightLoadError(f"{what}: {f.name} is truncated ({f.stat().st_size} of {8 + header_len + end} bytes)")
+
+
+def read_safetensors(folder: str | Path, *, what: str | None = None) -> dict[str, mx.array]:
+    """Read every tensor of a component folder: a sharded checkpoint through its
+    ``*.safetensors.index.json``, otherwise all ``*.safetensors`` files in it.
+
+    Truncated or unreadable files raise :class:`WeightLoadError` naming the file.
+    """
+    folder = Path(folder)
+    what = what or folder.name
+    tensors: dict[str, mx.array] = {}
+    for f in _safetensors_files(folder, what):
         try:
             tensors.update(mx.load(str(f)))
         except Exception as e:  # mlx raises RuntimeError/ValueError with a C++ message

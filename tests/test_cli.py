@@ -77,7 +77,7 @@ BAD_INPUTS = {
     ),
     "truncated weights": (
         lambda d, m, p: ["generate", str(p), "--model", str(_broken_model(m, d / "m", _truncate))],
-        "truncated or corrupt",
+        "truncated",
     ),
     "mis-shaped weights": (
         lambda d, m, p: ["generate", str(p), "--model", str(_broken_model(m, d / "m", _misshape))],
@@ -132,3 +132,17 @@ def test_generate_first_last_frame_and_two_experts(tiny_i2v_dirs, photo, tmp_pat
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_i2v_dirs["flf2v"]), *GOOD,
                   "--output", str(tmp_path / "no-last.mp4"), cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip() == "error: wan2.1-flf2v-14b-720p needs a last image (--last-image)"
+
+
+def test_dry_run_prints_the_plan_and_a_request_too_big_stops_before_loading(tiny_ti2v_dir, photo, tmp_path):
+    out = tmp_path / "never.mp4"
+    result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_ti2v_dir), *GOOD, "--dry-run",
+                  "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "96x64, 5 frames, 2 steps" in result.stdout and "peak" in result.stdout and "fits" in result.stdout
+    assert not out.exists()
+    result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_ti2v_dir), *GOOD, "--memory-limit", "0.001",
+                  "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 1 and not out.exists()
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line and "GB" in line

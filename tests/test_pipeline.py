@@ -109,3 +109,34 @@ def test_bad_arguments(ti2v, kwargs, message):
 
     with pytest.raises(InvalidInputError, match=message):
         ti2v(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=FRAMES, **kwargs)
+
+
+def test_each_model_is_loaded_only_for_its_stage(tiny_ti2v_dir):
+    pipe = load_pipeline(tiny_ti2v_dir, dtype="float32")
+    assert not pipe.text_encoder.loaded and not pipe.vae.loaded and pipe.experts.resident() == []
+    during = []
+    pipe(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=2, seed=0,
+         on_step=lambda *_: during.append((pipe.text_encoder.loaded, pipe.vae.loaded, pipe.experts.resident())))
+    # while denoising only the transformer is in memory; afterwards nothing is
+    assert during == [(False, False, [0])] * 2
+    assert not pipe.text_encoder.loaded and not pipe.vae.loaded and pipe.experts.resident() == []
+
+    kept = load_pipeline(tiny_ti2v_dir, dtype="float32", keep_resident=True)
+    kept(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=1, seed=0)
+    assert kept.text_encoder.loaded and kept.vae.loaded and kept.experts.resident() == [0]
+
+
+def test_request_that_cannot_fit_stops_before_loading(tiny_ti2v_dir):
+    from mlx_i2v.memory import set_memory_limit
+    from mlx_i2v.planner import PlanDoesNotFitError
+
+    pipe = load_pipeline(tiny_ti2v_dir, dtype="float32")
+    plan = pipe.plan(height=HEIGHT, width=WIDTH, num_frames=FRAMES)
+    assert 0 < plan.peak < 2e9
+    set_memory_limit(plan.peak / 2 / 1e9)
+    try:
+        with pytest.raises(PlanDoesNotFitError, match="GB"):
+            pipe(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=1)
+    finally:
+        set_memory_limit(None)
+    assert not pipe.text_encoder.loaded and pipe.experts.resident() == []
