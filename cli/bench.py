@@ -72,7 +72,7 @@ def _report(pipe, video, load_s: float, step_ends: list[float]) -> dict[str, Any
     seconds = {"load": load_s, **video.stats["seconds"]}
     steps = m["num_inference_steps"]
     cfg = m["guidance_scale"] > 1.0 or (m.get("guidance_scale_2") or 0.0) > 1.0
-    shape = DiTShape.from_config(pipe.experts.get(pipe.experts.resident()[0]).config)
+    shape = DiTShape.from_config(pipe.dims.transformer)
     tokens = video_tokens(m["height"], m["width"], m["num_frames"],
                           spatial_stride=pipe.vae.config.scale_factor_spatial, patch_size=shape.patch_size)  # fmt: skip
     passes = 2 if cfg else 1
