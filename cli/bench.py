@@ -74,7 +74,7 @@ def _report(pipe, video, load_s: float, step_ends: list[float]) -> dict[str, Any
     cfg = m["guidance_scale"] > 1.0 or (m.get("guidance_scale_2") or 0.0) > 1.0
     shape = DiTShape.from_config(pipe.dims.transformer)
     tokens = video_tokens(m["height"], m["width"], m["num_frames"],
-                          spatial_stride=pipe.vae.config.scale_factor_spatial, patch_size=shape.patch_size)  # fmt: skip
+                          spatial_stride=pipe.dims.vae.scale_factor_spatial, patch_size=shape.patch_size)  # fmt: skip
     passes = 2 if cfg else 1
     denoise_s = seconds["denoise"]
     # on_step fires as each step ends and the stage ends just after the last one, so the first step's time
