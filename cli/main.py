@@ -11,6 +11,7 @@ from mlx_i2v import __version__
 from mlx_i2v.errors import MlxI2VError
 
 from .bench import bench
+from .convert import convert, info, quantize
 from .generate import generate
 
 
@@ -51,6 +52,9 @@ def main(verbose: bool) -> None:
 
 main.add_command(generate)
 main.add_command(bench)
+main.add_command(convert)
+main.add_command(quantize)
+main.add_command(info)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

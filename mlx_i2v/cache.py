@@ -54,4 +54,5 @@ def cached_conversion(
         dtype=dtype,
         quantize=quantization.bits if quantization is not None else None,
         group_size=quantization.group_size if quantization is not None else 64,
+        text_encoder_bits=quantization.text_encoder_bits if quantization is not None else None,
     )

@@ -22,16 +22,14 @@ multiple of the group size stays float (as mlx-lm does). Every Wan and umt5-xxl 
 On disk a quantized component is its diffusers ``config.json`` plus a ``"quantization"`` entry in
 mlx-lm's format, ``{"group_size": 64, "bits": 4, "mode": "affine"}``, beside safetensors holding the
 model's own parameters under their MLX names and layout (quantized linears as ``weight`` uint32,
-``scales`` and ``biases`` in the float dtype); see :func:`save_component`.
+``scales`` and ``biases`` in the float dtype); ``mlx_i2v.convert.writer.save_component`` writes it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Collection, Mapping
 
 import mlx.core as mx
@@ -66,7 +64,6 @@ _SELECTIONS = {"WanTransformer3DModel": TRANSFORMER_LINEARS, "UMT5Encoder": TEXT
 QUANTIZED_TYPES = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 # Shard size of saved checkpoints, as transformers/diffusers default to.
-MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def _check(bits: Any, group_size: Any) -> None:
@@ -312,69 +309,6 @@ def stored_quantization(
 def model_state(model: nn.Module) -> dict[str, mx.array]:
     """Every parameter of ``model`` under its dotted MLX name, in MLX layout."""
     return dict(tree_flatten(model.parameters()))
-
-
-def _shards(state: Mapping[str, mx.array], max_bytes: int) -> list[dict[str, mx.array]]:
-    """Split ``state`` in name order into consecutive groups of at most ``max_bytes`` (a single larger
-    tensor gets a shard of its own)."""
-    shards: list[dict[str, mx.array]] = [{}]
-    size = 0
-    for name in sorted(state):
-        nbytes = state[name].nbytes
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
-        size += nbytes
-    return shards
-
-
-def save_component(
-    model: nn.Module,
-    folder: str | Path,
-    config: Mapping[str, Any],
-    *,
-    max_shard_bytes: int = MAX_SHARD_BYTES,
-) -> list[Path]:
-    """Write a quantized component: ``config.json`` (``config`` plus the model's ``"quantization"``
-    entry) and ``model.safetensors``, or above ``max_shard_bytes`` ``model-0000i-of-0000n.safetensors``
-    with a ``model.safetensors.index.json`` that :func:`~mlx_i2v.weights.read_safetensors` follows.
-
-    ``folder`` is created if needed and should hold no other safetensors (a folder without an index is
-    read as all its ``*.safetensors``). Returns the files written.
-
-    Raises:
-        InvalidInputError: ``model`` is not quantized (a float component keeps its diffusers files,
-            whose layout the loaders expect when there is no quantization entry).
-    """
-    quantization = model_quantization(model)
-    if quantization is None:
-        raise InvalidInputError(f"{type(model).__name__} is not quantized; keep its original checkpoint")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = model_state(model)
-    shards = _shards(state, max_shard_bytes)
-    metadata = {"format": "mlx"}
-    written: list[Path] = []
-    if len(shards) == 1:
-        written.append(folder / "model.safetensors")
-        mx.save_safetensors(str(written[0]), shards[0], metadata=metadata)
-    else:
-        weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards, 1):
-            path = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            mx.save_safetensors(str(path), shard, metadata=metadata)
-            weight_map.update(dict.fromkeys(shard, path.name))
-            written.append(path)
-        index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())}, "weight_map": weight_map}
-        written.append(folder / "model.safetensors.index.json")
-        written[-1].write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    written.append(folder / "config.json")
-    written[-1].write_text(
-        json.dumps({**config, "quantization": quantization.to_dict()}, indent=2, sort_keys=True) + "\n"
-    )
-    log.info("saved %s (%s) to %s: %d files", type(model).__name__, quantization, folder, len(written))
-    return written
 
 
 def quantized_layer_paths(model: nn.Module) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 from ref_text import UMT5_XXL_1LAYER_CONFIG, build_text_encoder
 from ref_transformer import TI2V_5B_1LAYER, TINY_COMMON, TINY_VARIANTS, build_transformer
 
+from mlx_i2v.convert.writer import save_component
 from mlx_i2v.errors import InvalidInputError, WeightLoadError
 from mlx_i2v.models.umt5 import DIFFUSERS_MAP as UMT5_MAP
 from mlx_i2v.models.umt5 import UMT5Config, UMT5Encoder
@@ -35,7 +36,6 @@ from mlx_i2v.quantize import (
     quantize_text_encoder,
     quantize_transformer,
     quantized_layer_paths,
-    save_component,
     stored_quantization,
 )
 from mlx_i2v.weights import config_from_dict, load_strict, read_config, read_safetensors
@@ -192,11 +192,6 @@ def test_tiny_save_and_reload_follow_the_checkpoint(tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(saved))
     with pytest.raises(WeightLoadError, match="cannot have been quantized with group size 64"):
         reload_quantized(tmp_path / "q", mx.float32)
-
-
-def test_saving_a_float_model_is_an_error(tmp_path):
-    with pytest.raises(InvalidInputError, match="not quantized"):
-        save_component(tiny_i2v(1), tmp_path, {})
 
 
 # --- real-width transformer ----------------------------------------------------------------------------

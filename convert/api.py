@@ -1,0 +1,178 @@
+"""``convert_model`` and ``quantize_model``: diffusers or Wan-AI original checkpoints -> MLX directories."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+
+from mlx_i2v.components import ComponentType, load_component
+from mlx_i2v.errors import InvalidInputError
+from mlx_i2v.models.clip import IMAGE_ENCODER
+from mlx_i2v.models.umt5 import TEXT_ENCODER
+from mlx_i2v.models.wan_transformer import TRANSFORMER
+from mlx_i2v.models.wan_vae import VAE
+from mlx_i2v.quantize import DEFAULT_GROUP_SIZE, DEFAULT_TEXT_ENCODER_BITS, Quantization, QuantizationConfig
+from mlx_i2v.runtime import resolve_dtype
+from mlx_i2v.variants import detect_variant
+from mlx_i2v.weights import read_config, read_safetensors
+
+from .original import plan_original
+from .plan import Plan, WeightJob, mlx_index, numel, source_entry
+from .source import MLX_KEY, Source, read_index, resolve_source
+from .writer import write_plan
+
+log = logging.getLogger(__name__)
+
+# The diffusers components with weights, and those copied as they are.
+WEIGHT_KINDS: dict[str, ComponentType] = {
+    "transformer": TRANSFORMER,
+    "transformer_2": TRANSFORMER,
+    "text_encoder": TEXT_ENCODER,
+    "vae": VAE,
+    "image_encoder": IMAGE_ENCODER,
+}
+COPIED = ("tokenizer", "scheduler", "image_processor")
+
+
+def components(index: Mapping[str, Any]) -> list[str]:
+    """The components a model_index.json lists as present (``[library, class]`` with a class)."""
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[-1] is not None]
+
+
+def _quantization_of(name: str, quantization: QuantizationConfig | None) -> Quantization | None:
+    """What ``quantization`` does to component ``name``: transformers at its bits, UMT5 at its text
+    encoder bits, CLIP and the VAE never."""
+    if quantization is None:
+        return None
+    if WEIGHT_KINDS[name] is TRANSFORMER:
+        return quantization.transformer
+    return quantization.text_encoder if WEIGHT_KINDS[name] is TEXT_ENCODER else None
+
+
+def _component_jobs(
+    folder: Path, index: Mapping[str, Any], dtype: mx.Dtype, quantization: QuantizationConfig | None
+) -> tuple[list[WeightJob], dict[str, Path]]:
+    """A job per weight component of a diffusers or MLX directory (loaded through
+    :func:`~mlx_i2v.components.load_component`, which maps and checks every tensor) and the folders to
+    copy."""
+    jobs: list[WeightJob] = []
+    copies: dict[str, Path] = {}
+    for name in components(index):
+        if name in COPIED:
+            copies[name] = folder / name
+            continue
+        if name not in WEIGHT_KINDS:
+            raise InvalidInputError(f"{folder}: unsupported component {name!r} in model_index.json")
+        q = _quantization_of(name, quantization)
+
+        def load(name: str = name, q: Quantization | None = q):
+            model = load_component(WEIGHT_KINDS[name], folder / name, dtype, quantize=q)
+            return model, read_config(folder / name)
+
+        jobs.append(WeightJob(name, WEIGHT_KINDS[name], numel(read_safetensors(folder / name)), q, load))
+    # Transformers first: the biggest, and the likeliest to fail on a broken download.
+    jobs.sort(key=lambda job: job.kind is not TRANSFORMER)
+    return jobs, copies
+
+
+def _plan_diffusers(source: Source, dtype: mx.Dtype, quantization: QuantizationConfig | None) -> Plan:
+    index = read_index(source.path) or {}
+    variant = detect_variant(source.path, source.label)
+    jobs, copies = _component_jobs(source.path, index, dtype, quantization)
+    log.info("%s: diffusers layout of %s", source.path, variant.name)
+    return Plan(mlx_index(index, variant, dtype, quantization, source_entry(source)), jobs, copies)
+
+
+def _check_output(source: Path, output: Path) -> None:
+    """Refuse an output that is, contains or lies inside the source (``force`` would delete it)."""
+    source, output = source.resolve(), output.resolve()
+    if output == source or source in output.parents or output in source.parents:
+        raise InvalidInputError(f"the output {output} overlaps the source {source}; choose another directory")
+
+
+def convert_model(
+    source: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    quantize: int | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    text_encoder_bits: int | None = DEFAULT_TEXT_ENCODER_BITS,
+    force: bool = False,
+) -> Path:
+    """Convert a Wan image-to-video checkpoint into an MLX model directory that
+    :func:`~mlx_i2v.load_pipeline` loads without PyTorch and without converting again.
+
+    Args:
+        source: a diffusers directory, a Wan-AI original-layout directory, or a Hub id of either.
+        output: the directory to write (it must not exist unless ``force``).
+        dtype: "bfloat16", "float16" or "float32" for the weights (the reference's float32 islands stay).
+        quantize: 4 or 8 to quantize the transformer(s); None keeps every component float.
+        group_size: quantization group size (32, 64 or 128).
+        text_encoder_bits: bits of the UMT5 encoder when quantizing (None keeps it float).
+        force: replace an existing ``output``.
+
+    Returns:
+        ``output``.
+
+    Raises:
+        ModelNotFoundError: no such source.
+        WeightLoadError: a missing, unexpected, mis-shaped or unreadable tensor (named), or an unsafe
+            ``.pth`` (:class:`~mlx_i2v.errors.UnsafeCheckpointError`).
+        InvalidInputError: bad options, an existing output, a source already converted, too little disk.
+    """
+    compute_dtype = resolve_dtype(dtype)
+    quantization = QuantizationConfig(quantize, group_size, text_encoder_bits) if quantize is not None else None
+    resolved = resolve_source(source)
+    output = Path(output).expanduser()
+    _check_output(resolved.path, output)
+    if resolved.layout == "mlx":
+        raise InvalidInputError(
+            f"{resolved.path} is already an MLX model directory; quantize it with `mlx-i2v quantize` (quantize_model)"
+        )
+    plan_layout = plan_original if resolved.layout == "original" else _plan_diffusers
+    plan = plan_layout(resolved, compute_dtype, quantization)
+    return write_plan(plan, output, itemsize=compute_dtype.size, force=force)
+
+
+def quantize_model(
+    model_dir: str | Path,
+    output: str | Path,
+    *,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    text_encoder_bits: int | None = DEFAULT_TEXT_ENCODER_BITS,
+    force: bool = False,
+) -> Path:
+    """Quantize a float MLX directory (written by :func:`convert_model`) into ``output``: the
+    transformer(s) to ``bits``, UMT5 to ``text_encoder_bits`` (None keeps it float); CLIP, the VAE and
+    the rest are copied.
+
+    Raises:
+        InvalidInputError: ``model_dir`` is not an MLX directory or is quantized already; bad bits or
+            group size; an existing output; too little disk.
+    """
+    quantization = QuantizationConfig(bits, group_size, text_encoder_bits)
+    folder = Path(model_dir).expanduser()
+    index = read_index(folder) if folder.is_dir() else None
+    if index is None or MLX_KEY not in index:
+        raise InvalidInputError(f"{folder} is not an MLX model directory; convert it first with `mlx-i2v convert`")
+    meta = index[MLX_KEY]
+    if meta.get("quantization"):
+        stored = meta["quantization"]["bits"]
+        raise InvalidInputError(
+            f"{folder} is already quantized to {stored} bits and cannot be quantized again; "
+            "convert the original checkpoint with --quantize instead"
+        )
+    output = Path(output).expanduser()
+    _check_output(folder, output)
+    compute_dtype = resolve_dtype(meta["dtype"])
+    jobs, copies = _component_jobs(folder, index, compute_dtype, quantization)
+    # Only what is quantized is converted; CLIP and the VAE are copied as they are.
+    copies.update({job.name: folder / job.name for job in jobs if job.quantization is None})
+    jobs = [job for job in jobs if job.quantization is not None]
+    new_index = {**index, MLX_KEY: {**meta, "quantization": quantization.to_dict()}}
+    return write_plan(Plan(new_index, jobs, copies), output, itemsize=compute_dtype.size, force=force)
