@@ -11,7 +11,8 @@ Public API::
 import logging
 
 from .errors import GenerationCancelled, InvalidInputError, MlxI2VError, ModelNotFoundError, WeightLoadError
-from .pipeline import WanPipeline, load_pipeline
+from .loading import load_pipeline
+from .pipeline import WanPipeline
 from .video import Video
 
 __version__ = "0.1.0"
