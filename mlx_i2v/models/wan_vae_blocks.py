@@ -99,7 +99,11 @@ def cached_conv(conv: CausalConv3d, x: mx.array, cache: CausalCache) -> mx.array
     """Run ``conv`` on a chunk, feeding it the previous chunk's frames and saving this chunk's."""
     previous = cache.read()
     cache.write(_tail(x, previous))
-    return conv(x, previous)
+    y = conv(x, previous)
+    # Evaluate each conv as it comes: queued lazily, MLX's CPU backend would hold the im2col buffers of
+    # several convolutions at once (27 x the input each), which dominates the VAE's peak memory.
+    mx.eval(y)
+    return y
 
 
 class RMSNorm(nn.Module):

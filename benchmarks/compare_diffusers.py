@@ -1,0 +1,466 @@
+"""diffusers (PyTorch) vs mlx-i2v on the same Wan2.2-TI2V-5B-width job, on this machine, in one run.
+
+Both frameworks get the same random-weight pipeline (saved once with diffusers' ``save_pretrained``), the
+same photo, prompts, size, frames, steps, guidance and initial noise. Each runs in its own fresh
+subprocess, so the peak resident memory measured (``VmHWM``) is that framework's alone. The parent
+compares the frames and writes a JSON file and a results section in ``benchmarks/README.md``.
+
+The default model has the real TI2V-5B widths with fewer blocks, so that it fits a 2-core CPU:
+transformer dim 3072 / 24 heads / FFN 14336 / text 4096 with ``--layers`` (2) blocks, the umt5-xxl
+encoder widths (4096, 64 heads, FFN 10240) with ``--text-layers`` (1) layer and a ``--text-vocab``
+(512) row embedding table (the tokenizer is the tests' tiny one, so no id reaches past 512; the real
+256,384-row table would add 4.2 GB of float32 to both runs without changing any compute), and the real
+Wan2.2 VAE (base 160, decoder base 256, z 48: all 704.7 M parameters). ``--layers 30 --text-layers 24
+--text-vocab 256384`` is the full model, for a GPU or a Mac.
+
+Usage::
+
+    python benchmarks/compare_diffusers.py                 # 256x384 (HxW), 41 frames, 2 steps, CFG 5
+    python benchmarks/compare_diffusers.py --cache-dir /tmp/wan-bench --no-readme
+
+On Linux, MLX's CPU wheel ships a slow reference BLAS; the MLX subprocess gets Debian's OpenBLAS with
+``LD_PRELOAD`` (``--blas``), while PyTorch keeps the MKL it is built with (no preload: it has its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+README = Path(__file__).resolve().parent / "README.md"
+DEFAULT_BLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+PROMPT = "a red fox runs through snow, the camera slowly pans"
+NEGATIVE_PROMPT = "blurry, static, worst quality"
+RESULTS_END = "<!-- results-end -->"
+
+# Wan2.2-TI2V-5B transformer widths (wan.md §1.1); the block count comes from --layers.
+TI2V_5B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
+    text_dim=4096, freq_dim=256, ffn_dim=14336, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)  # fmt: skip
+# umt5-xxl encoder widths (wan.md §1.5); layers and vocabulary come from the command line.
+UMT5_XXL = dict(
+    d_model=4096, d_kv=64, d_ff=10240, num_heads=64, relative_attention_num_buckets=32,
+    relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+    dropout_rate=0.0,
+)  # fmt: skip
+
+
+def wan22_vae_config() -> dict[str, Any]:
+    """The real Wan2.2 VAE config (``Wan2.2_VAE.pth`` as converted by diffusers; wan.md §1.2)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ref_vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+
+    return dict(
+        base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+        patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+        latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD,
+    )  # fmt: skip
+
+
+# --- workers (each runs in its own process) ----------------------------------------------------------
+
+
+def build_model(model_dir: Path, layers: int, text_layers: int, text_vocab: int) -> None:
+    """Save the random-weight TI2V-5B-width pipeline as ``WanPipeline(expand_timesteps=True)``, the layout
+    of Wan-AI/Wan2.2-TI2V-5B-Diffusers, reusing the tests' seeded builders."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ref_pipeline import tiny_scheduler
+    from ref_text import build_text_encoder, build_tiny_tokenizer
+    from ref_transformer import build_transformer
+
+    parts = model_dir.with_name(model_dir.name + ".parts")
+    shutil.rmtree(parts, ignore_errors=True)
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**wan22_vae_config()).eval()
+    pipe = WanPipeline(
+        tokenizer=build_tiny_tokenizer(parts / "tokenizer"),
+        text_encoder=build_text_encoder(None, dict(UMT5_XXL, vocab_size=text_vocab, num_layers=text_layers)),
+        vae=vae,
+        scheduler=tiny_scheduler(5.0),
+        transformer=build_transformer(parts / "transformer", dict(TI2V_5B_TRANSFORMER, num_layers=layers)),
+        transformer_2=None,
+        boundary_ratio=None,
+        expand_timesteps=True,
+    )
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(parts)
+    tmp.rename(model_dir)  # a half-written model is never mistaken for a cached one
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident set size (VmHWM on Linux, ru_maxrss elsewhere), in GB."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
+        if match:
+            return int(match.group(1)) * 1024 / 1e9
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) this process has used: unlike wall time, barely changed
+    by other processes competing for the cores."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _say(message: str) -> None:
+    """Progress for the worker's log, so a long run can be followed."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
+    """diffusers' ``WanImageToVideoPipeline`` with its components timed: stage boundaries are the end of
+    the last text-encoder call, the end of ``vae.encode`` and the start of ``vae.decode``."""
+    import torch
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    device = job["torch_device"]
+    dtype = getattr(torch, job["dtype"])
+    tic = time.perf_counter()
+    pipe = WanImageToVideoPipeline.from_pretrained(job["model_dir"], torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - tic
+    rss_after_load = _peak_rss_gb()
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elif device == "mps":
+            torch.mps.synchronize()
+
+    events: list[tuple[str, float, float]] = []
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            sync()
+            events.append((name, start, time.perf_counter()))
+            _say(f"{name} {events[-1][2] - start:.1f}s")
+            return result
+
+        return wrapper
+
+    # Instance attributes shadow the bound methods; nn.Module.__call__ dispatches to self.forward.
+    pipe.text_encoder.forward = timed("text", pipe.text_encoder.forward)
+    pipe.transformer.forward = timed("transformer", pipe.transformer.forward)
+    pipe.vae.encode = timed("encode", pipe.vae.encode)
+    pipe.vae.decode = timed("decode", pipe.vae.decode)
+    pipe.vae.decoder.forward = timed("decoder chunk", pipe.vae.decoder.forward)  # one per latent frame
+
+    latents = torch.from_numpy(np.load(job["noise"])).to(device, dtype)
+    load_before = os.getloadavg()
+    start, cpu_start = time.perf_counter(), _cpu_s()
+    with torch.no_grad():
+        frames = pipe(
+            image=Image.open(job["photo"]).convert("RGB"), prompt=job["prompt"],
+            negative_prompt=job["negative_prompt"], height=job["height"], width=job["width"],
+            num_frames=job["frames"], num_inference_steps=job["steps"], guidance_scale=job["guidance"],
+            latents=latents, output_type="np", max_sequence_length=512,
+        ).frames[0]  # fmt: skip
+    sync()
+    end, cpu = time.perf_counter(), _cpu_s() - cpu_start
+    text_end = max(e for n, _, e in events if n == "text")
+    encode_end = max(e for n, _, e in events if n == "encode")
+    decode_start = min(s for n, s, _ in events if n == "decode")
+    np.save(out / "frames_diffusers.npy", np.asarray(frames, dtype=np.float32))
+    return {
+        "load_s": load_s,
+        "seconds": {
+            "text": text_end - start,
+            "image": encode_end - text_end,
+            "denoise": decode_start - encode_end,
+            "decode": end - decode_start,
+        },
+        "transformer_calls": sum(n == "transformer" for n, _, _ in events),
+        "generate_s": end - start,
+        "generate_cpu_s": cpu,
+        "loadavg_before_after": [load_before[0], os.getloadavg()[0]],
+        "peak_rss_load_gb": rss_after_load,
+        "peak_rss_gb": _peak_rss_gb(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
+    """mlx-i2v's ``WanPipeline`` with its own per-stage timings (``Video.stats``)."""
+    import mlx.core as mx
+    from PIL import Image
+
+    from mlx_i2v import load_pipeline
+
+    tic = time.perf_counter()
+    pipe = load_pipeline(job["model_dir"], dtype=job["dtype"])
+    load_s = time.perf_counter() - tic
+    rss_after_load = _peak_rss_gb()
+    load_before = os.getloadavg()
+    start, cpu_start = time.perf_counter(), _cpu_s()
+    video = pipe(
+        Image.open(job["photo"]).convert("RGB"), job["prompt"], negative_prompt=job["negative_prompt"],
+        height=job["height"], width=job["width"], num_frames=job["frames"], num_inference_steps=job["steps"],
+        guidance_scale=job["guidance"], latents=np.load(job["noise"]),
+        on_step=lambda step, total, t: _say(f"step {step}/{total} at {time.perf_counter() - start:.1f}s"),
+    )  # fmt: skip
+    end, cpu = time.perf_counter(), _cpu_s() - cpu_start
+    np.save(out / "frames_mlx.npy", video.frames)
+    return {
+        "load_s": load_s,
+        "seconds": video.stats["seconds"],
+        "generate_s": end - start,
+        "generate_cpu_s": cpu,
+        "loadavg_before_after": [load_before[0], os.getloadavg()[0]],
+        "peak_rss_load_gb": rss_after_load,
+        "peak_rss_gb": _peak_rss_gb(),
+        "mlx_peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "device": str(mx.default_device()),
+    }
+
+
+# --- the parent ------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, RAM, OS, GPU and library versions."""
+    info: dict[str, Any] = {"os": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), flags=re.M)
+        info["cpu"] = names[0].strip() if names else platform.processor()
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        info["ram_gb"] = round(mem_kb * 1024 / 1e9, 1)
+    elif sys.platform == "darwin":
+        sysctl = lambda key: subprocess.run(["sysctl", "-n", key], capture_output=True, text=True).stdout.strip()  # noqa: E731
+        info["cpu"] = sysctl("machdep.cpu.brand_string")
+        info["ram_gb"] = round(int(sysctl("hw.memsize")) / 1e9, 1)
+    versions = subprocess.run(
+        [sys.executable, "-c", "import mlx.core, torch, diffusers, transformers, json; print(json.dumps("
+         "{'mlx': mlx.core.__version__, 'torch': torch.__version__, 'diffusers': diffusers.__version__,"
+         " 'transformers': transformers.__version__, 'cuda': torch.cuda.get_device_name(0) "
+         "if torch.cuda.is_available() else None}))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    info.update(json.loads(versions.stdout))
+    return info
+
+
+def _child(args: list[str], env: dict[str, str], log: Path) -> None:
+    """Run this script as a worker; its stderr goes to ``log`` (shown if it fails)."""
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, __file__, *args], env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args[:2])} failed ({proc.returncode}):\n" + log.read_text()[-4000:])
+
+
+def _torch_device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def _inputs(work: Path, height: int, width: int, frames: int) -> tuple[Path, Path]:
+    """A smooth synthetic photo at exactly the frame size (so neither side resizes it) and the initial
+    noise in diffusers' (1, 48, T, H/16, W/16) layout."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 / width, y * 255 / height, 128 + 127 * np.sin((x + y) / 17)], axis=-1)
+    photo = work / "photo.png"
+    Image.fromarray(rgb.astype(np.uint8)).save(photo)
+    shape = (1, 48, (frames - 1) // 4 + 1, height // 16, width // 16)
+    noise = work / "noise.npy"
+    np.save(noise, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    return photo, noise
+
+
+def compare(results: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Frame difference and the mlx/diffusers ratios the targets are stated in."""
+    ref = np.load(work / "frames_diffusers.npy")
+    ours = np.load(work / "frames_mlx.npy")
+    if ref.shape != ours.shape:
+        sys.exit(f"frame shapes differ: diffusers {ref.shape}, mlx-i2v {ours.shape}")
+    diff = np.abs(ours - ref)
+    d, m = results["diffusers"], results["mlx"]
+    stages = {k: m["seconds"][k] / d["seconds"][k] for k in d["seconds"]}
+    return {
+        "frames_shape": list(ref.shape),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "frames_std": float(ref.std()),  # a non-trivial clip: the difference is measured on real content
+        "ratio_generate_s": m["generate_s"] / d["generate_s"],
+        "ratio_generate_cpu_s": m["generate_cpu_s"] / d["generate_cpu_s"],
+        "ratio_peak_rss": m["peak_rss_gb"] / d["peak_rss_gb"],
+        "ratio_stage_s": stages,
+        "ratio_load_s": m["load_s"] / d["load_s"],
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The README section for one run."""
+    job, mach, d, m, c = report["job"], report["machine"], report["diffusers"], report["mlx"], report["comparison"]
+    rows = [
+        ("text encoder (s)", d["seconds"]["text"], m["seconds"]["text"]),
+        ("image encode (s)", d["seconds"]["image"], m["seconds"]["image"]),
+        ("denoise (s)", d["seconds"]["denoise"], m["seconds"]["denoise"]),
+        ("VAE decode (s)", d["seconds"]["decode"], m["seconds"]["decode"]),
+        ("**generate, end to end (s)**", d["generate_s"], m["generate_s"]),
+        ("generate, CPU time (s)", d["generate_cpu_s"], m["generate_cpu_s"]),
+        ("load (s, not in the above)", d["load_s"], m["load_s"]),
+        ("peak RSS after load (GB)", d["peak_rss_load_gb"], m["peak_rss_load_gb"]),
+        ("**peak RSS (GB)**", d["peak_rss_gb"], m["peak_rss_gb"]),
+    ]
+    table = "\n".join(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x |" for name, a, b in rows)
+    t = report["targets"]
+    verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    load = lambda r: "{:.1f} -> {:.1f}".format(*r["loadavg_before_after"])  # noqa: E731
+    return f"""{report['marker']}
+### {mach.get('cpu', '?')}, {mach['cores']} cores, {mach.get('ram_gb', '?')} GB RAM ({report['date'][:10]})
+
+- Software: {mach['os']}, Python {mach['python']}; mlx {mach['mlx']} on `{m['device']}` with BLAS
+  `{report['mlx_blas'] or 'as shipped'}`; torch {mach['torch']} on `{job['torch_device']}` ({d['threads']} threads{', ' + mach['cuda'] if mach.get('cuda') else ''});
+  diffusers {mach['diffusers']}; transformers {mach['transformers']}; {job['dtype']} on both sides.
+- Model: TI2V-5B widths with {job['layers']} transformer blocks, {job['text_layers']} UMT5 layer(s) (vocabulary
+  {job['text_vocab']}), the real Wan2.2 VAE.
+- Job: height {job['height']} x width {job['width']}, {job['frames']} frames, {job['steps']} steps, guidance
+  {job['guidance']:g} (CFG: batch of 2); {c['frames_shape'][0]} frames out.
+- 1-minute load average before -> after each run (other work on the machine inflates wall times, not
+  CPU times): diffusers {load(d)}, mlx-i2v {load(m)}.
+
+| stage | diffusers | mlx-i2v | mlx / diffusers |
+|---|---:|---:|---:|
+{table}
+
+Largest difference between the two runs' frames: **{c['max_abs_diff']:.2e}** (mean {c['mean_abs_diff']:.1e}; frames in
+[0, 1] with std {c['frames_std']:.3f}). Targets: wall time ≤ 0.9x: {c['ratio_generate_s']:.2f}x, {verdict(t['wall'])};
+peak RSS ≤ 0.75x: {c['ratio_peak_rss']:.2f}x, {verdict(t['rss'])}.
+<!-- /{report['marker'][5:-4]} -->
+"""
+
+
+def write_readme(section: str, marker: str) -> None:
+    """Replace this machine + job's section in README.md, or add it before the results-end marker."""
+    text = README.read_text()
+    end_marker = f"<!-- /{marker[5:-4]} -->"
+    if marker in text and end_marker in text:
+        before, rest = text.split(marker, 1)
+        text = before + section.rstrip("\n") + rest.split(end_marker, 1)[1]
+    elif RESULTS_END in text:
+        text = text.replace(RESULTS_END, section + "\n" + RESULTS_END)
+    else:
+        text += "\n" + section
+    README.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mlx-i2v-bench")
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--frames", type=int, default=41)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks (30 in TI2V-5B)")
+    parser.add_argument("--text-layers", type=int, default=1, help="UMT5 layers (24 in umt5-xxl)")
+    parser.add_argument("--text-vocab", type=int, default=512, help="UMT5 embedding rows (256384 in umt5-xxl)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--torch-device", default="auto", help="cpu, cuda, mps or auto")
+    parser.add_argument("--blas", default=DEFAULT_BLAS, help="library preloaded for MLX on Linux ('' for none)")
+    parser.add_argument("--only", choices=["diffusers", "mlx"], help="rerun one side, reusing the other's result")
+    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results.json")
+    parser.add_argument("--no-readme", action="store_true", help="do not write benchmarks/README.md")
+    parser.add_argument("--worker", choices=["build", "diffusers", "mlx"], help=argparse.SUPPRESS)
+    parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker == "build":
+        build_model(args.model_dir, args.layers, args.text_layers, args.text_vocab)
+        return
+    if args.worker is not None:
+        job = json.loads(args.job.read_text())
+        out = args.job.parent
+        result = (run_diffusers if args.worker == "diffusers" else run_mlx)(job, out)
+        (out / f"result_{args.worker}.json").write_text(json.dumps(result, indent=2))
+        return
+
+    model_dir = args.cache_dir / f"ti2v5b-widths-l{args.layers}-t{args.text_layers}-v{args.text_vocab}"
+    work = args.cache_dir / f"run-{args.height}x{args.width}x{args.frames}-s{args.steps}-{args.dtype}"
+    work.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if not model_dir.exists():
+        print(f"building {model_dir.name} ...", flush=True)
+        _child(["--worker", "build", "--model-dir", str(model_dir), "--layers", str(args.layers),
+                "--text-layers", str(args.text_layers), "--text-vocab", str(args.text_vocab)], env, work / "build.log")  # fmt: skip
+    photo, noise = _inputs(work, args.height, args.width, args.frames)
+    job = {
+        "model_dir": str(model_dir), "photo": str(photo), "noise": str(noise), "prompt": PROMPT,
+        "negative_prompt": NEGATIVE_PROMPT, "height": args.height, "width": args.width, "frames": args.frames,
+        "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
+        "torch_device": _torch_device(args.torch_device), "layers": args.layers,
+        "text_layers": args.text_layers, "text_vocab": args.text_vocab,
+    }  # fmt: skip
+    job_file = work / "job.json"
+    job_file.write_text(json.dumps(job, indent=2))
+
+    blas = args.blas if sys.platform == "linux" and args.blas and Path(args.blas).exists() else None
+    mlx_env = dict(env, LD_PRELOAD=blas) if blas else env
+    for side, side_env in (("diffusers", env), ("mlx", mlx_env)):
+        if args.only not in (None, side):
+            continue
+        print(f"running {side} ...", flush=True)
+        _child(["--worker", side, "--job", str(job_file)], side_env, work / f"{side}.log")
+    results = {side: json.loads((work / f"result_{side}.json").read_text()) for side in ("diffusers", "mlx")}
+    comparison = compare(results, work)
+    mach = machine()
+    key = re.sub(r"[^a-z0-9]+", "-", f"{mach.get('cpu', '')}-{mach['cores']}c-{job['torch_device']}-"
+                 f"{args.height}x{args.width}x{args.frames}-s{args.steps}-l{args.layers}-{args.dtype}".lower())  # fmt: skip
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "marker": f"<!-- bench:{key} -->",
+        "machine": mach,
+        "mlx_blas": blas,
+        "job": job,
+        **results,
+        "comparison": comparison,
+        "targets": {"wall": comparison["ratio_generate_s"] <= 0.9, "rss": comparison["ratio_peak_rss"] <= 0.75},
+    }
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    section = markdown(report)
+    if not args.no_readme:
+        write_readme(section, report["marker"])
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
