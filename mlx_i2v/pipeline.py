@@ -81,7 +81,8 @@ class WanPipeline:
     tokenizer: UMT5Tokenizer
     text_encoder: Resident[UMT5Encoder]
     experts: Experts
-    vae: Resident[AutoencoderKLWan]
+    vae_encoder: Resident[AutoencoderKLWan]  # the VAE without its decoder, for the photo
+    vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
     make_scheduler: Callable[[], Scheduler]
     image_encoder: Resident[ImageEncoder] | None = None
 
@@ -100,7 +101,7 @@ class WanPipeline:
             quantize=self.quantize_bits,
             budget=budget,
             encode_frames=num_frames if self.variant.conditioning.requires_image else 1,
-            release_text_encoder=not self.text_encoder.keep,
+            staged=not self.text_encoder.keep,
         )
 
     def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:
@@ -171,9 +172,9 @@ class WanPipeline:
         state: ConditionState | None = None
         if photos:
             frames = [to_model_range(fit_to_frame(p, settings.width, settings.height)) for p in photos]
-            state = self.variant.conditioning.prepare(self.vae.get(), frames, settings.num_frames, noise.shape)
+            state = self.variant.conditioning.prepare(self.vae_encoder.get(), frames, settings.num_frames, noise.shape)
             mx.eval(state.latent)
-            self.vae.release()
+            self.vae_encoder.release()
         timings["image"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -261,7 +262,7 @@ class WanPipeline:
         """Normalised latents (1, T, h, w, C) -> frames (4T-3, H, W, 3) float32 in [0, 1], streamed one
         latent frame at a time so memory does not grow with the clip length; spatially tiled when
         ``tiling`` is given (the plan asks for it when one frame does not fit the memory budget)."""
-        vae = self.vae.get()
+        vae = self.vae_decoder.get()
         z = vae.denormalize_latents(latents.astype(mx.float32))
         stream = tiled_decode_frames(vae, z, tiling) if tiling is not None else vae.decode_frames(z)
         chunks = []
@@ -269,7 +270,7 @@ class WanPipeline:
             chunk = mx.clip(chunk.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(chunk)
             chunks.append(np.array(chunk[0]))
-        self.vae.release()
+        self.vae_decoder.release()
         return np.concatenate(chunks, axis=0)
 
     # --- inputs and settings ------------------------------------------------------------------------

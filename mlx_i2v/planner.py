@@ -16,8 +16,9 @@ the first one completes, so a chain of convolutions holds several im2col buffers
 measured on the CPU backend; Metal runs convolutions as implicit GEMMs for many shapes and the fused
 attention kernel, so there the VAE terms over-estimate (the plan errs on the safe side).
 
-Residency assumed: the text encoder is released after encoding (``release_text_encoder``); the
-transformer and the VAE are resident together for VAE encode, denoising and VAE decode.
+Residency follows the pipeline: by default (``staged``) each model is in memory for its own stage only
+(text encoder; VAE encoder; transformer; VAE decoder); with ``staged=False`` (``keep_resident``) all of
+them stay resident throughout.
 """
 
 from __future__ import annotations
@@ -211,12 +212,13 @@ def module_weight_bytes(
 
 @functools.lru_cache(maxsize=16)
 def weight_bytes(dims: ModelDims, dtype: mx.Dtype, quantize: int | None) -> dict[str, int]:
-    """Resident bytes of each component: ``transformer``, ``vae`` and ``text_encoder`` (cached: the
-    suggestions re-plan the same models many times)."""
+    """Resident bytes of each component: ``transformer``, ``vae_encoder``, ``vae_decoder`` (the VAE's
+    halves, as the pipeline loads them) and ``text_encoder``."""
     # Built lazily: nothing here is evaluated, so the random initial weights never exist in memory.
     return {
         "transformer": module_weight_bytes(WanTransformer3DModel(dims.transformer), dtype, quantize, KEEP_FLOAT32),
-        "vae": module_weight_bytes(AutoencoderKLWan(dims.vae), dtype),
+        "vae_encoder": module_weight_bytes(AutoencoderKLWan(dims.vae).keep_only("encoder"), dtype),
+        "vae_decoder": module_weight_bytes(AutoencoderKLWan(dims.vae).keep_only("decoder"), dtype),
         "text_encoder": module_weight_bytes(
             UMT5Encoder(dims.text_encoder), dtype, TEXT_ENCODER_BITS if quantize else None
         ),
@@ -324,7 +326,7 @@ def plan_generation(
     backend: str | None = None,
     budget: int | None = None,
     encode_frames: int = 1,
-    release_text_encoder: bool = True,
+    staged: bool = True,
     suggest: bool = True,
 ) -> Plan:
     """Estimate the peak memory of one generation.
@@ -338,7 +340,7 @@ def plan_generation(
         budget: bytes; default :func:`~mlx_i2v.memory.memory_budget`.
         encode_frames: video frames the VAE encodes for conditioning (1 for TI2V; the whole clip for
             Wan2.1 I2V).
-        release_text_encoder: the text encoder is freed before the transformer runs.
+        staged: each model is loaded for its stage only, as the pipeline does unless ``keep_resident``.
         suggest: fill ``Plan.suggestions`` when the plan does not fit.
 
     Returns:
@@ -353,8 +355,11 @@ def plan_generation(
     budget = memory_budget() if budget is None else budget
     batch = 2 if guidance else 1
     weights = weight_bytes(dims, dtype, quantize)
-    text_resident = 0 if release_text_encoder else weights["text_encoder"]
-    resident = weights["transformer"] + weights["vae"] + text_resident
+    everything = weights["text_encoder"] + weights["transformer"] + weights["vae_encoder"] + weights["vae_decoder"]
+    resident = {
+        name: weights[name] if staged else everything
+        for name in ("text_encoder", "vae_encoder", "transformer", "vae_decoder")
+    }
 
     frames_lat, h_lat, w_lat = latent_grid(dims.vae, height, width, num_frames)
     pt, ph, pw = dims.transformer.patch_size
@@ -365,46 +370,46 @@ def plan_generation(
 
     tiling = None
     decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, None)
-    if resident + decode > budget:
+    if resident["vae_decoder"] + decode > budget:
         for candidate in TILINGS:
             tiling = candidate
             decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, candidate)
-            if resident + decode <= budget:
+            if resident["vae_decoder"] + decode <= budget:
                 break
 
     encode_tiling = None
     encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, None)
-    if resident + encode > budget:
+    if resident["vae_encoder"] + encode > budget:
         for candidate in TILINGS:
             encode_tiling = candidate
             encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, candidate)
-            if resident + encode <= budget:
+            if resident["vae_encoder"] + encode <= budget:
                 break
 
     stages = [
-        Stage("text", weights["text_encoder"], text_activations(dims.text_encoder, batch, dtype)),
-        Stage("vae_encode", resident, encode),
-        Stage("denoise", resident, denoise),
-        Stage("vae_decode", resident, decode),
+        Stage("text", resident["text_encoder"], text_activations(dims.text_encoder, batch, dtype)),
+        Stage("vae_encode", resident["vae_encoder"], encode),
+        Stage("denoise", resident["transformer"], denoise),
+        Stage("vae_decode", resident["vae_decoder"], decode),
     ]
     plan = Plan(
         height, width, num_frames, guidance, dtype, quantize, backend, budget, tokens, chunk, tiling,
         encode_tiling, stages,
     )  # fmt: skip
     if suggest and not plan.fits():
-        plan.suggestions = _suggestions(dims, plan, encode_frames, release_text_encoder)
+        plan.suggestions = _suggestions(dims, plan, encode_frames, staged)
     log.info("planned peak %.2f GB (budget %.2f GB)", plan.peak / GB, budget / GB)
     return plan
 
 
-def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, release_text_encoder: bool) -> list[str]:
+def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, staged: bool) -> list[str]:
     """Single changes that make ``plan`` fit: 4-bit weights, fewer frames, a smaller frame."""
 
     def replan(**changes: object) -> Plan:
         args = dict(
             height=plan.height, width=plan.width, num_frames=plan.num_frames, guidance=plan.guidance,
             dtype=plan.dtype, quantize=plan.quantize, backend=plan.backend, budget=plan.budget,
-            encode_frames=encode_frames, release_text_encoder=release_text_encoder, suggest=False,
+            encode_frames=encode_frames, staged=staged, suggest=False,
         )  # fmt: skip
         args.update(changes)
         return plan_generation(dims, **args)  # type: ignore[arg-type]
@@ -414,7 +419,7 @@ def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, release_text_e
         out.append("--quantize 4")
     for frames in range(plan.num_frames - 4, 0, -4):
         if replan(num_frames=frames, encode_frames=min(encode_frames, frames)).fits():
-            out.append(f"--num-frames {frames}")
+            out.append(f"--frames {frames}")
             break
     multiple = 32
     for scale in (0.875, 0.75, 0.625, 0.5, 0.375, 0.25):

@@ -113,17 +113,22 @@ def test_bad_arguments(ti2v, kwargs, message):
 
 def test_each_model_is_loaded_only_for_its_stage(tiny_ti2v_dir):
     pipe = load_pipeline(tiny_ti2v_dir, dtype="float32")
-    assert not pipe.text_encoder.loaded and not pipe.vae.loaded and pipe.experts.resident() == []
+    def loaded():
+        return (pipe.text_encoder.loaded, pipe.vae_encoder.loaded, pipe.vae_decoder.loaded, pipe.experts.resident())
+
+    assert loaded() == (False, False, False, [])
     during = []
     pipe(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=2, seed=0,
-         on_step=lambda *_: during.append((pipe.text_encoder.loaded, pipe.vae.loaded, pipe.experts.resident())))
+         on_step=lambda *_: during.append(loaded()))
     # while denoising only the transformer is in memory; afterwards nothing is
-    assert during == [(False, False, [0])] * 2
-    assert not pipe.text_encoder.loaded and not pipe.vae.loaded and pipe.experts.resident() == []
+    assert during == [(False, False, False, [0])] * 2
+    assert loaded() == (False, False, False, [])
 
     kept = load_pipeline(tiny_ti2v_dir, dtype="float32", keep_resident=True)
     kept(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=1, seed=0)
-    assert kept.text_encoder.loaded and kept.vae.loaded and kept.experts.resident() == [0]
+    assert kept.text_encoder.loaded and kept.vae_encoder.loaded and kept.vae_decoder.loaded
+    assert kept.experts.resident() == [0]
+    assert "decoder" not in kept.vae_encoder.get() and "encoder" not in kept.vae_decoder.get()
 
 
 def test_request_that_cannot_fit_stops_before_loading(tiny_ti2v_dir):

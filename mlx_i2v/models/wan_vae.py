@@ -224,6 +224,14 @@ class AutoencoderKLWan(nn.Module):
             mx.eval(x, cache.arrays())
             yield x
 
+    def keep_only(self, half: str) -> AutoencoderKLWan:
+        """Drop the weights of the half not needed: ``"decoder"`` keeps decoding (the encoder is a fifth of
+        the Wan2.2 VAE, 0.6 GB in float32), ``"encoder"`` keeps encoding. Returns ``self``."""
+        drop = {"encoder": ("decoder", "post_quant_conv"), "decoder": ("encoder", "quant_conv")}[half]
+        for name in drop:
+            delattr(self, name)
+        return self
+
     def decode(self, z: mx.array) -> mx.array:
         """Latents (B, T', h, w, z_dim) -> video (B, 4T'-3, H, W, 3) in [-1, 1]."""
         return mx.concatenate(list(self.decode_frames(z)), axis=1)
