@@ -15,6 +15,7 @@ single loader behind them all.
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -24,7 +25,7 @@ import mlx.nn as nn
 
 from .errors import WeightLoadError
 from .quantize import Quantization, prepare_for_quantized_load, stored_quantization
-from .weights import WeightMap, load_strict, read_config, read_safetensors
+from .weights import WeightMap, load_strict, read_config, read_safetensors, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,9 @@ def is_mlx_layout(folder: str | Path) -> bool:
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         return False
-    try:
-        _, metadata = mx.load(str(files[0]), return_metadata=True)
-    except Exception:  # unreadable: let read_safetensors report it with the file name
+    try:  # the header only: a shard can be gigabytes, and read_safetensors reads it anyway
+        metadata = safetensors_header(files[0])[1].get("__metadata__") or {}
+    except (OSError, ValueError, struct.error):  # unreadable: let read_safetensors report it by name
         return False
     return metadata.get("format") == MLX_FORMAT["format"]
 

@@ -236,20 +236,23 @@ class WanPipeline:
         guidance = (settings.guidance_scale, settings.guidance_scale_2)
         batch = 2 if use_cfg else 1
         conditioning = self.variant.conditioning
-        contexts: dict[int, mx.array] = {}
+        # The context and its cross-attention K/V, once per expert rather than per step. Timesteps only
+        # decrease, so each expert runs one contiguous span: only the current expert's cache is kept.
+        cached: tuple[int, list] | None = None
         for i, t in enumerate(timesteps):
             index = self.experts.index_for(t)
             model = self.experts.get(index)
-            if index not in contexts:  # the context and its cross-attention K/V: once per expert, not per step
+            if cached is None or cached[0] != index:
+                cached = None  # the previous expert's K/V goes before this one's is built
                 context = model.embed_context(
                     text.astype(self.dtype), None if image_tokens is None else image_tokens.astype(self.dtype)
                 )
-                contexts[index] = model.cross_attention_cache(context)
-                mx.eval(contexts[index])
+                cached = (index, model.cross_attention_cache(context))
+                mx.eval(cached[1])
             x, timestep = conditioning.model_input(latents, state, float(t))
             x = mx.broadcast_to(x, (batch, *x.shape[1:])).astype(self.dtype)
             timestep = mx.broadcast_to(timestep, (batch, *timestep.shape[1:]))
-            out = model(x, timestep, context=contexts[index]).astype(mx.float32)
+            out = model(x, timestep, context=cached[1]).astype(mx.float32)
             if use_cfg:  # the conditional and unconditional passes ran as one batch of two
                 out = out[1:] + guidance[index] * (out[:1] - out[1:])
             latents = scheduler.step(out, t, latents)

@@ -179,6 +179,14 @@ def _safetensors_files(folder: Path, what: str) -> list[Path]:
     return files
 
 
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """The length and parsed JSON of a safetensors file's header (tensor offsets and ``__metadata__``),
+    without reading any tensor data."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        return header_len, json.loads(fh.read(header_len))
+
+
 def check_safetensors(folder: str | Path, *, what: str | None = None) -> None:
     """Cheaply check that a component's weights are all there: every file exists and is as long as its
     header says (a truncated download fails here, at load time, instead of mid-generation). Reads only
@@ -187,9 +195,7 @@ def check_safetensors(folder: str | Path, *, what: str | None = None) -> None:
     what = what or folder.name
     for f in _safetensors_files(folder, what):
         try:
-            with open(f, "rb") as fh:
-                (header_len,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(header_len))
+            header_len, header = safetensors_header(f)
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         except (OSError, ValueError, KeyError, struct.error) as e:
             raise WeightLoadError(f"{what}: cannot read {f.name} (truncated or corrupt?): {e}") from None
