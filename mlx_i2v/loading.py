@@ -18,7 +18,7 @@ from .pipeline import ImageEncoder, WanPipeline
 from .planner import ModelDims
 from .quantize import Quantization, QuantizationConfig
 from .resident import Resident
-from .runtime import dtype_name, resolve_dtype
+from .runtime import dtype_name, keep_freed_memory, resolve_dtype
 from .schedulers import Scheduler, load_scheduler, scheduler_by_name
 from .variants import Variant, load_variant
 from .weights import check_safetensors, read_config
@@ -58,6 +58,7 @@ def load_pipeline(
     from .hub import is_hub_id, resolve_model
 
     compute_dtype = resolve_dtype(dtype)
+    keep_freed_memory()
     quantization = QuantizationConfig(bits=quantize) if isinstance(quantize, int) else quantize
     model_dir = resolve_model(model)
     if is_hub_id(model):

@@ -1,10 +1,17 @@
-"""Device-dependent defaults: which float dtype to compute in."""
+"""Device-dependent defaults: which float dtype to compute in, and how the CPU backend allocates."""
 
 from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
 
 import mlx.core as mx
 
 from .errors import InvalidInputError
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -36,3 +43,33 @@ def resolve_dtype(name: str | mx.Dtype | None) -> mx.Dtype:
 def dtype_name(dtype: mx.Dtype) -> str:
     """The inverse of :func:`resolve_dtype`."""
     return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """On Linux with MLX's CPU backend, let glibc's malloc keep freed memory for reuse.
+
+    MLX's CPU allocator has no buffer cache on Linux, and glibc serves every block over 32 MB with a
+    fresh ``mmap``, which the kernel then faults in page by page: a memory-bound element-wise pass over
+    a 200 MB array took 0.19 s that way and 0.03 s on reused memory (2-core EPYC). Without ``mmap`` and
+    with trimming only past 2 GB of free heap top, freed arrays are reused instead. This is process-wide
+    (glibc's own settings, as ``MALLOC_MMAP_MAX_=0`` would set them), so it is skipped on a GPU, off
+    glibc, or when ``MLX_I2V_KEEP_FREED_MEMORY=0``.
+
+    Returns:
+        Whether malloc was reconfigured.
+    """
+    if sys.platform != "linux" or has_gpu() or os.environ.get("MLX_I2V_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    if applied:
+        log.debug("glibc malloc keeps freed memory for reuse (MLX CPU backend)")
+    return applied

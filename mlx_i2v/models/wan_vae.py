@@ -37,6 +37,7 @@ from .wan_vae_blocks import (
     RMSNorm,
     UpBlock,
     cached_conv,
+    norm_silu,
 )
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, cache)
-        return cached_conv(self.conv_out, nn.silu(self.norm_out(x)), cache)
+        return cached_conv(self.conv_out, norm_silu(self.norm_out, x), cache)
 
 
 class Decoder(nn.Module):
@@ -149,7 +150,7 @@ class Decoder(nn.Module):
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache, first_chunk)
-        return cached_conv(self.conv_out, nn.silu(self.norm_out(x)), cache)
+        return cached_conv(self.conv_out, norm_silu(self.norm_out, x), cache)
 
 
 def patchify(x: mx.array, p: int) -> mx.array:

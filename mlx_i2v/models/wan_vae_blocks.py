@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention
+from .conv import conv3d_by_taps, two_streams, upsample2x_conv2d, winograd_applies, winograd_conv3d
 
 CACHE_T = 2  # frames of context a kernel-3 causal conv needs from the previous chunk
 
@@ -82,6 +83,8 @@ class CausalConv3d(nn.Conv3d):
     ) -> None:
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, ph, pw))
+        if self.stride[1:] != (1, 1):
+            raise ValueError("CausalConv3d strides only in time")
         self.time_padding = 2 * pt
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
@@ -93,25 +96,20 @@ class CausalConv3d(nn.Conv3d):
         if pad > 0:
             x = mx.pad(x, [(0, 0), (pad, 0), (0, 0), (0, 0), (0, 0)])
         taps, stride = self.weight.shape[1], self.stride[0]
-        if taps == 1 and stride == 1:
-            y = super().__call__(x)
-            mx.eval(y)
-            return y
-        # One output frame at a time, as the sum of a 2D convolution per time tap: MLX's CPU conv3d
-        # unfolds its whole input 27-fold (2.7 GB for one 4-frame chunk of the Wan2.2 decoder at 256x384),
-        # while per-frame 2D convs unfold one frame 9-fold, at the same speed. Evaluating each frame keeps
-        # only one such buffer alive.
-        frames = []
-        for t in range(0, x.shape[1] - taps + 1, stride):
-            y = sum(
-                mx.conv2d(x[:, t + i], self.weight[:, i], stride=self.stride[1:], padding=self.padding[1:])
-                for i in range(taps)
-            )
-            if "bias" in self:
-                y = y + self.bias
-            mx.eval(y)
-            frames.append(y)
-        return mx.stack(frames, axis=1)
+        bias = self.bias if "bias" in self else None
+        padding = self.padding[1:]
+        if stride != 1:
+            windows = range(0, x.shape[1] - taps + 1, stride)
+            return mx.concatenate([self._conv(x[:, t : t + taps], bias, padding) for t in windows], axis=1)
+        return self._conv(x, bias, padding)
+
+    def _conv(self, x: mx.array, bias: mx.array | None, padding: tuple[int, int]) -> mx.array:
+        """Stride-1 convolution of the padded frames, evaluated."""
+        if winograd_applies(self.weight, padding, x.shape[2], x.shape[3]):
+            return winograd_conv3d(x, self.weight, bias)
+        y = conv3d_by_taps(x, self.weight, bias, padding)
+        mx.eval(y)
+        return y
 
 
 def cached_conv(conv: CausalConv3d, x: mx.array, cache: CausalCache) -> mx.array:
@@ -134,6 +132,21 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.gamma, 1e-24)
 
 
+def norm_silu(norm: RMSNorm, x: mx.array) -> mx.array:
+    """``silu(norm(x))`` for (..., C). MLX's CPU element-wise kernels run on one thread (its SiLU takes
+    10x PyTorch's time on 2 cores), so on the CPU the two halves of the pixels go to two streams that
+    run at once; on a GPU it is one call."""
+    if mx.default_device() != mx.cpu or x.size < 1 << 20:
+        return nn.silu(norm(x))
+    rows = x.reshape(-1, x.shape[-1])
+    half = rows.shape[0] // 2
+    parts = []
+    for stream, part in zip(two_streams(), (rows[:half], rows[half:])):
+        with mx.stream(stream):
+            parts.append(nn.silu(norm(part)))
+    return mx.concatenate(parts).reshape(x.shape)
+
+
 class ZeroPadRightBottom(nn.Module):
     """``nn.ZeroPad2d((0, 1, 0, 1))`` on (N, H, W, C): the stride-2 conv that follows sees an even size."""
 
@@ -143,7 +156,9 @@ class ZeroPadRightBottom(nn.Module):
 
 class Upsample2x(nn.Module):
     """Nearest(-exact) 2x spatial upsampling of (N, H, W, C); for an integer factor every source pixel is
-    simply repeated, so no float32 detour is needed."""
+    simply repeated, so no float32 detour is needed. :class:`Resample` folds it into the convolution
+    that follows (:func:`upsample2x_conv2d`) and keeps it in its layer list only so that parameter names
+    follow diffusers (``resample.1``)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         n, h, w, c = x.shape
@@ -187,7 +202,13 @@ class Resample(nn.Module):
         """(B, T, H, W, C) -> (B, T', 2H, 2W, C') for upsampling, (B, T', H/2, W/2, C) for downsampling."""
         if self.mode == "upsample3d":
             x = self._upsample_time(x, cache)
-        x = _per_frame(self.resample, x)
+        if self.mode.startswith("upsample"):
+            conv = self.resample[1]
+            b, t = x.shape[:2]
+            y = upsample2x_conv2d(x.reshape(b * t, *x.shape[2:]), conv.weight, conv.bias)
+            x = y.reshape(b, t, *y.shape[1:])
+        else:
+            x = _per_frame(self.resample, x)
         if self.mode == "downsample3d":
             x = self._downsample_time(x, cache)
         return x
@@ -227,8 +248,8 @@ class ResidualBlock(nn.Module):
 
     def __call__(self, x: mx.array, cache: CausalCache) -> mx.array:
         h = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        x = cached_conv(self.conv1, nn.silu(self.norm1(x)), cache)
-        x = cached_conv(self.conv2, nn.silu(self.norm2(x)), cache)
+        x = cached_conv(self.conv1, norm_silu(self.norm1, x), cache)
+        x = cached_conv(self.conv2, norm_silu(self.norm2, x), cache)
         return x + h
 
 

@@ -1,0 +1,242 @@
+"""Convolutions for the Wan VAE that avoid MLX's im2col buffer and do fewer multiplications.
+
+MLX's CPU convolution copies its input into an im2col buffer (27x the input for a 3x3x3 kernel) before
+one large matmul: hundreds of megabytes per frame for the VAE's wide, high-resolution layers, copied on
+one thread. Everything here is built from plain matmuls on views instead, channels-last:
+
+- :func:`winograd_conv3d`: (kt, 3, 3) kernels, stride 1, spatial padding 1 (every residual-block conv).
+  Winograd F(2x2, 3x3) in height and width: 16 products per 2x2 output block instead of 36.
+- :func:`upsample2x_conv2d`: nearest 2x upsampling followed by a 3x3 conv, as four 2x2 convs of the
+  source (2.25x fewer multiplications, no upsampled tensor).
+- :func:`conv3d_by_taps`: any other stride-1 kernel, one matmul per kernel tap on a shifted view.
+
+Results equal the direct convolution to float32 rounding (the Winograd transforms only add, subtract and
+halve; about 1e-6 relative). The work is sums of matmuls plus element-wise passes; the element-wise
+passes alternate between two streams because MLX's CPU element-wise kernels use one thread each.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# Largest transient buffer set a Winograd convolution may build (its transformed input, products and
+# output transform): convolutions with more frames are computed a few output frames at a time.
+WINOGRAD_WORKSPACE_BYTES = 1 << 30
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2015). B^T transforms 4-pixel input tiles, G the 3-tap kernels,
+# A^T the 4 products back into 2 outputs; applied along height and width in turn.
+_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def winograd_applies(weight: mx.array, padding: tuple[int, int], height: int, width: int) -> bool:
+    """Whether :func:`winograd_conv3d` computes this stride-1 conv: a (kt, 3, 3) kernel with spatial
+    padding 1 on even-sized frames."""
+    return tuple(weight.shape[2:4]) == (3, 3) and tuple(padding) == (1, 1) and height % 2 == 0 and width % 2 == 0
+
+
+def winograd_conv3d(
+    x: mx.array, weight: mx.array, bias: mx.array | None = None, workspace: int = WINOGRAD_WORKSPACE_BYTES
+) -> mx.array:
+    """Stride-1 convolution with a (kt, 3, 3) kernel and zero padding 1 in height and width.
+
+    Args:
+        x: (B, T, H, W, C), H and W even; any time padding is already applied.
+        weight: (O, kt, 3, 3, C), MLX's Conv3d layout.
+        bias: (O,) or None.
+        workspace: bytes of transient buffers allowed; output frames are computed in groups that fit
+            (at least one frame at a time).
+
+    Returns:
+        (B, T - kt + 1, H, W, O), evaluated.
+    """
+    kernel = _winograd_kernel(weight)
+    _, t, h, w, c = x.shape
+    o, kt = weight.shape[:2]
+    frames = t - kt + 1
+    group = max(1, min(frames, workspace // winograd_workspace(1, kt, h, w, c, o, x.itemsize)))
+    videos = []
+    for video in x:
+        parts = []
+        for start in range(0, frames, group):
+            n = min(group, frames - start)
+            parts.append(_winograd_frames(video[start : start + n + kt - 1], kernel, bias))
+            mx.eval(parts[-1])
+        videos.append(parts[0] if len(parts) == 1 else mx.concatenate(parts))
+    y = mx.stack(videos)
+    mx.eval(y)
+    return y
+
+
+def winograd_workspace(frames: int, kt: int, h: int, w: int, c: int, o: int, itemsize: int) -> int:
+    """Bytes of transient buffers :func:`winograd_conv3d` builds for ``frames`` output frames: the padded
+    input and its two transform stages (about 7 input sizes), the products and the output transform
+    (about 7 output sizes) and the transformed kernel (16/9 of the weights)."""
+    inputs = (frames + kt - 1) * (h + 2) * (w + 2) * c
+    return itemsize * (7 * inputs + 7 * frames * h * w * o + 16 * kt * c * o)
+
+
+def _winograd_kernel(weight: mx.array) -> mx.array:
+    """G g G^T for each time tap: (O, kt, 3, 3, C) -> (kt, 4, 4, C, O), contiguous (C, O) matrices."""
+    g = mx.array(_G, dtype=weight.dtype)
+    return mx.einsum("ay,bx,otyxc->tabco", g, g, weight)
+
+
+def _winograd_frames(x: mx.array, kernel: mx.array, bias: mx.array | None) -> mx.array:
+    """(T, H, W, C) with (kt, 4, 4, C, O) transformed kernels -> (T - kt + 1, H, W, O), lazily."""
+    t, h, w, c = x.shape
+    kt, o = kernel.shape[0], kernel.shape[-1]
+    th, tw = h // 2, w // 2
+    frames = t - kt + 1
+    streams = two_streams()
+    p = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    # Input transform B^T d B, width then height; tile j of an axis starts at padded index 2j.
+    cols = [p[:, :, i : i + w : 2] for i in range(4)]
+    v = {}
+    for bx, row in enumerate(_BT):
+        with mx.stream(streams[bx % 2]):
+            u = _combine(cols, row)
+            rows = [u[:, i : i + h : 2] for i in range(4)]
+            for ay, column in enumerate(_BT):
+                v[ay, bx] = _combine(rows, column).reshape(t, th * tw, c)
+    # One matmul per transform component and time tap. Component (1, 1) enters every output with
+    # coefficient +1, so the bias starts its sum.
+    m = {}
+    for (ay, bx), tiles in v.items():
+        total = bias.astype(x.dtype) if (ay, bx) == (1, 1) and bias is not None else None
+        for dt in range(kt):
+            rows_dt = tiles[dt : dt + frames].reshape(frames * th * tw, c)
+            k = kernel[dt, ay, bx]
+            total = rows_dt @ k if total is None else mx.addmm(total, rows_dt, k)
+        m[ay, bx] = total
+    # Output transform A^T M A: output row r, then column q, of each 2x2 block.
+    half_rows = {}
+    for bx in range(4):
+        with mx.stream(streams[bx % 2]):
+            for r, row in enumerate(_AT):
+                half_rows[r, bx] = _combine([m[ay, bx] for ay in range(4)], row)
+    out_rows = []
+    for r in range(2):
+        with mx.stream(streams[r]):
+            out_rows.append(mx.stack([_combine([half_rows[r, bx] for bx in range(4)], q) for q in _AT], axis=1))
+    y = mx.stack(out_rows, axis=1)  # (frames * th * tw, r, q, O)
+    y = y.reshape(frames, th, tw, 2, 2, o).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(frames, h, w, o)
+
+
+def _combine(terms: list[mx.array], coefficients: tuple[int, ...]) -> mx.array:
+    """sum(c * term) for coefficients in {-1, 0, 1}: adds and subtracts only."""
+    out = None
+    for coefficient, term in zip(coefficients, terms):
+        if coefficient == 0:
+            continue
+        if out is None:
+            out = term if coefficient == 1 else -term
+        else:
+            out = out + term if coefficient == 1 else out - term
+    return out
+
+
+_STREAMS: list[mx.Stream] = []
+
+
+def two_streams() -> list[mx.Stream]:
+    """Two streams on the default device, made once: independent element-wise work alternates between
+    them (on the CPU each stream is a thread)."""
+    if not _STREAMS:
+        _STREAMS.extend(mx.new_stream(mx.default_device()) for _ in range(2))
+    return _STREAMS
+
+
+def conv3d_by_taps(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    padding: tuple[int, int] = (0, 0),
+) -> mx.array:
+    """Stride-1 3D convolution, channels-last, with symmetric zero padding in height and width only.
+
+    The input is zero padded once and flattened to rows of pixels; the rows that kernel tap (dt, dy, dx)
+    reads for consecutive output pixels are then a contiguous slice of it, shifted by
+    ``dt * frame + dy * width + dx``, so each tap is a matmul on a view, accumulated with ``addmm``.
+    Outputs are computed on the padded grid (``kw - 1`` extra columns per row, ``kh - 1`` extra rows per
+    frame) and the extras dropped.
+
+    Args:
+        x: (B, T, H, W, C); any time padding is already applied.
+        weight: (O, kt, kh, kw, C), MLX's Conv3d layout.
+        bias: (O,) or None.
+        padding: (ph, pw) zeros on each side of height and width.
+
+    Returns:
+        (B, T - kt + 1, H + 2ph - kh + 1, W + 2pw - kw + 1, O).
+    """
+    return mx.stack([_taps_one_video(video, weight, bias, padding) for video in x])
+
+
+def _taps_one_video(x: mx.array, weight: mx.array, bias: mx.array | None, padding: tuple[int, int]) -> mx.array:
+    """(T, H, W, C) -> (T', H', W', O) for one video."""
+    t, h, w, c = x.shape
+    o, kt, kh, kw, _ = weight.shape
+    ph, pw = padding
+    if ph or pw:
+        x = mx.pad(x, [(0, 0), (ph, ph), (pw, pw), (0, 0)])
+    hp, wp = h + 2 * ph, w + 2 * pw
+    to, ho, wo = t - kt + 1, hp - kh + 1, wp - kw + 1
+    frame = hp * wp
+    # Output (f, i, j) is row f * frame + i * wp + j of the padded grid. The rows up to the last valid
+    # output read exactly up to the last input row, so every tap's slice stays inside the input.
+    rows = (to - 1) * frame + (ho - 1) * wp + wo
+    flat = x.reshape(t * frame, c)
+    y = None if bias is None else bias.astype(x.dtype)
+    for dt in range(kt):
+        for dy in range(kh):
+            for dx in range(kw):
+                start = dt * frame + dy * wp + dx
+                taps = flat[start : start + rows]
+                tap_weight = weight[:, dt, dy, dx].T  # (C, O)
+                y = taps @ tap_weight if y is None else mx.addmm(y, taps, tap_weight)
+    y = mx.as_strided(y, (to, ho, wo, o), (frame * o, wp * o, o, 1))
+    return mx.contiguous(y)
+
+
+def upsample2x_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """Nearest 2x upsampling followed by a 3x3, padding-1 convolution, without the upsampled tensor.
+
+    Output pixel (2i + a, 2j + b) sees upsampled rows 2i + a - 1 .. 2i + a + 1, which are source rows
+    i - 1, i, i for a = 0 and i, i, i + 1 for a = 1 (likewise for columns): each of the four output
+    phases is a 2x2 convolution of the source whose taps are sums of the 3x3 taps. That is 16 source-size
+    matmuls instead of 9 at four times the size, equal up to float summation order.
+
+    Args:
+        x: (N, H, W, C) source frames.
+        weight: (O, 3, 3, C), the convolution that follows the upsampling.
+        bias: (O,) or None.
+
+    Returns:
+        (N, 2H, 2W, O).
+    """
+    n, h, w, _ = x.shape
+    o = weight.shape[0]
+    phases = []
+    for a in range(2):
+        for b in range(2):
+            kernel = mx.stack(
+                [mx.stack([_phase_tap(weight, a, ry, b, rx) for rx in range(2)], axis=1) for ry in range(2)], axis=1
+            )  # (O, 2, 2, C)
+            # Phase a reads padded source rows i + a and i + a + 1: pad only the side it reads.
+            src = mx.pad(x, [(0, 0), (1 - a, a), (1 - b, b), (0, 0)])
+            phases.append(_taps_one_video(src, kernel[:, None], bias, (0, 0)))
+    y = mx.stack(phases, axis=3).reshape(n, h, w, 2, 2, o)  # (N, H, W, a, b, O)
+    return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, o)
+
+
+# The 3x3 taps that fold into 2x2 tap r of output phase a: for a = 0 row offsets -1 | 0, +1; for a = 1
+# row offsets -1, 0 | +1 (indices into the 3x3 kernel).
+_FOLD = {(0, 0): (0,), (0, 1): (1, 2), (1, 0): (0, 1), (1, 1): (2,)}
+
+
+def _phase_tap(weight: mx.array, a: int, ry: int, b: int, rx: int) -> mx.array:
+    """(O, C): the sum of the 3x3 taps that land on 2x2 tap (ry, rx) of output phase (a, b)."""
+    return sum(weight[:, ky, kx] for ky in _FOLD[a, ry] for kx in _FOLD[b, rx])
