@@ -10,11 +10,10 @@
   for this budget, and the VAE frame (or tile) size.
 
 Activation formulas are first-principles terms (hidden-state-sized tensors, score matrices, FFN
-intermediates, im2col convolution buffers) with multiplicities measured on MLX 0.32. Those
+intermediates, the VAE's Winograd workspaces) with multiplicities measured on MLX 0.32. Those
 multiplicities include MLX's scheduling: it allocates the buffers of several queued operations before
-the first one completes, so a chain of convolutions holds several im2col buffers at once. They were
-measured on the CPU backend; Metal runs convolutions as implicit GEMMs for many shapes and the fused
-attention kernel, so there the VAE terms over-estimate (the plan errs on the safe side).
+the first one completes. They were measured on the CPU backend; Metal has the fused attention kernel,
+so there the attention terms are exact or over-estimate (the plan errs on the safe side).
 
 Residency follows the pipeline: by default (``staged``) each model is in memory for its own stage only
 (text encoder; VAE encoder; transformer; VAE decoder); with ``staged=False`` (``keep_resident``) all of
@@ -38,6 +37,7 @@ from .errors import InvalidInputError
 from .memory import GB, memory_budget
 from .models.attention import attention_workspace, query_chunk_size
 from .models.umt5 import UMT5Config, UMT5Encoder
+from .models.conv import conv_plan, conv_workspace
 from .models.wan_transformer import KEEP_FLOAT32, WanTransformer3DModel, WanTransformerConfig
 from .models.wan_vae import AutoencoderKLWan, WanVAEConfig
 from .models.wan_vae_tiling import Tiling
@@ -56,13 +56,13 @@ HIDDEN_F32_COPIES = 8
 HIDDEN_COPIES = 4
 # A fixed working set of a denoising step independent of the token count (context K/V, tables, queue).
 DENOISE_FIXED = 150 * 10**6
-# VAE: activation peak as a multiple of a reference size, the 27-fold unfolded input of one 4-frame
-# convolution at the largest stage (decoder: the last up stage; encoder: the first). The VAE itself runs
-# its 3-tap convolutions frame by frame (one 9-fold unfolded frame at a time), so the factors are small;
-# residual (Wan2.2) decoders also keep the stage-wide DupUp3D shortcut alive. Measured on the CPU at
-# 192x320 and 256x384: decode 1.64-1.65 (Wan2.1), 1.67-1.71 (Wan2.2); encode 0.78 / 0.95.
-VAE_DECODE_IM2COL_COPIES = {False: 1.65, True: 1.7}
-VAE_ENCODE_IM2COL_COPIES = 0.87
+# VAE: activation peak as a multiple of one 4-frame activation of the largest stage (decoder: the last
+# up stage; encoder: the first), plus the workspace of the largest convolution as
+# :func:`~mlx_i2v.models.conv.conv_plan` computes it for the budget. Fitted on the CPU (MLX
+# 0.32) at 192x320 and 256x384: decode 14.3-14.5 (real Wan2.2 VAE), 8.3-9.2 (tiny Wan2.2), 12.0 (tiny
+# Wan2.1); encode 1.0-6.8. With these values every one of those peaks is within 10 %.
+VAE_DECODE_ACTIVATION_COPIES = 12.0
+VAE_ENCODE_ACTIVATION_COPIES = 4.0
 # Candidate VAE tilings, largest first (video pixels; diffusers' default is 256/192).
 TILINGS = (Tiling(512, 384), Tiling(256, 192), Tiling(128, 96))
 
@@ -268,8 +268,7 @@ def text_activations(cfg: UMT5Config, batch: int, dtype: mx.Dtype) -> int:
 
 def _vae_cache_bytes(cfg: WanVAEConfig, latent_hw: tuple[int, int], itemsize: int) -> int:
     """Causal cache of the decoder: two frames of each cached convolution's input."""
-    base = cfg.decoder_base_dim or cfg.base_dim
-    dims = [base * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+    dims = _decoder_dims(cfg)
     area = latent_hw[0] * latent_hw[1]
     total = cfg.z_dim + 4 * dims[0]  # conv_in, mid block
     for i, d in enumerate(dims[1:]):
@@ -278,8 +277,23 @@ def _vae_cache_bytes(cfg: WanVAEConfig, latent_hw: tuple[int, int], itemsize: in
     return 2 * area * total * itemsize
 
 
+def _decoder_dims(cfg: WanVAEConfig) -> list[int]:
+    base = cfg.decoder_base_dim or cfg.base_dim
+    return [base * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+
+
+def _largest_conv_workspace(convs: list[tuple[int, int, int, int, int]], itemsize: int, budget: int) -> int:
+    """The largest transient workspace among 3x3 convolutions given as (frames, h, w, c_in, c_out), each
+    computed as :func:`~mlx_i2v.models.conv.conv3d` would for this budget."""
+    workspace = conv_workspace(budget)
+    return max(
+        conv_plan(frames, 3, h, w, c_in, c_out, itemsize, workspace, h % 2 == 0 and w % 2 == 0)[2]
+        for frames, h, w, c_in, c_out in convs
+    )
+
+
 def vae_decode_activations(
-    cfg: WanVAEConfig, latent_hw: tuple[int, int], dtype: mx.Dtype, tiling: Tiling | None
+    cfg: WanVAEConfig, latent_hw: tuple[int, int], dtype: mx.Dtype, tiling: Tiling | None, budget: int
 ) -> int:
     """Peak of decoding one latent frame (four video frames), untiled or per tile plus all tiles' caches."""
     s, p = cfg.scale_factor_spatial, cfg.patch_size or 1
@@ -287,18 +301,25 @@ def vae_decode_activations(
     if tiling is not None:
         t = tiling.size // s
         ny, nx = math.ceil(h / (tiling.stride // s)), math.ceil(w / (tiling.stride // s))
-        tile_hw = (min(t, h), min(t, w))
-        caches = _vae_cache_bytes(cfg, tile_hw, dtype.size) * (ny * nx - 1)
+        h, w = min(t, h), min(t, w)
+        caches = _vae_cache_bytes(cfg, (h, w), dtype.size) * (ny * nx - 1)
     else:
-        tile_hw, caches = (h, w), 0
-    pixels = tile_hw[0] * tile_hw[1] * (s // p) ** 2
-    im2col = 4 * pixels * 27 * (cfg.decoder_base_dim or cfg.base_dim) * dtype.size
+        caches = 0
+    dims = _decoder_dims(cfg)
+    # Each stage's first convolution (the widest input), at its size and frame count.
+    convs, frames = [], 1
+    for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+        c_in = c_in // 2 if i > 0 and not cfg.is_residual else c_in  # Wan2.1 upsamplers halve the width
+        convs.append((frames, h << i, w << i, c_in, c_out))
+        frames *= 2 if i < len(cfg.temperal_downsample) and cfg.temperal_downsample[::-1][i] else 1
+    last = 4 * (h * s // p) * (w * s // p) * dims[-1] * dtype.size
     frames_out = 4 * h * w * s * s * 3 * 4  # the yielded chunk, float32 after the pipeline's cast
-    return int(VAE_DECODE_IM2COL_COPIES[cfg.is_residual] * im2col) + caches + frames_out
+    workspace = _largest_conv_workspace(convs, dtype.size, budget)
+    return int(VAE_DECODE_ACTIVATION_COPIES * last) + workspace + caches + frames_out
 
 
 def vae_encode_activations(
-    cfg: WanVAEConfig, height: int, width: int, frames: int, dtype: mx.Dtype, tiling: Tiling | None
+    cfg: WanVAEConfig, height: int, width: int, frames: int, dtype: mx.Dtype, tiling: Tiling | None, budget: int
 ) -> int:
     """Peak of encoding ``frames`` video frames (chunks of at most four), untiled or per tile (tiles are
     measured on the patchified video, as in :func:`~mlx_i2v.models.wan_vae_tiling.tiled_encode`). The
@@ -307,8 +328,11 @@ def vae_encode_activations(
     h, w = height // p, width // p
     if tiling is not None:
         h, w = min(h, tiling.size), min(w, tiling.size)
-    im2col = min(frames, 4) * h * w * 27 * cfg.base_dim * dtype.size
-    return int(VAE_ENCODE_IM2COL_COPIES * im2col)
+    frames = min(frames, 4)
+    dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+    convs = [(frames, h >> i, w >> i, c, c) for i, c in enumerate(dims[1:])]
+    first = frames * h * w * cfg.base_dim * dtype.size
+    return int(VAE_ENCODE_ACTIVATION_COPIES * first) + _largest_conv_workspace(convs, dtype.size, budget)
 
 
 # --- the plan -----------------------------------------------------------------------------------------
@@ -369,20 +393,20 @@ def plan_generation(
     denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget)
 
     tiling = None
-    decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, None)
+    decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, None, budget)
     if resident["vae_decoder"] + decode > budget:
         for candidate in TILINGS:
             tiling = candidate
-            decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, candidate)
+            decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, candidate, budget)
             if resident["vae_decoder"] + decode <= budget:
                 break
 
     encode_tiling = None
-    encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, None)
+    encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, None, budget)
     if resident["vae_encoder"] + encode > budget:
         for candidate in TILINGS:
             encode_tiling = candidate
-            encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, candidate)
+            encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, candidate, budget)
             if resident["vae_encoder"] + encode <= budget:
                 break
 

@@ -198,7 +198,17 @@ def test_planner_matches_measured_vae_decode_peak(tiny_vaes):
 
     measured, _ = measure_peak(decode)
     weights = planner.module_weight_bytes(ours, mx.float32)
-    estimate = weights + planner.vae_decode_activations(cfg, z.shape[2:4], mx.float32, None)
+    estimate = weights + planner.vae_decode_activations(cfg, z.shape[2:4], mx.float32, None, memory_budget())
+    assert abs(estimate - measured) / measured < PLANNER_TOL, (estimate, measured)
+
+
+def test_planner_matches_measured_vae_encode_peak(tiny_vaes):
+    _, ours = tiny_vaes
+    video = mx.random.uniform(-1, 1, (1, 1, 192, 320, 3), key=mx.random.key(3))
+    mx.eval(video)
+    measured, _ = measure_peak(lambda: ours.encode(video)[0])
+    weights = planner.module_weight_bytes(ours, mx.float32)
+    estimate = weights + planner.vae_encode_activations(ours.config, 192, 320, 1, mx.float32, None, memory_budget())
     assert abs(estimate - measured) / measured < PLANNER_TOL, (estimate, measured)
 
 

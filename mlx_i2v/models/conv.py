@@ -4,11 +4,13 @@ MLX's CPU convolution copies its input into an im2col buffer (27x the input for 
 one large matmul: hundreds of megabytes per frame for the VAE's wide, high-resolution layers, copied on
 one thread. Everything here is built from plain matmuls on views instead, channels-last:
 
-- :func:`winograd_conv3d`: (kt, 3, 3) kernels, stride 1, spatial padding 1 (every residual-block conv).
-  Winograd F(2x2, 3x3) in height and width: 16 products per 2x2 output block instead of 36.
+- :func:`conv3d`: stride-1 3D convolutions, by :func:`winograd_conv3d` for (kt, 3, 3) kernels with
+  spatial padding 1 (every residual-block conv): Winograd F(2x2, 3x3) in height and width, 16 products
+  per 2x2 output block instead of 36; otherwise by :func:`conv3d_by_taps`. Output frames are computed
+  in groups whose transient buffers fit :data:`CONV_FRACTION` of the memory budget.
 - :func:`upsample2x_conv2d`: nearest 2x upsampling followed by a 3x3 conv, as four 2x2 convs of the
   source (2.25x fewer multiplications, no upsampled tensor).
-- :func:`conv3d_by_taps`: any other stride-1 kernel, one matmul per kernel tap on a shifted view.
+- :func:`conv3d_by_taps`: any stride-1 kernel, one matmul per kernel tap on a shifted view.
 
 Results equal the direct convolution to float32 rounding (the Winograd transforms only add, subtract and
 halve; about 1e-6 relative). The work is sums of matmuls plus element-wise passes; the element-wise
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-# Largest transient buffer set a Winograd convolution may build (its transformed input, products and
-# output transform): convolutions with more frames are computed a few output frames at a time.
-WINOGRAD_WORKSPACE_BYTES = 1 << 30
+from ..memory import memory_budget
+
+# Share of the memory budget one convolution may spend on transient buffers (as attention does): output
+# frames are computed in groups that fit, and Winograd is used only where one frame fits.
+CONV_FRACTION = 1 / 16
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, 2015). B^T transforms 4-pixel input tiles, G the 3-tap kernels,
 # A^T the 4 products back into 2 outputs; applied along height and width in turn.
@@ -30,38 +34,54 @@ _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 
+def conv_workspace(budget: int | None = None) -> int:
+    """Bytes one convolution may spend on transient buffers: :data:`CONV_FRACTION` of the budget."""
+    return int((memory_budget() if budget is None else budget) * CONV_FRACTION)
+
+
 def winograd_applies(weight: mx.array, padding: tuple[int, int], height: int, width: int) -> bool:
-    """Whether :func:`winograd_conv3d` computes this stride-1 conv: a (kt, 3, 3) kernel with spatial
-    padding 1 on even-sized frames."""
+    """Whether this stride-1 conv has Winograd's shape: a (kt, 3, 3) kernel with spatial padding 1 on
+    even-sized frames."""
     return tuple(weight.shape[2:4]) == (3, 3) and tuple(padding) == (1, 1) and height % 2 == 0 and width % 2 == 0
 
 
-def winograd_conv3d(
-    x: mx.array, weight: mx.array, bias: mx.array | None = None, workspace: int = WINOGRAD_WORKSPACE_BYTES
+def conv3d(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    padding: tuple[int, int] = (0, 0),
+    workspace: int | None = None,
 ) -> mx.array:
-    """Stride-1 convolution with a (kt, 3, 3) kernel and zero padding 1 in height and width.
+    """Stride-1 3D convolution, channels-last, with symmetric zero padding in height and width only:
+    Winograd where it applies and one output frame's buffers fit ``workspace``, per-tap matmuls
+    otherwise, a group of output frames at a time (see :func:`conv_plan`).
 
     Args:
-        x: (B, T, H, W, C), H and W even; any time padding is already applied.
-        weight: (O, kt, 3, 3, C), MLX's Conv3d layout.
+        x: (B, T, H, W, C); any time padding is already applied.
+        weight: (O, kt, kh, kw, C), MLX's Conv3d layout.
         bias: (O,) or None.
-        workspace: bytes of transient buffers allowed; output frames are computed in groups that fit
-            (at least one frame at a time).
+        padding: (ph, pw) zeros on each side of height and width.
+        workspace: bytes of transient buffers allowed (default :func:`conv_workspace`).
 
     Returns:
-        (B, T - kt + 1, H, W, O), evaluated.
+        (B, T - kt + 1, H + 2ph - kh + 1, W + 2pw - kw + 1, O), evaluated.
     """
-    kernel = _winograd_kernel(weight)
     _, t, h, w, c = x.shape
     o, kt = weight.shape[:2]
     frames = t - kt + 1
-    group = max(1, min(frames, workspace // winograd_workspace(1, kt, h, w, c, o, x.itemsize)))
+    workspace = conv_workspace() if workspace is None else workspace
+    shaped = winograd_applies(weight, padding, h, w)
+    method, group, _ = conv_plan(frames, kt, h, w, c, o, x.itemsize, workspace, shaped)
+    if method == "winograd":
+        kernel = _winograd_kernel(weight)
+        run = lambda frames_in: _winograd_frames(frames_in, kernel, bias)  # noqa: E731
+    else:
+        run = lambda frames_in: _taps_one_video(frames_in, weight, bias, padding)  # noqa: E731
     videos = []
     for video in x:
         parts = []
         for start in range(0, frames, group):
-            n = min(group, frames - start)
-            parts.append(_winograd_frames(video[start : start + n + kt - 1], kernel, bias))
+            parts.append(run(video[start : start + min(group, frames - start) + kt - 1]))
             mx.eval(parts[-1])
         videos.append(parts[0] if len(parts) == 1 else mx.concatenate(parts))
     y = mx.stack(videos)
@@ -69,10 +89,44 @@ def winograd_conv3d(
     return y
 
 
+def conv_plan(
+    frames: int, kt: int, h: int, w: int, c: int, o: int, itemsize: int, workspace: int, winograd: bool = True
+) -> tuple[str, int, int]:
+    """How :func:`conv3d` computes ``frames`` output frames of a (kt, 3, 3)-or-smaller kernel on (h, w)
+    frames, C -> O channels: ("winograd" or "taps", output frames per group, transient bytes). Winograd
+    (when ``winograd``, its shape condition, holds) needs about 7 input and 7 output sizes plus the
+    transformed kernel; per-tap matmuls the padded input and about 3 outputs on the padded grid."""
+    def winograd_bytes(n: int) -> int:
+        return winograd_workspace(n, kt, h, w, c, o, itemsize)
+
+    def taps_bytes(n: int) -> int:
+        return itemsize * (h + 2) * (w + 2) * ((n + kt - 1) * c + 3 * n * o)
+
+    method, cost = ("winograd", winograd_bytes) if winograd and winograd_bytes(1) <= workspace else ("taps", taps_bytes)
+    group = max(1, min(frames, workspace // cost(1)))
+    return method, group, cost(group)
+
+
+def winograd_conv3d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """Stride-1 convolution with a (kt, 3, 3) kernel and zero padding 1 in height and width, every frame
+    at once (:func:`conv3d` groups frames to a workspace).
+
+    Args:
+        x: (B, T, H, W, C), H and W even; any time padding is already applied.
+        weight: (O, kt, 3, 3, C), MLX's Conv3d layout.
+        bias: (O,) or None.
+
+    Returns:
+        (B, T - kt + 1, H, W, O), lazily.
+    """
+    kernel = _winograd_kernel(weight)
+    return mx.stack([_winograd_frames(video, kernel, bias) for video in x])
+
+
 def winograd_workspace(frames: int, kt: int, h: int, w: int, c: int, o: int, itemsize: int) -> int:
-    """Bytes of transient buffers :func:`winograd_conv3d` builds for ``frames`` output frames: the padded
-    input and its two transform stages (about 7 input sizes), the products and the output transform
-    (about 7 output sizes) and the transformed kernel (16/9 of the weights)."""
+    """Bytes of transient buffers Winograd builds for ``frames`` output frames: the padded input and its
+    two transform stages (about 7 input sizes), the products and the output transform (about 7 output
+    sizes) and the transformed kernel (16/9 of the weights)."""
     inputs = (frames + kt - 1) * (h + 2) * (w + 2) * c
     return itemsize * (7 * inputs + 7 * frames * h * w * o + 16 * kt * c * o)
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention
-from .conv import conv3d_by_taps, two_streams, upsample2x_conv2d, winograd_applies, winograd_conv3d
+from .conv import conv3d, two_streams, upsample2x_conv2d
 
 CACHE_T = 2  # frames of context a kernel-3 causal conv needs from the previous chunk
 
@@ -100,16 +100,8 @@ class CausalConv3d(nn.Conv3d):
         padding = self.padding[1:]
         if stride != 1:
             windows = range(0, x.shape[1] - taps + 1, stride)
-            return mx.concatenate([self._conv(x[:, t : t + taps], bias, padding) for t in windows], axis=1)
-        return self._conv(x, bias, padding)
-
-    def _conv(self, x: mx.array, bias: mx.array | None, padding: tuple[int, int]) -> mx.array:
-        """Stride-1 convolution of the padded frames, evaluated."""
-        if winograd_applies(self.weight, padding, x.shape[2], x.shape[3]):
-            return winograd_conv3d(x, self.weight, bias)
-        y = conv3d_by_taps(x, self.weight, bias, padding)
-        mx.eval(y)
-        return y
+            return mx.concatenate([conv3d(x[:, t : t + taps], self.weight, bias, padding) for t in windows], axis=1)
+        return conv3d(x, self.weight, bias, padding)
 
 
 def cached_conv(conv: CausalConv3d, x: mx.array, cache: CausalCache) -> mx.array:

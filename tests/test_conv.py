@@ -1,0 +1,134 @@
+"""The VAE's convolutions (Winograd, sub-pixel upsampling, per-tap matmuls) against their direct forms:
+PyTorch's conv3d / conv2d (and nearest upsampling), float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_i2v import runtime
+from mlx_i2v.models.conv import (
+    conv3d,
+    conv3d_by_taps,
+    conv_plan,
+    upsample2x_conv2d,
+    winograd_applies,
+    winograd_conv3d,
+)
+from mlx_i2v.models.wan_vae_blocks import CausalConv3d, RMSNorm, norm_silu
+
+TOL = 1e-5
+
+
+def rel_err(ours: mx.array, ref: torch.Tensor) -> float:
+    ours, ref = np.array(ours), ref.numpy()
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def torch_conv3d(x: mx.array, w: mx.array, b: mx.array | None, padding: tuple[int, int]) -> torch.Tensor:
+    """The reference on channels-last (B, T, H, W, C) input and MLX (O, kt, kh, kw, C) weights."""
+    xt = torch.from_numpy(np.array(x)).permute(0, 4, 1, 2, 3)
+    wt = torch.from_numpy(np.array(w)).permute(0, 4, 1, 2, 3)
+    bt = None if b is None else torch.from_numpy(np.array(b))
+    return F.conv3d(xt, wt, bt, padding=(0, *padding)).permute(0, 2, 3, 4, 1)
+
+
+def random(shape: tuple[int, ...], seed: int) -> mx.array:
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
+@pytest.mark.parametrize("kt", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_equals_direct_convolution(kt, bias):
+    x = random((2, kt + 3, 6, 10, 16), 0)  # two videos, kt - 1 frames of context
+    w = random((24, kt, 3, 3, 16), 1) * 0.1
+    b = random((24,), 2) if bias else None
+    y = winograd_conv3d(x, w, b)
+    assert y.shape == (2, 4, 6, 10, 24)
+    assert conv_plan(4, kt, 6, 10, 16, 24, 4, 1 << 30)[0] == "winograd"
+    assert rel_err(y, torch_conv3d(x, w, b, (1, 1))) < TOL
+
+
+@pytest.mark.parametrize("method", ["winograd", "taps"])
+def test_frame_groups_equal_all_at_once(method):
+    """A workspace that fits one output frame: conv3d computes frame by frame, with the same result."""
+    x = random((2, 7, 8, 12, 8), 3)
+    w = random((8, 3, 3, 3, 8), 4) * 0.1
+    one_frame = conv_plan(1, 3, 8, 12, 8, 8, 4, 1 << 40, method == "winograd")[2]
+    assert conv_plan(5, 3, 8, 12, 8, 8, 4, one_frame, method == "winograd") == (method, 1, one_frame)
+    whole = conv_plan(5, 3, 8, 12, 8, 8, 4, 1 << 40, method == "winograd")
+    assert whole[:2] == (method, 5) and whole[2] > one_frame
+    padding = (1, 1) if method == "winograd" else (1, 0)  # padding (1, 0) rules Winograd out
+    grouped = conv3d(x, w, None, padding, workspace=one_frame)
+    at_once = winograd_conv3d(x, w) if method == "winograd" else conv3d_by_taps(x, w, None, padding)
+    # The same sums; BLAS may block a matmul of fewer rows differently (float32 rounding only).
+    assert float(mx.abs(grouped - at_once).max()) < 1e-6 * float(mx.abs(at_once).max())
+    assert rel_err(grouped, torch_conv3d(x, w, None, padding)) < TOL
+
+
+def test_winograd_falls_back_to_taps_when_one_frame_does_not_fit():
+    winograd_frame = conv_plan(1, 3, 8, 12, 8, 8, 4, 1 << 40)[2]
+    method, group, _ = conv_plan(4, 3, 8, 12, 8, 8, 4, winograd_frame - 1)
+    assert (method, group) == ("taps", 4)  # per-tap buffers are smaller: all four frames fit
+
+
+@pytest.mark.parametrize(
+    "kernel,padding,size",
+    [((3, 3, 3), (1, 1), (5, 7)), ((3, 1, 1), (0, 0), (6, 4)), ((1, 1, 1), (0, 0), (5, 5)), ((1, 3, 3), (0, 0), (6, 8))],
+)
+def test_per_tap_matmuls_equal_direct_convolution(kernel, padding, size):
+    x = random((2, 4, *size, 12), 5)
+    w = random((10, *kernel, 12), 6) * 0.1
+    b = random((10,), 7)
+    y = conv3d_by_taps(x, w, b, padding)
+    ref = torch_conv3d(x, w, b, padding)
+    assert y.shape == tuple(ref.shape)
+    assert rel_err(y, ref) < TOL
+
+
+def test_upsample_conv_equals_upsampling_then_convolving():
+    x = random((3, 5, 7, 16), 8)
+    w = random((12, 3, 3, 16), 9) * 0.1
+    b = random((12,), 10)
+    xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)
+    wt = torch.from_numpy(np.array(w)).permute(0, 3, 1, 2)
+    # diffusers' WanUpsample: nearest-exact 2x, then Conv2d(3, padding=1)
+    ref = F.conv2d(F.interpolate(xt, scale_factor=2.0, mode="nearest-exact"), wt, torch.from_numpy(np.array(b)), padding=1)
+    y = upsample2x_conv2d(x, w, b)
+    assert y.shape == (3, 10, 14, 12)
+    assert rel_err(y, ref.permute(0, 2, 3, 1)) < TOL
+
+
+def test_causal_conv_picks_winograd_only_where_it_applies():
+    w3 = mx.zeros((4, 3, 3, 3, 4))
+    assert winograd_applies(w3, (1, 1), 8, 12)
+    assert not winograd_applies(w3, (1, 1), 7, 12)  # odd height: per-tap matmuls
+    assert not winograd_applies(w3, (0, 0), 8, 12)
+    assert not winograd_applies(mx.zeros((4, 3, 1, 1, 4)), (0, 0), 8, 12)
+    conv = CausalConv3d(6, 5, 3, padding=1)
+    for size in [(6, 8), (5, 7)]:  # Winograd, then the fallback
+        x = random((1, 3, *size, 6), 11)
+        padded = mx.pad(x, [(0, 0), (2, 0), (0, 0), (0, 0), (0, 0)])
+        assert rel_err(conv(x), torch_conv3d(padded, conv.weight, conv.bias, (1, 1))) < TOL
+
+
+def test_norm_silu_on_two_streams_equals_one_call():
+    norm = RMSNorm(64)
+    norm.gamma = random((64,), 12)
+    x = random((2, 3, 40, 90, 64), 13)  # over 2**20 elements: split across two CPU streams
+    assert x.size >= 1 << 20
+    assert float(mx.abs(norm_silu(norm, x) - nn.silu(norm(x))).max()) == 0.0
+
+
+def test_malloc_keeps_freed_memory_on_linux_cpu(monkeypatch):
+    monkeypatch.setenv("MLX_I2V_KEEP_FREED_MEMORY", "0")
+    assert runtime.keep_freed_memory() is False
+    monkeypatch.delenv("MLX_I2V_KEEP_FREED_MEMORY")
+    import sys
+
+    expected = sys.platform == "linux" and not runtime.has_gpu()
+    assert runtime.keep_freed_memory() is expected
