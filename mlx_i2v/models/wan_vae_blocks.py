@@ -88,7 +88,8 @@ class CausalConv3d(nn.Conv3d):
         self.time_padding = 2 * pt
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
-        """x: (B, T, H, W, C_in) -> (B, T', H', W', C_out), evaluated."""
+        """x: (B, T, H, W, C_in) -> (B, T', H', W', C_out), evaluated; computed by :func:`~.conv.conv3d`
+        (Winograd or per-tap matmuls, a few output frames at a time)."""
         pad = self.time_padding
         if context is not None and pad > 0:
             x = mx.concatenate([context, x], axis=1)
@@ -147,15 +148,9 @@ class ZeroPadRightBottom(nn.Module):
 
 
 class Upsample2x(nn.Module):
-    """Nearest(-exact) 2x spatial upsampling of (N, H, W, C); for an integer factor every source pixel is
-    simply repeated, so no float32 detour is needed. :class:`Resample` folds it into the convolution
-    that follows (:func:`upsample2x_conv2d`) and keeps it in its layer list only so that parameter names
-    follow diffusers (``resample.1``)."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        n, h, w, c = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c))
-        return x.reshape(n, 2 * h, 2 * w, c)
+    """The slot of diffusers' nearest(-exact) 2x upsampling (``resample.0``), kept so that the convolution
+    after it is ``resample.1`` as in the checkpoints. It has no parameters and is never called:
+    :class:`Resample` folds the upsampling into that convolution (:func:`upsample2x_conv2d`)."""
 
 
 def _per_frame(layers: list[nn.Module], x: mx.array) -> mx.array:
