@@ -56,26 +56,13 @@ from mlx_i2v.quantize import (  # noqa: E402
 from mlx_i2v.weights import config_from_dict, load_strict  # noqa: E402
 
 # Full-size configs (diffusers / transformers config.json values).
+WAN_14B = dict(
+    num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16, ffn_dim=13824, num_layers=40
+)
 FULL_TRANSFORMERS = {
     "Wan2.2-TI2V-5B": dict(TI2V_5B_1LAYER, num_layers=30),
-    "Wan2.2-I2V-A14B (one expert)": dict(
-        num_attention_heads=40,
-        attention_head_dim=128,
-        in_channels=36,
-        out_channels=16,
-        ffn_dim=13824,
-        num_layers=40,
-    ),
-    "Wan2.1-I2V-14B": dict(
-        num_attention_heads=40,
-        attention_head_dim=128,
-        in_channels=36,
-        out_channels=16,
-        ffn_dim=13824,
-        num_layers=40,
-        image_dim=1280,
-        added_kv_proj_dim=5120,
-    ),
+    "Wan2.2-I2V-A14B (one expert)": WAN_14B,
+    "Wan2.1-I2V-14B": dict(WAN_14B, image_dim=1280, added_kv_proj_dim=5120),  # plus the CLIP image branch
 }
 UMT5_XXL = dict(UMT5_XXL_1LAYER_CONFIG, vocab_size=256384, num_layers=24)
 

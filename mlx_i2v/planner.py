@@ -36,8 +36,8 @@ from mlx.utils import tree_flatten
 from .errors import InvalidInputError
 from .memory import GB, memory_budget
 from .models.attention import attention_workspace, query_chunk_size
-from .models.umt5 import UMT5Config, UMT5Encoder
 from .models.conv import conv_plan, conv_workspace
+from .models.umt5 import UMT5Config, UMT5Encoder
 from .models.wan_transformer import KEEP_FLOAT32, WanTransformer3DModel, WanTransformerConfig
 from .models.wan_vae import AutoencoderKLWan, WanVAEConfig
 from .models.wan_vae_tiling import Tiling
