@@ -171,7 +171,7 @@ class WanPipeline:
         prompts = {COND: prompt, UNCOND: settings.negative_prompt}
         text = self.encode_text([prompts[b] for b in branches])
         text = {b: text[i : i + 1] for i, b in enumerate(branches)}
-        image_tokens = self.encode_image_tokens(photos, batch=1)
+        image_tokens = self.encode_image_tokens(photos)
         timings["text"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -226,13 +226,12 @@ class WanPipeline:
         low-noise one ``guidance_scale_2``."""
         return (s.guidance_scale,) if s.guidance_scale_2 is None else (s.guidance_scale, s.guidance_scale_2)
 
-    def encode_image_tokens(self, photos: list[Image.Image], batch: int) -> mx.array | None:
-        """CLIP tokens for variants that attend to the photo, repeated for each of ``batch`` rows:
-        (batch * len(photos), 257, 1280), each row's photos adjacent (what FLF2V's position table expects)."""
+    def encode_image_tokens(self, photos: list[Image.Image]) -> mx.array | None:
+        """CLIP tokens for variants that attend to the photo(s): (len(photos), 257, 1280) for one row,
+        the photos adjacent (what FLF2V's position table expects); None for the other variants."""
         if self.image_encoder is None:
             return None
         tokens = self.image_encoder.get()(photos)  # the photos as given, not fitted to the frame: as diffusers
-        tokens = mx.concatenate([tokens] * batch, axis=0)
         mx.eval(tokens)
         self.image_encoder.release()
         return tokens
