@@ -13,7 +13,7 @@ from typing import Any
 import click
 import numpy as np
 
-from .generate import DEFAULT_MODEL
+from .options import DEFAULT_MODEL
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:

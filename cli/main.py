@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -12,6 +13,7 @@ from mlx_i2v.errors import MlxI2VError
 
 from .bench import bench
 from .convert import convert, info, quantize
+from .creative import extend, restyle
 from .generate import generate
 
 
@@ -20,6 +22,8 @@ class _Group(click.Group):
     exit code, never a traceback or a usage dump."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        # A termination request unwinds like Ctrl-C, so every half-written output or preview is removed.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
@@ -33,6 +37,10 @@ class _Group(click.Group):
         except MemoryError:
             _fail("out of memory: try a smaller --height/--width or fewer --frames", code=1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _fail(message: str, code: int) -> None:
@@ -51,6 +59,8 @@ def main(verbose: bool) -> None:
 
 
 main.add_command(generate)
+main.add_command(restyle)
+main.add_command(extend)
 main.add_command(bench)
 main.add_command(convert)
 main.add_command(quantize)
