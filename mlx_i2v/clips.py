@@ -113,7 +113,7 @@ def _frames_from_array(frames: np.ndarray) -> np.ndarray:
         return frames
     if not np.issubdtype(frames.dtype, np.floating):
         raise InvalidInputError(f"clip frames must be uint8 or float in [0, 1]; got {frames.dtype}")
-    frames = frames.astype(np.float32)
+    frames = frames.astype(np.float32, copy=False)  # never modified: an extension carries it over as given
     if not np.isfinite(frames).all() or frames.min() < 0.0 or frames.max() > 1.0:
         raise InvalidInputError("float clip frames must be finite and in [0, 1]")
     return frames
