@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
 from ref_creative import PainterI2V, moving_clip, noise, run_reference
-
-import mlx.core as mx
 
 from mlx_i2v import load_pipeline
 from mlx_i2v.errors import InvalidInputError
