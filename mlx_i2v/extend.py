@@ -29,8 +29,7 @@ def context_frames(requested: int | None, default: int, available: int) -> int:
     """How many of the clip's last frames the model sees: ``requested`` (must be 4k+1), else the
     variant's ``default``, reduced to what a shorter clip has (with a notice)."""
     if requested is not None:
-        valid = not isinstance(requested, bool) and int(requested) == requested and requested >= 1
-        if not valid or (requested - 1) % TEMPORAL_STRIDE:
+        if not _positive_int(requested) or (requested - 1) % TEMPORAL_STRIDE:
             raise InvalidInputError(f"context must be 1, 5, 9, ... (4k+1) frames, got {requested}")
         if requested > available:
             raise InvalidInputError(f"context of {requested} frames is longer than the clip ({available} frames)")
@@ -43,12 +42,16 @@ def context_frames(requested: int | None, default: int, available: int) -> int:
 
 def new_frame_count(num_frames: int) -> int:
     """New frames rounded to a multiple of 4 (at least 4), with a notice when rounded."""
-    if isinstance(num_frames, bool) or int(num_frames) != num_frames or num_frames < 1:
+    if not _positive_int(num_frames):
         raise InvalidInputError(f"num_frames (new frames) must be a positive integer, got {num_frames!r}")
     rounded = max(TEMPORAL_STRIDE, round(num_frames / TEMPORAL_STRIDE) * TEMPORAL_STRIDE)
     if rounded != num_frames:
         log.warning("extending by %d frames: new frames come in fours; using %d", num_frames, rounded)
     return rounded
+
+
+def _positive_int(n) -> bool:
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
 
 
 def check_clip_fits(clip: Clip, multiple: int, variant: str) -> tuple[int, int]:
@@ -64,6 +67,8 @@ def check_clip_fits(clip: Clip, multiple: int, variant: str) -> tuple[int, int]:
 
 def check_colour_match(strength: float) -> float:
     """A colour-match strength in [0, 1]."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.integer, np.floating)):
+        raise InvalidInputError(f"colour_match must be a number in [0, 1], got {strength!r}")
     strength = float(strength)
     if not 0.0 <= strength <= 1.0:
         raise InvalidInputError(f"colour_match must be in [0, 1], got {strength:g}")

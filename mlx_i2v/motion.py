@@ -49,8 +49,10 @@ def amplify_motion(raw: mx.array, amplitude: float, free: np.ndarray) -> mx.arra
 
 def check_motion(motion: float, variant: str, supported: bool) -> float:
     """A motion amplitude in :data:`MOTION_RANGE`, and anything but 1 only where ``supported``."""
-    motion = float(motion)
     low, high = MOTION_RANGE
+    if isinstance(motion, bool) or not isinstance(motion, (int, float, np.integer, np.floating)):
+        raise InvalidInputError(f"motion must be a number in [{low:g}, {high:g}], got {motion!r}")
+    motion = float(motion)
     if not low <= motion <= high:
         raise InvalidInputError(f"motion must be in [{low:g}, {high:g}] (1 is off), got {motion:g}")
     if motion != 1.0 and not supported:

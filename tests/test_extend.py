@@ -86,6 +86,7 @@ def test_extend_inputs(ti2v, tiny_i2v_dirs, caplog):
         (moving_clip(9), {"context": 4}, "4k\\+1"),
         (moving_clip(3), {"context": 5}, "longer than the clip"),
         (moving_clip(9), {"num_frames": 0}, "positive integer"),
+        (moving_clip(9), {"num_frames": None}, "positive integer"),
         (moving_clip(9), {"colour_match": 1.5}, "colour_match"),
         ("missing.mp4", {}, "clip not found"),
     ],
