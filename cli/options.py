@@ -72,7 +72,9 @@ def settings_of(options: dict) -> dict:
 def check_outputs(output: Path, preview: Path | None, inputs: list[Path]) -> None:
     """Fail early, with one line, if the output or preview is unusable or would overwrite an input."""
     if output.suffix.lower() not in FORMATS:
-        raise click.BadParameter(f"unsupported format {output.suffix!r}; use .mp4, .gif or a folder", param_hint="--output")
+        raise click.BadParameter(
+            f"unsupported format {output.suffix!r}; use .mp4, .gif or a folder", param_hint="--output"
+        )
     taken = {p.resolve() for p in inputs}
     if output.resolve() in taken:
         raise click.BadParameter(f"{output} is an input; choose another output", param_hint="--output")
@@ -80,7 +82,9 @@ def check_outputs(output: Path, preview: Path | None, inputs: list[Path]) -> Non
         if preview.suffix.lower() != ".png":
             raise click.BadParameter("the preview is a PNG: give a .png path", param_hint="--preview")
         if preview.resolve() in taken | {output.resolve()}:
-            raise click.BadParameter(f"{preview} is an input or the output; choose another path", param_hint="--preview")
+            raise click.BadParameter(
+                f"{preview} is an input or the output; choose another path", param_hint="--preview"
+            )
         ensure_writable(preview)
     ensure_writable(output)
 
@@ -129,9 +133,12 @@ def execute(prepare: Callable, prompt: str, output: Path, options: dict) -> None
         video.metadata["fps"] = options["fps"]
     path = video.save(output)
     m = video.metadata
-    click.echo(f"wrote {path} ({video.num_frames} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})")
+    click.echo(
+        f"wrote {path} ({video.num_frames} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})"
+    )
     seconds = video.stats["seconds"]
-    click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
+    total = sum(seconds.values())
+    click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {total:.1f}s")
     click.echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")
 
 

@@ -102,9 +102,12 @@ class PrefixTI2V(WanImageToVideoPipeline):
 
     def prepare_latents(self, image, batch_size, num_channels_latents, height, width, num_frames, dtype, device,
                         generator=None, latents=None, last_image=None):  # fmt: skip
-        latents, _, mask = super().prepare_latents(image, batch_size, num_channels_latents, height, width,
-                                                   num_frames, dtype, device, generator, latents, last_image)  # fmt: skip
-        cond = _normalize(self.vae, retrieve_latents(self.vae.encode(_to_video_tensor(self.prefix)), sample_mode="argmax"))
+        latents, _, mask = super().prepare_latents(
+            image, batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator, latents,
+            last_image,
+        )  # fmt: skip
+        encoded = retrieve_latents(self.vae.encode(_to_video_tensor(self.prefix)), sample_mode="argmax")
+        cond = _normalize(self.vae, encoded)
         k = cond.shape[2]
         condition = torch.cat([cond, cond.new_zeros(*cond.shape[:2], latents.shape[2] - k, *cond.shape[3:])], dim=2)
         mask = torch.ones_like(mask)
@@ -151,7 +154,9 @@ class PainterI2V(WanImageToVideoPipeline):
         return latents, torch.cat([mask, _normalize(self.vae, raw)], dim=1)
 
 
-def run_reference(pipe_cls, model_dir, *, attributes: dict | None = None, capture: list | None = None, **kwargs) -> np.ndarray:
+def run_reference(
+    pipe_cls, model_dir, *, attributes: dict | None = None, capture: list | None = None, **kwargs
+) -> np.ndarray:
     """Load ``pipe_cls`` from ``model_dir``, set ``attributes`` on it, run it; with ``capture``, append each
     step's ``x0 = sample - sigma * model_output`` (numpy, diffusers layout) to it."""
     pipe = pipe_cls.from_pretrained(model_dir, dtype=torch.float32)

@@ -26,15 +26,17 @@ def test_ti2v_extend_matches_clean_prefix_latent_frames(ti2v, tiny_ti2v_dir):
     clip = moving_clip(CLIP)
     latents = noise((1, 48, 3, HEIGHT // 16, WIDTH // 16), seed=7)
     common = dict(negative_prompt="static", num_inference_steps=2, guidance_scale=5.0)
-    expected = run_reference(PrefixTI2V, tiny_ti2v_dir, attributes={"prefix": clip[-5:]}, image=Image.fromarray(clip[-5]),
-                             prompt="the camera pans on", latents=torch.from_numpy(latents), height=HEIGHT,
-                             width=WIDTH, num_frames=9, **common)  # fmt: skip
+    expected = run_reference(PrefixTI2V, tiny_ti2v_dir, attributes={"prefix": clip[-5:]},
+                             image=Image.fromarray(clip[-5]), prompt="the camera pans on",
+                             latents=torch.from_numpy(latents), height=HEIGHT, width=WIDTH, num_frames=9,
+                             **common)  # fmt: skip
     plain = ti2v.extend(clip, "the camera pans on", num_frames=4, colour_match=0.0, latents=latents, **common)
     assert plain.frames.shape == (CLIP + 4, HEIGHT, WIDTH, 3)
     np.testing.assert_array_equal(plain.frames[:CLIP], clip.astype(np.float32) / 255)  # carried over, not re-decoded
     assert np.abs(plain.frames[CLIP:] - expected[5:]).max() < 2e-3
     m = plain.metadata
-    assert (m["mode"], m["context_frames"], m["new_frames"], m["num_frames"], m["colour_match"]) == ("extend", 5, 4, 9, 0.0)
+    assert (m["mode"], m["context_frames"], m["new_frames"], m["colour_match"]) == ("extend", 5, 4, 0.0)
+    assert m["num_frames"] == 9  # the generated window: context + new frames
 
     # Colour matching (on by default) changes only the new frames: toward the context they continue.
     matched = ti2v.extend(clip, "the camera pans on", num_frames=4, latents=latents, **common)
