@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
 from mlx_i2v.image import load_image
-from mlx_i2v.video import FORMATS, ensure_writable
+from mlx_i2v.outputs import resolve_output
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
@@ -39,23 +40,22 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 @click.option("--memory-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Memory budget in GB (default: what the device recommends; env MLX_I2V_MEMORY_LIMIT).")
 @click.option("--dry-run", is_flag=True, help="Print the settings and the memory plan, then stop.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output .mp4, .gif or a folder name for PNG frames (default: IMAGE's name with .mp4).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Output .mp4 or .gif, a new folder name for PNG frames, or a folder (existing, or ending in /) "
+                   "to write IMAGE's name .mp4 into (default: IMAGE's name .mp4 here).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
 def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, height, width,
              num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, seed, fps, dtype,
-             quantize, memory_limit, dry_run, output) -> None:
+             quantize, memory_limit, dry_run, output, overwrite) -> None:
     """Generate a video that starts from IMAGE."""
     from mlx_i2v import load_pipeline
     from mlx_i2v.memory import set_memory_limit
     from mlx_i2v.planner import check_fits
 
-    output = output or _default_output(image)
-    if output.suffix.lower() not in FORMATS:
-        raise click.BadParameter(f"unsupported format {output.suffix!r}; use .mp4, .gif or a folder", param_hint="--output")
     # Cheap checks first: nobody should wait for a model to load to learn their photo is unreadable.
     photo = load_image(image)
     last_photo = load_image(last_image) if last_image is not None else None
-    ensure_writable(output)
+    output = resolve_output(output, default_stem=image.stem, protected=[image, last_image], overwrite=overwrite)
 
     if memory_limit is not None:
         set_memory_limit(memory_limit)
@@ -69,6 +69,7 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
     if dry_run:
         click.echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
                    f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}")
+        click.echo(f"output: {output}")
         click.echo(plan.summary())
         return
     check_fits(plan)
@@ -80,7 +81,10 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
     if fps is not None:
         video.fps = fps
         video.metadata["fps"] = fps
-    path = video.save(output)
+    replacing = os.path.lexists(output)
+    path = video.save(output, overwrite=overwrite)
+    if replacing:
+        click.echo(f"replaced {path}")
     m = video.metadata
     click.echo(f"wrote {path} ({m['num_frames']} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})")
     seconds = video.stats["seconds"]
@@ -106,11 +110,3 @@ class _Progress:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
 
-
-def _default_output(image: Path) -> Path:
-    candidate = Path(f"{image.stem}.mp4")
-    n = 2
-    while candidate.exists():
-        candidate = Path(f"{image.stem}-{n}.mp4")
-        n += 1
-    return candidate

@@ -13,15 +13,18 @@ from mlx_i2v.errors import MlxI2VError
 from .bench import bench
 from .convert import convert, info, quantize
 from .generate import generate
+from .signals import Terminated, terminate_cleanly
 
 
 class _Group(click.Group):
     """Turns every user-facing error (bad arguments included) into one line on stderr and a non-zero
-    exit code, never a traceback or a usage dump."""
+    exit code, never a traceback or a usage dump. SIGTERM and SIGHUP end it like Ctrl-C: what was being
+    written is removed, and the exit code is 128 + the signal number."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with terminate_cleanly():
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
             _fail(e.format_message(), code=2)
         except click.ClickException as e:
@@ -30,13 +33,18 @@ class _Group(click.Group):
             _fail(str(e), code=1)
         except (KeyboardInterrupt, click.Abort):
             _fail("interrupted", code=130)
+        except Terminated as e:
+            _fail(f"terminated by {e}", code=128 + e.signum)
         except MemoryError:
             _fail("out of memory: try a smaller --height/--width or fewer --frames", code=1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    try:
+        click.echo(f"error: {message}", err=True)
+    except OSError:  # the terminal is gone (SIGHUP)
+        pass
     sys.exit(code)
 
 

@@ -15,7 +15,6 @@ single loader behind them all.
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -58,7 +57,7 @@ def is_mlx_layout(folder: str | Path) -> bool:
         return False
     try:  # the header only: a shard can be gigabytes, and read_safetensors reads it anyway
         metadata = safetensors_header(files[0])[1].get("__metadata__") or {}
-    except (OSError, ValueError, struct.error):  # unreadable: let read_safetensors report it by name
+    except (OSError, WeightLoadError):  # unreadable: let read_safetensors report it by name
         return False
     return metadata.get("format") == MLX_FORMAT["format"]
 
