@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path, field
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from . import validation
 from .conditioning import ConditionState
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
 from .planner import ModelDims, Plan, check_fits, plan_generation
 from .resident import Resident
-from .image import ImageInput, fit_to_frame, load_image, to_model_range
+from .image import ImageInput, ImageOptions, LoadReport, fit_to_frame, load_image, to_model_range
 from .models.clip import CLIPVisionTower
 from .models.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
@@ -65,12 +69,27 @@ class ImageEncoder:
         return self.tower(mx.array(self.processor(images)))
 
 
+def _one_call_at_a_time(method: Callable) -> Callable:
+    """Serialise calls on one pipeline: its stages load and release shared models, so a second call
+    from another thread waits for the running one to finish."""
+
+    @functools.wraps(method)
+    def wrapper(self: WanPipeline, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class WanPipeline:
     """Photo + prompt -> :class:`Video`. Build it with :func:`load_pipeline`.
 
     Components are loaded when their stage starts and released when it ends (text encoder, CLIP, VAE,
     transformer experts), so only one large model is in memory at a time; ``keep_resident`` keeps them.
+
+    A pipeline can be called from any thread (a Mac app's worker thread, say), one call at a time: a
+    call made while another is running waits for it to finish.
     """
 
     variant: Variant
@@ -85,6 +104,7 @@ class WanPipeline:
     vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
     make_scheduler: Callable[[], Scheduler]
     image_encoder: Resident[ImageEncoder] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def plan(
         self, *, height: int, width: int, num_frames: int, guidance: bool = True, budget: int | None = None
@@ -105,11 +125,21 @@ class WanPipeline:
         )
 
     def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:
-        """The settings a call with these arguments would use (defaults filled in, sizes rounded),
-        without loading or generating anything. Accepts the keyword arguments of ``__call__``."""
-        photos = self._photos(image, kwargs.pop("last_image", None))
-        return self._settings(photos, **kwargs)
+        """The settings a call with these arguments would use (defaults filled in, sizes rounded, every
+        argument checked), without loading a model or generating anything. Accepts the keyword
+        arguments of ``__call__`` (``prompt`` and ``on_step`` too, checked and otherwise unused)."""
+        options = _image_options(kwargs)
+        if "prompt" in kwargs:
+            validation.text("prompt", kwargs.pop("prompt"))
+        _check_on_step(kwargs.pop("on_step", None))
+        latents = kwargs.pop("latents", None)
+        photos = self._photos(image, kwargs.pop("last_image", None), options)
+        settings = self._settings(photos, **kwargs)
+        if latents is not None:
+            self._initial_noise(self._latent_shape(settings), settings.seed, latents)
+        return settings
 
+    @_one_call_at_a_time
     def __call__(
         self,
         image: ImageInput | None,
@@ -127,30 +157,49 @@ class WanPipeline:
         latents: np.ndarray | None = None,
         last_image: ImageInput | None = None,
         on_step: StepCallback | None = None,
+        crop: tuple[int, int, int, int] | None = None,
+        rotate: int = 0,
+        fit: str = "cover",
+        background: tuple[int, int, int] | str = (255, 255, 255),
     ) -> Video:
         """Generate a clip that starts from ``image``.
 
         Args:
-            image: path, PIL image or uint8 array (H, W, 3); resized to cover the frame and center-cropped.
-                None generates from the prompt alone where the variant can (Wan2.2-TI2V-5B).
-            prompt: what should happen. ``negative_prompt``: None for the model's default, "" for none.
+            image: path, PIL image or uint8 array (H, W), (H, W, 3) or (H, W, 4); turned upright by its EXIF
+                orientation, then fitted to the frame (see ``fit``). None generates from the prompt alone
+                where the variant can (Wan2.2-TI2V-5B).
+            prompt: what should happen; the model reads its first 511 tokens (a longer prompt is cut with
+                a logged warning). ``negative_prompt``: None for the model's default, "" for none.
             height, width: frame size; rounded to the variant's multiple (16 or 32) with a logged notice.
                 Unset: the variant's default size in the photo's orientation.
             num_frames: rounded to 4k+1. Unset settings take the variant's defaults.
             guidance_scale: classifier-free guidance (> 1 enables it); ``guidance_scale_2`` is the
                 low-noise expert's for Wan2.2-A14B (default: its own default, else ``guidance_scale``).
-            seed: for the initial noise; ``latents`` overrides it with explicit noise, a float array in
-                diffusers' layout (1, C, T, H/stride, W/stride), to reproduce a diffusers run.
+            seed: for the initial noise, an int in [0, 2**64 - 1] (default: random); ``latents`` overrides
+                it with explicit noise, a float array in diffusers' layout (1, C, T, H/stride, W/stride), to
+                reproduce a diffusers run.
             last_image: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V).
             on_step: ``on_step(step, total, timestep)`` after every denoising step; returning False stops
                 the generation by raising :class:`GenerationCancelled`.
+            crop, rotate: applied to the photo(s) after the EXIF orientation: rotate clockwise by 0, 90,
+                180 or 270 degrees, then crop to (x, y, width, height) pixels of the rotated photo.
+            fit: "cover" scales the photo to cover the frame and centre-crops; "contain" scales it to fit
+                inside and pads with ``background``, which also shows through transparent pixels (an
+                (R, G, B) tuple or a colour string such as "white" or "#202020").
 
         Returns:
             A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1].
+
+        Raises:
+            InvalidInputError: for any argument of the wrong type or out of range, before any model loads.
         """
-        if not isinstance(prompt, str):
-            raise InvalidInputError("prompt must be a string")
-        photos = self._photos(image, last_image)
+        tic = time.perf_counter()
+        options = ImageOptions(crop=crop, rotate=rotate, fit=fit, background=background)
+        validation.text("prompt", prompt)
+        _check_on_step(on_step)
+        report = LoadReport()
+        photos = self._photos(image, last_image, options, report)
+        loading_seconds = time.perf_counter() - tic
         settings = self._settings(
             photos, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -161,21 +210,23 @@ class WanPipeline:
         check_fits(plan)  # stop before loading anything rather than run out of memory halfway
         noise = self._initial_noise(self._latent_shape(settings), settings.seed, latents)
         timings: dict[str, float] = {}
+        active_while_loading = mx.get_active_memory()
         mx.reset_peak_memory()
 
         tic = time.perf_counter()
-        text = self.encode_text([prompt, settings.negative_prompt] if use_cfg else [prompt])
+        text = self.encode_text([prompt, settings.negative_prompt] if use_cfg else [prompt], names=PROMPT_NAMES)
         image_tokens = self.encode_image_tokens(photos, batch=text.shape[0])
         timings["text"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
         state: ConditionState | None = None
         if photos:
-            frames = [to_model_range(fit_to_frame(p, settings.width, settings.height)) for p in photos]
+            size = (settings.width, settings.height)
+            frames = [to_model_range(fit_to_frame(p, *size, options.fit, options.background, report)) for p in photos]
             state = self.variant.conditioning.prepare(self.vae_encoder.get(), frames, settings.num_frames, noise.shape)
             mx.eval(state.latent)
             self.vae_encoder.release()
-        timings["image"] = time.perf_counter() - tic
+        timings["image"] = loading_seconds + time.perf_counter() - tic
 
         tic = time.perf_counter()
         try:
@@ -194,16 +245,22 @@ class WanPipeline:
             "variant": self.variant.name,
             "dtype": dtype_name(self.dtype),
             "image": image is not None,
+            **({"image_name": Path(image).name} if isinstance(image, (str, Path)) else {}),
+            **(options.metadata() if photos else {}),
             **vars(settings),
         }
-        stats = {"seconds": timings, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+        # The photos' Pillow buffers are not MLX's: the peak is MLX's plus the prepared photos held
+        # throughout, or the Pillow buffers alive at once while loading and fitting them, if larger.
+        peak = max(mx.get_peak_memory() + report.held, active_while_loading + report.peak)
+        stats = {"seconds": timings, "peak_memory_gb": peak / 1e9}
         return Video(frames=video, fps=settings.fps, metadata=metadata, stats=stats)
 
     # --- stages -------------------------------------------------------------------------------------
 
-    def encode_text(self, prompts: list[str]) -> mx.array:
-        """Prompts -> (len(prompts), 512, text_dim) embeddings, cut to their length and zero-padded."""
-        ids, mask = self.tokenizer(prompts, max_length=TEXT_TOKENS)
+    def encode_text(self, prompts: list[str], names: Sequence[str] | None = None) -> mx.array:
+        """Prompts -> (len(prompts), 512, text_dim) embeddings, cut to their length and zero-padded.
+        A prompt longer than the window is cut with a warning that uses its name in ``names``."""
+        ids, mask = self.tokenizer(prompts, max_length=TEXT_TOKENS, names=names)
         embeds = encode_prompts(self.text_encoder.get(), mx.array(ids), mx.array(mask), max_length=TEXT_TOKENS)
         mx.eval(embeds)
         self.text_encoder.release()
@@ -278,7 +335,14 @@ class WanPipeline:
 
     # --- inputs and settings ------------------------------------------------------------------------
 
-    def _photos(self, image: ImageInput | None, last_image: ImageInput | None) -> list[Image.Image]:
+    def _photos(
+        self,
+        image: ImageInput | None,
+        last_image: ImageInput | None,
+        options: ImageOptions,
+        report: LoadReport | None = None,
+    ) -> list[Image.Image]:
+        """The prepared photos (first, then last), their notices logged and their cost in ``report``."""
         v = self.variant
         if image is None:
             if v.conditioning.requires_image:
@@ -290,7 +354,11 @@ class WanPipeline:
             raise InvalidInputError(f"{v.name} needs a last image (--last-image)")
         if last_image is not None and not v.takes_last_image:
             raise InvalidInputError(f"{v.name} does not take a last image; use a first-last-frame model (FLF2V)")
-        return [load_image(image)] + ([load_image(last_image)] if last_image is not None else [])
+        report = report or LoadReport()
+        photos = [load_image(p, options, report) for p in (image, last_image) if p is not None]
+        for notice in report.notices:
+            log.warning("%s", notice)
+        return photos
 
     def _settings(
         self,
@@ -306,27 +374,27 @@ class WanPipeline:
         flow_shift: float | None = None,
         seed: int | None = None,
     ) -> Settings:
-        steps, guidance, guidance_2, shift = num_inference_steps, guidance_scale, guidance_scale_2, flow_shift
         d = self.variant.defaults
-        steps = d.num_inference_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise InvalidInputError(f"num_inference_steps must be a positive integer, got {steps!r}")
-        guidance = _non_negative("guidance_scale", d.guidance_scale if guidance is None else guidance)
+        steps = validation.integer("num_inference_steps", _or(num_inference_steps, d.num_inference_steps), minimum=1)
+        guidance = validation.number("guidance_scale", _or(guidance_scale, d.guidance_scale))
+        guidance_2 = guidance_scale_2
         if self.variant.two_experts:
-            guidance_2 = d.guidance_scale_2 if guidance_2 is None else guidance_2
-            guidance_2 = _non_negative("guidance_scale_2", guidance if guidance_2 is None else guidance_2)
+            guidance_2 = validation.number("guidance_scale_2", _or(guidance_2, d.guidance_scale_2, guidance))
         elif guidance_2 is not None:
             raise InvalidInputError(f"{self.variant.name} has one transformer; guidance_scale_2 does not apply")
-        shift = float(d.flow_shift if shift is None else shift)
-        if not np.isfinite(shift) or shift <= 0:
-            raise InvalidInputError(f"flow_shift must be > 0, got {shift}")
+        shift = validation.number("flow_shift", _or(flow_shift, d.flow_shift), inclusive=False)
+        self.make_scheduler().set_timesteps(steps, shift=shift)  # refuses step counts it cannot run
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                validation.integer(name, value, minimum=1)
         height, width = self._size(photos[0] if photos else None, height, width)
-        num_frames = self._round_frames(d.num_frames if num_frames is None else int(num_frames))
+        num_frames = self._round_frames(validation.integer("num_frames", _or(num_frames, d.num_frames), minimum=1))
         if self.variant.takes_last_image and num_frames < 2:
             raise InvalidInputError("a first-last-frame clip needs at least 5 frames")
-        seed = secrets.randbits(31) if seed is None else int(seed)
-        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        return Settings(height, width, num_frames, int(steps), guidance, guidance_2, shift, seed, negative_prompt, d.fps)
+        self.dims.check_request(height=height, width=width, num_frames=num_frames)
+        seed = secrets.randbits(31) if seed is None else validation.seed(seed)
+        negative_prompt = validation.text("negative_prompt", _or(negative_prompt, d.negative_prompt))
+        return Settings(height, width, num_frames, steps, guidance, guidance_2, shift, seed, negative_prompt, d.fps)
 
     def _size(self, photo: Image.Image | None, height: int | None, width: int | None) -> tuple[int, int]:
         d = self.variant.defaults
@@ -347,8 +415,6 @@ class WanPipeline:
 
     @staticmethod
     def _round_frames(num_frames: int) -> int:
-        if num_frames < 1:
-            raise InvalidInputError(f"num_frames must be >= 1, got {num_frames}")
         rounded = round((num_frames - 1) / TEMPORAL_STRIDE) * TEMPORAL_STRIDE + 1
         if rounded != num_frames:
             log.warning("num_frames %d is not 4k+1; using %d", num_frames, rounded)
@@ -365,17 +431,32 @@ class WanPipeline:
         seed fills the same element positions whichever layout the caller thinks in."""
         b, t, h, w, c = shape
         if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
+            if not isinstance(latents, np.ndarray) or not np.issubdtype(latents.dtype, np.floating):
+                raise InvalidInputError(f"latents must be a float numpy array, got {type(latents).__name__}")
             if latents.shape != (b, c, t, h, w):
                 raise InvalidInputError(f"latents must have shape {(b, c, t, h, w)} (1, C, T, H, W); got {latents.shape}")
-            noise = mx.array(latents)
+            if not np.isfinite(latents).all():
+                raise InvalidInputError("latents contain NaN or infinite values")
+            noise = mx.array(latents.astype(np.float32))
         else:
             noise = mx.random.normal((b, c, t, h, w), key=mx.random.key(seed))
         return noise.transpose(0, 2, 3, 4, 1)
 
 
-def _non_negative(name: str, value: float) -> float:
-    value = float(value)
-    if not np.isfinite(value) or value < 0:
-        raise InvalidInputError(f"{name} must be >= 0, got {value}")
-    return value
+PROMPT_NAMES = ("prompt", "negative prompt")
+
+
+def _or(*values):
+    """The first value that is not None (an argument, then its defaults)."""
+    return next((v for v in values if v is not None), None)
+
+
+def _image_options(kwargs: dict) -> ImageOptions:
+    """Pop ``__call__``'s image keyword arguments from ``kwargs`` as :class:`ImageOptions`."""
+    names = ("crop", "rotate", "fit", "background")
+    return ImageOptions(**{n: kwargs.pop(n) for n in names if n in kwargs})
+
+
+def _check_on_step(on_step: object) -> None:
+    if on_step is not None and not callable(on_step):
+        raise InvalidInputError(f"on_step must be callable or None, got {type(on_step).__name__}")

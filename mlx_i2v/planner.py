@@ -46,6 +46,7 @@ from .weights import config_from_dict, read_config
 log = logging.getLogger(__name__)
 
 TEXT_TOKENS = 512
+LATENT_FRAME_STRIDE = 4  # video frames per latent frame after the first
 GROUP_SIZE = 64  # MLX's default quantization group
 TEXT_ENCODER_BITS = 8  # the text encoder is kept at 8 bits whenever the transformer is quantized
 
@@ -95,6 +96,46 @@ class ModelDims:
             vae=config_from_dict(WanVAEConfig, read_config(d / "vae")),
             text_encoder=config_from_dict(UMT5Config, read_config(d / "text_encoder")),
         )
+
+
+    def limits(self) -> Limits:
+        """The largest frame count and frame size this model can take: its rotary position tables
+        cover ``rope_max_seq_len`` positions on each axis of the token grid (latent frames / pt, latent
+        rows / ph, latent columns / pw)."""
+        positions = self.transformer.rope_max_seq_len
+        pt, ph, pw = self.transformer.patch_size
+        stride = self.vae.scale_factor_spatial
+        return Limits(
+            positions=positions,
+            num_frames=(positions * pt - 1) * LATENT_FRAME_STRIDE + 1,
+            height=positions * ph * stride,
+            width=positions * pw * stride,
+        )
+
+    def check_request(self, *, height: int, width: int, num_frames: int) -> None:
+        """Raise :class:`InvalidInputError` naming the limit when a (rounded) request exceeds
+        :meth:`limits`; the pipeline's settings and :func:`plan_generation` both call this."""
+        limits = self.limits()
+        for name, value, limit in (
+            ("num_frames", num_frames, limits.num_frames),
+            ("height", height, limits.height),
+            ("width", width, limits.width),
+        ):
+            if value > limit:
+                raise InvalidInputError(
+                    f"{name} {value} is more than this model can take: at most {limit} (its rotary position "
+                    f"table has {limits.positions} positions per axis of the token grid)"
+                )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest request of a model (see :meth:`ModelDims.limits`)."""
+
+    positions: int  # rope_max_seq_len: token positions per axis
+    num_frames: int
+    height: int
+    width: int
 
 
 TI2V_5B = ModelDims(TI2V_5B_TRANSFORMER, WAN22_VAE, UMT5_XXL)
@@ -231,7 +272,7 @@ def weight_bytes(dims: ModelDims, dtype: mx.Dtype, quantize: int | None) -> dict
 def latent_grid(vae: WanVAEConfig, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
     """Latent (frames, height, width) of a video."""
     s = vae.scale_factor_spatial
-    return 1 + (num_frames - 1) // 4, height // s, width // s
+    return 1 + (num_frames - 1) // LATENT_FRAME_STRIDE, height // s, width // s
 
 
 def denoise_activations(
@@ -376,6 +417,7 @@ def plan_generation(
         backend = "metal" if mx.metal.is_available() else "cpu"
     if backend not in ("metal", "cpu"):
         raise InvalidInputError(f"backend must be 'metal' or 'cpu', got {backend!r}")
+    dims.check_request(height=height, width=width, num_frames=num_frames)
     budget = memory_budget() if budget is None else budget
     batch = 2 if guidance else 1
     weights = weight_bytes(dims, dtype, quantize)

@@ -7,6 +7,12 @@ Two schedulers, both driven the same way::
         velocity = model(latents, t)
         latents = scheduler.step(velocity, t, latents)
 
+They step by index, as diffusers' Wan pipelines do after ``set_begin_index(0)``: at high step counts the
+integer timesteps repeat (999, 999, 997, ... from 201 steps at shift 5), so a timestep does not identify a
+step. Every step count runs, up to :data:`MAX_INFERENCE_STEPS`; UniPC also needs its float32 noise levels
+to be distinct (diffusers' samples turn to NaN where two are equal), and refuses, naming the largest
+count that works, where they are not.
+
 * :class:`FlowUniPCMultistepScheduler` is diffusers' ``UniPCMultistepScheduler`` in the only mode the Wan
   repositories ship (``use_flow_sigmas=True``, ``prediction_type="flow_prediction"``, ``predict_x0=True``):
   the UniP predictor plus UniC corrector on data predictions ``x0 = x - sigma * v``.
@@ -36,23 +42,55 @@ log = logging.getLogger(__name__)
 
 _F32 = np.float32
 
+# The most steps a schedule may have: beyond it, the float32 noise levels of every shift >= 1 begin to
+# repeat, and the schedule alone would take memory for nothing.
+MAX_INFERENCE_STEPS = 1_000_000
+
 
 # --- shared helpers ---------------------------------------------------------------------------------
 
 
-def _check_count(name: str, value: int) -> int:
+def _check_count(name: str, value: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidInputError(f"{name} must be an integer, got {value!r}")
     if value < 1:
         raise InvalidInputError(f"{name} must be >= 1, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidInputError(f"{name} must be at most {maximum}, got {value}")
     return int(value)
+
+
+def _check_steps(value: int) -> int:
+    return _check_count("num_inference_steps", value, MAX_INFERENCE_STEPS)
 
 
 def _check_shift(shift: float) -> float:
     numeric = isinstance(shift, (int, float, np.floating, np.integer)) and not isinstance(shift, bool)
-    if not numeric or not shift > 0:
-        raise InvalidInputError(f"shift must be a positive number, got {shift!r}")
+    if not numeric or not np.isfinite(shift) or not shift > 0:
+        raise InvalidInputError(f"shift must be a finite number > 0, got {shift!r}")
     return float(shift)
+
+
+def _check_not_finished(timesteps: np.ndarray, index: int) -> None:
+    if index >= len(timesteps):
+        raise RuntimeError("the schedule is finished; call set_timesteps again")
+
+
+def _distinct_levels(sigmas: np.ndarray) -> bool:
+    """Whether UniPC's float32 noise levels ``lambda = log(1 - sigma) - log(sigma)`` of a schedule's sigmas
+    all differ (an update divides by their difference)."""
+    s = sigmas.astype(np.float32)
+    lam = np.log((1 - s).astype(np.float64)).astype(np.float32) - np.log(s.astype(np.float64)).astype(np.float32)
+    return bool(np.all(np.diff(lam) > 0))
+
+
+def _largest(works, n: int) -> int:
+    """The largest m < n for which ``works(m)`` holds, by bisection (``works(1)`` is assumed)."""
+    lo, hi = 1, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if works(mid) else (lo, mid)
+    return lo
 
 
 def _log(x: np.float32) -> np.float32:
@@ -64,12 +102,6 @@ def _log(x: np.float32) -> np.float32:
 def _expm1(x: np.float32) -> np.float32:
     """float32 ``expm1``, rounded from float64 like :func:`_log`."""
     return _F32(np.expm1(np.float64(x)))
-
-
-def _match_timestep(timesteps: np.ndarray, timestep: Any) -> np.ndarray:
-    """Indices of ``timestep`` in the schedule (an ``mx.array``, numpy or Python scalar)."""
-    value = np.asarray(timestep).reshape(())
-    return np.flatnonzero(timesteps == value)
 
 
 def _read_options(
@@ -211,7 +243,7 @@ class FlowUniPCMultistepScheduler:
         return cls(**kwargs)
 
     def _reset(self) -> None:
-        self._step_index: int | None = None
+        self._step_index = 0
         self._model_outputs: list[mx.array] = []  # data predictions x0, oldest first, at most solver_order
         self._lower_order_nums = 0
         self._this_order = 0
@@ -223,22 +255,33 @@ class FlowUniPCMultistepScheduler:
         Sets ``timesteps`` (int64, shape ``(num_inference_steps,)``) and ``sigmas`` (float32, one longer,
         ending in the final sigma). ``shift`` overrides ``flow_shift`` for this schedule only.
         """
-        n = _check_count("num_inference_steps", num_inference_steps)
+        n = _check_steps(num_inference_steps)
         s = self.shift if shift is None else _check_shift(shift)
         n_train = self.num_train_timesteps
 
-        sigmas = np.linspace(1, 1 / n_train, n + 1)[:-1]
-        sigmas = s * sigmas / (1 + (s - 1) * sigmas)
-        # diffusers nudges a first sigma of 1 so that log(alpha = 1 - sigma) stays finite.
-        eps = 1e-6
-        if np.fabs(sigmas[0] - 1) < eps:
-            sigmas[0] -= eps
+        sigmas = self._flow_sigmas(n, s)
+        if not _distinct_levels(sigmas):
+            limit = _largest(lambda m: _distinct_levels(self._flow_sigmas(m, s)), n)
+            raise InvalidInputError(
+                f"{n} steps at shift {s:g} are too many for UniPC: its float32 noise levels repeat, which "
+                f"makes the update undefined; use at most {limit} steps"
+            )
         # Timesteps come from the float64 sigmas and are truncated, not rounded (999, 937, ...).
         self.timesteps = (sigmas * n_train).astype(np.int64)
         last = sigmas[-1] if self.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
         self.num_inference_steps = n
         self._reset()
+
+    def _flow_sigmas(self, n: int, shift: float) -> np.ndarray:
+        """The n shifted float64 sigmas of the schedule, without the final one."""
+        sigmas = np.linspace(1, 1 / self.num_train_timesteps, n + 1)[:-1]
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        # diffusers nudges a first sigma of 1 so that log(alpha = 1 - sigma) stays finite.
+        eps = 1e-6
+        if np.fabs(sigmas[0] - 1) < eps:
+            sigmas[0] -= eps
+        return sigmas
 
     def step(
         self, model_output: mx.array, timestep: int | np.integer | mx.array, sample: mx.array
@@ -247,7 +290,8 @@ class FlowUniPCMultistepScheduler:
 
         Args:
             model_output: Predicted velocity ``v`` (noise minus data), same shape as ``sample``.
-            timestep: The current entry of ``timesteps``; it only locates the first step of a run.
+            timestep: The current entry of ``timesteps``, for diffusers' calling convention; unused, since
+                steps are counted (as diffusers does after ``set_begin_index(0)``), not looked up.
             sample: Current latents, any shape, e.g. ``(B, F, H, W, C)``.
 
         Returns:
@@ -255,17 +299,8 @@ class FlowUniPCMultistepScheduler:
         """
         if self.sigmas is None or self.timesteps is None:
             raise RuntimeError("set_timesteps must be called before step")
-        if self._step_index is None:
-            matches = _match_timestep(self.timesteps, timestep)
-            # diffusers: a timestep not in the schedule starts at the last step; a repeated one at its
-            # second occurrence, so that a restart mid-schedule does not skip a sigma.
-            if len(matches) == 0:
-                self._step_index = len(self.timesteps) - 1
-            else:
-                self._step_index = int(matches[1] if len(matches) > 1 else matches[0])
         i = self._step_index
-        if i >= len(self.timesteps):
-            raise RuntimeError("the schedule is finished; call set_timesteps again")
+        _check_not_finished(self.timesteps, i)
 
         x0 = sample - float(self.sigmas[i]) * model_output
         if i > 0 and (i - 1) not in self.disable_corrector and self._last_sample is not None:
@@ -409,7 +444,7 @@ class FlowMatchEulerDiscreteScheduler:
         self.timesteps: np.ndarray | None = None
         self.sigmas: np.ndarray | None = None
         self.num_inference_steps: int | None = None
-        self._step_index: int | None = None
+        self._step_index = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FlowMatchEulerDiscreteScheduler:
@@ -426,7 +461,7 @@ class FlowMatchEulerDiscreteScheduler:
         ending in 0). ``shift`` overrides the configured shift for this schedule only, giving the schedule
         of a diffusers scheduler constructed with that shift.
         """
-        n = _check_count("num_inference_steps", num_inference_steps)
+        n = _check_steps(num_inference_steps)
         s = self.shift if shift is None else _check_shift(shift)
         n_train = self.num_train_timesteps
 
@@ -442,7 +477,7 @@ class FlowMatchEulerDiscreteScheduler:
         self.timesteps = sigmas * _F32(n_train)
         self.sigmas = np.concatenate([sigmas, np.zeros(1, dtype=np.float32)])
         self.num_inference_steps = n
-        self._step_index = None
+        self._step_index = 0
 
     def step(
         self, model_output: mx.array, timestep: float | np.floating | mx.array, sample: mx.array
@@ -451,7 +486,8 @@ class FlowMatchEulerDiscreteScheduler:
 
         Args:
             model_output: Predicted velocity ``v``, same shape as ``sample``.
-            timestep: The current entry of ``timesteps``; it only locates the first step of a run.
+            timestep: The current entry of ``timesteps``, for diffusers' calling convention; unused, since
+                steps are counted (as diffusers does after ``set_begin_index(0)``), not looked up.
             sample: Current latents, any shape, e.g. ``(B, F, H, W, C)``.
 
         Returns:
@@ -460,14 +496,8 @@ class FlowMatchEulerDiscreteScheduler:
         """
         if self.sigmas is None or self.timesteps is None:
             raise RuntimeError("set_timesteps must be called before step")
-        if self._step_index is None:
-            matches = _match_timestep(self.timesteps, timestep)
-            if len(matches) == 0:
-                raise InvalidInputError(f"timestep {np.asarray(timestep).item()} is not in the schedule")
-            self._step_index = int(matches[1] if len(matches) > 1 else matches[0])
         i = self._step_index
-        if i >= len(self.timesteps):
-            raise RuntimeError("the schedule is finished; call set_timesteps again")
+        _check_not_finished(self.timesteps, i)
 
         dt = self.sigmas[i + 1] - self.sigmas[i]
         prev_sample = sample.astype(mx.float32) + float(dt) * model_output
