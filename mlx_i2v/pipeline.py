@@ -7,8 +7,8 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path, field
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import mlx.core as mx
