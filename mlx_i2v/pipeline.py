@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import validation
 from .conditioning import ConditionState
+from .denoise import COND, UNCOND, Denoiser, StepInfo
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 TEXT_TOKENS = 512  # Wan always pads prompts to 512 tokens (see wan.md §0.1-0.2)
 TEMPORAL_STRIDE = 4
 
-StepCallback = Callable[[int, int, int], "bool | None"]
+StepCallback = Callable[[int, int, float], "bool | None"]
 
 
 @dataclass
@@ -205,8 +206,11 @@ class WanPipeline:
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed,
         )  # fmt: skip
-        use_cfg = settings.guidance_scale > 1.0 or (settings.guidance_scale_2 or 0.0) > 1.0
-        plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames, guidance=use_cfg)
+        scales = self._scales(settings)
+        denoiser = self.denoiser()
+        branches = denoiser.branches_needed(scales)
+        plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
+                         guidance=len(branches) > 1)  # fmt: skip
         check_fits(plan)  # stop before loading anything rather than run out of memory halfway
         noise = self._initial_noise(self._latent_shape(settings), settings.seed, latents)
         timings: dict[str, float] = {}
@@ -214,8 +218,10 @@ class WanPipeline:
         mx.reset_peak_memory()
 
         tic = time.perf_counter()
-        text = self.encode_text([prompt, settings.negative_prompt] if use_cfg else [prompt], names=PROMPT_NAMES)
-        image_tokens = self.encode_image_tokens(photos, batch=text.shape[0])
+        prompts = {COND: prompt, UNCOND: settings.negative_prompt}
+        text = self.encode_text([prompts[b] for b in branches], names=[PROMPT_NAMES[b] for b in branches])
+        text = {b: text[i : i + 1] for i, b in enumerate(branches)}
+        image_tokens = self.encode_image_tokens(photos)
         timings["text"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -229,8 +235,10 @@ class WanPipeline:
         timings["image"] = loading_seconds + time.perf_counter() - tic
 
         tic = time.perf_counter()
+        sampler = self.make_scheduler()
+        sampler.set_timesteps(settings.num_inference_steps, shift=settings.flow_shift)
         try:
-            final = self._denoise(noise, state, text, image_tokens, settings, use_cfg, on_step)
+            final = denoiser(sampler, noise, state, text, image_tokens, scales, observe=_observer(on_step))
         finally:
             self.experts.done()
         timings["denoise"] = time.perf_counter() - tic
@@ -266,57 +274,24 @@ class WanPipeline:
         self.text_encoder.release()
         return embeds
 
-    def encode_image_tokens(self, photos: list[Image.Image], batch: int) -> mx.array | None:
-        """CLIP tokens for variants that attend to the photo, repeated for each of ``batch`` rows:
-        (batch * len(photos), 257, 1280), each row's photos adjacent (what FLF2V's position table expects)."""
+    def denoiser(self) -> Denoiser:
+        """The denoising loop with this pipeline's experts, conditioning and compute dtype."""
+        return Denoiser(self.experts, self.variant.conditioning, self.dtype)
+
+    def _scales(self, s: Settings) -> tuple[float, ...]:
+        """The guidance scale of each expert: the high-noise expert takes ``guidance_scale``, the
+        low-noise one ``guidance_scale_2``."""
+        return (s.guidance_scale,) if s.guidance_scale_2 is None else (s.guidance_scale, s.guidance_scale_2)
+
+    def encode_image_tokens(self, photos: list[Image.Image]) -> mx.array | None:
+        """CLIP tokens for variants that attend to the photo(s): (len(photos), 257, 1280) for one row,
+        the photos adjacent (what FLF2V's position table expects); None for the other variants."""
         if self.image_encoder is None:
             return None
         tokens = self.image_encoder.get()(photos)  # the photos as given, not fitted to the frame: as diffusers
-        tokens = mx.concatenate([tokens] * batch, axis=0)
         mx.eval(tokens)
         self.image_encoder.release()
         return tokens
-
-    def _denoise(
-        self,
-        latents: mx.array,
-        state: ConditionState | None,
-        text: mx.array,
-        image_tokens: mx.array | None,
-        settings: Settings,
-        use_cfg: bool,
-        on_step: StepCallback | None,
-    ) -> mx.array:
-        scheduler = self.make_scheduler()
-        scheduler.set_timesteps(settings.num_inference_steps, shift=settings.flow_shift)
-        timesteps = [int(t) for t in np.asarray(scheduler.timesteps)]
-        guidance = (settings.guidance_scale, settings.guidance_scale_2)
-        batch = 2 if use_cfg else 1
-        conditioning = self.variant.conditioning
-        # The context and its cross-attention K/V, once per expert rather than per step. Timesteps only
-        # decrease, so each expert runs one contiguous span: only the current expert's cache is kept.
-        cached: tuple[int, list] | None = None
-        for i, t in enumerate(timesteps):
-            index = self.experts.index_for(t)
-            model = self.experts.get(index)
-            if cached is None or cached[0] != index:
-                cached = None  # the previous expert's K/V goes before this one's is built
-                context = model.embed_context(
-                    text.astype(self.dtype), None if image_tokens is None else image_tokens.astype(self.dtype)
-                )
-                cached = (index, model.cross_attention_cache(context))
-                mx.eval(cached[1])
-            x, timestep = conditioning.model_input(latents, state, float(t))
-            x = mx.broadcast_to(x, (batch, *x.shape[1:])).astype(self.dtype)
-            timestep = mx.broadcast_to(timestep, (batch, *timestep.shape[1:]))
-            out = model(x, timestep, context=cached[1]).astype(mx.float32)
-            if use_cfg:  # the conditional and unconditional passes ran as one batch of two
-                out = out[1:] + guidance[index] * (out[:1] - out[1:])
-            latents = scheduler.step(out, t, latents)
-            mx.eval(latents)
-            if on_step is not None and on_step(i + 1, len(timesteps), t) is False:
-                raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
-        return conditioning.finalize(latents, state)
 
     def decode(self, latents: mx.array, tiling: Tiling | None = None) -> np.ndarray:
         """Normalised latents (1, T, h, w, C) -> frames (4T-3, H, W, 3) float32 in [0, 1], streamed one
@@ -443,7 +418,7 @@ class WanPipeline:
         return noise.transpose(0, 2, 3, 4, 1)
 
 
-PROMPT_NAMES = ("prompt", "negative prompt")
+PROMPT_NAMES = {COND: "prompt", UNCOND: "negative prompt"}  # how warnings name them
 
 
 def _or(*values):
@@ -460,3 +435,16 @@ def _image_options(kwargs: dict) -> ImageOptions:
 def _check_on_step(on_step: object) -> None:
     if on_step is not None and not callable(on_step):
         raise InvalidInputError(f"on_step must be callable or None, got {type(on_step).__name__}")
+
+
+def _observer(on_step: StepCallback | None):
+    """The loop's per-step observer for a user's ``on_step(step, total, timestep)``: returning False from
+    it cancels the generation."""
+    if on_step is None:
+        return None
+
+    def observe(step: StepInfo, latents: mx.array, x0: mx.array) -> None:
+        if on_step(step.number, step.total, step.timestep) is False:
+            raise GenerationCancelled(f"cancelled after step {step.number} of {step.total}")
+
+    return observe

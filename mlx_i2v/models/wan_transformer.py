@@ -388,6 +388,26 @@ class WanTimeTextImageEmbedding(nn.Module):
 # --- the model ----------------------------------------------------------------------------------------
 
 
+class PassTokens(NamedTuple):
+    """One pass's embedded input: what every block needs besides the context.
+
+    Attributes:
+        x: (B, L, dim) patch tokens in (f, h, w) order.
+        grid: (F', H', W') token grid.
+        time_index: (B, 1) or (B, L) index of each row's / token's timestep into ``temb``.
+        temb: (U, dim) embeddings of the U distinct timesteps.
+        time_proj: (U, 6, dim) their modulation projections.
+        rope: cos, sin (L, head_dim / 2).
+    """
+
+    x: mx.array
+    grid: tuple[int, int, int]
+    time_index: mx.array
+    temb: mx.array
+    time_proj: mx.array
+    rope: tuple[mx.array, mx.array]
+
+
 class WanTransformer3DModel(nn.Module):
     """Wan DiT predicting the flow velocity for a latent video.
 
@@ -494,32 +514,59 @@ class WanTransformer3DModel(nn.Module):
             context = self.embed_context(encoder_hidden_states, encoder_hidden_states_image)
         elif encoder_hidden_states_image is not None:
             raise ValueError("encoder_hidden_states_image is already part of context")
+        tokens = self.embed(hidden_states, timestep)
+        x = self.run_blocks(tokens.x, tokens, context)
+        return self.head(x, tokens)
 
+    # A pass in three parts, so that a step cache can skip blocks and a parallel mode can split tokens:
+    # ``embed`` (patch embedding, time embedding, RoPE tables) -> ``run_blocks`` -> ``head``.
+
+    def embed(self, hidden_states: mx.array, timestep: mx.array | np.ndarray) -> PassTokens:
+        """Patch-embed the latents and embed the timesteps: the input of the blocks.
+
+        Args:
+            hidden_states: (B, F, H, W, in_channels) latents, as for ``__call__``.
+            timestep: (B,) or (B, tokens), as for ``__call__``.
+        """
         B, F, H, W, _ = hidden_states.shape
         pt, ph, pw = self.config.patch_size
         if F % pt or H % ph or W % pw:
             raise ValueError(f"latent size {(F, H, W)} is not divisible by the patch size {(pt, ph, pw)}")
         grid = (F // pt, H // ph, W // pw)
-        rope = self.rope(grid)
-
         x = self.patch_embedding(hidden_states.astype(self.dtype))
         x = x.reshape(B, -1, x.shape[-1])
-
         t_values, t_index = self._timestep_index(timestep, B, x.shape[1])
         temb, time_proj = self.condition_embedder.embed_time(t_values, self.dtype)
+        return PassTokens(x, grid, t_index, temb, time_proj, self.rope(grid))
 
-        per_block = context if isinstance(context, list) else [context] * len(self.blocks)
-        for block, block_context in zip(self.blocks, per_block):
-            x = block(x, block_context, time_proj, t_index, rope)
+    def run_blocks(
+        self,
+        x: mx.array,
+        tokens: PassTokens,
+        context: mx.array | list[CrossKV],
+        blocks: slice = slice(None),
+    ) -> mx.array:
+        """Run ``self.blocks[blocks]`` on x (B, L, dim); context as for ``__call__`` (its per-block K/V
+        list is indexed the same way)."""
+        indices = range(len(self.blocks))[blocks]
+        for i in indices:
+            block_context = context[i] if isinstance(context, list) else context
+            x = self.blocks[i](x, block_context, tokens.time_proj, tokens.time_index, tokens.rope)
+        return x
 
-        shift, scale = modulation(self.scale_shift_table, temb[:, None], t_index)
+    def head(self, x: mx.array, tokens: PassTokens) -> mx.array:
+        """The output norm, modulation and projection, unpatchified: (B, L, dim) -> (B, F, H, W, C_out)."""
+        B = x.shape[0]
+        shift, scale = modulation(self.scale_shift_table, tokens.temb[:, None], tokens.time_index)
         x = (self.norm_out(x.astype(mx.float32)) * (1 + scale) + shift).astype(x.dtype)
         x = self.proj_out(x)
 
         # unpatchify: proj_out features are ordered (pt, ph, pw, C)
+        pt, ph, pw = self.config.patch_size
+        grid = tokens.grid
         x = x.reshape(B, *grid, pt, ph, pw, -1)
         x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-        return x.reshape(B, F, H, W, -1)
+        return x.reshape(B, grid[0] * pt, grid[1] * ph, grid[2] * pw, -1)
 
 
 # --- weights ------------------------------------------------------------------------------------------
