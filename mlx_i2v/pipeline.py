@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .conditioning import ConditionState
-from .denoise import COND, UNCOND, Denoiser, StepInfo
+from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
@@ -27,6 +27,7 @@ from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
 from .runtime import dtype_name
 from .schedulers import Scheduler
+from .stepcache import CacheMethod, StepCache, resolve_cache
 from .variants import Variant
 from .video import Video
 
@@ -52,6 +53,7 @@ class Settings:
     seed: int
     negative_prompt: str
     fps: float
+    cache: CacheMethod | None = None  # the step cache's method, None without one
 
 
 @dataclass
@@ -88,10 +90,12 @@ class WanPipeline:
     image_encoder: Resident[ImageEncoder] | None = None
 
     def plan(
-        self, *, height: int, width: int, num_frames: int, guidance: bool = True, budget: int | None = None
-    ) -> Plan:
+        self, *, height: int, width: int, num_frames: int, guidance: bool = True, budget: int | None = None,
+        cache: CacheMethod | None = None,
+    ) -> Plan:  # fmt: skip
         """Estimate this pipeline's peak memory for a request, before anything is loaded (see
-        :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid."""
+        :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid; ``cache`` is
+        the step cache's method (``Settings.cache``), whose kept residuals take memory too."""
         return plan_generation(
             self.dims,
             height=height,
@@ -103,6 +107,7 @@ class WanPipeline:
             budget=budget,
             encode_frames=num_frames if self.variant.conditioning.requires_image else 1,
             staged=not self.text_encoder.keep,
+            cache_bytes=StepCache(cache).kept_bytes(self.dtype),
         )
 
     def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:
@@ -128,6 +133,8 @@ class WanPipeline:
         latents: np.ndarray | None = None,
         last_image: ImageInput | None = None,
         on_step: StepCallback | None = None,
+        cache: str | CacheMethod | None = None,
+        cache_threshold: float | None = None,
     ) -> Video:
         """Generate a clip that starts from ``image``.
 
@@ -145,6 +152,9 @@ class WanPipeline:
             last_image: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V).
             on_step: ``on_step(step, total, timestep)`` after every denoising step; returning False stops
                 the generation by raising :class:`GenerationCancelled`.
+            cache: step caching, off by default: "first-block", "magcache" or "teacache" (the last two
+                with the variant's published calibration), or a method object from
+                :mod:`mlx_i2v.stepcache`. ``cache_threshold`` overrides the method's default threshold.
 
         Returns:
             A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1].
@@ -155,13 +165,15 @@ class WanPipeline:
         settings = self._settings(
             photos, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed,
+            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
+            cache_threshold=cache_threshold,
         )  # fmt: skip
         scales = self._scales(settings)
-        denoiser = self.denoiser()
+        step_cache = StepCache(settings.cache)
+        denoiser = self.denoiser(step_cache)
         branches = denoiser.branches_needed(scales)
         plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
-                         guidance=len(branches) > 1)  # fmt: skip
+                         guidance=len(branches) > 1, cache=settings.cache)  # fmt: skip
         check_fits(plan)  # stop before loading anything rather than run out of memory halfway
         noise = self._initial_noise(self._latent_shape(settings), settings.seed, latents)
         timings: dict[str, float] = {}
@@ -203,8 +215,13 @@ class WanPipeline:
             "dtype": dtype_name(self.dtype),
             "image": image is not None,
             **vars(settings),
+            "cache": settings.cache.describe() if settings.cache is not None else None,
         }
-        stats = {"seconds": timings, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+        stats = {
+            "seconds": timings,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "transformer_passes": step_cache.passes(),
+        }
         return Video(frames=video, fps=settings.fps, metadata=metadata, stats=stats)
 
     # --- stages -------------------------------------------------------------------------------------
@@ -217,9 +234,10 @@ class WanPipeline:
         self.text_encoder.release()
         return embeds
 
-    def denoiser(self) -> Denoiser:
-        """The denoising loop with this pipeline's experts, conditioning and compute dtype."""
-        return Denoiser(self.experts, self.variant.conditioning, self.dtype)
+    def denoiser(self, forward: Forward = plain_forward) -> Denoiser:
+        """The denoising loop with this pipeline's experts, conditioning and compute dtype; ``forward``
+        runs each transformer pass (a :class:`~mlx_i2v.stepcache.StepCache` for step caching)."""
+        return Denoiser(self.experts, self.variant.conditioning, self.dtype, forward=forward)
 
     def _scales(self, s: Settings) -> tuple[float, ...]:
         """The guidance scale of each expert: the high-noise expert takes ``guidance_scale``, the
@@ -280,6 +298,8 @@ class WanPipeline:
         guidance_scale_2: float | None = None,
         flow_shift: float | None = None,
         seed: int | None = None,
+        cache: str | CacheMethod | None = None,
+        cache_threshold: float | None = None,
     ) -> Settings:
         steps, guidance, guidance_2, shift = num_inference_steps, guidance_scale, guidance_scale_2, flow_shift
         d = self.variant.defaults
@@ -301,7 +321,10 @@ class WanPipeline:
             raise InvalidInputError("a first-last-frame clip needs at least 5 frames")
         seed = secrets.randbits(31) if seed is None else int(seed)
         negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        return Settings(height, width, num_frames, int(steps), guidance, guidance_2, shift, seed, negative_prompt, d.fps)
+        method = resolve_cache(cache, cache_threshold, self.variant.name, has_image=bool(photos))
+        return Settings(
+            height, width, num_frames, int(steps), guidance, guidance_2, shift, seed, negative_prompt, d.fps, method
+        )
 
     def _size(self, photo: Image.Image | None, height: int | None, width: int | None) -> tuple[int, int]:
         d = self.variant.defaults
