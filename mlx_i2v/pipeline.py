@@ -27,7 +27,7 @@ from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
 from .runtime import dtype_name
 from .schedulers import Scheduler
-from .stepcache import CacheMethod, StepCache, resolve_cache
+from .stepcache import CacheMethod, StepCache, kept_bytes, resolve_cache
 from .variants import Variant
 from .video import Video
 
@@ -107,7 +107,7 @@ class WanPipeline:
             budget=budget,
             encode_frames=num_frames if self.variant.conditioning.requires_image else 1,
             staged=not self.text_encoder.keep,
-            cache_bytes=StepCache(cache).kept_bytes(self.dtype),
+            cache_bytes=kept_bytes(cache, self.dtype),
         )
 
     def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:

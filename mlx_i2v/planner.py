@@ -369,7 +369,7 @@ def plan_generation(
         staged: each model is loaded for its stage only, as the pipeline does unless ``keep_resident``.
         suggest: fill ``Plan.suggestions`` when the plan does not fit.
         cache_bytes: what a step cache keeps across steps, in bytes per hidden-state element and branch
-            (:meth:`mlx_i2v.stepcache.StepCache.kept_bytes`).
+            (:func:`mlx_i2v.stepcache.kept_bytes`).
 
     Returns:
         A :class:`Plan` with stages "text", "vae_encode", "denoise" and "vae_decode", the attention chunk

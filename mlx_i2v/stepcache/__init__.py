@@ -6,7 +6,7 @@ the result, reusing the residual they produced the last time they ran.
 """
 
 from .calibrations import MAGCACHE, METHODS, TEACACHE, cache_method, check_calibration, resolve_cache
-from .core import CacheMethod, Decision, Probe, StepCache
+from .core import CacheMethod, Decision, Probe, StepCache, kept_bytes
 from .methods import FirstBlockCache, MagCache, TeaCache, nearest_interp
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "CacheMethod",
     "Decision",
     "Probe",
+    "kept_bytes",
     "FirstBlockCache",
     "MagCache",
     "TeaCache",

@@ -114,29 +114,20 @@ class StepCache:
 
         tokens = model.embed(x, timestep)
         k = self.method.probe_blocks
-        probed = model.run_blocks(tokens.x, tokens, context, blocks=slice(0, k)) if k else tokens.x
+        probed = model.run_blocks(tokens.x, tokens, context, blocks=slice(0, k))
         times = np.asarray(timestep.astype(mx.float32)).reshape(len(branches), -1)
         compute = [self._decide(model, tokens.x, probed, times, row, b, step) for row, b in enumerate(branches)]
-
-        rows = [i for i, c in enumerate(compute) if c]
-        if len(rows) == len(branches):  # the whole batch as it is: identical arithmetic to the plain pass
-            out = model.run_blocks(probed, tokens, context, blocks=slice(k, None))
-            ran = {i: out[i : i + 1] for i in rows}
-        elif rows:
-            picked = mx.array(rows)
-            out = model.run_blocks(probed[picked], _rows(tokens, picked), _rows(context, picked), slice(k, None))
-            ran = {i: out[j : j + 1] for j, i in enumerate(rows)}
-        pieces = []
-        for i, branch in enumerate(branches):
+        ran = _remaining_blocks(model, probed, tokens, context, compute, k)
+        rows = []
+        for row, branch in enumerate(branches):
             cached = self._branches[branch]
-            if compute[i]:
-                cached.residual = ran[i] - probed[i : i + 1]
-                mx.eval(cached.residual)  # keep the residual, not the graph that made it
-                pieces.append(ran[i])
+            if compute[row]:
+                cached.residual = ran[row] - probed[row : row + 1]
+                rows.append(ran[row])
             else:
-                pieces.append(probed[i : i + 1] + cached.residual)
-        hidden = out if len(rows) == len(branches) else mx.concatenate(pieces, axis=0)
-        return model.head(hidden, tokens)
+                rows.append(probed[row : row + 1] + cached.residual)
+        mx.eval([b.residual for b in self._branches.values()])  # keep the residuals, not the graphs behind them
+        return model.head(mx.concatenate(rows, axis=0), tokens)
 
     def _decide(
         self, model: Any, block_input: mx.array, probed: mx.array, times: np.ndarray, row: int, branch: str,
@@ -154,11 +145,6 @@ class StepCache:
         log.debug("step %d %s: %s (indicator %s)", step.index, branch, "computed" if computed else "skipped", indicator)
         return computed
 
-    def kept_bytes(self, dtype: mx.Dtype) -> int:
-        """Bytes kept across steps per hidden-state element and branch: the residual in the compute
-        ``dtype`` and the method's state (for memory planning)."""
-        return 0 if self.method is None else dtype.size + self.method.state_bytes
-
     def passes(self) -> dict[str, Any]:
         """Transformer passes computed and skipped, in total and per branch; ``probe_blocks`` is the
         number of blocks a skipped pass still ran."""
@@ -172,6 +158,31 @@ class StepCache:
             "probe_blocks": self.method.probe_blocks if self.method is not None else 0,
             "by_branch": by_branch,
         }
+
+
+def kept_bytes(method: CacheMethod | None, dtype: mx.Dtype) -> int:
+    """Bytes a step cache with ``method`` keeps across steps per hidden-state element and branch: the
+    residual in the compute ``dtype`` and the method's own state (for memory planning)."""
+    return 0 if method is None else dtype.size + method.state_bytes
+
+
+def _remaining_blocks(
+    model: Any, probed: mx.array, tokens: PassTokens, context: list, compute: list[bool], first: int
+) -> list[mx.array | None]:
+    """Blocks ``first``.. on the rows that compute, each (1, L, dim) (None for a row that skips). When all
+    compute they run as the whole batch, which is the plain pass's arithmetic exactly."""
+    rows = [i for i, c in enumerate(compute) if c]
+    if not rows:
+        return [None] * len(compute)
+    if len(rows) == len(compute):
+        out = model.run_blocks(probed, tokens, context, blocks=slice(first, None))
+    else:
+        picked = mx.array(rows)
+        out = model.run_blocks(probed[picked], _rows(tokens, picked), _rows(context, picked), slice(first, None))
+    ran: list[mx.array | None] = [None] * len(compute)
+    for j, row in enumerate(rows):
+        ran[row] = out[j : j + 1]
+    return ran
 
 
 def _rows(value: Any, picked: mx.array) -> Any:
