@@ -265,6 +265,8 @@ def resolve_cache(
         return None
     if isinstance(cache, str):
         return cache_method(cache, variant, threshold=threshold, has_image=has_image)
+    if threshold is not None and not hasattr(cache, "threshold"):
+        raise InvalidInputError(f"cache method {cache.name!r} takes no threshold")
     method = cache if threshold is None else replace(cache, threshold=threshold)
     check_calibration(method, variant)
     return method

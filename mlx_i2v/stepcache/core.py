@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..denoise import StepInfo, plain_forward
-from ..models.wan_transformer import CrossKV, PassTokens
+from ..models.wan_transformer import CrossKV, PassTokens, WanTransformer3DModel
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Probe:
 
     step: StepInfo
     branch: str
-    model: Any
+    model: WanTransformer3DModel
     timestep: np.ndarray
     block_input: mx.array
     probe_output: mx.array
