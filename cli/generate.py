@@ -13,6 +13,7 @@ from mlx_i2v.image import FITS, ROTATIONS, ImageOptions, LoadReport, load_image
 from mlx_i2v.outputs import resolve_output
 from mlx_i2v.schedulers import MAX_INFERENCE_STEPS
 from mlx_i2v.validation import SEED_MAX
+from mlx_i2v.stepcache.calibrations import METHODS
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
@@ -111,6 +112,11 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
               help="Quantize the transformer to 4 or 8 bits on load (the text encoder to 8).")
 @click.option("--memory-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Memory budget in GB (default: what the device recommends; env MLX_I2V_MEMORY_LIMIT).")
+@click.option("--cache", type=click.Choice(METHODS), default=None,
+              help="Step caching: skip the transformer blocks on steps where they would barely change the result "
+                   "(off by default; magcache and teacache use the model's published calibration).")
+@click.option("--cache-threshold", type=float, default=None,
+              help="The cache's threshold (default: the method's recommended one for the model).")
 @click.option("--dry-run", is_flag=True, help="Print the settings and the memory plan, then stop.")
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Output .mp4 or .gif, a new folder name for PNG frames, or a folder (existing, or ending in /) "
@@ -118,7 +124,8 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
 def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: str, negative_prompt, num_frames,
              height, width, num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, seed,
-             fps, crop, rotate, fit, background, dtype, quantize, memory_limit, dry_run, output, overwrite) -> None:
+             fps, crop, rotate, fit, background, dtype, quantize, memory_limit, cache, cache_threshold, dry_run, output,
+             overwrite) -> None:
     """Generate a video that starts from IMAGE."""
     from mlx_i2v import load_pipeline
     from mlx_i2v.memory import set_memory_limit
@@ -136,13 +143,13 @@ def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: s
     pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None)
     arguments = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                     guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, **image_options)
+                     guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
+                     cache_threshold=cache_threshold, **image_options)
     if dry_run:
-        settings = pipe.resolve_settings(image, last_image=last_image, prompt=prompt, **arguments)
-        use_cfg = settings.guidance_scale > 1 or (settings.guidance_scale_2 or 0) > 1
-        plan = pipe.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames, guidance=use_cfg)
+        settings, plan = pipe.plan_call(image, last_image=last_image, prompt=prompt, **arguments)
         click.echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
-                   f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}")
+                   f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}"
+                   + (f", cache {settings.cache.name} {settings.cache.threshold:g}" if settings.cache else ""))
         click.echo(f"output: {output}")
         click.echo(plan.summary())
         return
@@ -163,6 +170,11 @@ def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: s
     seconds = video.stats["seconds"]
     click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
     click.echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")
+    cache = video.metadata.get("cache")
+    if cache is not None:
+        passes = video.stats["transformer_passes"]
+        click.echo(f"transformer passes: {passes['computed']} computed, {passes['skipped']} skipped "
+                   f"({cache['method']}, threshold {cache['threshold']:g})")
 
 
 class _Progress:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import validation
 from .conditioning import ConditionState
-from .denoise import COND, UNCOND, Denoiser, StepInfo
+from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
@@ -31,6 +31,7 @@ from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
 from .runtime import dtype_name
 from .schedulers import Scheduler
+from .stepcache import CacheMethod, StepCache, kept_bytes, resolve_cache
 from .variants import Variant
 from .video import Video
 
@@ -56,6 +57,7 @@ class Settings:
     seed: int
     negative_prompt: str
     fps: float
+    cache: CacheMethod | None = None  # the step cache's method, None without one
 
 
 @dataclass
@@ -108,10 +110,12 @@ class WanPipeline:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def plan(
-        self, *, height: int, width: int, num_frames: int, guidance: bool = True, budget: int | None = None
-    ) -> Plan:
+        self, *, height: int, width: int, num_frames: int, guidance: bool = True, budget: int | None = None,
+        cache: CacheMethod | None = None,
+    ) -> Plan:  # fmt: skip
         """Estimate this pipeline's peak memory for a request, before anything is loaded (see
-        :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid."""
+        :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid; ``cache`` is
+        the step cache's method (``Settings.cache``), whose kept residuals take memory too."""
         return plan_generation(
             self.dims,
             height=height,
@@ -123,7 +127,19 @@ class WanPipeline:
             budget=budget,
             encode_frames=num_frames if self.variant.conditioning.requires_image else 1,
             staged=not self.text_encoder.keep,
+            cache_bytes=kept_bytes(cache, self.dtype),
         )
+
+    def plan_call(self, image: ImageInput | None = None, **kwargs) -> tuple[Settings, Plan]:
+        """The settings and the memory plan of a call with these arguments (see :meth:`resolve_settings`),
+        without loading a model: what ``--dry-run`` shows."""
+        settings = self.resolve_settings(image, **kwargs)
+        return settings, self._plan_for(settings)
+
+    def _plan_for(self, settings: Settings) -> Plan:
+        branches = self.denoiser().branches_needed(self._scales(settings))
+        return self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
+                         guidance=len(branches) > 1, cache=settings.cache)  # fmt: skip
 
     def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:
         """The settings a call with these arguments would use (defaults filled in, sizes rounded, every
@@ -162,6 +178,8 @@ class WanPipeline:
         rotate: int = 0,
         fit: str = "cover",
         background: tuple[int, int, int] | str = (255, 255, 255),
+        cache: str | CacheMethod | None = None,
+        cache_threshold: float | None = None,
     ) -> Video:
         """Generate a clip that starts from ``image``.
 
@@ -187,6 +205,9 @@ class WanPipeline:
             fit: "cover" scales the photo to cover the frame and centre-crops; "contain" scales it to fit
                 inside and pads with ``background``, which also shows through transparent pixels (an
                 (R, G, B) tuple or a colour string such as "white" or "#202020").
+            cache: step caching, off by default: "first-block", "magcache" or "teacache" (the last two
+                with the variant's published calibration), or a method object from
+                :mod:`mlx_i2v.stepcache`. ``cache_threshold`` overrides the method's default threshold.
 
         Returns:
             A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1].
@@ -204,13 +225,14 @@ class WanPipeline:
         settings = self._settings(
             photos, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed,
+            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
+            cache_threshold=cache_threshold,
         )  # fmt: skip
         scales = self._scales(settings)
-        denoiser = self.denoiser()
+        step_cache = StepCache(settings.cache)
+        denoiser = self.denoiser(step_cache)
         branches = denoiser.branches_needed(scales)
-        plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
-                         guidance=len(branches) > 1)  # fmt: skip
+        plan = self._plan_for(settings)
         check_fits(plan)  # stop before loading anything rather than run out of memory halfway
         noise = self._initial_noise(self._latent_shape(settings), settings.seed, latents)
         timings: dict[str, float] = {}
@@ -256,11 +278,12 @@ class WanPipeline:
             **({"image_name": Path(image).name} if isinstance(image, (str, Path)) else {}),
             **(options.metadata() if photos else {}),
             **vars(settings),
+            "cache": settings.cache.describe() if settings.cache is not None else None,
         }
         # The photos' Pillow buffers are not MLX's: the peak is MLX's plus the prepared photos held
         # throughout, or the Pillow buffers alive at once while loading and fitting them, if larger.
         peak = max(mx.get_peak_memory() + report.held, active_while_loading + report.peak)
-        stats = {"seconds": timings, "peak_memory_gb": peak / 1e9}
+        stats = {"seconds": timings, "peak_memory_gb": peak / 1e9, "transformer_passes": step_cache.passes()}
         return Video(frames=video, fps=settings.fps, metadata=metadata, stats=stats)
 
     # --- stages -------------------------------------------------------------------------------------
@@ -274,9 +297,10 @@ class WanPipeline:
         self.text_encoder.release()
         return embeds
 
-    def denoiser(self) -> Denoiser:
-        """The denoising loop with this pipeline's experts, conditioning and compute dtype."""
-        return Denoiser(self.experts, self.variant.conditioning, self.dtype)
+    def denoiser(self, forward: Forward = plain_forward) -> Denoiser:
+        """The denoising loop with this pipeline's experts, conditioning and compute dtype; ``forward``
+        runs each transformer pass (a :class:`~mlx_i2v.stepcache.StepCache` for step caching)."""
+        return Denoiser(self.experts, self.variant.conditioning, self.dtype, forward=forward)
 
     def _scales(self, s: Settings) -> tuple[float, ...]:
         """The guidance scale of each expert: the high-noise expert takes ``guidance_scale``, the
@@ -348,6 +372,8 @@ class WanPipeline:
         guidance_scale_2: float | None = None,
         flow_shift: float | None = None,
         seed: int | None = None,
+        cache: str | CacheMethod | None = None,
+        cache_threshold: float | None = None,
     ) -> Settings:
         d = self.variant.defaults
         steps = validation.integer("num_inference_steps", _or(num_inference_steps, d.num_inference_steps), minimum=1)
@@ -369,7 +395,8 @@ class WanPipeline:
         self.dims.check_request(height=height, width=width, num_frames=num_frames)
         seed = secrets.randbits(31) if seed is None else validation.seed(seed)
         negative_prompt = validation.text("negative_prompt", _or(negative_prompt, d.negative_prompt))
-        return Settings(height, width, num_frames, steps, guidance, guidance_2, shift, seed, negative_prompt, d.fps)
+        method = resolve_cache(cache, cache_threshold, self.variant.name, has_image=bool(photos))
+        return Settings(height, width, num_frames, steps, guidance, guidance_2, shift, seed, negative_prompt, d.fps, method)
 
     def _size(self, photo: Image.Image | None, height: int | None, width: int | None) -> tuple[int, int]:
         d = self.variant.defaults

@@ -172,6 +172,7 @@ class Plan:
     vae_encode_tiling: Tiling | None  # None: untiled encode
     stages: list[Stage] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    cache_bytes: int = 0  # bytes a step cache keeps per hidden-state element and branch
 
     @property
     def peak(self) -> int:
@@ -393,6 +394,7 @@ def plan_generation(
     encode_frames: int = 1,
     staged: bool = True,
     suggest: bool = True,
+    cache_bytes: int = 0,
 ) -> Plan:
     """Estimate the peak memory of one generation.
 
@@ -407,6 +409,8 @@ def plan_generation(
             Wan2.1 I2V).
         staged: each model is loaded for its stage only, as the pipeline does unless ``keep_resident``.
         suggest: fill ``Plan.suggestions`` when the plan does not fit.
+        cache_bytes: what a step cache keeps across steps, in bytes per hidden-state element and branch
+            (:func:`mlx_i2v.stepcache.kept_bytes`).
 
     Returns:
         A :class:`Plan` with stages "text", "vae_encode", "denoise" and "vae_decode", the attention chunk
@@ -433,6 +437,7 @@ def plan_generation(
     # The steel kernel serves head dims 64/80/128 (every Wan transformer has 128).
     fused = backend == "metal" and dims.transformer.attention_head_dim in (64, 80, 128)
     denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget)
+    denoise += batch * tokens * dims.transformer.inner_dim * cache_bytes
 
     tiling = None
     decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, None, budget)
@@ -460,7 +465,7 @@ def plan_generation(
     ]
     plan = Plan(
         height, width, num_frames, guidance, dtype, quantize, backend, budget, tokens, chunk, tiling,
-        encode_tiling, stages,
+        encode_tiling, stages, cache_bytes=cache_bytes,
     )  # fmt: skip
     if suggest and not plan.fits():
         plan.suggestions = _suggestions(dims, plan, encode_frames, staged)
@@ -475,7 +480,7 @@ def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, staged: bool) 
         args = dict(
             height=plan.height, width=plan.width, num_frames=plan.num_frames, guidance=plan.guidance,
             dtype=plan.dtype, quantize=plan.quantize, backend=plan.backend, budget=plan.budget,
-            encode_frames=encode_frames, staged=staged, suggest=False,
+            encode_frames=encode_frames, staged=staged, suggest=False, cache_bytes=plan.cache_bytes,
         )  # fmt: skip
         args.update(changes)
         return plan_generation(dims, **args)  # type: ignore[arg-type]

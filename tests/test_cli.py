@@ -100,6 +100,10 @@ BAD_INPUTS = {
         lambda d, m, p: ["generate", str(p), "--model", str(m), "--crop", "100,0,50,50"],
         "does not fit inside the 120x80 photo",
     ),
+    "cache threshold alone": (
+        lambda d, m, p: ["generate", str(p), "--model", str(m), "--cache-threshold", "0.1"],
+        "cache_threshold needs a cache method",
+    ),
     "unwritable output": (
         lambda d, m, p: ["generate", str(p), "--model", str(m), "--output", str(_text_file(d / "file") / "x.mp4")],
         "output",
@@ -140,10 +144,13 @@ def test_generate_first_last_frame_and_two_experts(tiny_i2v_dirs, photo, tmp_pat
     assert Image.open(out).n_frames == 5
     out = tmp_path / "a14b.mp4"
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_i2v_dirs["a14b"]), "--guidance-2", "2.5",
-                  *GOOD, "--output", str(out), cwd=tmp_path)
+                  "--cache", "first-block", "--cache-threshold", "1e9", *GOOD, "--output", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # one step per expert: each expert's first pass computes (caches reset at the switch), none skip
+    assert "transformer passes: 4 computed, 0 skipped (first-block, threshold 1e+09)" in result.stdout
     with av.open(str(out)) as c:
-        assert json.loads(c.metadata["comment"])["guidance_scale_2"] == 2.5
+        meta = json.loads(c.metadata["comment"])
+        assert meta["guidance_scale_2"] == 2.5 and meta["cache"] == {"method": "first-block", "threshold": 1e9}
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_i2v_dirs["flf2v"]), *GOOD,
                   "--output", str(tmp_path / "no-last.mp4"), cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip() == "error: wan2.1-flf2v-14b-720p needs a last image (--last-image)"
@@ -152,9 +159,10 @@ def test_generate_first_last_frame_and_two_experts(tiny_i2v_dirs, photo, tmp_pat
 def test_dry_run_prints_the_plan_and_a_request_too_big_stops_before_loading(tiny_ti2v_dir, photo, tmp_path):
     out = tmp_path / "never.mp4"
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_ti2v_dir), *GOOD, "--dry-run",
-                  "--output", str(out), cwd=tmp_path)
+                  "--cache", "magcache", "--output", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "96x64, 5 frames, 2 steps" in result.stdout and "peak" in result.stdout and "fits" in result.stdout
+    assert "cache magcache 0.06" in result.stdout
     assert not out.exists()
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_ti2v_dir), *GOOD, "--memory-limit", "0.001",
                   "--output", str(out), cwd=tmp_path)
