@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from pathlib import Path
 
 import click
 
 from mlx_i2v.image import load_image
+from mlx_i2v.parallel import MODES
 from mlx_i2v.video import FORMATS, ensure_writable
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
@@ -38,54 +42,75 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
               help="Quantize the transformer to 4 or 8 bits on load (the text encoder to 8).")
 @click.option("--memory-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Memory budget in GB (default: what the device recommends; env MLX_I2V_MEMORY_LIMIT).")
-@click.option("--dry-run", is_flag=True, help="Print the settings and the memory plan, then stop.")
+@click.option("--parallel", type=click.Choice(MODES), default="auto", show_default=True,
+              help="Under mlx.launch with several processes, how they share the clip: auto (CFG over 2 ranks, "
+                   "CFG x sequence over 4), cfg, sequence, or none (each process alone).")
+@click.option("--parallel-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds a rank waits for the others beyond its own work before it gives up "
+                   "(default 300; env MLX_I2V_PARALLEL_TIMEOUT).")
+@click.option("--dry-run", is_flag=True, help="Print the settings and the memory plan (per rank), then stop.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output .mp4, .gif or a folder name for PNG frames (default: IMAGE's name with .mp4).")
 def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, height, width,
              num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, seed, fps, dtype,
-             quantize, memory_limit, dry_run, output) -> None:
-    """Generate a video that starts from IMAGE."""
+             quantize, memory_limit, parallel, parallel_timeout, dry_run, output) -> None:
+    """Generate a video that starts from IMAGE.
+
+    Under `mlx.launch` every rank runs this same command: rank 0 writes the output and prints, the other
+    ranks print only errors."""
     from mlx_i2v import load_pipeline
     from mlx_i2v.memory import set_memory_limit
+    from mlx_i2v.parallel import join
     from mlx_i2v.planner import check_fits
 
+    group = join(parallel, timeout=parallel_timeout)
+    if group.size > 1:
+        _quiet_rank(group.rank)
+    echo = click.echo if group.rank == 0 else _silent
     output = output or _default_output(image)
     if output.suffix.lower() not in FORMATS:
         raise click.BadParameter(f"unsupported format {output.suffix!r}; use .mp4, .gif or a folder", param_hint="--output")
     # Cheap checks first: nobody should wait for a model to load to learn their photo is unreadable.
     photo = load_image(image)
     last_photo = load_image(last_image) if last_image is not None else None
-    ensure_writable(output)
+    if group.rank == 0:  # only rank 0 writes (the others may run on hosts without that folder)
+        ensure_writable(output)
 
     if memory_limit is not None:
         set_memory_limit(memory_limit)
-    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None)
+    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None, parallel=group)
     arguments = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed)
     settings = pipe.resolve_settings(photo, last_image=last_photo, **arguments)
-    use_cfg = settings.guidance_scale > 1 or (settings.guidance_scale_2 or 0) > 1
-    plan = pipe.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames, guidance=use_cfg)
+    plan = pipe.plan_settings(settings)
     if dry_run:
-        click.echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
-                   f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}")
-        click.echo(plan.summary())
+        echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
+             f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}")
+        echo(plan.summary())
         return
     check_fits(plan)
-    progress = _Progress()
+    progress = _Progress() if group.rank == 0 else None
     try:
         video = pipe(photo, prompt, last_image=last_photo, on_step=progress, **arguments)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
+    if not group.decodes():
+        return
     if fps is not None:
         video.fps = fps
         video.metadata["fps"] = fps
     path = video.save(output)
     m = video.metadata
-    click.echo(f"wrote {path} ({m['num_frames']} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})")
+    echo(f"wrote {path} ({m['num_frames']} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})")
     seconds = video.stats["seconds"]
-    click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
-    click.echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")
+    echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
+    echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")
+    if "parallel" in video.stats:
+        p = video.stats["parallel"]
+        echo(f"parallel: {p['ranks']} ranks ({p['mode']}), rank 0 received {p['total_bytes_received'] / 1e6:.1f} MB "
+             f"and waited {p['wait_seconds']:.1f}s for the others")
 
 
 class _Progress:
@@ -105,6 +130,31 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
+
+
+def _silent(*args, **kwargs) -> None:
+    """What ranks other than 0 print: nothing (errors reach stderr through the CLI's error handler)."""
+
+
+def _quiet_rank(rank: int) -> None:
+    """Keep a rank's stderr to one line per error: MLX's distributed backends log from C++ straight to
+    file descriptor 2 (a dozen lines when a peer leaves), so fd 2 goes to /dev/null while Python's
+    sys.stderr (click, logging) keeps the real one; ranks other than 0 also drop warnings. ``-v`` keeps
+    everything."""
+    if click.get_current_context().find_root().params.get("verbose"):
+        return
+    if rank != 0:
+        logging.getLogger().setLevel(logging.ERROR)
+    old = sys.stderr
+    old.flush()
+    real = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = open(real, "w", buffering=1, encoding=old.encoding, errors="backslashreplace")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.setStream(sys.stderr)
 
 
 def _default_output(image: Path) -> Path:

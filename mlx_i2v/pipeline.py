@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -17,7 +17,7 @@ from .denoise import COND, UNCOND, Denoiser, StepInfo
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
-from .planner import ModelDims, Plan, check_fits, plan_generation
+from .planner import ModelDims, Plan, check_fits, latent_grid, plan_generation
 from .resident import Resident
 from .image import ImageInput, fit_to_frame, load_image, to_model_range
 from .models.clip import CLIPVisionTower
@@ -25,6 +25,7 @@ from .models.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
+from .parallel import Parallel
 from .runtime import dtype_name
 from .schedulers import Scheduler
 from .variants import Variant
@@ -86,12 +87,21 @@ class WanPipeline:
     vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
     make_scheduler: Callable[[], Scheduler]
     image_encoder: Resident[ImageEncoder] | None = None
+    parallel: Parallel = field(default_factory=Parallel)  # this process's share of each generation
 
     def plan(
-        self, *, height: int, width: int, num_frames: int, guidance: bool = True, budget: int | None = None
+        self,
+        *,
+        height: int,
+        width: int,
+        num_frames: int,
+        guidance: bool = True,
+        budget: int | None = None,
+        shards: int = 1,
     ) -> Plan:
         """Estimate this pipeline's peak memory for a request, before anything is loaded (see
-        :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid."""
+        :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid; ``shards``: the
+        token shards of a sequence-parallel run (the plan is then one rank's)."""
         return plan_generation(
             self.dims,
             height=height,
@@ -103,7 +113,20 @@ class WanPipeline:
             budget=budget,
             encode_frames=num_frames if self.variant.conditioning.requires_image else 1,
             staged=not self.text_encoder.keep,
+            shards=shards,
         )
+
+    def plan_settings(self, settings: Settings) -> Plan:
+        """The plan of this process for resolved settings: with both guidance branches in its batch
+        unless they are split over ranks, on its shard of the tokens in a sequence-parallel run."""
+        scales = self._scales(settings)
+        guidance = len(self.denoiser(scales).branches_needed(scales)) > 1
+        plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
+                         guidance=guidance, shards=self.parallel.layout(scales).sequence)  # fmt: skip
+        if self.parallel.size > 1:
+            grid = latent_grid(self.dims.vae, settings.height, settings.width, settings.num_frames)
+            plan.parallel = self.parallel.summary(scales, self.dims.transformer, grid, self.dtype)
+        return plan
 
     def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:
         """The settings a call with these arguments would use (defaults filled in, sizes rounded),
@@ -157,11 +180,12 @@ class WanPipeline:
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed,
         )  # fmt: skip
+        # With other ranks: stop here unless they were all asked the same, and use one seed.
+        settings.seed = self.parallel.agree(self._request(prompt, photos, settings, latents, seed), settings.seed)
         scales = self._scales(settings)
-        denoiser = self.denoiser()
+        denoiser = self.denoiser(scales)
         branches = denoiser.branches_needed(scales)
-        plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
-                         guidance=len(branches) > 1)  # fmt: skip
+        plan = self.plan_settings(settings)
         check_fits(plan)  # stop before loading anything rather than run out of memory halfway
         noise = self._initial_noise(self._latent_shape(settings), settings.seed, latents)
         timings: dict[str, float] = {}
@@ -193,7 +217,10 @@ class WanPipeline:
         timings["denoise"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        video = self.decode(final, tiling=plan.vae_tiling)
+        if self.parallel.decodes():
+            video = self.decode(final, tiling=plan.vae_tiling)
+        else:  # rank 0 decodes; the other ranks' part is done
+            video = np.zeros((0, settings.height, settings.width, 3), np.float32)
         timings["decode"] = time.perf_counter() - tic
 
         metadata = {
@@ -205,6 +232,9 @@ class WanPipeline:
             **vars(settings),
         }
         stats = {"seconds": timings, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+        if self.parallel.size > 1:
+            metadata["parallel"] = self.parallel.describe(scales)
+            stats["parallel"] = self.parallel.stats(scales)
         return Video(frames=video, fps=settings.fps, metadata=metadata, stats=stats)
 
     # --- stages -------------------------------------------------------------------------------------
@@ -217,9 +247,25 @@ class WanPipeline:
         self.text_encoder.release()
         return embeds
 
-    def denoiser(self) -> Denoiser:
-        """The denoising loop with this pipeline's experts, conditioning and compute dtype."""
-        return Denoiser(self.experts, self.variant.conditioning, self.dtype)
+    def denoiser(self, scales: Sequence[float] = (1.0,)) -> Denoiser:
+        """The denoising loop with this pipeline's experts, conditioning and compute dtype, and this
+        process's share of the work for these per-expert guidance scales."""
+        guidance, forward = self.parallel.strategies(scales)
+        return Denoiser(self.experts, self.variant.conditioning, self.dtype, guidance, forward)
+
+    def _request(
+        self, prompt: str, photos: list[Image.Image], s: Settings, latents: np.ndarray | None, seed: int | None
+    ) -> dict[str, Any]:
+        """What every rank of a parallel run must agree on (compared by digest, see
+        :mod:`mlx_i2v.parallel.handshake`)."""
+        return {
+            "model": [self.variant.name, self.dims, dtype_name(self.dtype), self.quantize_bits],
+            "settings": {k: v for k, v in vars(s).items() if k != "seed"},
+            "seed": "random" if seed is None else s.seed,
+            "prompt": prompt,
+            "photos": b"".join(np.asarray(p).tobytes() for p in photos),
+            "latents": b"" if latents is None else np.asarray(latents, np.float32).tobytes(),
+        }
 
     def _scales(self, s: Settings) -> tuple[float, ...]:
         """The guidance scale of each expert: the high-noise expert takes ``guidance_scale``, the
