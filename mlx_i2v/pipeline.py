@@ -170,7 +170,9 @@ class WanPipeline:
                 the generation by raising :class:`GenerationCancelled`.
 
         Returns:
-            A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1].
+            A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1]. In a parallel
+            run (see :mod:`mlx_i2v.parallel`) only rank 0 decodes: the other ranks' frames are empty,
+            (0, height, width, 3); metadata and stats say how the ranks shared the work.
         """
         if not isinstance(prompt, str):
             raise InvalidInputError("prompt must be a string")
