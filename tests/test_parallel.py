@@ -249,6 +249,23 @@ def test_a_rank_that_hangs_is_caught_by_the_watchdog(tiny_ti2v_dir, tmp_path):
     assert not (out / "frames.npy").exists()
 
 
+def test_a_rank_that_never_connects_ends_the_start_with_one_line(tiny_ti2v_dir, tmp_path):
+    # Rank 0 of two, with rank 1 never started (a host that cannot be reached): MLX waits in
+    # mx.distributed.init forever, holding the GIL; the watchdog process ends it.
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"model": str(tiny_ti2v_dir), "out": str(out), "kwargs": SMALL}))
+    procs = start_ranks(2, python(WORKER, str(spec)), tmp_path, {"MLX_I2V_PARALLEL_TIMEOUT": "3"})
+    procs[1].kill()
+    tic = time.monotonic()
+    result = wait_ranks(procs[:1], timeout=120)[0]
+    procs[1].communicate()
+    assert result.returncode == -9 and time.monotonic() - tic < 60
+    assert result.stderr == ("error: rank 0: the other ranks did not connect within 3 s; check that every host "
+                             "runs the same command and that the hosts can reach each other\n")  # fmt: skip
+
+
 def test_ranks_started_differently_stop_naming_the_rank(tiny_ti2v_dir, tmp_path):
     kwargs = dict(**SMALL, num_inference_steps=2, guidance_scale=5.0, seed=3)
     results = _run(tmp_path, 2, tiny_ti2v_dir, kwargs, env={"MLX_I2V_PARALLEL_TIMEOUT": str(TIMEOUT)},
