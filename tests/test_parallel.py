@@ -22,6 +22,7 @@ from mlx_i2v import load_pipeline
 from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.models.wan_transformer import WanTransformerConfig
 from mlx_i2v.parallel import Layout, choose_layout
+from mlx_i2v.parallel.comm import partition
 from mlx_i2v.parallel.handshake import digest
 from mlx_i2v.parallel.sequence import TokenShard
 from mlx_i2v.parallel.traffic import step_bytes
@@ -68,6 +69,37 @@ def test_layout_places_every_rank_once_and_keeps_pairs_on_ring_neighbours():
         choose_layout("cfg", 4, True)
     with pytest.raises(InvalidInputError, match="parallel must be one of"):
         choose_layout("tensor", 2, True)
+
+
+class _World:
+    """A stand-in for an ``mx.distributed.Group`` that records splits instead of making them."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size, self.splits = rank, size, []
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+    def split(self, color: int, key: int):
+        self.splits.append((color, key))
+
+
+def test_partition_chooses_one_transport_for_every_rank():
+    # 4 ranks, no split (ring, JACCL): every pair is made of ring neighbours -> send/recv, 1 piece received
+    for rank in range(4):
+        for groups in (Layout(2, 2).guidance_groups(), Layout(2, 2).sequence_groups()):
+            sub = partition(_World(rank, 4), groups, split=False)
+            assert sub.received == 1 and sub.members[sub.index] == rank
+    # 6 ranks: pair (1, 4) is not adjacent, so every rank gathers the whole group and keeps its pair's pieces
+    assert {partition(_World(r, 6), Layout(2, 3).guidance_groups(), split=False).received for r in range(6)} == {5}
+    # a backend that splits: the split is made at the first gather, not when the layout is built
+    world = _World(2, 4)
+    sub = partition(world, Layout(2, 2).sequence_groups(), split=True)
+    assert sub.received == 1 and sub.members == (3, 2) and sub.index == 1 and world.splits == []
+    assert partition(_World(1, 2), [(0, 1)], split=True).received == 1  # the whole group: no split at all
 
 
 @pytest.mark.parametrize("length, count", [(27, 2), (27, 4), (12, 4), (5, 8)])
@@ -120,8 +152,10 @@ def _assert_matches_one_process(tmp_path: Path, results: list, model: Path, kwar
     for r in results:
         assert r.returncode == 0, f"rank {r.rank}: {r.stderr[-2000:]}"
         assert r.stdout == ""  # the library never prints
+    seeds = {_rank_stats(tmp_path, r.rank)["metadata"]["seed"] for r in results}
+    assert len(seeds) == 1  # a random seed is rank 0's on every rank
     pipe = load_pipeline(model, dtype="float32")
-    expected = pipe(photo() if image else None, "a fox", **kwargs).frames
+    expected = pipe(photo() if image else None, "a fox", **{**kwargs, "seed": seeds.pop()}).frames
     frames = np.load(tmp_path / "out" / "frames.npy")
     assert frames.shape == expected.shape
     assert np.abs(frames - expected).max() < 1e-5
@@ -155,8 +189,9 @@ def test_guidance_parallel_ti2v_matches_one_process(tiny_ti2v_dir, tmp_path):
 
 
 def test_sequence_parallel_ti2v_pads_an_odd_token_count(tiny_ti2v_dir, tmp_path):
-    # 27 tokens over 2 ranks, per-token timesteps (photo frame at t=0), both guidance branches batched.
-    kwargs = dict(**ODD, num_inference_steps=2, guidance_scale=5.0, seed=4)
+    # 27 tokens over 2 ranks, per-token timesteps (photo frame at t=0), both guidance branches batched;
+    # a random seed, which the ranks must agree on to draw the same noise.
+    kwargs = dict(**ODD, num_inference_steps=2, guidance_scale=5.0, seed=None)
     results = _run(tmp_path, 2, tiny_ti2v_dir, kwargs, parallel="sequence")
     _assert_matches_one_process(tmp_path, results, tiny_ti2v_dir, kwargs)
     _assert_traffic(tmp_path, 2, tiny_ti2v_dir, kwargs, Layout(1, 2), guided_steps=2)

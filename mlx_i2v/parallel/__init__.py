@@ -86,7 +86,6 @@ class Parallel:
             return BatchedGuidance(), forward
         layout = self.layout(scales)
         branch, _ = layout.place(self.rank)
-        # Built in the same order on every rank: splitting a group is a collective where supported.
         sequence = self._subgroup(layout.sequence_groups())
         guidance: Guidance = BatchedGuidance()
         if layout.guidance > 1:
@@ -124,7 +123,7 @@ class Parallel:
     def _subgroup(self, groups: list[tuple[int, ...]]) -> Subgroup:
         key = tuple(groups)
         if key not in self._subgroups:
-            self._subgroups[key] = partition(self.comm.world, groups)
+            self._subgroups[key] = partition(self.comm.world, groups, self.comm.can_split)
         return self._subgroups[key]
 
 
@@ -168,13 +167,12 @@ def _connect(timeout: float) -> Comm:
         watchdog.arm(timeout, f"rank {rank}: the other ranks did not connect within {timeout:.0f} s; check that "
                               "every host runs the same command and that the hosts can reach each other")  # fmt: skip
         try:
-            world = mx.distributed.init()
+            _COMM = Comm(mx.distributed.init(), watchdog, timeout)  # (its split probe is a collective too)
         except RuntimeError as e:
             raise ParallelError(f"rank {rank}: cannot join the other ranks: {str(e).strip().splitlines()[0]}") from None
         finally:
             watchdog.disarm()
-        log.info("rank %d of %d", world.rank(), world.size())
-        _COMM = Comm(world, watchdog, timeout)
+        log.info("rank %d of %d", _COMM.rank, _COMM.size)
     return _COMM
 
 

@@ -59,11 +59,22 @@ def solo(rank: int) -> Subgroup:
     return Subgroup((rank,), 0, lambda x: x, 0)
 
 
-def partition(world: mx.distributed.Group, groups: Sequence[tuple[int, ...]]) -> Subgroup:
-    """This rank's subgroup in a partition of the world into ``groups`` (each in gather order).
+def can_split(world: mx.distributed.Group) -> bool:
+    """Whether the backend splits groups (NCCL, MPI; not ring or JACCL). Every rank must call it at the
+    same point: where it works, a split is a collective."""
+    try:
+        world.split(0, world.rank())
+    except RuntimeError:  # "[ring] Group split not supported."
+        return False
+    return True
 
-    Every rank must call this with the same partition, in the same order as the other partitions: a
-    split is a collective on backends that have it.
+
+def partition(world: mx.distributed.Group, groups: Sequence[tuple[int, ...]], split: bool) -> Subgroup:
+    """This rank's subgroup in a partition of the world into ``groups`` (each in gather order);
+    ``split``: the backend can split groups (:func:`can_split`).
+
+    A split group is made at the subgroup's first gather, so that it happens at the same point of the
+    generation on every rank, after the ranks checked they run the same one.
     """
     rank, size = world.rank(), world.size()
     mine = next(g for g in groups if rank in g)
@@ -72,13 +83,15 @@ def partition(world: mx.distributed.Group, groups: Sequence[tuple[int, ...]]) ->
         return solo(rank)
     if mine == tuple(range(size)):
         return Subgroup(mine, index, lambda x: mx.distributed.all_gather(x, group=world), size - 1)
-    color = groups.index(mine)
-    try:
-        sub = world.split(color, index)
-    except RuntimeError:  # ring and JACCL: "Group split not supported"
-        sub = None
-    if sub is not None:
-        return Subgroup(mine, index, lambda x: mx.distributed.all_gather(x, group=sub), len(mine) - 1)
+    if split:
+        color, made = groups.index(mine), []
+
+        def gather(x: mx.array) -> mx.array:
+            if not made:
+                made.append(world.split(color, index))
+            return mx.distributed.all_gather(x, group=made[0])
+
+        return Subgroup(mine, index, gather, len(mine) - 1)
     if all(len(g) == 2 and _neighbours(*g, size) for g in groups):
         partner = mine[1 - index]
         return Subgroup(mine, index, lambda x: _pair_exchange(world, x, partner, index), 1)
@@ -137,6 +150,7 @@ class Comm:
         self.world = world
         self.rank = world.rank()
         self.size = world.size()
+        self.can_split = self.size > 1 and can_split(world)
         self.watchdog = watchdog
         self.timeout = timeout
         self.where = "start-up"  # what the generation is doing, for messages
@@ -170,7 +184,7 @@ class Comm:
 
     def everyone(self) -> Subgroup:
         """Every rank, in rank order."""
-        return partition(self.world, [tuple(range(self.size))])
+        return partition(self.world, [tuple(range(self.size))], self.can_split)
 
     def others(self) -> list[int]:
         return [r for r in range(self.size) if r != self.rank]
