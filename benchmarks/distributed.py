@@ -234,8 +234,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['size']} ({r['tokens']:,}) | {r['mode']} | {_gb(r['total_bytes'])} | "
                      f"{r['compute_s']:.0f} | {links} |")  # fmt: skip
     run = report["run"]
+    blocks = f"{run['layers']} block{'s' * (run['layers'] != 1)}"
     lines += ["", f"Measured on {m['cpu']}, {m['cores']} cores ({m['os']}, mlx {m['mlx']}, BLAS {m['blas']}), "
-              f"{report['date']}: the denoising loop of a TI2V-5B-width transformer with {run['layers']} block{'s' * (run['layers'] != 1)} "
+              f"{report['date']}: the denoising loop of a TI2V-5B-width transformer with {blocks} "
               f"(random weights, float32), latent grid {'x'.join(map(str, run['latent']))} "
               f"({run['tokens']} tokens), {run['steps']} UniPC steps with guidance 5, ranks on 127.0.0.1 "
               "(ring backend). Other helpers' jobs shared these cores during the run: see the load average.", "",

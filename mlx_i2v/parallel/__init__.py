@@ -76,8 +76,9 @@ class Parallel:
             return seed
         from .. import __version__
 
-        self.comm.traffic = Traffic()
-        return agree(self.comm, {**fields, "mlx-i2v": __version__, "mlx": mx.__version__, "parallel": self.mode}, seed)
+        self.comm.restart()
+        versions = {"mlx-i2v": __version__, "mlx": mx.__version__}
+        return agree(self.comm, {**fields, **versions, "parallel": self.mode}, seed)
 
     def strategies(self, scales: Sequence[float], forward: Forward = plain_forward) -> tuple[Guidance, Forward]:
         """The guidance and forward strategies of this rank for a generation with these scales;

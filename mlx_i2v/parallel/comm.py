@@ -157,6 +157,12 @@ class Comm:
         self.traffic = Traffic()
         self._last = time.monotonic()
 
+    def restart(self) -> None:
+        """A new generation: count its traffic from zero, and its own work from now (not the idle time
+        since the previous one)."""
+        self.traffic = Traffic()
+        self._last = time.monotonic()
+
     def gather(self, group: Subgroup, x: mx.array, kind: str) -> mx.array:
         """``group.gather(x)``, evaluated: x first (no deadline), then the exchange (under one)."""
         x = mx.contiguous(x)
