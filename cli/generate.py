@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -14,6 +15,7 @@ from mlx_i2v.outputs import resolve_output
 from mlx_i2v.schedulers import MAX_INFERENCE_STEPS
 from mlx_i2v.validation import SEED_MAX
 from mlx_i2v.stepcache.calibrations import METHODS
+from mlx_i2v.parallel import MODES
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
@@ -117,47 +119,66 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
                    "(off by default; magcache and teacache use the model's published calibration).")
 @click.option("--cache-threshold", type=float, default=None,
               help="The cache's threshold (default: the method's recommended one for the model).")
-@click.option("--dry-run", is_flag=True, help="Print the settings and the memory plan, then stop.")
+@click.option("--parallel", type=click.Choice(MODES), default="auto", show_default=True,
+              help="Under mlx.launch with several processes, how they share the clip: auto (CFG over 2 ranks, "
+                   "CFG x sequence over 4), cfg, sequence, or none (each process alone).")
+@click.option("--parallel-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds a rank waits for the others beyond its own work before it gives up "
+                   "(default 300; env MLX_I2V_PARALLEL_TIMEOUT).")
+@click.option("--dry-run", is_flag=True, help="Print the settings and the memory plan (per rank), then stop.")
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Output .mp4 or .gif, a new folder name for PNG frames, or a folder (existing, or ending in /) "
                    "to write IMAGE's name .mp4 into (default: IMAGE's name .mp4 here).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
 def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: str, negative_prompt, num_frames,
              height, width, num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, seed,
-             fps, crop, rotate, fit, background, dtype, quantize, memory_limit, cache, cache_threshold, dry_run, output,
-             overwrite) -> None:
-    """Generate a video that starts from IMAGE."""
+             fps, crop, rotate, fit, background, dtype, quantize, memory_limit, cache, cache_threshold, parallel,
+             parallel_timeout, dry_run, output, overwrite) -> None:
+    """Generate a video that starts from IMAGE.
+
+    Under `mlx.launch` every rank runs this same command: rank 0 writes the output and prints, the other
+    ranks print only errors."""
     from mlx_i2v import load_pipeline
     from mlx_i2v.memory import set_memory_limit
+    from mlx_i2v.parallel import join
 
+    group = join(parallel, timeout=parallel_timeout)
+    if group.size > 1:
+        _quiet_rank(group.rank)
+    echo = click.echo if group.rank == 0 else _silent
     # Cheap checks first: nobody should wait for a model to load to learn their photo is unreadable.
     prompt = _read_prompt(prompt, prompt_file)
     image_options = dict(crop=crop, rotate=int(rotate), fit=fit, background=background)
     for path in (image, last_image):  # decoded here to fail early; the pipeline loads (and reports) them
         if path is not None:
             load_image(path, ImageOptions(**image_options), LoadReport())
-    output = resolve_output(output, default_stem=image.stem, protected=[image, last_image], overwrite=overwrite)
+    if group.rank == 0:  # only rank 0 writes (the others may run on hosts without that folder)
+        output = resolve_output(output, default_stem=image.stem, protected=[image, last_image], overwrite=overwrite)
 
     if memory_limit is not None:
         set_memory_limit(memory_limit)
-    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None)
+    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None, parallel=group)
     arguments = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
                      cache_threshold=cache_threshold, **image_options)
     if dry_run:
         settings, plan = pipe.plan_call(image, last_image=last_image, prompt=prompt, **arguments)
-        click.echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
-                   f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}"
-                   + (f", cache {settings.cache.name} {settings.cache.threshold:g}" if settings.cache else ""))
-        click.echo(f"output: {output}")
-        click.echo(plan.summary())
+        echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
+             f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}"
+             + (f", cache {settings.cache.name} {settings.cache.threshold:g}" if settings.cache else ""))
+        echo(f"output: {output}")
+        echo(plan.summary())
         return
-    progress = _Progress()  # the pipeline checks every setting and the memory plan before loading a model
+    # The pipeline checks every setting and the memory plan before loading a model.
+    progress = _Progress() if group.rank == 0 else None
     try:
         video = pipe(image, prompt, last_image=last_image, on_step=progress, **arguments)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
+    if not group.decodes():
+        return
     if fps is not None:
         video.fps = fps
         video.metadata["fps"] = fps
@@ -166,15 +187,19 @@ def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: s
     if replacing:
         click.echo(f"replaced {path}")
     m = video.metadata
-    click.echo(f"wrote {path} ({m['num_frames']} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})")
+    echo(f"wrote {path} ({m['num_frames']} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})")
     seconds = video.stats["seconds"]
-    click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
-    click.echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")
+    echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
+    echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")
     cache = video.metadata.get("cache")
     if cache is not None:
         passes = video.stats["transformer_passes"]
-        click.echo(f"transformer passes: {passes['computed']} computed, {passes['skipped']} skipped "
-                   f"({cache['method']}, threshold {cache['threshold']:g})")
+        echo(f"transformer passes: {passes['computed']} computed, {passes['skipped']} skipped "
+             f"({cache['method']}, threshold {cache['threshold']:g})")
+    if "parallel" in video.stats:
+        p = video.stats["parallel"]
+        echo(f"parallel: {p['ranks']} ranks ({p['mode']}), rank 0 received {p['total_bytes_received'] / 1e6:.1f} MB "
+             f"and waited {p['wait_seconds']:.1f}s for the others")
 
 
 class _Progress:
@@ -194,4 +219,30 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
+
+
+def _silent(*args, **kwargs) -> None:
+    """What ranks other than 0 print: nothing (errors reach stderr through the CLI's error handler)."""
+
+
+def _quiet_rank(rank: int) -> None:
+    """Keep a rank's stderr to one line per error: MLX's distributed backends log from C++ straight to
+    file descriptor 2 (a dozen lines when a peer leaves), so fd 2 goes to /dev/null while Python's
+    sys.stderr (click, logging) keeps the real one; ranks other than 0 also drop warnings. ``-v`` keeps
+    everything."""
+    if click.get_current_context().find_root().params.get("verbose"):
+        return
+    if rank != 0:
+        logging.getLogger().setLevel(logging.ERROR)
+    old = sys.stderr
+    old.flush()
+    real = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = open(real, "w", buffering=1, encoding=old.encoding, errors="backslashreplace")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.setStream(sys.stderr)
+
 

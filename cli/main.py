@@ -41,6 +41,11 @@ class _Group(click.Group):
 
 
 def _fail(message: str, code: int) -> None:
+    from mlx_i2v.parallel import joined_rank
+
+    rank = joined_rank()  # in a parallel run every rank may print an error: say which one
+    if rank is not None and not message.startswith("rank "):
+        message = f"rank {rank}: {message}"
     try:
         click.echo(f"error: {message}", err=True)
     except OSError:  # the terminal is gone (SIGHUP)

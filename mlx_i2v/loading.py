@@ -14,6 +14,7 @@ from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import load_umt5
 from .models.wan_transformer import load_wan_transformer
 from .models.wan_vae import load_wan_vae
+from .parallel import Parallel, join
 from .pipeline import ImageEncoder, WanPipeline
 from .planner import ModelDims
 from .quantize import Quantization, QuantizationConfig
@@ -34,6 +35,7 @@ def load_pipeline(
     scheduler: str | None = None,
     keep_resident: bool = False,
     keep_experts_resident: bool = False,
+    parallel: str | Parallel = "auto",
 ) -> WanPipeline:
     """Load a Wan image-to-video pipeline.
 
@@ -53,10 +55,14 @@ def load_pipeline(
             machines with memory to spare); by default each is released when its stage ends.
         keep_experts_resident: Wan2.2-A14B only: keep both experts in memory instead of swapping them at
             the boundary.
+        parallel: under ``mlx.launch`` with several processes, how they share each generation: "auto",
+            "cfg", "sequence" or "none" (see :mod:`mlx_i2v.parallel`), or a joined
+            :class:`~mlx_i2v.parallel.Parallel`. A process on its own ignores it.
     """
     from .cache import cached_conversion
     from .hub import is_hub_id, resolve_model
 
+    parallel = parallel if isinstance(parallel, Parallel) else join(parallel)
     compute_dtype = resolve_dtype(dtype)
     keep_freed_memory()
     quantization = QuantizationConfig(bits=quantize) if isinstance(quantize, int) else quantize
@@ -111,6 +117,7 @@ def load_pipeline(
         ),
         make_scheduler=make_scheduler,
         image_encoder=image_encoder,
+        parallel=parallel,
     )
 
 

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -21,7 +21,7 @@ from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
-from .planner import ModelDims, Plan, check_fits, plan_generation
+from .planner import ModelDims, Plan, check_fits, latent_grid, plan_generation
 from .resident import Resident
 from .image import ImageInput, ImageOptions, LoadReport, fit_to_frame, load_image, to_model_range
 from .models.clip import CLIPVisionTower
@@ -29,6 +29,7 @@ from .models.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
+from .parallel import Parallel
 from .runtime import dtype_name
 from .schedulers import Scheduler
 from .stepcache import CacheMethod, StepCache, kept_bytes, resolve_cache
@@ -107,15 +108,24 @@ class WanPipeline:
     vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
     make_scheduler: Callable[[], Scheduler]
     image_encoder: Resident[ImageEncoder] | None = None
+    parallel: Parallel = field(default_factory=Parallel)  # this process's share of each generation
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def plan(
-        self, *, height: int, width: int, num_frames: int, guidance: bool = True, budget: int | None = None,
+        self,
+        *,
+        height: int,
+        width: int,
+        num_frames: int,
+        guidance: bool = True,
+        budget: int | None = None,
         cache: CacheMethod | None = None,
-    ) -> Plan:  # fmt: skip
+        shards: int = 1,
+    ) -> Plan:
         """Estimate this pipeline's peak memory for a request, before anything is loaded (see
         :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid; ``cache`` is
-        the step cache's method (``Settings.cache``), whose kept residuals take memory too."""
+        the step cache's method (``Settings.cache``), whose kept residuals take memory too; ``shards``:
+        the token shards of a sequence-parallel run (the plan is then one rank's)."""
         return plan_generation(
             self.dims,
             height=height,
@@ -128,18 +138,26 @@ class WanPipeline:
             encode_frames=num_frames if self.variant.conditioning.requires_image else 1,
             staged=not self.text_encoder.keep,
             cache_bytes=kept_bytes(cache, self.dtype),
+            shards=shards,
         )
 
     def plan_call(self, image: ImageInput | None = None, **kwargs) -> tuple[Settings, Plan]:
         """The settings and the memory plan of a call with these arguments (see :meth:`resolve_settings`),
         without loading a model: what ``--dry-run`` shows."""
         settings = self.resolve_settings(image, **kwargs)
-        return settings, self._plan_for(settings)
+        return settings, self.plan_settings(settings)
 
-    def _plan_for(self, settings: Settings) -> Plan:
-        branches = self.denoiser().branches_needed(self._scales(settings))
-        return self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
-                         guidance=len(branches) > 1, cache=settings.cache)  # fmt: skip
+    def plan_settings(self, settings: Settings) -> Plan:
+        """The plan of this process for resolved settings: with both guidance branches in its batch
+        unless they are split over ranks, on its shard of the tokens in a sequence-parallel run."""
+        scales = self._scales(settings)
+        guidance = len(self.denoiser(scales).branches_needed(scales)) > 1
+        plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
+                         guidance=guidance, cache=settings.cache, shards=self.parallel.layout(scales).sequence)  # fmt: skip
+        if self.parallel.size > 1:
+            grid = latent_grid(self.dims.vae, settings.height, settings.width, settings.num_frames)
+            plan.parallel = self.parallel.summary(scales, self.dims.transformer, grid, self.dtype)
+        return plan
 
     def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:
         """The settings a call with these arguments would use (defaults filled in, sizes rounded, every
@@ -152,6 +170,7 @@ class WanPipeline:
         latents = kwargs.pop("latents", None)
         photos = self._photos(image, kwargs.pop("last_image", None), options)
         settings = self._settings(photos, **kwargs)
+        self._check_cache_sharding(settings)
         if latents is not None:
             self._initial_noise(self._latent_shape(settings), settings.seed, latents)
         return settings
@@ -210,7 +229,9 @@ class WanPipeline:
                 :mod:`mlx_i2v.stepcache`. ``cache_threshold`` overrides the method's default threshold.
 
         Returns:
-            A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1].
+            A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1]. In a parallel
+            run (see :mod:`mlx_i2v.parallel`) only rank 0 decodes: the other ranks' frames are empty,
+            (0, height, width, 3); metadata and stats say how the ranks shared the work.
 
         Raises:
             InvalidInputError: for any argument of the wrong type or out of range, before any model loads.
@@ -228,11 +249,14 @@ class WanPipeline:
             guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
             cache_threshold=cache_threshold,
         )  # fmt: skip
+        self._check_cache_sharding(settings)
+        # With other ranks: stop here unless they were all asked the same, and use one seed.
+        settings.seed = self.parallel.agree(self._request(prompt, photos, settings, latents, seed), settings.seed)
         scales = self._scales(settings)
         step_cache = StepCache(settings.cache)
-        denoiser = self.denoiser(step_cache)
+        denoiser = self.denoiser(scales, step_cache)
         branches = denoiser.branches_needed(scales)
-        plan = self._plan_for(settings)
+        plan = self.plan_settings(settings)
         check_fits(plan)  # stop before loading anything rather than run out of memory halfway
         noise = self._initial_noise(self._latent_shape(settings), settings.seed, latents)
         timings: dict[str, float] = {}
@@ -266,7 +290,10 @@ class WanPipeline:
         timings["denoise"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        video = self.decode(final, tiling=plan.vae_tiling)
+        if self.parallel.decodes():
+            video = self.decode(final, tiling=plan.vae_tiling)
+        else:  # rank 0 decodes; the other ranks' part is done
+            video = np.zeros((0, settings.height, settings.width, 3), np.float32)
         timings["decode"] = time.perf_counter() - tic
 
         metadata = {
@@ -284,6 +311,9 @@ class WanPipeline:
         # throughout, or the Pillow buffers alive at once while loading and fitting them, if larger.
         peak = max(mx.get_peak_memory() + report.held, active_while_loading + report.peak)
         stats = {"seconds": timings, "peak_memory_gb": peak / 1e9, "transformer_passes": step_cache.passes()}
+        if self.parallel.size > 1:
+            metadata["parallel"] = self.parallel.describe(scales)
+            stats["parallel"] = self.parallel.stats(scales)
         return Video(frames=video, fps=settings.fps, metadata=metadata, stats=stats)
 
     # --- stages -------------------------------------------------------------------------------------
@@ -297,10 +327,37 @@ class WanPipeline:
         self.text_encoder.release()
         return embeds
 
-    def denoiser(self, forward: Forward = plain_forward) -> Denoiser:
-        """The denoising loop with this pipeline's experts, conditioning and compute dtype; ``forward``
-        runs each transformer pass (a :class:`~mlx_i2v.stepcache.StepCache` for step caching)."""
-        return Denoiser(self.experts, self.variant.conditioning, self.dtype, forward=forward)
+    def denoiser(self, scales: Sequence[float] = (1.0,), forward: Forward = plain_forward) -> Denoiser:
+        """The denoising loop with this pipeline's experts, conditioning and compute dtype, and this
+        process's share of the work for these per-expert guidance scales; ``forward`` runs each
+        transformer pass (a :class:`~mlx_i2v.stepcache.StepCache` for step caching), on this rank's
+        token shard in a sequence-parallel run."""
+        guidance, forward = self.parallel.strategies(scales, forward)
+        return Denoiser(self.experts, self.variant.conditioning, self.dtype, guidance, forward)
+
+    def _request(
+        self, prompt: str, photos: list[Image.Image], s: Settings, latents: np.ndarray | None, seed: int | None
+    ) -> dict[str, Any]:
+        """What every rank of a parallel run must agree on (compared by digest, see
+        :mod:`mlx_i2v.parallel.handshake`)."""
+        return {
+            "model": [self.variant.name, self.dims, dtype_name(self.dtype), self.quantize_bits],
+            "settings": {k: v for k, v in vars(s).items() if k != "seed"},
+            "seed": "random" if seed is None else s.seed,
+            "prompt": prompt,
+            "photos": b"".join(np.asarray(p).tobytes() for p in photos),
+            "latents": b"" if latents is None else np.asarray(latents, np.float32).tobytes(),
+        }
+
+    def _check_cache_sharding(self, s: Settings) -> None:
+        """A step cache whose decisions read the hidden states (First-Block-Cache) or per-token timesteps
+        (TeaCache) would decide on each rank's own token shard, and ranks that decide differently wait on
+        each other forever; MagCache decides from its calibrated curve alone, the same on every rank."""
+        if s.cache is not None and s.cache.name != "magcache" and self.parallel.layout(self._scales(s)).sequence > 1:
+            raise InvalidInputError(
+                f"--cache {s.cache.name} does not work with sequence-parallel ranks (each would decide on its own "
+                "tokens); use --cache magcache, or --parallel cfg"
+            )
 
     def _scales(self, s: Settings) -> tuple[float, ...]:
         """The guidance scale of each expert: the high-noise expert takes ``guidance_scale``, the

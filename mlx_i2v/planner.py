@@ -173,6 +173,8 @@ class Plan:
     stages: list[Stage] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
     cache_bytes: int = 0  # bytes a step cache keeps per hidden-state element and branch
+    shards: int = 1  # token shards of a sequence-parallel run: the plan is then one rank's
+    parallel: str = ""  # how the ranks of a parallel run share the work, for the summary
 
     @property
     def peak(self) -> int:
@@ -190,10 +192,13 @@ class Plan:
         lines = [
             f"plan: {self.width}x{self.height}, {self.num_frames} frames, {self.tokens} tokens, "
             f"{'CFG (batch 2)' if self.guidance else 'no CFG'}, {_dtype_name(self.dtype)}"
-            f"{f', {self.quantize}-bit' if self.quantize else ''}, {self.backend}",
+            f"{f', {self.quantize}-bit' if self.quantize else ''}, {self.backend}"
+            f"{f', this rank holds 1/{self.shards} of the tokens' if self.shards > 1 else ''}",
             f"  attention: {'fused kernel / whole' if self.attention_chunk is None else f'{self.attention_chunk} queries per chunk'}",
             f"  VAE decode: {_tiling_text(self.vae_tiling)}; VAE encode: {_tiling_text(self.vae_encode_tiling)}",
         ]
+        if self.parallel:
+            lines.append(f"  {self.parallel}")
         for s in self.stages:
             lines.append(
                 f"  {s.name:<12} weights {s.weights / GB:6.2f} GB + activations {s.activations / GB:6.2f} GB"
@@ -277,27 +282,31 @@ def latent_grid(vae: WanVAEConfig, height: int, width: int, num_frames: int) -> 
 
 
 def denoise_activations(
-    cfg: WanTransformerConfig, tokens: int, batch: int, dtype: mx.Dtype, fused: bool, budget: int
+    cfg: WanTransformerConfig, tokens: int, batch: int, dtype: mx.Dtype, fused: bool, budget: int, shards: int = 1
 ) -> tuple[int, int | None]:
     """Activation peak of one transformer forward and the attention chunk it uses (None: unchunked).
 
     Terms: hidden-state-sized tensors (float32 islands and compute-dtype ones), the self-attention scores
     (none with a fused kernel; else one chunk), the text cross-attention scores, FFN intermediate and
-    activation, and a fixed part.
+    activation, and a fixed part. With ``shards`` > 1 (sequence parallel) every per-token term covers
+    this rank's shard, the attention keys span every token, and the gathered keys and values of the
+    whole sequence are held twice (as gathered, and in the attention's layout).
     """
     dim, heads = cfg.inner_dim, cfg.num_attention_heads
-    hidden = batch * tokens * dim
+    local = math.ceil(tokens / shards)
+    hidden = batch * local * dim
     chunk = None
     self_scores = 0
     cross_scores = 0
     if not fused:
-        rows = query_chunk_size(batch, heads, tokens, tokens, attention_workspace(budget))
-        chunk = rows if rows < tokens else None
+        rows = query_chunk_size(batch, heads, local, tokens, attention_workspace(budget))
+        chunk = rows if rows < local else None
         self_scores = batch * heads * rows * tokens * dtype.size
-        cross_scores = batch * heads * tokens * TEXT_TOKENS * dtype.size
-    ffn = 2 * batch * tokens * cfg.ffn_dim * dtype.size
+        cross_scores = batch * heads * local * TEXT_TOKENS * dtype.size
+    gathered_kv = 2 * (2 * batch * tokens * dim * dtype.size) if shards > 1 else 0
+    ffn = 2 * batch * local * cfg.ffn_dim * dtype.size
     per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size) + max(self_scores, ffn) + cross_scores
-    return per_block + DENOISE_FIXED, chunk
+    return per_block + gathered_kv + DENOISE_FIXED, chunk
 
 
 def text_activations(cfg: UMT5Config, batch: int, dtype: mx.Dtype) -> int:
@@ -395,6 +404,7 @@ def plan_generation(
     staged: bool = True,
     suggest: bool = True,
     cache_bytes: int = 0,
+    shards: int = 1,
 ) -> Plan:
     """Estimate the peak memory of one generation.
 
@@ -411,6 +421,7 @@ def plan_generation(
         suggest: fill ``Plan.suggestions`` when the plan does not fit.
         cache_bytes: what a step cache keeps across steps, in bytes per hidden-state element and branch
             (:func:`mlx_i2v.stepcache.kept_bytes`).
+        shards: token shards of a sequence-parallel run (the plan is one rank's; weights are whole).
 
     Returns:
         A :class:`Plan` with stages "text", "vae_encode", "denoise" and "vae_decode", the attention chunk
@@ -436,8 +447,8 @@ def plan_generation(
     tokens = (frames_lat // pt) * (h_lat // ph) * (w_lat // pw)
     # The steel kernel serves head dims 64/80/128 (every Wan transformer has 128).
     fused = backend == "metal" and dims.transformer.attention_head_dim in (64, 80, 128)
-    denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget)
-    denoise += batch * tokens * dims.transformer.inner_dim * cache_bytes
+    denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget, shards)
+    denoise += batch * -(-tokens // shards) * dims.transformer.inner_dim * cache_bytes
 
     tiling = None
     decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, None, budget)
@@ -465,7 +476,7 @@ def plan_generation(
     ]
     plan = Plan(
         height, width, num_frames, guidance, dtype, quantize, backend, budget, tokens, chunk, tiling,
-        encode_tiling, stages, cache_bytes=cache_bytes,
+        encode_tiling, stages, cache_bytes=cache_bytes, shards=shards,
     )  # fmt: skip
     if suggest and not plan.fits():
         plan.suggestions = _suggestions(dims, plan, encode_frames, staged)
@@ -481,6 +492,7 @@ def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, staged: bool) 
             height=plan.height, width=plan.width, num_frames=plan.num_frames, guidance=plan.guidance,
             dtype=plan.dtype, quantize=plan.quantize, backend=plan.backend, budget=plan.budget,
             encode_frames=encode_frames, staged=staged, suggest=False, cache_bytes=plan.cache_bytes,
+            shards=plan.shards,
         )  # fmt: skip
         args.update(changes)
         return plan_generation(dims, **args)  # type: ignore[arg-type]

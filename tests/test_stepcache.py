@@ -440,3 +440,18 @@ def test_cache_settings_are_checked_before_anything_loads(pipes, model_dirs, cap
     fbc = ti2v.plan(**size, cache=FirstBlockCache()).stage("denoise").activations
     tokens, dim = ti2v.plan(**size).tokens, ti2v.dims.transformer.inner_dim
     assert fbc - plain == 2 * tokens * dim * (4 + 4)
+
+
+def test_data_dependent_caches_are_refused_with_sequence_parallel_ranks(pipes, monkeypatch):
+    """Sequence-parallel ranks each see a shard of the tokens: a cache that reads them would decide
+    differently per rank (and the ranks would wait on each other), so only MagCache is allowed."""
+    ti2v = pipes["ti2v"]
+
+    class TwoShards:
+        sequence = 2
+
+    monkeypatch.setattr(ti2v.parallel, "layout", lambda scales: TwoShards())
+    for cache in ("first-block", "teacache"):
+        with pytest.raises(InvalidInputError, match=f"--cache {cache} does not work with sequence-parallel"):
+            ti2v.resolve_settings(_photo(), cache=cache)
+    assert ti2v.resolve_settings(_photo(), cache="magcache").cache.name == "magcache"
