@@ -160,13 +160,16 @@ class DMDScheduler(FlowSchedule):
         x0 = sample.astype(mx.float32) - float(self.sigmas[i]) * model_output.astype(mx.float32)
         if i + 1 < len(self.timesteps):
             if noise is None:
-                noise = self._draw(sample.shape)
+                noise = self.draw_noise(sample.shape)
             sigma_next = float(self.sigmas[i + 1])
             x0 = (1.0 - sigma_next) * x0 + sigma_next * noise.astype(mx.float32)
         self._step_index = i + 1
         return x0.astype(model_output.dtype)
 
-    def _draw(self, shape: tuple[int, ...]) -> mx.array:
+    def draw_noise(self, shape: tuple[int, ...]) -> mx.array:
+        """The next re-noising draw, float32 of ``shape``: from the key of :meth:`set_timesteps`'s ``seed``,
+        split once per draw (``key, sub = split(key)``, normal from ``sub``), else from MLX's global
+        generator. :meth:`step` calls it when not given ``noise``."""
         if self._key is None:
             return mx.random.normal(shape)
         self._key, key = mx.random.split(self._key)
