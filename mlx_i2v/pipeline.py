@@ -26,7 +26,7 @@ from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
 from .runtime import dtype_name
-from .schedulers import Scheduler
+from .sampling import Samplers, choose_sampling
 from .variants import Variant
 from .video import Video
 
@@ -52,6 +52,9 @@ class Settings:
     seed: int
     negative_prompt: str
     fps: float
+    scheduler: str = "unipc"  # the sampler (see mlx_i2v.sampling)
+    sigmas: tuple[float, ...] | None = None  # its explicit grid, unshifted; None for its own
+    preset: str | None = None  # the few-step recipe that filled the defaults
 
 
 @dataclass
@@ -84,7 +87,7 @@ class WanPipeline:
     experts: Experts
     vae_encoder: Resident[AutoencoderKLWan]  # the VAE without its decoder, for the photo
     vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
-    make_scheduler: Callable[[], Scheduler]
+    samplers: Samplers
     image_encoder: Resident[ImageEncoder] | None = None
 
     def plan(
@@ -128,6 +131,9 @@ class WanPipeline:
         latents: np.ndarray | None = None,
         last_image: ImageInput | None = None,
         on_step: StepCallback | None = None,
+        scheduler: str | None = None,
+        sigmas: list[float] | None = None,
+        preset: str | None = None,
     ) -> Video:
         """Generate a clip that starts from ``image``.
 
@@ -145,6 +151,13 @@ class WanPipeline:
             last_image: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V).
             on_step: ``on_step(step, total, timestep)`` after every denoising step; returning False stops
                 the generation by raising :class:`GenerationCancelled`.
+            scheduler: the sampler, ``"unipc"``, ``"euler"`` or ``"dmd"`` (default: the pipeline's).
+            sigmas: an explicit grid from 1 down, unshifted (``[1.0, 0.75, 0.5, 0.25]``): shifted by
+                ``flow_shift`` for Euler (the sampler they choose unless ``scheduler`` names another that
+                takes a grid), the recipe's timesteps / 1000 for DMD. See :mod:`mlx_i2v.sampling`.
+            preset: a few-step recipe whose settings fill what is not given: ``"lightning"`` (lightx2v and
+                Wan2.2-Lightning: 4 Euler steps, shift 5, no guidance), ``"dmd"`` (FastWan2.2-TI2V-5B) or
+                ``"turbo"`` (Wan2.2-TI2V-5B-Turbo).
 
         Returns:
             A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1].
@@ -155,7 +168,8 @@ class WanPipeline:
         settings = self._settings(
             photos, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed,
+            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, scheduler=scheduler,
+            sigmas=sigmas, preset=preset,
         )  # fmt: skip
         scales = self._scales(settings)
         denoiser = self.denoiser()
@@ -184,8 +198,9 @@ class WanPipeline:
         timings["image"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        sampler = self.make_scheduler()
-        sampler.set_timesteps(settings.num_inference_steps, shift=settings.flow_shift)
+        sampler = self.samplers.build(settings.scheduler, num_inference_steps=settings.num_inference_steps,
+                                      flow_shift=settings.flow_shift, sigmas=settings.sigmas,
+                                      preset=settings.preset, seed=settings.seed)  # fmt: skip
         try:
             final = denoiser(sampler, noise, state, text, image_tokens, scales, observe=_observer(on_step))
         finally:
@@ -280,8 +295,17 @@ class WanPipeline:
         guidance_scale_2: float | None = None,
         flow_shift: float | None = None,
         seed: int | None = None,
+        scheduler: str | None = None,
+        sigmas: list[float] | None = None,
+        preset: str | None = None,
     ) -> Settings:
-        steps, guidance, guidance_2, shift = num_inference_steps, guidance_scale, guidance_scale_2, flow_shift
+        sampling = choose_sampling(
+            self.variant, self.samplers.default, preset=preset, scheduler=scheduler, sigmas=sigmas,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift,
+        )  # fmt: skip
+        steps, guidance, guidance_2 = sampling.num_inference_steps, sampling.guidance_scale, sampling.guidance_scale_2
+        shift = sampling.flow_shift
         d = self.variant.defaults
         steps = d.num_inference_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -301,7 +325,8 @@ class WanPipeline:
             raise InvalidInputError("a first-last-frame clip needs at least 5 frames")
         seed = secrets.randbits(31) if seed is None else int(seed)
         negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        return Settings(height, width, num_frames, int(steps), guidance, guidance_2, shift, seed, negative_prompt, d.fps)
+        return Settings(height, width, num_frames, int(steps), guidance, guidance_2, shift, seed, negative_prompt, d.fps,
+                        scheduler=sampling.scheduler, sigmas=sampling.sigmas, preset=sampling.preset)
 
     def _size(self, photo: Image.Image | None, height: int | None, width: int | None) -> tuple[int, int]:
         d = self.variant.defaults
