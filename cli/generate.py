@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mlx_i2v.image import load_image
+from mlx_i2v.sampling import PRESETS, SAMPLERS
 from mlx_i2v.video import FORMATS, ensure_writable
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
@@ -29,6 +30,13 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
               help="The clip's last frame (first-last-frame models, Wan2.1-FLF2V).")
 @click.option("--shift", "flow_shift", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Flow-matching timestep shift.")
+@click.option("--scheduler", type=click.Choice(list(SAMPLERS)), default=None,
+              help="Sampler (default: the model's, or the preset's).")
+@click.option("--sigmas", callback=lambda ctx, param, value: _parse_sigmas(value), default=None,
+              help="Explicit grid from 1 down, unshifted, e.g. 1,0.75,0.5,0.25 (Euler unless --scheduler dmd).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="Few-step recipe: lightning (lightx2v / Wan2.2-Lightning LoRAs: 4 Euler steps, shift 5, no "
+                   "guidance), dmd (FastWan2.2-TI2V-5B), turbo (Wan2.2-TI2V-5B-Turbo). Other flags override it.")
 @click.option("--seed", type=int, default=None, help="Random seed (default: random, recorded in the file).")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Playback rate of the output (default: the model's).")
@@ -42,8 +50,8 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output .mp4, .gif or a folder name for PNG frames (default: IMAGE's name with .mp4).")
 def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, height, width,
-             num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, seed, fps, dtype,
-             quantize, memory_limit, dry_run, output) -> None:
+             num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, scheduler, sigmas, preset,
+             seed, fps, dtype, quantize, memory_limit, dry_run, output) -> None:
     """Generate a video that starts from IMAGE."""
     from mlx_i2v import load_pipeline
     from mlx_i2v.memory import set_memory_limit
@@ -62,13 +70,15 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
     pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None)
     arguments = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                     guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed)
+                     guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, scheduler=scheduler,
+                     sigmas=sigmas, preset=preset)
     settings = pipe.resolve_settings(photo, last_image=last_photo, **arguments)
     use_cfg = settings.guidance_scale > 1 or (settings.guidance_scale_2 or 0) > 1
     plan = pipe.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames, guidance=use_cfg)
     if dry_run:
         click.echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
-                   f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}")
+                   f"{settings.num_inference_steps} steps ({_sampler(settings)}), guidance {settings.guidance_scale:g}, "
+                   f"shift {settings.flow_shift:g}")
         click.echo(plan.summary())
         return
     check_fits(plan)
@@ -105,6 +115,26 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
+
+
+def _parse_sigmas(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(s) for s in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, e.g. 1,0.75,0.5,0.25; got {value!r}",
+                                 param_hint="--sigmas") from None
+
+
+def _sampler(settings) -> str:
+    """'euler on sigmas 1, 0.75, 0.5, 0.25, preset lightning'."""
+    parts = [settings.scheduler]
+    if settings.sigmas is not None:
+        parts[0] += " on sigmas " + ", ".join(f"{s:g}" for s in settings.sigmas)
+    if settings.preset is not None:
+        parts.append(f"preset {settings.preset}")
+    return ", ".join(parts)
 
 
 def _default_output(image: Path) -> Path:
