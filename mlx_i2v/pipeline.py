@@ -52,9 +52,9 @@ class Settings:
     seed: int
     negative_prompt: str
     fps: float
-    scheduler: str = "unipc"  # the sampler (see mlx_i2v.sampling)
-    sigmas: tuple[float, ...] | None = None  # its explicit grid, unshifted; None for its own
-    preset: str | None = None  # the few-step recipe that filled the defaults
+    scheduler: str  # the sampler (see mlx_i2v.sampling)
+    sigmas: tuple[float, ...] | None  # its explicit grid, unshifted; None for its own
+    preset: str | None  # the few-step recipe that filled the defaults
 
 
 @dataclass

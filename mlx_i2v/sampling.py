@@ -90,12 +90,15 @@ PRESETS: dict[str, Preset] = {
     for p in (
         # lightx2v step/CFG-distilled LoRAs and Wan2.2-Lightning: 4 Euler steps on [1000, 750, 500, 250]
         # shifted by 5 (model timesteps 1000, 937.5, 833.3, 625), no guidance (lora.md section 2.1).
-        Preset("lightning", "euler", (1.0, 0.75, 0.5, 0.25), 1.0, 5.0, LIGHTNING_VARIANTS, only_those=False),
+        Preset(name="lightning", scheduler="euler", sigmas=(1.0, 0.75, 0.5, 0.25), guidance_scale=1.0,
+               flow_shift=5.0, distilled_for=LIGHTNING_VARIANTS, only_those=False),
         # FastWan2.2-TI2V-5B (FastVideo dmd_denoising_steps) and Wan2.2-TI2V-5B-Turbo (denoising_step_list).
-        Preset("dmd", "dmd", _grid(FASTWAN_TI2V_5B), 1.0, None, (TI2V_5B.name,), True, FASTWAN_TI2V_5B.table),
-        Preset("turbo", "dmd", _grid(TURBO_TI2V_5B), 1.0, None, (TI2V_5B.name,), True, TURBO_TI2V_5B.table),
+        Preset(name="dmd", scheduler="dmd", sigmas=_grid(FASTWAN_TI2V_5B), guidance_scale=1.0, flow_shift=None,
+               distilled_for=(TI2V_5B.name,), only_those=True, dmd_table=FASTWAN_TI2V_5B.table),
+        Preset(name="turbo", scheduler="dmd", sigmas=_grid(TURBO_TI2V_5B), guidance_scale=1.0, flow_shift=None,
+               distilled_for=(TI2V_5B.name,), only_those=True, dmd_table=TURBO_TI2V_5B.table),
     )
-}
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ def _preset(name: str | None, variant: str) -> Preset | None:
     if variant not in p.distilled_for:
         made_for = ", ".join(p.distilled_for)
         if p.only_those:
-            raise InvalidInputError(f"the {name} preset is for DMD-distilled {made_for} checkpoints, not {variant}")
+            raise InvalidInputError(f"the {name} preset is for distilled {made_for} checkpoints, not {variant}")
         log.warning("no %s distillation of %s is known (the preset is for %s); sampling with its recipe anyway",
                     name, variant, made_for)  # fmt: skip
     return p

@@ -232,7 +232,7 @@ def test_cli_preset_runs_and_is_recorded(tiny_ti2v_dir, tiny_i2v_dirs, photo_fil
 @pytest.mark.parametrize(
     "model, args, message",
     [
-        ("a14b", ["--preset", "dmd"], "error: the dmd preset is for DMD-distilled wan2.2-ti2v-5b checkpoints"),
+        ("a14b", ["--preset", "dmd"], "error: the dmd preset is for distilled wan2.2-ti2v-5b checkpoints"),
         ("ti2v", ["--sigmas", "1,x"], "--sigmas"),
         ("ti2v", ["--sigmas", "0.5,1"], "error: sigmas must decrease strictly"),
         ("ti2v", ["--scheduler", "unipc", "--sigmas", "1,0.5"], "error: the unipc sampler takes no sigmas"),

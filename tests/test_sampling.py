@@ -130,7 +130,7 @@ def test_lightning_without_a_known_distillation_is_allowed_with_a_notice(caplog)
 @pytest.mark.parametrize(
     "variant, kwargs, message",
     [
-        (I2V_A14B, dict(preset="dmd"), "the dmd preset is for DMD-distilled wan2.2-ti2v-5b checkpoints"),
+        (I2V_A14B, dict(preset="dmd"), "the dmd preset is for distilled wan2.2-ti2v-5b checkpoints"),
         (I2V_14B_480P, dict(preset="turbo"), "not wan2.1-i2v-14b-480p"),
         (TI2V_5B, dict(preset="fast"), "unknown preset 'fast'"),
         (TI2V_5B, dict(scheduler="ddim"), "unknown scheduler 'ddim'"),
