@@ -16,6 +16,7 @@ from mlx_i2v.schedulers import MAX_INFERENCE_STEPS
 from mlx_i2v.validation import SEED_MAX
 from mlx_i2v.stepcache.calibrations import METHODS
 from mlx_i2v.parallel import MODES
+from mlx_i2v.sampling import PRESETS, SAMPLERS
 
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
@@ -96,6 +97,13 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
               help="The clip's last frame (first-last-frame models, Wan2.1-FLF2V).")
 @click.option("--shift", "flow_shift", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Flow-matching timestep shift.")
+@click.option("--scheduler", type=click.Choice(list(SAMPLERS)), default=None,
+              help="Sampler (default: the model's, or the preset's).")
+@click.option("--sigmas", callback=lambda ctx, param, value: _parse_sigmas(value), default=None,
+              help="Explicit grid from 1 down, unshifted, e.g. 1,0.75,0.5,0.25 (Euler unless --scheduler dmd).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="Few-step recipe: lightning (lightx2v / Wan2.2-Lightning LoRAs: 4 Euler steps, shift 5, no "
+                   "guidance), dmd (FastWan2.2-TI2V-5B), turbo (Wan2.2-TI2V-5B-Turbo). Other flags override it.")
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
               help="Random seed, 0 to 2**64-1 (default: random, recorded in the file).")
 @click.option("--fps", type=FiniteFloat(min=0, min_open=True), default=None,
@@ -131,9 +139,9 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
                    "to write IMAGE's name .mp4 into (default: IMAGE's name .mp4 here).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
 def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: str, negative_prompt, num_frames,
-             height, width, num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, seed,
-             fps, crop, rotate, fit, background, dtype, quantize, memory_limit, cache, cache_threshold, parallel,
-             parallel_timeout, dry_run, output, overwrite) -> None:
+             height, width, num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, scheduler,
+             sigmas, preset, seed, fps, crop, rotate, fit, background, dtype, quantize, memory_limit, cache,
+             cache_threshold, parallel, parallel_timeout, dry_run, output, overwrite) -> None:
     """Generate a video that starts from IMAGE.
 
     Under `mlx.launch` every rank runs this same command: rank 0 writes the output and prints, the other
@@ -161,11 +169,13 @@ def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: s
     arguments = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
-                     cache_threshold=cache_threshold, **image_options)
+                     cache_threshold=cache_threshold, scheduler=scheduler, sigmas=sigmas, preset=preset,
+                     **image_options)
     if dry_run:
         settings, plan = pipe.plan_call(image, last_image=last_image, prompt=prompt, **arguments)
         echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
-             f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}"
+             f"{settings.num_inference_steps} steps ({_sampler(settings)}), guidance {settings.guidance_scale:g}, "
+             f"shift {settings.flow_shift:g}"
              + (f", cache {settings.cache.name} {settings.cache.threshold:g}" if settings.cache else ""))
         echo(f"output: {output}")
         echo(plan.summary())
@@ -212,7 +222,7 @@ class _Progress:
     def __call__(self, step: int, total: int, timestep: int) -> None:
         if self._bar is None:
             self._bar = click.progressbar(length=total, label="denoising", show_pos=True, show_eta=True,
-                                          file=click.get_text_stream("stderr"))
+                                          file=sys.stderr)
             self._bar.__enter__()
         self._bar.update(1)
 
@@ -244,5 +254,25 @@ def _quiet_rank(rank: int) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream is old:
             handler.setStream(sys.stderr)
+
+
+def _parse_sigmas(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(s) for s in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, e.g. 1,0.75,0.5,0.25; got {value!r}",
+                                 param_hint="--sigmas") from None
+
+
+def _sampler(settings) -> str:
+    """'euler on sigmas 1, 0.75, 0.5, 0.25, preset lightning'."""
+    parts = [settings.scheduler]
+    if settings.sigmas is not None:
+        parts[0] += " on sigmas " + ", ".join(f"{s:g}" for s in settings.sigmas)
+    if settings.preset is not None:
+        parts.append(f"preset {settings.preset}")
+    return ", ".join(parts)
 
 

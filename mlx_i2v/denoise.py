@@ -145,6 +145,9 @@ class Denoiser:
         Returns:
             The final latents (1, T, h, w, C) float32, after the conditioning's ``finalize``.
         """
+        # Steps are counted from ``start``, not looked up by timestep: at high step counts the integer
+        # timesteps repeat, so a timestep does not identify a step.
+        sampler.set_begin_index(start)
         timesteps = np.asarray(sampler.timesteps)
         sigmas = np.asarray(sampler.sigmas)
         total = len(timesteps) - start

@@ -20,7 +20,7 @@ from .planner import ModelDims
 from .quantize import Quantization, QuantizationConfig
 from .resident import Resident
 from .runtime import dtype_name, keep_freed_memory, resolve_dtype
-from .schedulers import Scheduler, load_scheduler, scheduler_by_name
+from .sampling import Samplers
 from .variants import Variant, load_variant
 from .weights import check_safetensors, read_config
 
@@ -50,7 +50,8 @@ def load_pipeline(
         quantize: 4 or 8 to quantize the transformer(s) on load (the UMT5 encoder to 8 bits), or a
             :class:`~mlx_i2v.quantize.QuantizationConfig`. A directory already quantized loads as it is;
             asking it for other bits is an error.
-        scheduler: "unipc" or "euler" to override the checkpoint's ``scheduler_config.json``.
+        scheduler: the sampler of calls that name none: "unipc", "euler" or "dmd" (see
+            :mod:`mlx_i2v.sampling`); default: the checkpoint's ``scheduler_config.json``.
         keep_resident: keep every model loaded between stages and generations (faster repeated runs on
             machines with memory to spare); by default each is released when its stage ends.
         keep_experts_resident: Wan2.2-A14B only: keep both experts in memory instead of swapping them at
@@ -78,14 +79,7 @@ def load_pipeline(
         read_config(model_dir / name)
         check_safetensors(model_dir / name)
 
-    base_scheduler = load_scheduler(model_dir)
-    if scheduler is not None:
-        scheduler_by_name(scheduler, base_scheduler.shift)  # validate the name now, not mid-generation
-
-    def make_scheduler() -> Scheduler:
-        if scheduler is None:
-            return load_scheduler(model_dir)
-        return scheduler_by_name(scheduler, base_scheduler.shift, base_scheduler.num_train_timesteps)
+    samplers = Samplers.from_config(read_config(model_dir / "scheduler", "scheduler_config.json"), scheduler)
 
     transformer_q = quantization.transformer if quantization is not None else None
     text_q = quantization.text_encoder if quantization is not None else None
@@ -107,7 +101,7 @@ def load_pipeline(
         text_encoder=Resident(
             "text_encoder", lambda: load_umt5(model_dir / "text_encoder", compute_dtype, quantize=text_q), keep_resident
         ),
-        experts=_experts(model_dir, variant, compute_dtype, transformer_q, base_scheduler, keep_resident,
+        experts=_experts(model_dir, variant, compute_dtype, transformer_q, samplers.num_train_timesteps, keep_resident,
                          keep_experts_resident),  # fmt: skip
         vae_encoder=Resident(
             "vae encoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("encoder"), keep_resident
@@ -115,7 +109,7 @@ def load_pipeline(
         vae_decoder=Resident(
             "vae decoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("decoder"), keep_resident
         ),
-        make_scheduler=make_scheduler,
+        samplers=samplers,
         image_encoder=image_encoder,
         parallel=parallel,
     )
@@ -133,7 +127,7 @@ def _experts(
     variant: Variant,
     dtype: mx.Dtype,
     quantize: Quantization | None,
-    scheduler: Scheduler,
+    num_train_timesteps: int,
     keep_between_calls: bool,
     keep_resident: bool,
 ) -> Experts:
@@ -141,7 +135,7 @@ def _experts(
     boundary = None
     if variant.two_experts:
         folders.append(model_dir / "transformer_2")
-        boundary = read_config(model_dir, "model_index.json")["boundary_ratio"] * scheduler.num_train_timesteps
+        boundary = read_config(model_dir, "model_index.json")["boundary_ratio"] * num_train_timesteps
     return Experts(
         loaders=[lambda f=f: load_wan_transformer(f, dtype, quantize=quantize) for f in folders],
         boundary=boundary,

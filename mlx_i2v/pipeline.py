@@ -31,7 +31,7 @@ from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
 from .parallel import Parallel
 from .runtime import dtype_name
-from .schedulers import Scheduler
+from .sampling import Samplers, choose_sampling
 from .stepcache import CacheMethod, StepCache, kept_bytes, resolve_cache
 from .variants import Variant
 from .video import Video
@@ -58,6 +58,9 @@ class Settings:
     seed: int
     negative_prompt: str
     fps: float
+    scheduler: str  # the sampler (see mlx_i2v.sampling)
+    sigmas: tuple[float, ...] | None  # its explicit grid, unshifted; None for its own
+    preset: str | None  # the few-step recipe that filled the defaults
     cache: CacheMethod | None = None  # the step cache's method, None without one
 
 
@@ -106,7 +109,7 @@ class WanPipeline:
     experts: Experts
     vae_encoder: Resident[AutoencoderKLWan]  # the VAE without its decoder, for the photo
     vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
-    make_scheduler: Callable[[], Scheduler]
+    samplers: Samplers
     image_encoder: Resident[ImageEncoder] | None = None
     parallel: Parallel = field(default_factory=Parallel)  # this process's share of each generation
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -199,6 +202,9 @@ class WanPipeline:
         background: tuple[int, int, int] | str = (255, 255, 255),
         cache: str | CacheMethod | None = None,
         cache_threshold: float | None = None,
+        scheduler: str | None = None,
+        sigmas: list[float] | None = None,
+        preset: str | None = None,
     ) -> Video:
         """Generate a clip that starts from ``image``.
 
@@ -227,6 +233,13 @@ class WanPipeline:
             cache: step caching, off by default: "first-block", "magcache" or "teacache" (the last two
                 with the variant's published calibration), or a method object from
                 :mod:`mlx_i2v.stepcache`. ``cache_threshold`` overrides the method's default threshold.
+            scheduler: the sampler, ``"unipc"``, ``"euler"`` or ``"dmd"`` (default: the pipeline's).
+            sigmas: an explicit grid from 1 down, unshifted (``[1.0, 0.75, 0.5, 0.25]``): shifted by
+                ``flow_shift`` for Euler (the sampler they choose unless ``scheduler`` names another that
+                takes a grid), the recipe's timesteps / 1000 for DMD. See :mod:`mlx_i2v.sampling`.
+            preset: a few-step recipe whose settings fill what is not given: ``"lightning"`` (lightx2v and
+                Wan2.2-Lightning: 4 Euler steps, shift 5, no guidance), ``"dmd"`` (FastWan2.2-TI2V-5B) or
+                ``"turbo"`` (Wan2.2-TI2V-5B-Turbo).
 
         Returns:
             A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1]. In a parallel
@@ -247,7 +260,7 @@ class WanPipeline:
             photos, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
-            cache_threshold=cache_threshold,
+            cache_threshold=cache_threshold, scheduler=scheduler, sigmas=sigmas, preset=preset,
         )  # fmt: skip
         self._check_cache_sharding(settings)
         # With other ranks: stop here unless they were all asked the same, and use one seed.
@@ -281,8 +294,7 @@ class WanPipeline:
         timings["image"] = loading_seconds + time.perf_counter() - tic
 
         tic = time.perf_counter()
-        sampler = self.make_scheduler()
-        sampler.set_timesteps(settings.num_inference_steps, shift=settings.flow_shift)
+        sampler = self.sampler(settings)
         try:
             final = denoiser(sampler, noise, state, text, image_tokens, scales, observe=_observer(on_step))
         finally:
@@ -431,17 +443,26 @@ class WanPipeline:
         seed: int | None = None,
         cache: str | CacheMethod | None = None,
         cache_threshold: float | None = None,
+        scheduler: str | None = None,
+        sigmas: list[float] | None = None,
+        preset: str | None = None,
     ) -> Settings:
+        sampling = choose_sampling(
+            self.variant, self.samplers.default, preset=preset, scheduler=scheduler, sigmas=sigmas,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift,
+        )  # fmt: skip
         d = self.variant.defaults
-        steps = validation.integer("num_inference_steps", _or(num_inference_steps, d.num_inference_steps), minimum=1)
-        guidance = validation.number("guidance_scale", _or(guidance_scale, d.guidance_scale))
-        guidance_2 = guidance_scale_2
+        steps = validation.integer("num_inference_steps", _or(sampling.num_inference_steps, d.num_inference_steps),
+                                   minimum=1)  # fmt: skip
+        guidance = validation.number("guidance_scale", _or(sampling.guidance_scale, d.guidance_scale))
+        guidance_2 = sampling.guidance_scale_2
         if self.variant.two_experts:
             guidance_2 = validation.number("guidance_scale_2", _or(guidance_2, d.guidance_scale_2, guidance))
         elif guidance_2 is not None:
             raise InvalidInputError(f"{self.variant.name} has one transformer; guidance_scale_2 does not apply")
-        shift = validation.number("flow_shift", _or(flow_shift, d.flow_shift), inclusive=False)
-        self.make_scheduler().set_timesteps(steps, shift=shift)  # refuses step counts it cannot run
+        shift = validation.number("flow_shift", _or(sampling.flow_shift, d.flow_shift), inclusive=False)
+        self._sampler(sampling.scheduler, steps, shift, sampling.sigmas, sampling.preset, seed=0)  # refuses what it cannot run
         for name, value in (("height", height), ("width", width)):
             if value is not None:
                 validation.integer(name, value, minimum=1)
@@ -453,7 +474,20 @@ class WanPipeline:
         seed = secrets.randbits(31) if seed is None else validation.seed(seed)
         negative_prompt = validation.text("negative_prompt", _or(negative_prompt, d.negative_prompt))
         method = resolve_cache(cache, cache_threshold, self.variant.name, has_image=bool(photos))
-        return Settings(height, width, num_frames, steps, guidance, guidance_2, shift, seed, negative_prompt, d.fps, method)
+        return Settings(height, width, num_frames, steps, guidance, guidance_2, shift, seed, negative_prompt, d.fps,
+                        scheduler=sampling.scheduler, sigmas=sampling.sigmas, preset=sampling.preset, cache=method)
+
+    def sampler(self, settings: Settings) -> Any:
+        """The sampler of a generation with these settings, its schedule set (``timesteps``, ``sigmas``)."""
+        return self._sampler(settings.scheduler, settings.num_inference_steps, settings.flow_shift, settings.sigmas,
+                             settings.preset, seed=settings.seed)  # fmt: skip
+
+    def _sampler(
+        self, name: str, steps: int, shift: float, sigmas: tuple[float, ...] | None, preset: str | None, *, seed: int
+    ) -> Any:
+        """The sampler ``name`` with its schedule set (see :class:`~mlx_i2v.sampling.Samplers`)."""
+        return self.samplers.build(name, num_inference_steps=steps, flow_shift=shift, sigmas=sigmas, preset=preset,
+                                   seed=seed)  # fmt: skip
 
     def _size(self, photo: Image.Image | None, height: int | None, width: int | None) -> tuple[int, int]:
         d = self.variant.defaults

@@ -204,8 +204,8 @@ def test_a14b_guidance_parallel_switches_experts_together(tiny_i2v_dirs, tmp_pat
     results = _run(tmp_path, 2, model, kwargs)
     _assert_matches_one_process(tmp_path, results, model, kwargs)
     pipe = load_pipeline(model, dtype="float32")
-    sampler = pipe.make_scheduler()
-    sampler.set_timesteps(4, shift=pipe.variant.defaults.flow_shift)
+    photo = np.zeros((SMALL["height"], SMALL["width"], 3), np.uint8)
+    sampler = pipe.sampler(pipe.resolve_settings(photo, num_inference_steps=4))
     high = sum(pipe.experts.index_for(float(t)) == 0 for t in np.asarray(sampler.timesteps))
     assert 0 < high < 4
     _assert_traffic(tmp_path, 2, model, kwargs, Layout(2, 1), guided_steps=high)

@@ -101,8 +101,7 @@ def _high_noise_steps(ref) -> int:
 
 def _expert_of_steps(pipe) -> list[int]:
     """Which expert our pipeline runs at each step of the tests' schedule."""
-    sampler = pipe.make_scheduler()
-    sampler.set_timesteps(STEPS, shift=pipe.resolve_settings(_photo()).flow_shift)
+    sampler = pipe.sampler(pipe.resolve_settings(_photo(), num_inference_steps=STEPS))
     return [pipe.experts.index_for(float(t)) for t in np.asarray(sampler.timesteps)]
 
 
