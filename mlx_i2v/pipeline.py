@@ -15,6 +15,7 @@ from PIL import Image
 from .conditioning import ConditionState
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
+from .lora.manager import TransformerLoras
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
 from .planner import ModelDims, Plan, check_fits, plan_generation
 from .resident import Resident
@@ -85,6 +86,16 @@ class WanPipeline:
     vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
     make_scheduler: Callable[[], Scheduler]
     image_encoder: Resident[ImageEncoder] | None = None
+    loras: TransformerLoras | None = None
+
+    def set_loras(self, loras) -> None:
+        """Change the LoRAs or their strengths without reloading the base model (same forms as
+        ``load_pipeline(loras=...)``); ``[]`` restores the base weights exactly. Every file is checked
+        first, so on error nothing changes. Loaded experts are updated in place (merged parameters are
+        re-read from their checkpoint); the others pick the set up when they load."""
+        if self.loras is None:
+            raise InvalidInputError("this pipeline was built without LoRA support")
+        self.loras.set(loras, self.experts.loaded())
 
     def plan(
         self, *, height: int, width: int, num_frames: int, guidance: bool = True, budget: int | None = None
@@ -195,6 +206,7 @@ class WanPipeline:
             "dtype": dtype_name(self.dtype),
             "image": image is not None,
             **vars(settings),
+            "loras": self.loras.records() if self.loras is not None else [],
         }
         stats = {"seconds": timings, "peak_memory_gb": mx.get_peak_memory() / 1e9}
         return Video(frames=video, fps=settings.fps, metadata=metadata, stats=stats)
