@@ -9,6 +9,8 @@ import click
 from mlx_i2v.image import load_image
 from mlx_i2v.video import FORMATS, ensure_writable
 
+from .lora import collect_loras, lora_options
+
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
 
@@ -41,9 +43,10 @@ DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 @click.option("--dry-run", is_flag=True, help="Print the settings and the memory plan, then stop.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output .mp4, .gif or a folder name for PNG frames (default: IMAGE's name with .mp4).")
+@lora_options
 def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, height, width,
              num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, seed, fps, dtype,
-             quantize, memory_limit, dry_run, output) -> None:
+             quantize, memory_limit, dry_run, output, lora, lora_high, lora_low) -> None:
     """Generate a video that starts from IMAGE."""
     from mlx_i2v import load_pipeline
     from mlx_i2v.memory import set_memory_limit
@@ -59,7 +62,8 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
 
     if memory_limit is not None:
         set_memory_limit(memory_limit)
-    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None)
+    loras = collect_loras(lora, lora_high, lora_low)
+    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None, loras=loras)
     arguments = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed)
