@@ -81,7 +81,8 @@ def quantize(model_dir: Path, output: Path, bits: str, group_size: str, force: b
 @click.option("--lora-policy", type=click.Choice(POLICIES), default="full", show_default=True,
               help="How --lora is read: every delta (full), or what diffusers 0.42.1 applies (diffusers).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
-def info(model: Path | None, lora_file: Path | None, model_option: Path | None, lora_policy: str, as_json: bool) -> None:
+def info(model: Path | None, lora_file: Path | None, model_option: Path | None, lora_policy: str,
+         as_json: bool) -> None:
     """Describe MODEL, an MLX or diffusers model directory, or with --lora a LoRA file."""
     if lora_file is not None:
         from mlx_i2v.lora.info import lora_info
@@ -140,4 +141,5 @@ def _summary(data: dict[str, Any]) -> list[str]:
 
 def _lora_line(record: dict[str, Any]) -> str:
     expert = f" ({record['expert']} expert)" if record["expert"] else ""
-    return f"lora:         {record['name']} x{record['strength']:g}{expert}, baked ({record['baked']}), sha256 {record['sha256'][:12]}"
+    strength = f"{record['name']} x{record['strength']:g}{expert}"
+    return f"lora:         {strength}, baked ({record['baked']}), sha256 {record['sha256'][:12]}"

@@ -73,6 +73,8 @@ def generate(image: Path, prompt: str, model: str, negative_prompt, num_frames, 
     if dry_run:
         click.echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
                    f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, shift {settings.flow_shift:g}")
+        for r in pipe.loras.records():
+            click.echo(f"lora: {r['name']} x{r['strength']:g}" + (f" ({r['expert']} expert)" if r["expert"] else ""))
         click.echo(plan.summary())
         return
     check_fits(plan)

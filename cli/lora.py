@@ -26,8 +26,8 @@ def lora_options(command: Callable) -> Callable:
 
 def collect_loras(lora: tuple[str, ...], lora_high: tuple[str, ...], lora_low: tuple[str, ...]) -> list[LoRA]:
     """The LoRAs the three options ask for, in that order."""
-    return [parse_lora_argument(text, expert) for texts, expert in ((lora, None), (lora_high, "high"), (lora_low, "low"))
-            for text in texts]  # fmt: skip
+    flags = ((lora, None), (lora_high, "high"), (lora_low, "low"))
+    return [parse_lora_argument(text, expert) for texts, expert in flags for text in texts]
 
 
 def lora_summary(data: dict[str, Any]) -> list[str]:

@@ -103,7 +103,9 @@ def load_component(
     return model
 
 
-def load_parameters(kind: ComponentType, folder: str | Path, dtype: mx.Dtype, names: Iterable[str]) -> dict[str, mx.array]:
+def load_parameters(
+    kind: ComponentType, folder: str | Path, dtype: mx.Dtype, names: Iterable[str]
+) -> dict[str, mx.array]:
     """Read only the parameters ``names`` (MLX names) of a component folder, mapped and cast exactly as
     :func:`load_component` loads them, so they are bit-identical to a fresh load.
 

@@ -67,19 +67,21 @@ def apply_factors(model: nn.Module, folder: Path, dtype: mx.Dtype) -> bool:
         tensors, metadata = mx.load(str(path), return_metadata=True)
         scales = json.loads(metadata["scales"])
     except Exception as e:
-        raise WeightLoadError(f"{folder.name}: unreadable {FACTORS}: {str(e).splitlines()[0] if str(e) else e}") from None
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightLoadError(f"{folder.name}: unreadable {FACTORS}: {detail}") from None
     modules = dict(model.named_modules())
     layers = lora_layers(model)
     for entry in sorted(scales, key=_order):
         owner, _, _ = entry.rpartition(".")
         if owner not in layers:
             if not isinstance(modules.get(owner), nn.QuantizedLinear):
-                raise WeightLoadError(f"{folder.name}: {FACTORS} has factors for {owner}, which is not a quantized linear")
+                raise WeightLoadError(f"{folder.name}: {FACTORS} has factors for {owner}, not a quantized linear")
             layers[owner] = LoRALinear(modules[owner])
-        if f"{entry}.dense" in tensors:
-            layers[owner].add_dense(tensors[f"{entry}.dense"].astype(dtype), scales[entry])
+        factor = {k: tensors[f"{entry}.{k}"].astype(dtype) for k in ("down", "up", "dense") if f"{entry}.{k}" in tensors}
+        if "dense" in factor:
+            layers[owner].add_dense(factor["dense"], scales[entry])
         else:
-            layers[owner].add_low_rank(tensors[f"{entry}.down"].astype(dtype), tensors[f"{entry}.up"].astype(dtype), scales[entry])
+            layers[owner].add_low_rank(factor["down"], factor["up"], scales[entry])
     model.update_modules(tree_unflatten([(p, m) for p, m in layers.items() if modules.get(p) is not m]), strict=False)
     mx.eval([layer.loras for layer in layers.values()])
     return True

@@ -59,7 +59,8 @@ def diffusers_deltas(lora: LoraFile) -> tuple[list[Delta], list[Ignored]]:
 def _original(lora: LoraFile) -> tuple[list[Delta], list[Ignored]]:
     prefix = "diffusion_model."
     if not all(k.startswith(prefix) for k in lora.keys):
-        raise _refuse(lora, f"diffusers strips {prefix!r} from keys that lack it", (k for k in lora.keys if not k.startswith(prefix)))
+        lacking = [k for k in lora.keys if not k.startswith(prefix)]
+        raise _refuse(lora, f"diffusers strips {prefix!r} from keys that lack it", lacking)
     stripped = {k: k[len(prefix) :] for k in lora.keys}
     for a, b in (("lora_A", "lora_down"), ("lora_B", "lora_up")):
         if any(a in k for k in lora.keys) and any(b in k for k in lora.keys):
@@ -85,11 +86,14 @@ def _original(lora: LoraFile) -> tuple[list[Delta], list[Ignored]]:
         if _original_consumes(lora, d, is_i2v, pairs, full):
             consumed.append(d)
 
-    used = {k for d in consumed for k in d.keys if not k.endswith(".alpha") or BLOCK_LINEAR.fullmatch(d.module) or IMAGE_KV.fullmatch(d.module)}
+    # only the block linears' branches pop an .alpha; any other alpha is left over (a ValueError)
+    takes_alpha = [d for d in consumed if BLOCK_LINEAR.fullmatch(d.module) or IMAGE_KV.fullmatch(d.module)]
+    used = {k for d in consumed for k in d.keys if not k.endswith(".alpha")} | {k for d in takes_alpha for k in d.keys}
     leftover = [k for k in lora.keys if k not in used and k not in dropped]
     if leftover:
         if not all(".diff" in k for k in leftover):
-            raise _refuse(lora, "diffusers raises ValueError on keys it cannot convert", (k for k in leftover if ".diff" not in k))
+            others = [k for k in leftover if ".diff" not in k]
+            raise _refuse(lora, "diffusers raises ValueError on keys it cannot convert", others)
         if any(k.endswith(".diff") and "lora" in k for k in leftover):
             raise _refuse(lora, "diffusers raises ValueError on .diff keys naming a lora factor", leftover)
         dropped.update(dict.fromkeys(leftover, "diffusers 0.42.1 ignores the .diff keys it does not handle"))
@@ -135,10 +139,11 @@ def _musubi(lora: LoraFile) -> tuple[list[Delta], list[Ignored]]:
     names = [f"{a}_attn.{o}" for a in ("self", "cross") for o in "qkvo"] + ["ffn.0", "ffn.2"]
     names += ["cross_attn.k_img", "cross_attn.v_img"] * is_i2v
     required = {f"blocks.{i}.{n}" for i in range(len(blocks)) for n in names}
+    # musubi's pairs: lora_down, lora_up and alpha (the order LowRank.keys lists them in)
     pairs = {d.module: d for d in lora.deltas if isinstance(d, LowRank) and len(d.keys) == 3 and "lora_down" in d.keys[0]}
     missing = sorted(required - set(pairs))
     if missing:
-        raise _refuse(lora, "diffusers raises KeyError: musubi files need every block's pairs with their alpha", missing)
+        raise _refuse(lora, "diffusers raises KeyError: musubi files need every block's pairs and alphas", missing)
     kept = [pairs[m] for m in sorted(required)]
     leftover = set(lora.keys) - {k for d in kept for k in d.keys}
     if leftover:

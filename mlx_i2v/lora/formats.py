@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from ..errors import InvalidInputError, WeightLoadError
 from ..pth import read_pth
-from .names import Key, Naming, detect_naming, source_parameter, split_key, target_parameter
+from .names import KOHYA_STYLES, Key, Naming, detect_naming, source_parameter, split_key, target_parameter
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,8 @@ def read_lora(path: str | Path) -> LoraFile:
         raise InvalidInputError(f"{path}: the LoRA file holds no tensors")
     keys = [split_key(k) for k in tensors]
     known = [k for k in keys if k.module and k.suffix]
-    naming = detect_naming([k.module for k in known if k.suffix != "diff_m"], "original" if any(
-        k.style in ("kohya", "wan-fun") for k in known) else None)  # fmt: skip
+    kohya = any(k.style in KOHYA_STYLES for k in known)  # kohya names are original names with '_' for '.'
+    naming = detect_naming([k.module for k in known if k.suffix != "diff_m"], "original" if kohya else None)
     if naming is None:
         raise InvalidInputError(f"{path}: the LoRA mixes original Wan and diffusers module names")
     peft = _peft_config(metadata, path)

@@ -9,9 +9,9 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..weights import read_config
-from .diffusers_policy import diffusers_deltas
 from .formats import Delta, LowRank, file_sha256, read_lora
 from .manager import COMPONENTS, TransformerLoras
+from .resolve import policy_deltas
 from .spec import POLICIES, LoRA, Policy
 
 _BLOCK = re.compile(r"^blocks\.\d+\.")
@@ -34,12 +34,7 @@ def lora_info(path: str | Path, model: str | Path | None = None, policy: Policy 
     if policy not in POLICIES:
         raise InvalidInputError(f"LoRA policy must be one of {POLICIES}, got {policy!r}")
     lora = read_lora(path)
-    if policy == "diffusers":
-        deltas, ignored = diffusers_deltas(lora)
-    else:
-        if lora.unusable:
-            raise InvalidInputError(f"{lora.path}: " + "; ".join(f"{u.reason}: {', '.join(u.keys[:6])}" for u in lora.unusable))
-        deltas, ignored = lora.deltas, []
+    deltas, ignored = policy_deltas(lora, policy)
     pairs = [d for d in deltas if isinstance(d, LowRank)]
     data: dict[str, Any] = {
         "path": str(lora.path),
@@ -59,7 +54,9 @@ def lora_info(path: str | Path, model: str | Path | None = None, policy: Policy 
 
 
 def _targets(deltas: list[Delta]) -> list[dict[str, Any]]:
-    counts = Counter((_BLOCK.sub("blocks.N.", d.target), "low-rank" if isinstance(d, LowRank) else d.kind) for d in deltas)
+    counts = Counter(
+        (_BLOCK.sub("blocks.N.", d.target), "low-rank" if isinstance(d, LowRank) else d.kind) for d in deltas
+    )
     return [{"layers": layers, "count": n, "kind": kind} for (layers, kind), n in sorted(counts.items())]
 
 
@@ -67,7 +64,7 @@ def _on_model(model: Path, spec: LoRA, num_tensors: int) -> dict[str, Any]:
     folders = [model / c for c in COMPONENTS if (model / c / "config.json").is_file()]
     if not folders:
         raise InvalidInputError(f"{model}: no transformer/config.json (a diffusers or converted model directory)")
-    state = TransformerLoras([read_config(f) for f in folders], dtype=None)  # type: ignore[arg-type]
+    state = TransformerLoras([read_config(f) for f in folders])
     active = state.validate([spec])[0]
     out = {}
     for index, folder in enumerate(folders):

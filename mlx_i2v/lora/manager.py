@@ -28,7 +28,7 @@ from ..models.wan_transformer import TRANSFORMER, WanTransformerConfig
 from ..weights import config_from_dict
 from .apply import apply_loras, remove_loras
 from .baked import apply_factors
-from .formats import Ignored, file_sha256, read_lora
+from .formats import Ignored, LoraFile, file_sha256, read_lora
 from .resolve import Resolved, resolve, transformer_shapes
 from .spec import EXPERT_INDEX, LoRA, as_loras
 
@@ -63,7 +63,8 @@ class TransformerLoras:
 
     Args:
         configs: each transformer's config.json.
-        dtype: the compute dtype (factors of quantized layers are kept in it; restored parameters cast to it).
+        dtype: the compute dtype (factors of quantized layers are kept in it; restored parameters cast to
+            it); None where nothing is applied (validation only).
         folders: each transformer's checkpoint folder, to restore merged parameters from and to read the
             factors a converted model was saved with; None where neither is needed (a conversion).
         baked: the records of LoRAs already baked into a converted model (for metadata).
@@ -72,7 +73,7 @@ class TransformerLoras:
     def __init__(
         self,
         configs: Sequence[Mapping[str, Any]],
-        dtype: mx.Dtype,
+        dtype: mx.Dtype | None = None,
         folders: Sequence[Path] | None = None,
         baked: Sequence[Mapping[str, Any]] = (),
     ):
@@ -138,7 +139,7 @@ class TransformerLoras:
             )
         return (EXPERT_INDEX[spec.expert],)
 
-    def _resolve(self, lora, index: int, spec: LoRA) -> Resolved:
+    def _resolve(self, lora: LoraFile, index: int, spec: LoRA) -> Resolved:
         if index not in self._shapes:
             self._shapes[index] = transformer_shapes(self.configs[index])
         what = COMPONENTS[index] if len(self.configs) > 1 else "transformer"

@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from mlx.utils import tree_flatten
 
 from ..errors import InvalidInputError
 from ..models.wan_transformer import WanTransformer3DModel, WanTransformerConfig
 from .diffusers_policy import diffusers_deltas
-from .formats import Delta, FullDelta, Ignored, LoraFile, LowRank
+from .formats import Delta, FullDelta, Ignored, LoraFile, LowRank, Unusable
 from .spec import Policy
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,21 @@ class Resolved:
         return sum(len(i.keys) for i in self.ignored)
 
 
+def policy_deltas(lora: LoraFile, policy: Policy) -> tuple[list[Delta], list[Ignored]]:
+    """What ``policy`` applies of a file, before the model is consulted, and what it ignores.
+
+    Raises:
+        InvalidInputError: "full": any unusable key (unknown, DoRA, a lone factor); "diffusers": see
+            :func:`~mlx_i2v.lora.diffusers_policy.diffusers_deltas`.
+    """
+    if policy == "diffusers":
+        return diffusers_deltas(lora)
+    if lora.unusable:
+        groups = _by_reason(lora.unusable)
+        raise InvalidInputError(f"{lora.path}: " + "; ".join(f"{u.reason}: {_names(u.keys)}" for u in groups))
+    return list(lora.deltas), []
+
+
 def resolve(lora: LoraFile, shapes: Shapes, policy: Policy = "full", *, what: str = "transformer") -> Resolved:
     """Match ``lora`` against a transformer's parameter ``shapes`` (:func:`transformer_shapes`).
 
@@ -70,13 +85,7 @@ def resolve(lora: LoraFile, shapes: Shapes, policy: Policy = "full", *, what: st
         InvalidInputError: unknown keys, DoRA, mis-shaped deltas, or nothing left to apply; under the
             "diffusers" policy also every case where diffusers 0.42.1 raises or would load nothing.
     """
-    if policy == "diffusers":
-        deltas, ignored = diffusers_deltas(lora)
-    else:
-        if lora.unusable:
-            raise InvalidInputError(f"{lora.path}: " + "; ".join(
-                f"{u.reason}: {_names(u.keys)}" for u in _by_reason(lora.unusable)))  # fmt: skip
-        deltas, ignored = list(lora.deltas), []
+    deltas, ignored = policy_deltas(lora, policy)
 
     applied: list[Delta] = []
     no_image: list[str] = []
@@ -121,14 +130,14 @@ def _shape_problem(d: Delta, shape: tuple[int, ...]) -> str:
     return ""
 
 
-def _by_reason(groups) -> list[Ignored]:
+def _by_reason(groups: Iterable[Unusable]) -> list[Ignored]:
     merged: dict[str, list[str]] = {}
     for g in groups:
         merged.setdefault(g.reason, []).extend(g.keys)
     return [Ignored(tuple(keys), reason) for reason, keys in merged.items()]
 
 
-def _names(keys, limit: int = 6) -> str:
+def _names(keys: Iterable[str], limit: int = 6) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more

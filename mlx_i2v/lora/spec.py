@@ -67,7 +67,7 @@ def as_lora(spec: Any) -> LoRA:
         return LoRA(spec)
     if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
         return LoRA(*spec)
-    raise InvalidInputError(f"a LoRA is a LoRA(...), a path, (path, strength) or (path, strength, expert); got {spec!r}")
+    raise InvalidInputError(f"a LoRA is LoRA(...), a path, (path, strength) or (path, strength, expert); got {spec!r}")
 
 
 def as_loras(specs: Iterable[Any] | None) -> list[LoRA]:
