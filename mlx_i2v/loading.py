@@ -9,8 +9,8 @@ from typing import Sequence
 import mlx.core as mx
 
 from .experts import Experts
-from .lora.manager import TransformerLoras
 from .lora.formats import read_lora
+from .lora.manager import TransformerLoras
 from .lora.spec import LoRA, as_loras
 from .models.clip import load_clip_vision
 from .models.clip_preprocess import CLIPImageProcessor

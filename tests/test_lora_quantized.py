@@ -60,7 +60,7 @@ def test_lora_part_is_exact_and_weights_untouched(bits, tiny_ti2v_dir, loras):
     quantized = {p: m for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
     before = parameter_bytes(model)
     resolved = _resolved(tiny_ti2v_dir, loras)
-    apply_loras(model, resolved, mx.float32)
+    apply_loras(model, resolved)
     deltas = _deltas(resolved)
 
     layers = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -90,7 +90,7 @@ def test_whole_model_equals_dequantized_base_plus_delta(bits, tiny_ti2v_dir, lor
     folder = tiny_ti2v_dir / "transformer"
     resolved = _resolved(tiny_ti2v_dir, loras)
     model = load_wan_transformer(folder, mx.float32, quantize=Quantization(bits, GROUP))
-    apply_loras(model, resolved, mx.float32)
+    apply_loras(model, resolved)
     dense = load_wan_transformer(folder, mx.float32, quantize=Quantization(bits, GROUP))
     linears = [(p, nn.Linear(m.weight.shape[1] * 32 // bits, m.weight.shape[0])) for p, m in dense.named_modules()
                if isinstance(m, nn.QuantizedLinear)]  # fmt: skip
@@ -98,7 +98,7 @@ def test_whole_model_equals_dequantized_base_plus_delta(bits, tiny_ti2v_dir, lor
         linear.weight = mx.dequantize(m.weight, m.scales, m.biases, GROUP, bits)
         linear.bias = m.bias
     dense.update_modules(tree_unflatten(linears))
-    apply_loras(dense, resolved, mx.float32)  # float now: every delta merged
+    apply_loras(dense, resolved)  # float now: every delta merged
 
     latents = mx.random.normal((1, 2, 4, 6, 48), key=mx.random.key(2))
     text = mx.random.normal((1, 12, 48), key=mx.random.key(3))
@@ -119,3 +119,12 @@ def test_set_loras_on_a_quantized_pipeline_restores_the_original_modules(tiny_ti
     assert all(dict(model.named_modules())[p] is m for p, m in modules.items())
     for k, v in tree_flatten(model.parameters()):
         np.testing.assert_array_equal(np.array(v), params[k], err_msg=k)
+
+
+def test_factors_take_each_layers_compute_dtype(tiny_ti2v_dir, loras):
+    """bfloat16 factors on a bfloat16 model, float32 ones on its float32 time MLP (the reference's island)."""
+    model = load_wan_transformer(tiny_ti2v_dir / "transformer", mx.bfloat16, quantize=Quantization(4, GROUP))
+    apply_loras(model, _resolved(tiny_ti2v_dir, loras[:1]))
+    dtypes = {p: {v.dtype for f in m.loras for v in f.values()} for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert dtypes["blocks.0.attn1.to_q"] == {mx.bfloat16} and dtypes["blocks.1.ffn.net.2"] == {mx.bfloat16}
+    assert dtypes["condition_embedder.time_embedder.linear_1"] == {mx.float32}

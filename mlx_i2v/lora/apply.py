@@ -42,13 +42,12 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def apply_loras(model: nn.Module, items: Sequence[tuple[Resolved, float]], dtype: mx.Dtype) -> None:
+def apply_loras(model: nn.Module, items: Sequence[tuple[Resolved, float]]) -> None:
     """Apply each resolved LoRA at its strength to ``model`` (already loaded and, if so, quantized).
 
     Args:
         model: the transformer the LoRAs were resolved against.
         items: (resolved LoRA, strength) pairs; several may touch the same parameter (their deltas add).
-        dtype: the compute dtype the factors of quantized layers are kept in.
     """
     modules = dict(model.named_modules())
     wrapped = lora_layers(model)
@@ -62,9 +61,9 @@ def apply_loras(model: nn.Module, items: Sequence[tuple[Resolved, float]], dtype
                     wrapped[owner_path] = LoRALinear(owner)
                 layer = wrapped[owner_path]
                 if isinstance(d, LowRank):
-                    layer.add_low_rank(d.down.astype(dtype), d.up.astype(dtype), strength * d.scale)
+                    layer.add_low_rank(d.down, d.up, strength * d.scale)
                 else:
-                    layer.add_dense(d.tensor.astype(dtype), strength)
+                    layer.add_dense(d.tensor, strength)
                 continue
             if isinstance(d, LowRank):
                 delta = (strength * d.scale) * (d.up.astype(mx.float32) @ d.down.astype(mx.float32))

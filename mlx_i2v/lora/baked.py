@@ -53,7 +53,7 @@ def save_factors(folder: Path, factors: dict[str, mx.array], scales: dict[str, f
     return path
 
 
-def apply_factors(model: nn.Module, folder: Path, dtype: mx.Dtype) -> bool:
+def apply_factors(model: nn.Module, folder: Path) -> bool:
     """Wrap ``model``'s quantized linears with the factors saved in ``folder`` (if it has any); returns
     whether it had.
 
@@ -77,7 +77,7 @@ def apply_factors(model: nn.Module, folder: Path, dtype: mx.Dtype) -> bool:
             if not isinstance(modules.get(owner), nn.QuantizedLinear):
                 raise WeightLoadError(f"{folder.name}: {FACTORS} has factors for {owner}, not a quantized linear")
             layers[owner] = LoRALinear(modules[owner])
-        factor = {k: tensors[f"{entry}.{k}"].astype(dtype) for k in ("down", "up", "dense") if f"{entry}.{k}" in tensors}
+        factor = {k: tensors[f"{entry}.{k}"] for k in ("down", "up", "dense") if f"{entry}.{k}" in tensors}
         if "dense" in factor:
             layers[owner].add_dense(factor["dense"], scales[entry])
         else:

@@ -237,16 +237,16 @@ def _group_deltas(
     deltas: list[Delta] = []
     unusable: list[Unusable] = []
 
-    def target(suffix: str) -> tuple[str, Any] | None:
+    def target(suffix: str, keys: tuple[str, ...]) -> tuple[str, Any] | None:
         mapped = target_parameter("original" if suffix == "diff_m" else naming, source_parameter(module, suffix))
         if mapped is None:
-            unusable.append(Unusable((group[suffix].key,), f"no {naming} Wan module {module!r}"))
+            unusable.append(Unusable(keys, f"no {naming} Wan module {module!r}"))
         return mapped
 
     pair = [group[s] for s in ("down", "up", "alpha") if s in group]
     scale = 1.0
     if "down" in group and "up" in group:
-        mapped = target("down")
+        mapped = target("down", tuple(k.key for k in pair))
         if mapped is not None:
             down, up = tensors[group["down"].key], tensors[group["up"].key]
             alpha = float(tensors[group["alpha"].key].item()) if "alpha" in group else None
@@ -263,7 +263,7 @@ def _group_deltas(
     for suffix in ("lora_bias", "diff", "diff_b", "diff_m"):
         if suffix not in group:
             continue
-        mapped = target(suffix)
+        mapped = target(suffix, (group[suffix].key,))
         if mapped is not None:
             name, transform = mapped
             tensor = tensors[group[suffix].key]

@@ -1,7 +1,7 @@
 """The LoRAs of a pipeline's transformer(s): validated up front, applied to each expert as it loads,
 swapped on loaded experts by ``set_loras``.
 
-Validation reads each file's header and matches it against the shapes of a transformer built lazily from
+Validation reads each file's header (and hashes the file) and matches it against the shapes of a transformer built lazily from
 its config, so a bad LoRA fails before any model weight is read. The validated set keeps no tensors: each
 time an expert loads, its files are read again (memory-mapped) and applied, so a non-resident expert (the
 default staged loading releases it after each generation) picks up the current set at its next load, and
@@ -63,8 +63,7 @@ class TransformerLoras:
 
     Args:
         configs: each transformer's config.json.
-        dtype: the compute dtype (factors of quantized layers are kept in it; restored parameters cast to
-            it); None where nothing is applied (validation only).
+        dtype: the compute dtype restored parameters are cast to; None where nothing is restored.
         folders: each transformer's checkpoint folder, to restore merged parameters from and to read the
             factors a converted model was saved with; None where neither is needed (a conversion).
         baked: the records of LoRAs already baked into a converted model (for metadata).
@@ -112,7 +111,7 @@ class TransformerLoras:
         """Apply the current set (after a converted model's baked factors) to the just-loaded expert
         ``index``; returns ``model``."""
         if self.folders is not None:
-            apply_factors(model, self.folders[index], self.dtype)
+            apply_factors(model, self.folders[index])
         items: list[tuple[Resolved, float]] = []
         for a in self.active:
             if index in a.experts:
@@ -120,7 +119,7 @@ class TransformerLoras:
                     raise InvalidInputError(f"LoRA file {a.spec.path} changed since it was loaded; set it again")
                 items.append((self._resolve(read_lora(a.spec.path), index, a.spec), a.spec.strength))
         if items:
-            apply_loras(model, items, self.dtype)
+            apply_loras(model, items)
         return model
 
     def records(self) -> list[dict[str, Any]]:
