@@ -18,6 +18,8 @@ from mlx_i2v.stepcache.calibrations import METHODS
 from mlx_i2v.parallel import MODES
 from mlx_i2v.sampling import PRESETS, SAMPLERS
 
+from .lora import collect_loras, lora_options
+
 DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
 
@@ -138,10 +140,12 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
               help="Output .mp4 or .gif, a new folder name for PNG frames, or a folder (existing, or ending in /) "
                    "to write IMAGE's name .mp4 into (default: IMAGE's name .mp4 here).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
+@lora_options
 def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: str, negative_prompt, num_frames,
              height, width, num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, scheduler,
              sigmas, preset, seed, fps, crop, rotate, fit, background, dtype, quantize, memory_limit, cache,
-             cache_threshold, parallel, parallel_timeout, dry_run, output, overwrite) -> None:
+             cache_threshold, parallel, parallel_timeout, dry_run, output, overwrite, lora, lora_high,
+             lora_low) -> None:
     """Generate a video that starts from IMAGE.
 
     Under `mlx.launch` every rank runs this same command: rank 0 writes the output and prints, the other
@@ -165,7 +169,8 @@ def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: s
 
     if memory_limit is not None:
         set_memory_limit(memory_limit)
-    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None, parallel=group)
+    loras = collect_loras(lora, lora_high, lora_low)
+    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None, parallel=group, loras=loras)
     arguments = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
@@ -177,6 +182,8 @@ def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: s
              f"{settings.num_inference_steps} steps ({_sampler(settings)}), guidance {settings.guidance_scale:g}, "
              f"shift {settings.flow_shift:g}"
              + (f", cache {settings.cache.name} {settings.cache.threshold:g}" if settings.cache else ""))
+        for r in pipe.loras.records():
+            echo(f"lora: {r['name']} x{r['strength']:g}" + (f" ({r['expert']} expert)" if r["expert"] else ""))
         echo(f"output: {output}")
         echo(plan.summary())
         return

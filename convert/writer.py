@@ -29,8 +29,9 @@ import mlx.nn as nn
 
 from mlx_i2v.components import MLX_FORMAT
 from mlx_i2v.errors import InvalidInputError
+from mlx_i2v.lora.baked import save_factors, split_state
 from mlx_i2v.outputs import staged_output
-from mlx_i2v.quantize import model_quantization, model_state
+from mlx_i2v.quantize import model_quantization
 
 from .plan import Plan
 
@@ -98,9 +99,10 @@ def _shards(state: Mapping[str, mx.array], max_bytes: int) -> list[dict[str, mx.
 def save_component(
     model: nn.Module, folder: Path, config: Mapping[str, Any], *, max_shard_bytes: int = MAX_SHARD_BYTES
 ) -> list[Path]:
-    """Save ``model`` (float or quantized) in MLX layout with its ``config``; returns the files written."""
+    """Save ``model`` (float or quantized) in MLX layout with its ``config``; returns the files written.
+    LoRA factors of quantized linears go to ``loras/factors.safetensors`` (:mod:`mlx_i2v.lora.baked`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = model_state(model)
+    state, factors, scales = split_state(model)  # a quantized model's LoRA factors are saved beside it
     shards = _shards(state, max_shard_bytes)
     written: list[Path] = []
     if len(shards) == 1:
@@ -121,6 +123,8 @@ def save_component(
         config["quantization"] = quantization.to_dict()
     written.append(folder / "config.json")
     write_json(written[-1], config)
+    if factors:
+        written.append(save_factors(folder, factors, scales))
     return written
 
 

@@ -12,6 +12,7 @@ import logging
 
 from .errors import GenerationCancelled, InvalidInputError, MlxI2VError, ModelNotFoundError, WeightLoadError
 from .loading import load_pipeline
+from .lora import LoRA
 from .pipeline import WanPipeline
 from .video import Video
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load_pipeline",
+    "LoRA",
     "WanPipeline",
     "Video",
     "MlxI2VError",

@@ -20,6 +20,7 @@ from .conditioning import ConditionState
 from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
+from .lora.manager import TransformerLoras
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
 from .planner import ModelDims, Plan, check_fits, latent_grid, plan_generation
 from .resident import Resident
@@ -111,8 +112,19 @@ class WanPipeline:
     vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
     samplers: Samplers
     image_encoder: Resident[ImageEncoder] | None = None
+    loras: TransformerLoras | None = None
     parallel: Parallel = field(default_factory=Parallel)  # this process's share of each generation
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+
+    def set_loras(self, loras) -> None:
+        """Change the LoRAs or their strengths without reloading the base model (same forms as
+        ``load_pipeline(loras=...)``); ``[]`` restores the base weights exactly. Every file is checked
+        first, so on error nothing changes. Loaded experts are updated in place (merged parameters are
+        re-read from their checkpoint); the others pick the set up when they load."""
+        if self.loras is None:
+            raise InvalidInputError("this pipeline was built without LoRA support")
+        self.loras.set(loras, self.experts.loaded())
 
     def plan(
         self,
@@ -318,6 +330,7 @@ class WanPipeline:
             **(options.metadata() if photos else {}),
             **vars(settings),
             "cache": settings.cache.describe() if settings.cache is not None else None,
+            "loras": self.loras.records() if self.loras is not None else [],
         }
         # The photos' Pillow buffers are not MLX's: the peak is MLX's plus the prepared photos held
         # throughout, or the Pillow buffers alive at once while loading and fitting them, if larger.
@@ -359,6 +372,7 @@ class WanPipeline:
             "prompt": prompt,
             "photos": b"".join(np.asarray(p).tobytes() for p in photos),
             "latents": b"" if latents is None else np.asarray(latents, np.float32).tobytes(),
+            "loras": self.loras.records() if self.loras is not None else [],
         }
 
     def _check_cache_sharding(self, s: Settings) -> None:

@@ -149,14 +149,17 @@ def load_strict(
     if problems:
         raise WeightLoadError(f"{what}: " + "; ".join(problems))
     keep = [re.compile(p) for p in keep_float32]
-    cast: list[tuple[str, mx.array]] = []
-    for k, v in weights.items():
-        if mx.issubdtype(v.dtype, mx.floating) and expected[k].dtype != mx.uint32:
-            target = mx.float32 if any(p.search(k) for p in keep) else dtype
-            v = v.astype(target)
-        cast.append((k, v))
+    cast = [(k, cast_loaded(k, v, dtype, keep) if expected[k].dtype != mx.uint32 else v) for k, v in weights.items()]
     model.load_weights(cast, strict=True)
     mx.eval(model.parameters())
+
+
+def cast_loaded(name: str, value: mx.array, dtype: mx.Dtype, keep_float32: Iterable[re.Pattern[str]]) -> mx.array:
+    """A loaded floating tensor in ``dtype``, or float32 if ``name`` matches a ``keep_float32`` pattern
+    (search semantics); other tensors as they are. The one cast every load goes through."""
+    if not mx.issubdtype(value.dtype, mx.floating):
+        return value
+    return value.astype(mx.float32 if any(p.search(name) for p in keep_float32) else dtype)
 
 
 # --- reading checkpoints ----------------------------------------------------------------------------
