@@ -383,15 +383,16 @@ def plan_line(m: dict[str, Any], t: dict[str, Any]) -> str:
     )
 
 
-def write_readme(section: str, marker: str) -> None:
-    """Replace this machine + job's section in README.md, or add it before the results-end marker."""
+def write_readme(section: str, marker: str, end: str = RESULTS_END) -> None:
+    """Replace this machine + job's section in README.md, or add it before the ``end`` marker (this
+    script's results-end by default)."""
     text = README.read_text()
     end_marker = f"<!-- /{marker[5:-4]} -->"
     if marker in text and end_marker in text:
         before, rest = text.split(marker, 1)
         text = before + section.rstrip("\n") + rest.split(end_marker, 1)[1]
-    elif RESULTS_END in text:
-        text = text.replace(RESULTS_END, section + "\n" + RESULTS_END)
+    elif end in text:
+        text = text.replace(end, section + "\n" + end)
     else:
         text += "\n" + section
     README.write_text(text)

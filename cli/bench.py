@@ -13,6 +13,8 @@ from typing import Any
 import click
 import numpy as np
 
+from mlx_i2v.stepcache.calibrations import METHODS
+
 from .options import DEFAULT_MODEL
 
 
@@ -35,9 +37,12 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, 
 @click.option("--quantize", type=int, default=None, help="Quantize the transformer to N bits.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype (default: bfloat16 on a GPU, float32 on the CPU).")
+@click.option("--cache", type=click.Choice(METHODS), default=None, help="Step caching (off by default).")
+@click.option("--cache-threshold", type=float, default=None, help="The cache's threshold (default: the method's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def bench(model: str, size: tuple[int, int], num_frames: int, num_inference_steps: int,
-          guidance_scale: float | None, quantize: int | None, dtype: str | None, as_json: bool) -> None:
+          guidance_scale: float | None, quantize: int | None, dtype: str | None, cache: str | None,
+          cache_threshold: float | None, as_json: bool) -> None:
     """Time one generation on a synthetic photo: seconds per stage and per step, peak memory, DiT tokens
     per second and the achieved TFLOP/s (from the transformer's FLOP count, mlx_i2v.flops)."""
     import mlx.core as mx
@@ -53,6 +58,7 @@ def bench(model: str, size: tuple[int, int], num_frames: int, num_inference_step
     video = pipe(
         _photo(width, height), "a red fox runs through snow, the camera slowly pans", height=height, width=width,
         num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=0,
+        cache=cache, cache_threshold=cache_threshold,
         on_step=lambda step, total, t: step_ends.append(time.perf_counter()),
     )  # fmt: skip
     report = _report(pipe, video, load_s, step_ends)
@@ -66,7 +72,9 @@ def bench(model: str, size: tuple[int, int], num_frames: int, num_inference_step
 
 def _report(pipe, video, load_s: float, step_ends: list[float]) -> dict[str, Any]:
     """The figures of one run, from the pipeline's own stage timings and the per-step callbacks."""
-    from mlx_i2v.flops import DiTShape, context_flops, step_flops, video_tokens
+    from dataclasses import replace
+
+    from mlx_i2v.flops import DiTShape, context_flops, forward_flops, step_flops, video_tokens
 
     m = video.metadata
     seconds = {"load": load_s, **video.stats["seconds"]}
@@ -80,7 +88,11 @@ def _report(pipe, video, load_s: float, step_ends: list[float]) -> dict[str, Any
     # on_step fires as each step ends and the stage ends just after the last one, so the first step's time
     # is what the others leave of the stage (it also embeds the text context, once per generation).
     per_step = [denoise_s - (step_ends[-1] - step_ends[0]), *np.diff(step_ends)]
-    flops = steps * step_flops(shape, tokens, cfg=cfg) + context_flops(shape, passes)
+    # A pass the step cache skipped still ran the embedding, the head and its probe blocks.
+    counted = video.stats["transformer_passes"]
+    skipped_pass = forward_flops(replace(shape, num_layers=counted["probe_blocks"]), tokens)
+    flops = counted["computed"] * forward_flops(shape, tokens) + counted["skipped"] * skipped_pass
+    flops += context_flops(shape, passes)
     return {
         "model": m["model"],
         "variant": m["variant"],
@@ -90,6 +102,8 @@ def _report(pipe, video, load_s: float, step_ends: list[float]) -> dict[str, Any
         "frames": m["num_frames"],
         "steps": steps,
         "cfg": cfg,
+        "cache": m["cache"],
+        "transformer_passes": {k: counted[k] for k in ("computed", "skipped", "by_branch")},
         "seconds": seconds,
         "total_s": sum(seconds.values()),
         "seconds_per_step": denoise_s / steps,
@@ -116,6 +130,8 @@ def _text(r: dict[str, Any]) -> str:
         f"DiT: {r['dit_tokens']:,} tokens x {passes}, {r['tflop_per_step']:.3g} TFLOP/step -> "
         f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops']:.3g} TFLOP/s",
         f"peak memory: {r['peak_memory_gb']:.2f} GB (MLX), {r['peak_rss_gb']:.2f} GB resident",
+        f"transformer passes: {r['transformer_passes']['computed']} computed, {r['transformer_passes']['skipped']} "
+        "skipped" + (f" ({r['cache']['method']}, threshold {r['cache']['threshold']:g})" if r["cache"] else ""),
     ])  # fmt: skip
 
 

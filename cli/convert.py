@@ -8,7 +8,10 @@ from typing import Any
 
 import click
 
+from mlx_i2v.lora.spec import POLICIES
 from mlx_i2v.quantize import BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES
+
+from .lora import collect_loras, lora_options, lora_summary
 
 _BITS = click.Choice([str(b) for b in BITS])
 _GROUP_SIZES = click.Choice([str(g) for g in GROUP_SIZES])
@@ -40,12 +43,15 @@ def _params(n: int) -> str:
 @click.option("--group-size", type=_GROUP_SIZES, default=str(DEFAULT_GROUP_SIZE), show_default=True,
               help="Quantization group size.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def convert(source: str, output: Path, dtype: str, bits: str | None, group_size: str, force: bool) -> None:
-    """Convert SOURCE (a diffusers or Wan-AI original directory, or a Hub id) into an MLX model at OUTPUT."""
+@lora_options
+def convert(source: str, output: Path, dtype: str, bits: str | None, group_size: str, force: bool,
+            lora: tuple[str, ...], lora_high: tuple[str, ...], lora_low: tuple[str, ...]) -> None:
+    """Convert SOURCE (a diffusers or Wan-AI original directory, or a Hub id) into an MLX model at OUTPUT.
+    LoRAs are merged into a float output; with --quantize they are kept as separate factors."""
     from mlx_i2v.convert import convert_model, model_info
 
     path = convert_model(source, output, dtype=dtype, quantize=int(bits) if bits else None,
-                         group_size=int(group_size), force=force)
+                         group_size=int(group_size), force=force, loras=collect_loras(lora, lora_high, lora_low))
     info = model_info(path)
     click.echo(f"wrote {path} ({info['variant']}, {_describe_quantization(info)}, {_gb(info['bytes_on_disk'])})")
 
@@ -67,17 +73,31 @@ def quantize(model_dir: Path, output: Path, bits: str, group_size: str, force: b
 
 
 @click.command()
-@click.argument("model", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("model", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--lora", "lora_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Describe this LoRA file instead (format, rank, alpha, targets); with a model, what it would apply.")
+@click.option("--model", "model_option", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The model directory to check --lora against (same as MODEL).")
+@click.option("--lora-policy", type=click.Choice(POLICIES), default="full", show_default=True,
+              help="How --lora is read: every delta (full), or what diffusers 0.42.1 applies (diffusers).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
-def info(model: Path, as_json: bool) -> None:
-    """Describe MODEL, an MLX or diffusers model directory."""
-    from mlx_i2v.convert import model_info
+def info(model: Path | None, lora_file: Path | None, model_option: Path | None, lora_policy: str,
+         as_json: bool) -> None:
+    """Describe MODEL, an MLX or diffusers model directory, or with --lora a LoRA file."""
+    if lora_file is not None:
+        from mlx_i2v.lora.info import lora_info
 
-    data = model_info(model)
+        data, lines = lora_info(lora_file, model_option or model, lora_policy), lora_summary
+    elif model is None:
+        raise click.UsageError("give a MODEL directory, or --lora FILE")
+    else:
+        from mlx_i2v.convert import model_info
+
+        data, lines = model_info(model), _summary
     if as_json:
         click.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
-    for line in _summary(data):
+    for line in lines(data):
         click.echo(line)
 
 
@@ -110,9 +130,16 @@ def _summary(data: dict[str, Any]) -> list[str]:
             lines.append(f"  {name:<16}{_params(part['parameters']):>9}  {kind:<10}{_gb(part['bytes']):>10}")
         else:
             lines.append(f"  {name:<16}{'':>9}  {'':<10}{_gb(part['bytes']):>10}")
+    lines += [_lora_line(r) for r in data.get("loras", [])]
     lines += [
         f"defaults:     {d['num_inference_steps']} steps, guidance {guidance}, shift {d['flow_shift']:g}, "
         f"{d['num_frames']} frames at {d['fps']:g} fps, {sizes}",
         f"negative prompt: {d['negative_prompt']}",
     ]
     return lines
+
+
+def _lora_line(record: dict[str, Any]) -> str:
+    expert = f" ({record['expert']} expert)" if record["expert"] else ""
+    strength = f"{record['name']} x{record['strength']:g}{expert}"
+    return f"lora:         {strength}, baked ({record['baked']}), sha256 {record['sha256'][:12]}"

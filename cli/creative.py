@@ -8,10 +8,9 @@ import click
 
 from mlx_i2v.clips import load_clip
 from mlx_i2v.extend import DEFAULT_COLOUR_MATCH
-from mlx_i2v.image import load_image
 from mlx_i2v.restyle import DEFAULT_STRENGTH
 
-from .options import check_outputs, common_options, default_output, execute, settings_of, size_options
+from .options import check_photos, common_options, execute, settings_of, size_options
 
 _CLIP = click.argument("clip", type=click.Path(path_type=Path))
 
@@ -27,18 +26,18 @@ _CLIP = click.argument("clip", type=click.Path(path_type=Path))
               help="Restyle the first N frames (4k+1; default: all of the clip's 4k+1).")
 @size_options
 @common_options
-def restyle(clip: Path, prompt: str, strength, image, num_frames, height, width, output, **options) -> None:
+def restyle(clip: Path, strength, image, num_frames, height, width, **options) -> None:
     """Restyle CLIP (a video file, a folder of PNG frames or an image) with a prompt: video-to-video."""
-    output = output or default_output(f"{clip.stem}-restyled")
-    frames = load_clip(clip)  # a missing or unreadable clip fails here, before any model loads
-    photo = load_image(image) if image is not None else None
-    check_outputs(output, options["preview"], [clip] + ([image] if image else []))
 
-    def prepare(pipe):
-        return pipe.prepare(photo, video=frames, strength=strength, motion=options["motion"], height=height,
-                            width=width, num_frames=num_frames, **settings_of(options))  # fmt: skip
+    def read_inputs():
+        frames = load_clip(clip)  # a missing or unreadable clip fails here, before any model loads
+        check_photos(options, image)
+        return lambda pipe: pipe.prepare(
+            image, video=frames, strength=strength, motion=options["motion"], height=height, width=width,
+            num_frames=num_frames, **settings_of(options),
+        )  # fmt: skip
 
-    execute(prepare, prompt, output, options)
+    execute(options, read_inputs, default_stem=f"{clip.stem}-restyled", inputs=[clip, image])
 
 
 @click.command()
@@ -52,15 +51,15 @@ def restyle(clip: Path, prompt: str, strength, image, num_frames, height, width,
 @click.option("--last-image", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where the continuation ends (required by Wan2.1-FLF2V; optional on Wan2.2-A14B).")
 @common_options
-def extend(clip: Path, prompt: str, num_frames, context, colour_match, last_image, output, **options) -> None:
+def extend(clip: Path, num_frames, context, colour_match, last_image, **options) -> None:
     """Continue CLIP by --frames new frames; writes the original clip followed by them."""
-    output = output or default_output(f"{clip.stem}-extended")
-    frames = load_clip(clip)
-    last_photo = load_image(last_image) if last_image is not None else None
-    check_outputs(output, options["preview"], [clip] + ([last_image] if last_image else []))
 
-    def prepare(pipe):
-        return pipe.prepare_extend(frames, num_frames=num_frames, context=context, colour_match=colour_match,
-                                   motion=options["motion"], last_image=last_photo, **settings_of(options))  # fmt: skip
+    def read_inputs():
+        frames = load_clip(clip)
+        check_photos(options, last_image)
+        return lambda pipe: pipe.prepare_extend(
+            frames, num_frames=num_frames, context=context, colour_match=colour_match, motion=options["motion"],
+            last_image=last_image, **settings_of(options),
+        )  # fmt: skip
 
-    execute(prepare, prompt, output, options)
+    execute(options, read_inputs, default_stem=f"{clip.stem}-extended", inputs=[clip, last_image])

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import click
 
-from mlx_i2v.image import load_image
-
-from .options import check_outputs, common_options, default_output, execute, settings_of, size_options
+from .options import check_photos, common_options, execute, settings_of, size_options
 
 
 @click.command()
@@ -21,16 +19,17 @@ from .options import check_outputs, common_options, default_output, execute, set
               help="End on the first frame, for a seamless loop (Wan2.1-FLF2V, Wan2.2-A14B); the duplicate "
                    "final frame is dropped.")
 @common_options
-def generate(image: Path, prompt: str, num_frames, height, width, last_image, loop, output, **options) -> None:
-    """Generate a video that starts from IMAGE."""
-    output = output or default_output(image.stem)
-    # Cheap checks first: nobody should wait for a model to load to learn their photo is unreadable.
-    photo = load_image(image)
-    last_photo = load_image(last_image) if last_image is not None else None
-    check_outputs(output, options["preview"], [image] + ([last_image] if last_image else []))
+def generate(image: Path, num_frames, height, width, last_image, loop, **options) -> None:
+    """Generate a video that starts from IMAGE.
 
-    def prepare(pipe):
-        return pipe.prepare(photo, last_image=last_photo, loop=loop, motion=options["motion"], height=height,
-                            width=width, num_frames=num_frames, **settings_of(options))  # fmt: skip
+    Under `mlx.launch` every rank runs this same command: rank 0 writes the output and prints, the other
+    ranks print only errors."""
 
-    execute(prepare, prompt, output, options)
+    def read_inputs():
+        check_photos(options, image, last_image)
+        return lambda pipe: pipe.prepare(
+            image, last_image=last_image, loop=loop, motion=options["motion"], height=height, width=width,
+            num_frames=num_frames, **settings_of(options),
+        )  # fmt: skip
+
+    execute(options, read_inputs, default_stem=image.stem, inputs=[image, last_image])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
 import click
@@ -15,17 +14,18 @@ from .bench import bench
 from .convert import convert, info, quantize
 from .creative import extend, restyle
 from .generate import generate
+from .signals import Terminated, terminate_cleanly
 
 
 class _Group(click.Group):
     """Turns every user-facing error (bad arguments included) into one line on stderr and a non-zero
-    exit code, never a traceback or a usage dump."""
+    exit code, never a traceback or a usage dump. SIGTERM and SIGHUP end it like Ctrl-C: what was being
+    written is removed, and the exit code is 128 + the signal number."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        # A termination request unwinds like Ctrl-C, so every half-written output or preview is removed.
-        signal.signal(signal.SIGTERM, _interrupt)
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with terminate_cleanly():
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
             _fail(e.format_message(), code=2)
         except click.ClickException as e:
@@ -34,17 +34,23 @@ class _Group(click.Group):
             _fail(str(e), code=1)
         except (KeyboardInterrupt, click.Abort):
             _fail("interrupted", code=130)
+        except Terminated as e:
+            _fail(f"terminated by {e}", code=128 + e.signum)
         except MemoryError:
             _fail("out of memory: try a smaller --height/--width or fewer --frames", code=1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    from mlx_i2v.parallel import joined_rank
+
+    rank = joined_rank()  # in a parallel run every rank may print an error: say which one
+    if rank is not None and not message.startswith("rank "):
+        message = f"rank {rank}: {message}"
+    try:
+        click.echo(f"error: {message}", err=True)
+    except OSError:  # the terminal is gone (SIGHUP)
+        pass
     sys.exit(code)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import mlx.core as mx
 
@@ -19,6 +19,7 @@ from mlx_i2v.runtime import resolve_dtype
 from mlx_i2v.variants import detect_variant
 from mlx_i2v.weights import read_config, read_safetensors
 
+from .loras import bake_loras
 from .original import plan_original
 from .plan import Plan, WeightJob, mlx_index, numel, source_entry
 from .source import MLX_KEY, Source, read_index, resolve_source
@@ -72,7 +73,8 @@ def _component_jobs(
             model = load_component(WEIGHT_KINDS[name], folder / name, dtype, quantize=q)
             return model, read_config(folder / name)
 
-        jobs.append(WeightJob(name, WEIGHT_KINDS[name], numel(read_safetensors(folder / name)), q, load))
+        jobs.append(WeightJob(name, WEIGHT_KINDS[name], numel(read_safetensors(folder / name)), q, load,
+                              config=read_config(folder / name)))  # fmt: skip
     # Transformers first: the biggest, and the likeliest to fail on a broken download.
     jobs.sort(key=lambda job: job.kind is not TRANSFORMER)
     return jobs, copies
@@ -102,6 +104,7 @@ def convert_model(
     group_size: int = DEFAULT_GROUP_SIZE,
     text_encoder_bits: int | None = DEFAULT_TEXT_ENCODER_BITS,
     force: bool = False,
+    loras: Sequence[Any] | None = None,
 ) -> Path:
     """Convert a Wan image-to-video checkpoint into an MLX model directory that
     :func:`~mlx_i2v.load_pipeline` loads without PyTorch and without converting again.
@@ -114,6 +117,9 @@ def convert_model(
         group_size: quantization group size (32, 64 or 128).
         text_encoder_bits: bits of the UMT5 encoder when quantizing (None keeps it float).
         force: replace an existing ``output``.
+        loras: LoRAs to bake in, as ``load_pipeline(loras=...)`` takes them: merged into float weights;
+            with ``quantize``, kept as separate factors beside the quantized weights (see
+            :mod:`mlx_i2v.lora.baked`), so the result equals loading them at run time.
 
     Returns:
         ``output``.
@@ -135,6 +141,7 @@ def convert_model(
         )
     plan_layout = plan_original if resolved.layout == "original" else _plan_diffusers
     plan = plan_layout(resolved, compute_dtype, quantization)
+    bake_loras(plan, loras, compute_dtype)
     return write_plan(plan, output, itemsize=compute_dtype.size, force=force)
 
 
@@ -161,6 +168,11 @@ def quantize_model(
     if index is None or MLX_KEY not in index:
         raise InvalidInputError(f"{folder} is not an MLX model directory; convert it first with `mlx-i2v convert`")
     meta = index[MLX_KEY]
+    if meta.get("loras"):
+        raise InvalidInputError(
+            f"{folder} has LoRAs merged into its weights, and quantizing a merged weight erases most of a LoRA; "
+            "convert the original checkpoint with --quantize and --lora instead (the LoRAs then stay separate)"
+        )
     if meta.get("quantization"):
         stored = meta["quantization"]["bits"]
         raise InvalidInputError(

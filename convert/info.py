@@ -58,7 +58,7 @@ def model_info(model: str | Path) -> dict[str, Any]:
 
     Returns:
         ``{"path", "layout", "variant", "dtype", "quantization", "source", "components", "parameters",
-        "bytes_on_disk", "defaults"}``; ``components`` maps each component to its ``bytes`` on disk and,
+        "bytes_on_disk", "defaults", "loras"}`` (``loras``: those baked in by ``convert --lora``); ``components`` maps each component to its ``bytes`` on disk and,
         for those with weights, ``parameters``, ``dtype`` and ``quantization``. Only headers are read.
 
     Raises:
@@ -87,12 +87,13 @@ def model_info(model: str | Path) -> dict[str, Any]:
         meta = index[MLX_KEY]
         variant, dtype = meta["variant"], meta["dtype"]
         quantization, source, defaults = meta["quantization"], meta["source"], meta["defaults"]
+        loras = meta.get("loras", [])
         if variant not in VARIANTS:
             raise InvalidInputError(f"{folder}: unknown variant {variant!r} (written by a newer mlx-i2v?)")
     else:
         found = detect_variant(folder, source.label)
         variant, dtype, defaults = found.name, parts["transformer"]["dtype"], defaults_dict(found)
-        quantization, source = None, None
+        quantization, source, loras = None, None, []
     return {
         "path": str(folder),
         "layout": layout,
@@ -104,4 +105,5 @@ def model_info(model: str | Path) -> dict[str, Any]:
         "parameters": sum(p.get("parameters", 0) for p in parts.values()),
         "bytes_on_disk": folder_bytes(folder),
         "defaults": defaults,
+        "loras": loras,
     }

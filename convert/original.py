@@ -233,7 +233,8 @@ def plan_original(source: Source, dtype: mx.Dtype, quantization: QuantizationCon
             )
             return model, config
 
-        jobs.append(WeightJob(component, wan_transformer.TRANSFORMER, numel(tensors), transformer_q, load_transformer))
+        jobs.append(WeightJob(component, wan_transformer.TRANSFORMER, numel(tensors), transformer_q, load_transformer,
+                              config=configs[component]))  # fmt: skip
 
     def load_text_encoder():
         tensors = read_pth(repo.t5_file)

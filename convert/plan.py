@@ -40,6 +40,8 @@ class WeightJob:
         load: returns the model (target dtype, quantized if asked) and the config.json to write.
         companions: JSON files (relative path -> content) that follow from that config.json, written
             beside it (CLIP's image processor needs the tower's resolution, which only the weights tell).
+        config: the config.json, where it is known before loading (the transformers': LoRAs are checked
+            against it before anything is converted).
     """
 
     name: str
@@ -48,6 +50,7 @@ class WeightJob:
     quantization: Quantization | None
     load: Loader
     companions: Callable[[Mapping[str, Any]], dict[str, dict[str, Any]]] | None = None
+    config: Mapping[str, Any] | None = None
 
     def output_bytes(self, itemsize: int) -> int:
         """Estimated bytes written: every element at ``itemsize``, or, quantized, at ``bits`` plus a

@@ -1,7 +1,9 @@
 """Writing an MLX model directory, all or nothing.
 
-Everything is written into ``.OUTPUT.partial-<pid>`` beside OUTPUT and renamed to OUTPUT when complete;
-any failure, KeyboardInterrupt included, removes it, so OUTPUT is either absent or whole. The free disk
+Everything is written into ``.OUTPUT.partial-<pid>-<token>`` beside OUTPUT and renamed to OUTPUT when
+complete (:func:`mlx_i2v.outputs.staged_output`); any failure, KeyboardInterrupt and the CLI's SIGTERM and
+SIGHUP included, removes it, so OUTPUT is either absent or whole, and the rename never replaces an
+OUTPUT that another conversion finished meanwhile (unless forced). The free disk
 space is checked against an estimate of the output before anything is written.
 
 Each weight component is saved in MLX layout: ``config.json`` (its diffusers-style config, plus a
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -26,7 +29,9 @@ import mlx.nn as nn
 
 from mlx_i2v.components import MLX_FORMAT
 from mlx_i2v.errors import InvalidInputError
-from mlx_i2v.quantize import model_quantization, model_state
+from mlx_i2v.lora.baked import save_factors, split_state
+from mlx_i2v.outputs import staged_output
+from mlx_i2v.quantize import model_quantization
 
 from .plan import Plan
 
@@ -50,53 +55,25 @@ def check_free_space(folder: Path, needed: int) -> None:
 
 def refuse_existing(output: Path, *, force: bool) -> None:
     """Raise :class:`InvalidInputError` if ``output`` exists and may not be replaced."""
-    if output.exists() and not force:
+    if os.path.lexists(output) and not force:
         raise InvalidInputError(f"{output} already exists; pass --force (force=True) to replace it")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
 
 
 @contextmanager
 def atomic_directory(output: Path, *, force: bool) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``output`` that becomes ``output`` when the block
-    completes; on any exception it is removed and ``output`` is left as it was.
+    completes; on any exception it is removed and ``output`` is left as it was. The final rename
+    fails if another process created ``output`` meanwhile (unless ``force``), so a conversion never
+    silently replaces one that finished first.
 
     Raises:
-        InvalidInputError: ``output`` exists and ``force`` is False.
+        InvalidInputError: ``output`` exists (at the start or at the end) and ``force`` is False.
     """
     refuse_existing(output, force=force)
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if partial.exists():  # left by an earlier process with our pid that was killed outright
-        _remove(partial)
-    partial.mkdir()
-    try:
-        yield partial
-        _replace(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-
-
-def _replace(new: Path, output: Path) -> None:
-    """Rename ``new`` to ``output``. An existing ``output`` is moved aside first and put back if the rename
-    fails, so a failed replacement leaves the old directory where it was."""
-    if not output.exists():
-        new.rename(output)
-        return
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
-    output.rename(old)
-    try:
-        new.rename(output)
-    except BaseException:
-        old.rename(output)
-        raise
-    _remove(old)
+    with staged_output(output, overwrite=force, directory=True, replaceable=lambda found: True) as staged:
+        staged.path.mkdir()
+        yield staged.path
 
 
 def write_json(path: Path, content: Mapping[str, Any]) -> None:
@@ -122,9 +99,10 @@ def _shards(state: Mapping[str, mx.array], max_bytes: int) -> list[dict[str, mx.
 def save_component(
     model: nn.Module, folder: Path, config: Mapping[str, Any], *, max_shard_bytes: int = MAX_SHARD_BYTES
 ) -> list[Path]:
-    """Save ``model`` (float or quantized) in MLX layout with its ``config``; returns the files written."""
+    """Save ``model`` (float or quantized) in MLX layout with its ``config``; returns the files written.
+    LoRA factors of quantized linears go to ``loras/factors.safetensors`` (:mod:`mlx_i2v.lora.baked`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = model_state(model)
+    state, factors, scales = split_state(model)  # a quantized model's LoRA factors are saved beside it
     shards = _shards(state, max_shard_bytes)
     written: list[Path] = []
     if len(shards) == 1:
@@ -145,6 +123,8 @@ def save_component(
         config["quantization"] = quantization.to_dict()
     written.append(folder / "config.json")
     write_json(written[-1], config)
+    if factors:
+        written.append(save_factors(folder, factors, scales))
     return written
 
 
@@ -152,6 +132,7 @@ def write_plan(plan: Plan, output: Path, *, itemsize: int, force: bool) -> Path:
     """Check the free space, then write ``plan`` atomically to ``output``, one weight component at a
     time (each released before the next is loaded)."""
     refuse_existing(output, force=force)
+    copies = {name: copy_listing(folder) for name, folder in plan.copies.items()}  # a broken folder fails now
     needed = plan.estimated_bytes(itemsize)
     parent = output.absolute().parent
     check_free_space(next(p for p in (parent, *parent.parents) if p.exists()), needed)
@@ -169,10 +150,62 @@ def write_plan(plan: Plan, output: Path, *, itemsize: int, force: bool) -> Path:
             if job.companions is not None:
                 for relative, content in job.companions(config).items():
                     write_json(partial / relative, content)
-        for name, folder in plan.copies.items():
-            shutil.copytree(folder, partial / name)
+        for name, files in copies.items():
+            copy_files(files, partial / name)
         for relative, content in plan.files.items():
             write_json(partial / relative, content)
         write_json(partial / "model_index.json", plan.index)
     log.info("wrote %s", output)
     return output
+
+
+def copy_listing(folder: Path) -> list[tuple[Path, Path]]:
+    """Every file under ``folder`` as (source, path relative to ``folder``), symlinks followed (the Hub
+    cache links every file to a blob), in name order.
+
+    Raises:
+        InvalidInputError: a symlink loop (a folder that leads back to one above it, or a link to itself),
+            a dangling link, an unreadable entry, or something that is neither file nor folder; named.
+    """
+    files: list[tuple[Path, Path]] = []
+
+    def walk(directory: Path, relative: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as e:
+            raise InvalidInputError(f"cannot read {directory}: {e.strerror or e}") from None
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                info = os.stat(path)  # follows symlinks: a loop or a dangling link fails here
+            except OSError as e:
+                raise InvalidInputError(f"cannot read {path}: {e.strerror or e}") from None
+            if stat.S_ISDIR(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if key in ancestors:
+                    raise InvalidInputError(f"symlink loop at {path}: it leads back to a folder above it")
+                walk(path, relative / entry.name, ancestors | {key})
+            elif not stat.S_ISREG(info.st_mode):
+                raise InvalidInputError(f"{path} is neither a file nor a folder")
+            elif not os.access(path, os.R_OK):
+                raise InvalidInputError(f"cannot read {path}: permission denied")
+            else:
+                files.append((path, relative / entry.name))
+
+    try:
+        top = os.stat(folder)
+    except OSError as e:
+        raise InvalidInputError(f"cannot read {folder}: {e.strerror or e}") from None
+    walk(folder, Path(), frozenset({(top.st_dev, top.st_ino)}))
+    return files
+
+
+def copy_files(files: list[tuple[Path, Path]], destination: Path) -> None:
+    """Copy :func:`copy_listing`'s files (contents and permission bits) under ``destination``."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for source, relative in files:
+        (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(source, destination / relative)
+        except OSError as e:
+            raise InvalidInputError(f"cannot copy {source}: {e.strerror or e}") from None

@@ -14,6 +14,7 @@ import logging
 from .clips import Clip, load_clip
 from .errors import GenerationCancelled, InvalidInputError, MlxI2VError, ModelNotFoundError, WeightLoadError
 from .loading import load_pipeline
+from .lora import LoRA
 from .pipeline import WanPipeline
 from .video import Video
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load_pipeline",
+    "LoRA",
     "WanPipeline",
     "Video",
     "Clip",

@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from .errors import InvalidInputError
 from .quantize import QuantizationConfig
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,17 @@ def cached_conversion(
         return target
     log.info("converting %s once into %s", repo_id, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return convert_model(
-        snapshot,
-        target,
-        dtype=dtype,
-        quantize=quantization.bits if quantization is not None else None,
-        group_size=quantization.group_size if quantization is not None else 64,
-        text_encoder_bits=quantization.text_encoder_bits if quantization is not None else None,
-    )
+    try:
+        return convert_model(
+            snapshot,
+            target,
+            dtype=dtype,
+            quantize=quantization.bits if quantization is not None else None,
+            group_size=quantization.group_size if quantization is not None else 64,
+            text_encoder_bits=quantization.text_encoder_bits if quantization is not None else None,
+        )
+    except InvalidInputError:
+        if (target / "model_index.json").is_file():  # another process converted it first: use theirs
+            log.info("using %s, converted meanwhile by another process", target)
+            return target
+        raise

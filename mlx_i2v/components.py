@@ -15,17 +15,17 @@ single loader behind them all.
 from __future__ import annotations
 
 import logging
-import struct
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import WeightLoadError
 from .quantize import Quantization, prepare_for_quantized_load, stored_quantization
-from .weights import WeightMap, load_strict, read_config, read_safetensors, safetensors_header
+from .weights import WeightMap, cast_loaded, load_strict, read_config, read_safetensors, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def is_mlx_layout(folder: str | Path) -> bool:
         return False
     try:  # the header only: a shard can be gigabytes, and read_safetensors reads it anyway
         metadata = safetensors_header(files[0])[1].get("__metadata__") or {}
-    except (OSError, ValueError, struct.error):  # unreadable: let read_safetensors report it by name
+    except (OSError, WeightLoadError):  # unreadable: let read_safetensors report it by name
         return False
     return metadata.get("format") == MLX_FORMAT["format"]
 
@@ -100,3 +100,28 @@ def load_component(
         kind.quantize(model, quantize.bits, quantize.group_size)
     log.info("loaded %s from %s (%s%s)", kind.name, folder, dtype, f", {stored.bits}-bit" if stored else "")
     return model
+
+
+def load_parameters(
+    kind: ComponentType, folder: str | Path, dtype: mx.Dtype, names: Iterable[str]
+) -> dict[str, mx.array]:
+    """Read only the parameters ``names`` (MLX names) of a component folder, mapped and cast exactly as
+    :func:`load_component` loads them, so they are bit-identical to a fresh load.
+
+    Safetensors are memory-mapped and mapping is lazy, so only these tensors are read: this is how
+    parameters a LoRA merge changed are restored without keeping a second copy of the model.
+
+    Raises:
+        WeightLoadError: unreadable weights, or a name the checkpoint does not have.
+    """
+    folder = Path(folder)
+    tensors = read_safetensors(folder, what=folder.name)
+    weights = tensors if is_mlx_layout(folder) else kind.source_map(kind.build(read_config(folder))).apply(tensors)
+    names = list(names)
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise WeightLoadError(f"{folder.name}: the checkpoint has no {', '.join(sorted(missing)[:6])}")
+    keep = [re.compile(p) for p in kind.keep_float32(dtype)]
+    out = {n: cast_loaded(n, weights[n], dtype, keep) for n in names}
+    mx.eval(out)
+    return out

@@ -29,7 +29,10 @@ COND, UNCOND = "cond", "uncond"  # the prompt branches: the prompt, and the nega
 @dataclass(frozen=True)
 class StepInfo:
     """Where the loop is. ``index`` counts from the start of the sampler's whole schedule (a restyle run
-    starts partway through it); ``number`` counts the steps of this run from 1 to ``total``."""
+    starts partway through it); ``number`` counts the steps of this run from 1 to ``total``.
+    ``expert_steps`` is the span ``[first, end)`` of schedule entries this run gives to the step's expert,
+    and ``schedule_length`` the length of the sampler's whole schedule (what a step cache calibrated per
+    step needs)."""
 
     index: int
     number: int
@@ -37,6 +40,8 @@ class StepInfo:
     timestep: float
     sigma: float
     expert: int
+    expert_steps: tuple[int, int]
+    schedule_length: int
 
 
 class Forward(Protocol):
@@ -140,13 +145,18 @@ class Denoiser:
         Returns:
             The final latents (1, T, h, w, C) float32, after the conditioning's ``finalize``.
         """
+        # Steps are counted from ``start``, not looked up by timestep: at high step counts the integer
+        # timesteps repeat, so a timestep does not identify a step.
+        sampler.set_begin_index(start)
         timesteps = np.asarray(sampler.timesteps)
         sigmas = np.asarray(sampler.sigmas)
         total = len(timesteps) - start
+        experts = [self.experts.index_for(float(t)) for t in timesteps[start:]]
+        spans = _expert_spans(experts, start)
         context: tuple[int, tuple[str, ...], list] | None = None  # (expert, branches, cross-attention K/V)
         for number, index in enumerate(range(start, len(timesteps)), 1):
             t = timesteps[index]
-            expert = self.experts.index_for(float(t))
+            expert = experts[number - 1]
             model = self.experts.get(expert)
             scale = scales[expert]
             branches = self.guidance.branches(scale)
@@ -156,7 +166,9 @@ class Denoiser:
                 # expert's K/V is kept, and the previous one's is dropped before this one's is built.
                 context = None
                 context = (expert, branches, self._context(model, text, image_tokens, branches))
-            step = StepInfo(index, number, total, float(t), float(sigmas[index]), expert)
+            step = StepInfo(
+                index, number, total, float(t), float(sigmas[index]), expert, spans[number - 1], len(timesteps)
+            )
             x, timestep = self.conditioning.model_input(latents, state, float(t))
             rows = len(branches)
             x = mx.broadcast_to(x, (rows, *x.shape[1:])).astype(self.dtype)
@@ -180,3 +192,15 @@ class Denoiser:
         kv = model.cross_attention_cache(model.embed_context(rows, image))
         mx.eval(kv)
         return kv
+
+
+def _expert_spans(experts: list[int], start: int) -> list[tuple[int, int]]:
+    """For each step of a run starting at schedule entry ``start``, the ``[first, end)`` entries of the
+    contiguous run of steps its expert denoises."""
+    spans: list[tuple[int, int]] = []
+    first = 0
+    for i in range(1, len(experts) + 1):
+        if i == len(experts) or experts[i] != experts[first]:
+            spans += [(start + first, start + i)] * (i - first)
+            first = i
+    return spans

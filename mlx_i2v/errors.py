@@ -28,3 +28,8 @@ class UnsafeCheckpointError(WeightLoadError):
 
 class GenerationCancelled(MlxI2VError):
     """Raised internally when an ``on_step`` callback returns False."""
+
+
+class ParallelError(MlxI2VError):
+    """A distributed generation cannot go on: a rank left or stopped answering, or the ranks were started
+    with different models or settings. The message names the rank that reports it and the cause."""

@@ -52,6 +52,10 @@ class Experts:
         """Indices of the experts currently in memory."""
         return sorted(self._resident)
 
+    def loaded(self) -> dict[int, WanTransformer3DModel]:
+        """The experts currently in memory, by index."""
+        return dict(self._resident)
+
     def release(self) -> None:
         """Drop every resident expert and return its memory to the system."""
         if self._resident:

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import mlx.core as mx
 
 from .experts import Experts
+from .lora.formats import read_lora
+from .lora.manager import TransformerLoras
+from .lora.spec import LoRA, as_loras
 from .models.clip import load_clip_vision
 from .models.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import load_umt5
 from .models.wan_transformer import load_wan_transformer
 from .models.wan_vae import load_wan_vae
+from .parallel import Parallel, join
 from .pipeline import ImageEncoder, WanPipeline
 from .planner import ModelDims
 from .quantize import Quantization, QuantizationConfig
 from .resident import Resident
 from .runtime import dtype_name, keep_freed_memory, resolve_dtype
-from .schedulers import Scheduler, load_scheduler, scheduler_by_name
+from .sampling import Samplers
 from .variants import Variant, load_variant
 from .weights import check_safetensors, read_config
 
@@ -34,6 +39,8 @@ def load_pipeline(
     scheduler: str | None = None,
     keep_resident: bool = False,
     keep_experts_resident: bool = False,
+    parallel: str | Parallel = "auto",
+    loras: Sequence[LoRA | tuple] | None = None,
 ) -> WanPipeline:
     """Load a Wan image-to-video pipeline.
 
@@ -48,18 +55,30 @@ def load_pipeline(
         quantize: 4 or 8 to quantize the transformer(s) on load (the UMT5 encoder to 8 bits), or a
             :class:`~mlx_i2v.quantize.QuantizationConfig`. A directory already quantized loads as it is;
             asking it for other bits is an error.
-        scheduler: "unipc" or "euler" to override the checkpoint's ``scheduler_config.json``.
+        scheduler: the sampler of calls that name none: "unipc", "euler" or "dmd" (see
+            :mod:`mlx_i2v.sampling`); default: the checkpoint's ``scheduler_config.json``.
         keep_resident: keep every model loaded between stages and generations (faster repeated runs on
             machines with memory to spare); by default each is released when its stage ends.
         keep_experts_resident: Wan2.2-A14B only: keep both experts in memory instead of swapping them at
             the boundary.
+        parallel: under ``mlx.launch`` with several processes, how they share each generation: "auto",
+            "cfg", "sequence" or "none" (see :mod:`mlx_i2v.parallel`), or a joined
+            :class:`~mlx_i2v.parallel.Parallel`. A process on its own ignores it.
+        loras: LoRAs to apply, each a :class:`~mlx_i2v.lora.LoRA` or ``(path, strength)`` or
+            ``(path, strength, expert)`` with expert "high" or "low" (Wan2.2-A14B; omitted: both experts,
+            or the only transformer). Every file is checked against the transformer's shapes now; change
+            the set later with :meth:`WanPipeline.set_loras`.
     """
     from .cache import cached_conversion
+    from .convert.source import MLX_KEY
     from .hub import is_hub_id, resolve_model
 
+    parallel = parallel if isinstance(parallel, Parallel) else join(parallel)
     compute_dtype = resolve_dtype(dtype)
     keep_freed_memory()
     quantization = QuantizationConfig(bits=quantize) if isinstance(quantize, int) else quantize
+    for spec in as_loras(loras):  # a missing or unreadable file fails before any download or conversion
+        read_lora(spec.path)
     model_dir = resolve_model(model)
     if is_hub_id(model):
         model_dir = cached_conversion(str(model), model_dir, dtype_name(compute_dtype), quantization)
@@ -72,15 +91,13 @@ def load_pipeline(
         read_config(model_dir / name)
         check_safetensors(model_dir / name)
 
-    base_scheduler = load_scheduler(model_dir)
-    if scheduler is not None:
-        scheduler_by_name(scheduler, base_scheduler.shift)  # validate the name now, not mid-generation
+    samplers = Samplers.from_config(read_config(model_dir / "scheduler", "scheduler_config.json"), scheduler)
 
-    def make_scheduler() -> Scheduler:
-        if scheduler is None:
-            return load_scheduler(model_dir)
-        return scheduler_by_name(scheduler, base_scheduler.shift, base_scheduler.num_train_timesteps)
-
+    folders = [model_dir / "transformer"] + [model_dir / "transformer_2"] * variant.two_experts
+    index = read_config(model_dir, "model_index.json")
+    lora_state = TransformerLoras([read_config(f) for f in folders], compute_dtype, folders,
+                                  baked=index.get(MLX_KEY, {}).get("loras", []))  # fmt: skip
+    lora_state.set(loras, {})
     transformer_q = quantization.transformer if quantization is not None else None
     text_q = quantization.text_encoder if quantization is not None else None
     image_encoder = None
@@ -101,16 +118,18 @@ def load_pipeline(
         text_encoder=Resident(
             "text_encoder", lambda: load_umt5(model_dir / "text_encoder", compute_dtype, quantize=text_q), keep_resident
         ),
-        experts=_experts(model_dir, variant, compute_dtype, transformer_q, base_scheduler, keep_resident,
-                         keep_experts_resident),  # fmt: skip
+        experts=_experts(model_dir, variant, compute_dtype, transformer_q, samplers.num_train_timesteps, keep_resident,
+                         keep_experts_resident, lora_state),  # fmt: skip
+        loras=lora_state,
         vae_encoder=Resident(
             "vae encoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("encoder"), keep_resident
         ),
         vae_decoder=Resident(
             "vae decoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("decoder"), keep_resident
         ),
-        make_scheduler=make_scheduler,
+        samplers=samplers,
         image_encoder=image_encoder,
+        parallel=parallel,
     )
 
 
@@ -126,17 +145,21 @@ def _experts(
     variant: Variant,
     dtype: mx.Dtype,
     quantize: Quantization | None,
-    scheduler: Scheduler,
+    num_train_timesteps: int,
     keep_between_calls: bool,
     keep_resident: bool,
+    loras: TransformerLoras,
 ) -> Experts:
     folders = [model_dir / "transformer"]
     boundary = None
     if variant.two_experts:
         folders.append(model_dir / "transformer_2")
-        boundary = read_config(model_dir, "model_index.json")["boundary_ratio"] * scheduler.num_train_timesteps
+        boundary = read_config(model_dir, "model_index.json")["boundary_ratio"] * num_train_timesteps
     return Experts(
-        loaders=[lambda f=f: load_wan_transformer(f, dtype, quantize=quantize) for f in folders],
+        loaders=[
+            lambda f=f, i=i: loras.apply(i, load_wan_transformer(f, dtype, quantize=quantize))
+            for i, f in enumerate(folders)
+        ],
         boundary=boundary,
         keep_resident=keep_resident,
         keep_between_calls=keep_between_calls,

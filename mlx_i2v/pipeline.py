@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import secrets
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from . import validation
 from .clips import ClipInput, load_clip
 from .conditioning import ConditionState, Keyframes, encode_mode
-from .denoise import COND, UNCOND, Denoiser, StepInfo
+from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
 from .extend import (
@@ -27,21 +31,25 @@ from .extend import (
     context_frames,
     new_frame_count,
 )
-from .models.wan_vae_tiling import Tiling, tiled_decode_frames
-from .planner import ModelDims, Plan, check_fits, plan_generation
-from .resident import Resident
-from .image import ImageInput, fit_to_frame, load_image, to_model_range
+from .image import ImageInput, ImageOptions, LoadReport, fit_to_frame, load_image, to_model_range
+from .lora.manager import TransformerLoras
 from .models.clip import CLIPVisionTower
 from .models.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
+from .models.wan_vae_tiling import Tiling, tiled_decode_frames
 from .motion import check_motion
+from .parallel import Parallel
+from .planner import ModelDims, Plan, check_fits, latent_grid, plan_generation
 from .preview import LATENT_RGB, Preview
 from .request import Request, close_loop, keep_frames
-from .restyle import DEFAULT_STRENGTH, add_noise, check_strength, clip_frames, restyle_start
+from .resident import Resident
+from .restyle import DEFAULT_STRENGTH, check_strength, clip_frames, restyle_start
 from .runtime import dtype_name
-from .schedulers import Scheduler
+from .sampling import Samplers, choose_sampling
+from .schedulers import add_noise
+from .stepcache import CacheMethod, StepCache, kept_bytes, resolve_cache
 from .variants import Variant
 from .video import Video
 
@@ -68,6 +76,10 @@ class Settings:
     seed: int
     negative_prompt: str
     fps: float
+    scheduler: str  # the sampler (see mlx_i2v.sampling)
+    sigmas: tuple[float, ...] | None  # its explicit grid, unshifted; None for its own
+    preset: str | None  # the few-step recipe that filled the defaults
+    cache: CacheMethod | None = None  # the step cache's method, None without one
 
 
 @dataclass
@@ -82,12 +94,37 @@ class ImageEncoder:
         return self.tower(mx.array(self.processor(images)))
 
 
+@dataclass(frozen=True)
+class ClipFrame:
+    """A frame of the input clip standing in for a photo (a restyle's first or last frame, an extension's
+    context): used as it is and fitted as the clip's frames are; the image options are for the caller's
+    photos."""
+
+    image: Image.Image
+
+
+def _one_call_at_a_time(method: Callable) -> Callable:
+    """Serialise generations on one pipeline: its stages load and release shared models, so a second
+    call from another thread waits for the running one to finish. The lock is re-entrant, so ``__call__``
+    and ``extend`` hold it from reading the inputs through the ``run`` they make."""
+
+    @functools.wraps(method)
+    def wrapper(self: WanPipeline, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class WanPipeline:
     """Photo + prompt -> :class:`Video`. Build it with :func:`load_pipeline`.
 
     Components are loaded when their stage starts and released when it ends (text encoder, CLIP, VAE,
     transformer experts), so only one large model is in memory at a time; ``keep_resident`` keeps them.
+
+    A pipeline can be called from any thread (a Mac app's worker thread, say), one generation at a time:
+    a call made while another is running waits for it to finish.
     """
 
     variant: Variant
@@ -100,8 +137,22 @@ class WanPipeline:
     experts: Experts
     vae_encoder: Resident[AutoencoderKLWan]  # the VAE without its decoder, for the photo
     vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
-    make_scheduler: Callable[[], Scheduler]
+    samplers: Samplers
     image_encoder: Resident[ImageEncoder] | None = None
+    loras: TransformerLoras | None = None
+    parallel: Parallel = field(default_factory=Parallel)  # this process's share of each generation
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
+
+    def set_loras(self, loras) -> None:
+        """Change the LoRAs or their strengths without reloading the base model (same forms as
+        ``load_pipeline(loras=...)``); ``[]`` restores the base weights exactly. Every file is checked
+        first, so on error nothing changes. Loaded experts are updated in place (merged parameters are
+        re-read from their checkpoint); the others pick the set up when they load."""
+        if self.loras is None:
+            raise InvalidInputError("this pipeline was built without LoRA support")
+        self.loras.set(loras, self.experts.loaded())
+
+    # --- plans ---------------------------------------------------------------------------------------
 
     def plan(
         self,
@@ -112,10 +163,14 @@ class WanPipeline:
         guidance: bool = True,
         budget: int | None = None,
         encode_frames: int | None = None,
+        cache: CacheMethod | None = None,
+        shards: int = 1,
     ) -> Plan:
         """Estimate this pipeline's peak memory for a request, before anything is loaded (see
         :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid; ``encode_frames``
-        (video frames the VAE encodes) defaults to what image-to-video encodes."""
+        (video frames the VAE encodes) defaults to what image-to-video encodes; ``cache`` is the step
+        cache's method (``Settings.cache``), whose kept residuals take memory too; ``shards``: the token
+        shards of a sequence-parallel run (the plan is then one rank's)."""
         if encode_frames is None:
             encode_frames = num_frames if self.variant.conditioning.requires_image else 1
         return plan_generation(
@@ -129,20 +184,52 @@ class WanPipeline:
             budget=budget,
             encode_frames=encode_frames,
             staged=not self.text_encoder.keep,
+            cache_bytes=kept_bytes(cache, self.dtype),
+            shards=shards,
         )
 
+    def plan_call(self, image: ImageInput | None = None, **kwargs) -> tuple[Settings, Plan]:
+        """The settings and the memory plan of a call with these arguments (see :meth:`resolve_settings`),
+        without loading a model."""
+        request = self._resolve(image, kwargs)
+        return request.settings, self.plan_request(request)
+
     def plan_request(self, request: Request) -> Plan:
-        """:meth:`plan` for a prepared request (guidance as its settings need)."""
-        s = request.settings
-        guidance = len(self.denoiser().branches_needed(self._scales(s))) > 1
-        return self.plan(height=s.height, width=s.width, num_frames=s.num_frames, guidance=guidance,
-                         encode_frames=request.encode_frames(self.variant.conditioning))  # fmt: skip
+        """The plan of this process for a prepared request: what ``--dry-run`` shows."""
+        return self.plan_settings(request.settings, encode_frames=request.encode_frames(self.variant.conditioning))
+
+    def plan_settings(self, settings: Settings, encode_frames: int | None = None) -> Plan:
+        """The plan of this process for resolved settings: with both guidance branches in its batch
+        unless they are split over ranks, on its shard of the tokens in a sequence-parallel run."""
+        scales = self._scales(settings)
+        guidance = len(self.denoiser(scales).branches_needed(scales)) > 1
+        plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
+                         guidance=guidance, encode_frames=encode_frames, cache=settings.cache,
+                         shards=self.parallel.layout(scales).sequence)  # fmt: skip
+        if self.parallel.size > 1:
+            grid = latent_grid(self.dims.vae, settings.height, settings.width, settings.num_frames)
+            plan.parallel = self.parallel.summary(scales, self.dims.transformer, grid, self.dtype)
+        return plan
 
     def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:
-        """The settings a call with these arguments would use (defaults filled in, sizes rounded),
-        without loading or generating anything. Accepts the keyword arguments of ``__call__``."""
-        return self.prepare(image, **kwargs).settings
+        """The settings a call with these arguments would use (defaults filled in, sizes rounded, every
+        argument checked), without loading a model or generating anything. Accepts the keyword
+        arguments of ``__call__`` (``prompt``, ``latents`` and ``on_step`` too, checked and otherwise unused)."""
+        return self._resolve(image, kwargs).settings
 
+    def _resolve(self, image: ImageInput | None, kwargs: dict[str, Any]) -> Request:
+        if "prompt" in kwargs:
+            validation.text("prompt", kwargs.pop("prompt"))
+        _check_on_step(kwargs.pop("on_step", None))
+        latents = kwargs.pop("latents", None)
+        request = self.prepare(image, **kwargs)
+        if latents is not None:
+            self._initial_noise(self._latent_shape(request.settings), request.settings.seed, latents)
+        return request
+
+    # --- the calls -----------------------------------------------------------------------------------
+
+    @_one_call_at_a_time
     def __call__(
         self,
         image: ImageInput | None,
@@ -164,14 +251,25 @@ class WanPipeline:
         latents: np.ndarray | None = None,
         last_image: ImageInput | None = None,
         on_step: StepCallback | None = None,
+        crop: tuple[int, int, int, int] | None = None,
+        rotate: int = 0,
+        fit: str = "cover",
+        background: tuple[int, int, int] | str = (255, 255, 255),
+        cache: str | CacheMethod | None = None,
+        cache_threshold: float | None = None,
+        scheduler: str | None = None,
+        sigmas: list[float] | None = None,
+        preset: str | None = None,
     ) -> Video:
         """Generate a clip that starts from ``image``, or restyle ``video``.
 
         Args:
-            image: path, PIL image or uint8 array (H, W, 3); resized to cover the frame and center-cropped.
-                None generates from the prompt alone where the variant can (Wan2.2-TI2V-5B); in a restyle,
-                None takes the clip's first frame where the variant needs an image.
-            prompt: what should happen. ``negative_prompt``: None for the model's default, "" for none.
+            image: path, PIL image or uint8 array (H, W), (H, W, 3) or (H, W, 4); turned upright by its EXIF
+                orientation, then fitted to the frame (see ``fit``). None generates from the prompt alone
+                where the variant can (Wan2.2-TI2V-5B); in a restyle, None takes the clip's first frame
+                where the variant needs an image.
+            prompt: what should happen; the model reads its first 511 tokens (a longer prompt is cut with
+                a logged warning). ``negative_prompt``: None for the model's default, "" for none.
             video: restyle this clip (see :func:`~mlx_i2v.clips.load_clip`; one frame is an image-to-image
                 pass): it is encoded, noised to the first kept step and denoised over the last
                 ``int(num_inference_steps * strength)`` steps (diffusers' ``WanVideoToVideoPipeline``).
@@ -186,26 +284,51 @@ class WanPipeline:
             num_frames: rounded to 4k+1. Unset settings take the variant's defaults.
             guidance_scale: classifier-free guidance (> 1 enables it); ``guidance_scale_2`` is the
                 low-noise expert's for Wan2.2-A14B (default: its own default, else ``guidance_scale``).
-            seed: for the initial noise; ``latents`` overrides it with explicit noise, a float array in
-                diffusers' layout (1, C, T, H/stride, W/stride), to reproduce a diffusers run.
+            seed: for the initial noise, an int in [0, 2**64 - 1] (default: random); ``latents`` overrides
+                it with explicit noise, a float array in diffusers' layout (1, C, T, H/stride, W/stride), to
+                reproduce a diffusers run.
             last_image: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V; optional on A14B).
             on_step: ``on_step(step, total, timestep)`` after every denoising step, or
                 ``on_step(step, total, timestep, preview)`` with a :class:`~mlx_i2v.preview.Preview` of the
                 predicted clean clip (computed only if asked); returning False stops the generation by
                 raising :class:`GenerationCancelled`.
+            crop, rotate: applied to the photo(s) after the EXIF orientation: rotate clockwise by 0, 90,
+                180 or 270 degrees, then crop to (x, y, width, height) pixels of the rotated photo. They
+                apply to the photos given as ``image`` and ``last_image``, not to a clip's frames.
+            fit: "cover" scales the photo to cover the frame and centre-crops; "contain" scales it to fit
+                inside and pads with ``background``, which also shows through transparent pixels (an
+                (R, G, B) tuple or a colour string such as "white" or "#202020").
+            cache: step caching, off by default: "first-block", "magcache" or "teacache" (the last two
+                with the variant's published calibration), or a method object from
+                :mod:`mlx_i2v.stepcache`. ``cache_threshold`` overrides the method's default threshold.
+            scheduler: the sampler, ``"unipc"``, ``"euler"`` or ``"dmd"`` (default: the pipeline's).
+            sigmas: an explicit grid from 1 down, unshifted (``[1.0, 0.75, 0.5, 0.25]``): shifted by
+                ``flow_shift`` for Euler (the sampler they choose unless ``scheduler`` names another that
+                takes a grid), the recipe's timesteps / 1000 for DMD. See :mod:`mlx_i2v.sampling`.
+            preset: a few-step recipe whose settings fill what is not given: ``"lightning"`` (lightx2v and
+                Wan2.2-Lightning: 4 Euler steps, shift 5, no guidance), ``"dmd"`` (FastWan2.2-TI2V-5B) or
+                ``"turbo"`` (Wan2.2-TI2V-5B-Turbo).
 
         Returns:
             A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1]
-            (num_frames - 1 for a loop).
+            (num_frames - 1 for a loop). In a parallel run (see :mod:`mlx_i2v.parallel`) only rank 0
+            decodes: the other ranks' frames are empty, (0, height, width, 3); metadata and stats say how
+            the ranks shared the work.
+
+        Raises:
+            InvalidInputError: for any argument of the wrong type or out of range, before any model loads.
         """
         request = self.prepare(
             image, video=video, strength=strength, loop=loop, motion=motion, last_image=last_image,
             negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed,
+            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, crop=crop, rotate=rotate,
+            fit=fit, background=background, cache=cache, cache_threshold=cache_threshold, scheduler=scheduler,
+            sigmas=sigmas, preset=preset,
         )  # fmt: skip
         return self.run(request, prompt, latents=latents, on_step=on_step)
 
+    @_one_call_at_a_time
     def extend(
         self,
         video: ClipInput,
@@ -216,14 +339,9 @@ class WanPipeline:
         colour_match: float = DEFAULT_COLOUR_MATCH,
         motion: float = 1.0,
         last_image: ImageInput | None = None,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_scale_2: float | None = None,
-        flow_shift: float | None = None,
-        seed: int | None = None,
         latents: np.ndarray | None = None,
         on_step: StepCallback | None = None,
+        **settings,
     ) -> Video:
         """Continue ``video`` by ``num_frames`` new frames (see :mod:`mlx_i2v.extend`).
 
@@ -237,17 +355,18 @@ class WanPipeline:
             colour_match: 0-1, how far the new frames' Lab mean and spread are moved to the context's
                 (:mod:`mlx_i2v.colour`); 0 is off.
             last_image: where the continuation should end (Wan2.1-FLF2V, which requires it; optional on A14B).
-            Other arguments as in ``__call__``; ``latents`` is the noise of the generated window
-            (context + new frames).
+            latents: the noise of the generated window (context + new frames), as in ``__call__``.
+            settings: the other keyword arguments of ``__call__`` (``negative_prompt``,
+                ``num_inference_steps``, ``guidance_scale``, ``guidance_scale_2``, ``flow_shift``, ``seed``,
+                ``scheduler``, ``sigmas``, ``preset``, ``cache``, ``cache_threshold``; ``crop``, ``rotate``,
+                ``fit`` and ``background`` for ``last_image``); the size is the clip's.
 
         Returns:
-            A :class:`Video`: the original frames, unchanged, followed by the new ones, at the clip's fps.
+            A :class:`Video`: the original frames, unchanged, followed by the new ones, at the clip's fps
+            (empty frames on the ranks other than 0 of a parallel run).
         """
-        request = self.prepare_extend(
-            video, num_frames=num_frames, context=context, colour_match=colour_match, motion=motion,
-            last_image=last_image, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed,
-        )  # fmt: skip
+        request = self.prepare_extend(video, num_frames=num_frames, context=context, colour_match=colour_match,
+                                      motion=motion, last_image=last_image, **settings)  # fmt: skip
         return self.run(request, prompt, latents=latents, on_step=on_step)
 
     # --- requests ------------------------------------------------------------------------------------
@@ -266,16 +385,22 @@ class WanPipeline:
         """Resolve the inputs and settings of a ``__call__`` (same arguments, without prompt, latents and
         on_step) into a :class:`Request`, reading the inputs but loading no model: every bad input fails
         here with one line."""
+        tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
+        options = _image_options(settings)
         motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
         last_image = self._check_loop(loop, last_image)
         if video is not None:
-            return self._prepare_restyle(image, video, strength, loop, motion, last_image, settings)
-        if strength is not None:
+            request = self._prepare_restyle(image, video, strength, loop, motion, last_image, options, report, settings)
+        elif strength is not None:
             raise InvalidInputError("strength applies to a restyle: pass the clip as video=")
-        photos = self._photos(image, image if loop else last_image)
-        s = self._settings(photos, **settings)
-        return Request(s, photos, self._keyframes(photos, s), motion, finish=close_loop if loop else keep_frames,
-                       details={"mode": "generate", "loop": loop, "motion": motion})  # fmt: skip
+        else:
+            sources = (image, image if loop else last_image)
+            photos = self._photos(*sources, options, report)
+            s = self._settings(photos, **settings)
+            request = Request(s, photos, self._keyframes(sources, photos, s, options, report), motion,
+                              finish=close_loop if loop else keep_frames,
+                              details={"mode": "generate", "loop": loop, "motion": motion})  # fmt: skip
+        return self._complete(request, image, last_image, options, report, seed, tic)
 
     def prepare_extend(
         self,
@@ -289,56 +414,81 @@ class WanPipeline:
         **settings,
     ) -> Request:
         """Resolve the inputs and settings of an :meth:`extend` into a :class:`Request` (loading no model)."""
+        tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
+        options = _image_options(settings)
         motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
         colour_match = check_colour_match(colour_match)
         clip = load_clip(video)
         height, width = check_clip_fits(clip, self.variant.size_multiple, self.variant.name)
         c = context_frames(context, self.variant.conditioning.extend_context, clip.num_frames)
         new = new_frame_count(num_frames)
-        photos = self._photos(clip.image(clip.num_frames - c), last_image)
+        photos = self._photos(ClipFrame(clip.image(clip.num_frames - c)), last_image, options, report)
         s = self._settings(photos, height=height, width=width, num_frames=c + new, **settings)
         s = replace(s, fps=clip.fps or s.fps)
-        tail = self._fit(photos[1], s) if len(photos) > 1 else None
+        tail = self._fit(photos[1], s, options, report) if len(photos) > 1 else None
         keyframes = Keyframes(clip.model_frames(width, height, slice(-c, None)), tail)
         details = {"mode": "extend", "source": clip.name, "source_frames": clip.num_frames, "context_frames": c,
                    "new_frames": new, "colour_match": colour_match, "motion": motion}  # fmt: skip
-        return Request(s, photos, keyframes, motion, finish=Continuation(clip, c, colour_match), details=details)
+        request = Request(s, photos, keyframes, motion, finish=Continuation(clip, c, colour_match), details=details)
+        return self._complete(request, None, last_image, options, report, seed, tic)
 
-    def _prepare_restyle(self, image, video, strength, loop, motion, last_image, settings) -> Request:
+    def _prepare_restyle(self, image, video, strength, loop, motion, last_image, options, report, settings) -> Request:
         clip = load_clip(video)
         strength = check_strength(DEFAULT_STRENGTH if strength is None else strength)
         num_frames = settings.pop("num_frames", None)
-        frames = clip_frames(clip, None if num_frames is None else self._round_frames(int(num_frames)))
+        if num_frames is not None:
+            num_frames = self._round_frames(validation.integer("num_frames", num_frames, minimum=1))
+        frames = clip_frames(clip, num_frames)
         conditioning = self.variant.conditioning
-        first = image if image is not None else clip.image(0) if conditioning.requires_image else None
+        first = image if image is not None else ClipFrame(clip.image(0)) if conditioning.requires_image else None
         if loop:
             last_image = first
         elif last_image is None and self.variant.takes_last_image:
-            last_image = clip.image(frames - 1)  # FLF2V: the clip's own last frame closes it
-        photos = self._photos(first, last_image)
+            last_image = ClipFrame(clip.image(frames - 1))  # FLF2V: the clip's own last frame closes it
+        photos = self._photos(first, last_image, options, report)
         if settings.get("height") is None and settings.get("width") is None:
             settings["height"], settings["width"] = clip.size
-        s = self._settings([clip.image(0)], num_frames=frames, **settings)
+        s = self._settings(photos, reference=clip.image(0), num_frames=frames, **settings)
         s = replace(s, fps=clip.fps or s.fps)
         start = restyle_start(s.num_inference_steps, strength)
         details = {"mode": "restyle", "source": clip.name, "strength": strength,
                    "steps_run": s.num_inference_steps - start, "loop": loop, "motion": motion}  # fmt: skip
         source = clip.model_frames(s.width, s.height, slice(frames))
-        return Request(s, photos, self._keyframes(photos, s), motion, source=source, start=start,
+        keyframes = self._keyframes((first, last_image), photos, s, options, report)
+        return Request(s, photos, keyframes, motion, source=source, start=start,
                        finish=close_loop if loop else keep_frames, details=details)  # fmt: skip
 
-    def _keyframes(self, photos: list[Image.Image], s: Settings) -> Keyframes | None:
-        """The photo (and last photo) fitted to the frame."""
+    def _complete(self, request: Request, image, last_image, options: ImageOptions, report: LoadReport, seed,
+                  tic: float) -> Request:  # fmt: skip
+        """What every mode records the same way: the image options (when the caller gave a photo), the
+        photo's name, the cost of reading the inputs, and whether the seed was drawn."""
+        self._check_cache_sharding(request.settings)
+        if image is not None or last_image is not None:
+            request.details.update(options.metadata())
+        if isinstance(image, (str, Path)):
+            request.details["image_name"] = Path(image).name
+        request.report, request.random_seed = report, seed is None
+        request.read_seconds = time.perf_counter() - tic
+        return request
+
+    def _keyframes(self, sources: Sequence, photos: list[Image.Image], s: Settings, options: ImageOptions,
+                   report: LoadReport) -> Keyframes | None:  # fmt: skip
+        """The photo (and last photo) fitted to the frame: the caller's as ``options`` say, a clip's frame
+        as the clip's frames are (cover)."""
         if not photos:
             return None
-        tail = self._fit(photos[1], s) if len(photos) > 1 else None
-        return Keyframes(self._fit(photos[0], s)[None], tail)
+        given = [p for p in sources if p is not None]
+        frames = [self._fit(photo, s, ImageOptions() if isinstance(source, ClipFrame) else options, report)
+                  for source, photo in zip(given, photos)]  # fmt: skip
+        return Keyframes(frames[0][None], frames[1] if len(frames) > 1 else None)
 
     @staticmethod
-    def _fit(photo: Image.Image, s: Settings) -> np.ndarray:
-        return to_model_range(fit_to_frame(photo, s.width, s.height))
+    def _fit(photo: Image.Image, s: Settings, options: ImageOptions, report: LoadReport) -> np.ndarray:
+        return to_model_range(fit_to_frame(photo, s.width, s.height, options.fit, options.background, report))
 
     def _check_loop(self, loop: bool, last_image: ImageInput | None) -> ImageInput | None:
+        if not isinstance(loop, (bool, np.bool_)):
+            raise InvalidInputError(f"loop must be True or False, got {loop!r}")
         if not loop:
             return last_image
         if not self.variant.accepts_last_image:
@@ -352,34 +502,39 @@ class WanPipeline:
 
     # --- generation ----------------------------------------------------------------------------------
 
+    @_one_call_at_a_time
     def run(
         self, request: Request, prompt: str, *, latents: np.ndarray | None = None, on_step: StepCallback | None = None
     ) -> Video:
         """Generate what a prepared :class:`Request` describes (see ``__call__`` for ``latents`` and
         ``on_step``)."""
-        if not isinstance(prompt, str):
-            raise InvalidInputError("prompt must be a string")
+        validation.text("prompt", prompt)
+        _check_on_step(on_step)
         s = request.settings
+        # With other ranks: stop here unless they were all asked the same, and use one seed.
+        s.seed = self.parallel.agree(self._handshake(prompt, request, latents), s.seed)
         scales = self._scales(s)
-        denoiser = self.denoiser()
+        step_cache = StepCache(s.cache)
+        denoiser = self.denoiser(scales, step_cache)
         branches = denoiser.branches_needed(scales)
         plan = self.plan_request(request)
         check_fits(plan)  # stop before loading anything rather than run out of memory halfway
         noise = self._initial_noise(self._latent_shape(s), s.seed, latents)
         timings: dict[str, float] = {}
+        active_while_loading = mx.get_active_memory()
         mx.reset_peak_memory()
 
         with _timed(timings, "text"):
             prompts = {COND: prompt, UNCOND: s.negative_prompt}
-            text = self.encode_text([prompts[b] for b in branches])
+            text = self.encode_text([prompts[b] for b in branches], names=[PROMPT_NAMES[b] for b in branches])
             text = {b: text[i : i + 1] for i, b in enumerate(branches)}
             image_tokens = self.encode_image_tokens(request.photos)
-        with _timed(timings, "image"):
+        with _timed(timings, "image", request.read_seconds):
             state, source = self.encode_inputs(request, noise.shape)
         with _timed(timings, "denoise"):
-            sampler = self.make_scheduler()
-            sampler.set_timesteps(s.num_inference_steps, shift=s.flow_shift)
-            initial = noise if source is None else add_noise(source, noise, sampler.sigmas[request.start])
+            sampler = self.sampler(s)
+            # A restyle starts from the clip noised to the sigma of its first step, in this sampler's schedule.
+            initial = noise if source is None else add_noise(source, noise, float(sampler.sigmas[request.start]))
             observe = _observer(on_step, self._previewer(state))
             try:
                 final = denoiser(
@@ -388,33 +543,82 @@ class WanPipeline:
             finally:
                 self.experts.done()
         with _timed(timings, "decode"):
-            frames = request.finish(self.decode(final, tiling=plan.vae_tiling))
+            if self.parallel.decodes():
+                frames = request.finish(self.decode(final, tiling=plan.vae_tiling))
+            else:  # rank 0 decodes; the other ranks' part is done
+                frames = np.zeros((0, s.height, s.width, 3), np.float32)
 
-        metadata = {
+        # The photos' Pillow buffers are not MLX's: the peak is MLX's plus the prepared photos held
+        # throughout, or the Pillow buffers alive at once while loading and fitting them, if larger.
+        report = request.report
+        peak = max(mx.get_peak_memory() + report.held, active_while_loading + report.peak)
+        stats = {"seconds": timings, "peak_memory_gb": peak / 1e9, "transformer_passes": step_cache.passes()}
+        metadata = self._metadata(request, prompt)
+        if self.parallel.size > 1:
+            metadata["parallel"] = self.parallel.describe(scales)
+            stats["parallel"] = self.parallel.stats(scales)
+        return Video(frames=frames, fps=s.fps, metadata=metadata, stats=stats)
+
+    def _metadata(self, request: Request, prompt: str) -> dict[str, Any]:
+        s = request.settings
+        return {
             "prompt": prompt,
             "model": self.model_name,
             "variant": self.variant.name,
             "dtype": dtype_name(self.dtype),
             "image": bool(request.photos),
             **vars(s),
+            "cache": s.cache.describe() if s.cache is not None else None,
+            "loras": self.loras.records() if self.loras is not None else [],
             **request.details,
         }
-        stats = {"seconds": timings, "peak_memory_gb": mx.get_peak_memory() / 1e9}
-        return Video(frames=frames, fps=s.fps, metadata=metadata, stats=stats)
+
+    def _handshake(self, prompt: str, request: Request, latents: np.ndarray | None) -> dict[str, Any]:
+        """What every rank of a parallel run must agree on (compared by digest, see
+        :mod:`mlx_i2v.parallel.handshake`): the model, settings, prompt, every input the model sees (photos,
+        keyframes, a restyle's clip) and the mode's details (strength, motion, loop, context...)."""
+        s, k = request.settings, request.keyframes
+        return {
+            "model": [self.variant.name, self.dims, dtype_name(self.dtype), self.quantize_bits],
+            "settings": {n: v for n, v in vars(s).items() if n != "seed"},
+            "seed": "random" if request.random_seed else s.seed,
+            "prompt": prompt,
+            "photos": b"".join(np.asarray(p).tobytes() for p in request.photos),
+            "keyframes": b"" if k is None else k.head.tobytes() + (b"" if k.tail is None else k.tail.tobytes()),
+            "source": b"" if request.source is None else request.source.tobytes(),
+            "mode": {n: v for n, v in request.details.items() if n not in LOCAL_DETAILS},
+            "latents": b"" if latents is None else np.asarray(latents, np.float32).tobytes(),
+            "loras": self.loras.records() if self.loras is not None else [],
+        }
+
+    def _check_cache_sharding(self, s: Settings) -> None:
+        """A step cache whose decisions read the hidden states (First-Block-Cache) or per-token timesteps
+        (TeaCache) would decide on each rank's own token shard, and ranks that decide differently wait on
+        each other forever; MagCache decides from its calibrated curve alone, the same on every rank."""
+        if s.cache is not None and s.cache.name != "magcache" and self.parallel.layout(self._scales(s)).sequence > 1:
+            raise InvalidInputError(
+                f"--cache {s.cache.name} does not work with sequence-parallel ranks (each would decide on its own "
+                "tokens); use --cache magcache, or --parallel cfg"
+            )
 
     # --- stages -------------------------------------------------------------------------------------
 
-    def encode_text(self, prompts: list[str]) -> mx.array:
-        """Prompts -> (len(prompts), 512, text_dim) embeddings, cut to their length and zero-padded."""
-        ids, mask = self.tokenizer(prompts, max_length=TEXT_TOKENS)
+    def encode_text(self, prompts: list[str], names: Sequence[str] | None = None) -> mx.array:
+        """Prompts -> (len(prompts), 512, text_dim) embeddings, cut to their length and zero-padded.
+        A prompt longer than the window is cut with a warning that uses its name in ``names``."""
+        ids, mask = self.tokenizer(prompts, max_length=TEXT_TOKENS, names=names)
         embeds = encode_prompts(self.text_encoder.get(), mx.array(ids), mx.array(mask), max_length=TEXT_TOKENS)
         mx.eval(embeds)
         self.text_encoder.release()
         return embeds
 
-    def denoiser(self) -> Denoiser:
-        """The denoising loop with this pipeline's experts, conditioning and compute dtype."""
-        return Denoiser(self.experts, self.variant.conditioning, self.dtype)
+    def denoiser(self, scales: Sequence[float] = (1.0,), forward: Forward = plain_forward) -> Denoiser:
+        """The denoising loop with this pipeline's experts, conditioning and compute dtype, and this
+        process's share of the work for these per-expert guidance scales; ``forward`` runs each
+        transformer pass (a :class:`~mlx_i2v.stepcache.StepCache` for step caching), on this rank's
+        token shard in a sequence-parallel run."""
+        guidance, forward = self.parallel.strategies(scales, forward)
+        return Denoiser(self.experts, self.variant.conditioning, self.dtype, guidance, forward)
 
     def encode_inputs(
         self, request: Request, latent_shape: tuple[int, ...]
@@ -473,7 +677,15 @@ class WanPipeline:
 
     # --- inputs and settings ------------------------------------------------------------------------
 
-    def _photos(self, image: ImageInput | None, last_image: ImageInput | None) -> list[Image.Image]:
+    def _photos(
+        self,
+        image: ImageInput | ClipFrame | None,
+        last_image: ImageInput | ClipFrame | None,
+        options: ImageOptions,
+        report: LoadReport,
+    ) -> list[Image.Image]:
+        """The prepared photos (first, then last): the caller's prepared as ``options`` say, their notices
+        logged and their cost in ``report``; a :class:`ClipFrame` as it is."""
         v = self.variant
         if image is None:
             if v.conditioning.requires_image:
@@ -485,12 +697,17 @@ class WanPipeline:
             raise InvalidInputError(f"{v.name} needs a last image (--last-image)")
         if last_image is not None and not v.accepts_last_image:
             raise InvalidInputError(f"{v.name} does not take a last image; use a first-last-frame model (FLF2V)")
-        return [load_image(image)] + ([load_image(last_image)] if last_image is not None else [])
+        photos = [p.image if isinstance(p, ClipFrame) else load_image(p, options, report)
+                  for p in (image, last_image) if p is not None]  # fmt: skip
+        for notice in dict.fromkeys(report.notices):  # (a loop reads its photo twice)
+            log.warning("%s", notice)
+        return photos
 
     def _settings(
         self,
         photos: list[Image.Image],
         *,
+        reference: Image.Image | None = None,
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -500,28 +717,56 @@ class WanPipeline:
         guidance_scale_2: float | None = None,
         flow_shift: float | None = None,
         seed: int | None = None,
+        cache: str | CacheMethod | None = None,
+        cache_threshold: float | None = None,
+        scheduler: str | None = None,
+        sigmas: list[float] | None = None,
+        preset: str | None = None,
     ) -> Settings:
-        steps, guidance, guidance_2, shift = num_inference_steps, guidance_scale, guidance_scale_2, flow_shift
+        """``reference``: the picture whose aspect ratio sets an unset side (default: the first photo)."""
+        sampling = choose_sampling(
+            self.variant, self.samplers.default, preset=preset, scheduler=scheduler, sigmas=sigmas,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift,
+        )  # fmt: skip
         d = self.variant.defaults
-        steps = d.num_inference_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise InvalidInputError(f"num_inference_steps must be a positive integer, got {steps!r}")
-        guidance = _non_negative("guidance_scale", d.guidance_scale if guidance is None else guidance)
+        steps = validation.integer("num_inference_steps", _or(sampling.num_inference_steps, d.num_inference_steps),
+                                   minimum=1)  # fmt: skip
+        guidance = validation.number("guidance_scale", _or(sampling.guidance_scale, d.guidance_scale))
+        guidance_2 = sampling.guidance_scale_2
         if self.variant.two_experts:
-            guidance_2 = d.guidance_scale_2 if guidance_2 is None else guidance_2
-            guidance_2 = _non_negative("guidance_scale_2", guidance if guidance_2 is None else guidance_2)
+            guidance_2 = validation.number("guidance_scale_2", _or(guidance_2, d.guidance_scale_2, guidance))
         elif guidance_2 is not None:
             raise InvalidInputError(f"{self.variant.name} has one transformer; guidance_scale_2 does not apply")
-        shift = float(d.flow_shift if shift is None else shift)
-        if not np.isfinite(shift) or shift <= 0:
-            raise InvalidInputError(f"flow_shift must be > 0, got {shift}")
-        height, width = self._size(photos[0] if photos else None, height, width)
-        num_frames = self._round_frames(d.num_frames if num_frames is None else int(num_frames))
+        shift = validation.number("flow_shift", _or(sampling.flow_shift, d.flow_shift), inclusive=False)
+        self._sampler(sampling.scheduler, steps, shift, sampling.sigmas, sampling.preset, seed=0)  # refuses what it cannot run
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                validation.integer(name, value, minimum=1)
+        if reference is None and photos:
+            reference = photos[0]
+        height, width = self._size(reference, height, width)
+        num_frames = self._round_frames(validation.integer("num_frames", _or(num_frames, d.num_frames), minimum=1))
         if self.variant.takes_last_image and num_frames < 2:
             raise InvalidInputError("a first-last-frame clip needs at least 5 frames")
-        seed = secrets.randbits(31) if seed is None else int(seed)
-        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        return Settings(height, width, num_frames, int(steps), guidance, guidance_2, shift, seed, negative_prompt, d.fps)
+        self.dims.check_request(height=height, width=width, num_frames=num_frames)
+        seed = secrets.randbits(31) if seed is None else validation.seed(seed)
+        negative_prompt = validation.text("negative_prompt", _or(negative_prompt, d.negative_prompt))
+        method = resolve_cache(cache, cache_threshold, self.variant.name, has_image=bool(photos))
+        return Settings(height, width, num_frames, steps, guidance, guidance_2, shift, seed, negative_prompt, d.fps,
+                        scheduler=sampling.scheduler, sigmas=sampling.sigmas, preset=sampling.preset, cache=method)
+
+    def sampler(self, settings: Settings) -> Any:
+        """The sampler of a generation with these settings, its schedule set (``timesteps``, ``sigmas``)."""
+        return self._sampler(settings.scheduler, settings.num_inference_steps, settings.flow_shift, settings.sigmas,
+                             settings.preset, seed=settings.seed)  # fmt: skip
+
+    def _sampler(
+        self, name: str, steps: int, shift: float, sigmas: tuple[float, ...] | None, preset: str | None, *, seed: int
+    ) -> Any:
+        """The sampler ``name`` with its schedule set (see :class:`~mlx_i2v.sampling.Samplers`)."""
+        return self.samplers.build(name, num_inference_steps=steps, flow_shift=shift, sigmas=sigmas, preset=preset,
+                                   seed=seed)  # fmt: skip
 
     def _size(self, photo: Image.Image | None, height: int | None, width: int | None) -> tuple[int, int]:
         d = self.variant.defaults
@@ -542,8 +787,6 @@ class WanPipeline:
 
     @staticmethod
     def _round_frames(num_frames: int) -> int:
-        if num_frames < 1:
-            raise InvalidInputError(f"num_frames must be >= 1, got {num_frames}")
         rounded = round((num_frames - 1) / TEMPORAL_STRIDE) * TEMPORAL_STRIDE + 1
         if rounded != num_frames:
             log.warning("num_frames %d is not 4k+1; using %d", num_frames, rounded)
@@ -560,13 +803,38 @@ class WanPipeline:
         seed fills the same element positions whichever layout the caller thinks in."""
         b, t, h, w, c = shape
         if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
+            if not isinstance(latents, np.ndarray) or not np.issubdtype(latents.dtype, np.floating):
+                raise InvalidInputError(f"latents must be a float numpy array, got {type(latents).__name__}")
             if latents.shape != (b, c, t, h, w):
                 raise InvalidInputError(f"latents must have shape {(b, c, t, h, w)} (1, C, T, H, W); got {latents.shape}")
-            noise = mx.array(latents)
+            if not np.isfinite(latents).all():
+                raise InvalidInputError("latents contain NaN or infinite values")
+            noise = mx.array(latents.astype(np.float32))
         else:
             noise = mx.random.normal((b, c, t, h, w), key=mx.random.key(seed))
         return noise.transpose(0, 2, 3, 4, 1)
+
+
+PROMPT_NAMES = {COND: "prompt", UNCOND: "negative prompt"}  # how warnings name them
+# Details of a request that name files, which may differ between hosts holding the same inputs: not
+# compared by the parallel handshake (the inputs' contents are).
+LOCAL_DETAILS = ("source", "image_name")
+
+
+def _or(*values):
+    """The first value that is not None (an argument, then its defaults)."""
+    return next((v for v in values if v is not None), None)
+
+
+def _image_options(kwargs: dict) -> ImageOptions:
+    """Pop ``__call__``'s image keyword arguments from ``kwargs`` as :class:`ImageOptions`."""
+    names = ("crop", "rotate", "fit", "background")
+    return ImageOptions(**{n: kwargs.pop(n) for n in names if n in kwargs})
+
+
+def _check_on_step(on_step: object) -> None:
+    if on_step is not None and not callable(on_step):
+        raise InvalidInputError(f"on_step must be callable or None, got {type(on_step).__name__}")
 
 
 def _observer(on_step: StepCallback | None, previewer: Callable[[mx.array], Preview]):
@@ -595,14 +863,8 @@ def _takes_four_arguments(fn: Callable) -> bool:
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+def _timed(timings: dict[str, float], stage: str, before: float = 0.0) -> Iterator[None]:
+    """Time a stage into ``timings[stage]``, adding ``before`` (time already spent on it elsewhere)."""
     tic = time.perf_counter()
     yield
-    timings[stage] = time.perf_counter() - tic
-
-
-def _non_negative(name: str, value: float) -> float:
-    value = float(value)
-    if not np.isfinite(value) or value < 0:
-        raise InvalidInputError(f"{name} must be >= 0, got {value}")
-    return value
+    timings[stage] = before + time.perf_counter() - tic

@@ -46,6 +46,7 @@ from .weights import config_from_dict, read_config
 log = logging.getLogger(__name__)
 
 TEXT_TOKENS = 512
+LATENT_FRAME_STRIDE = 4  # video frames per latent frame after the first
 GROUP_SIZE = 64  # MLX's default quantization group
 TEXT_ENCODER_BITS = 8  # the text encoder is kept at 8 bits whenever the transformer is quantized
 
@@ -97,6 +98,46 @@ class ModelDims:
         )
 
 
+    def limits(self) -> Limits:
+        """The largest frame count and frame size this model can take: its rotary position tables
+        cover ``rope_max_seq_len`` positions on each axis of the token grid (latent frames / pt, latent
+        rows / ph, latent columns / pw)."""
+        positions = self.transformer.rope_max_seq_len
+        pt, ph, pw = self.transformer.patch_size
+        stride = self.vae.scale_factor_spatial
+        return Limits(
+            positions=positions,
+            num_frames=(positions * pt - 1) * LATENT_FRAME_STRIDE + 1,
+            height=positions * ph * stride,
+            width=positions * pw * stride,
+        )
+
+    def check_request(self, *, height: int, width: int, num_frames: int) -> None:
+        """Raise :class:`InvalidInputError` naming the limit when a (rounded) request exceeds
+        :meth:`limits`; the pipeline's settings and :func:`plan_generation` both call this."""
+        limits = self.limits()
+        for name, value, limit in (
+            ("num_frames", num_frames, limits.num_frames),
+            ("height", height, limits.height),
+            ("width", width, limits.width),
+        ):
+            if value > limit:
+                raise InvalidInputError(
+                    f"{name} {value} is more than this model can take: at most {limit} (its rotary position "
+                    f"table has {limits.positions} positions per axis of the token grid)"
+                )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest request of a model (see :meth:`ModelDims.limits`)."""
+
+    positions: int  # rope_max_seq_len: token positions per axis
+    num_frames: int
+    height: int
+    width: int
+
+
 TI2V_5B = ModelDims(TI2V_5B_TRANSFORMER, WAN22_VAE, UMT5_XXL)
 
 
@@ -131,6 +172,9 @@ class Plan:
     vae_encode_tiling: Tiling | None  # None: untiled encode
     stages: list[Stage] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    cache_bytes: int = 0  # bytes a step cache keeps per hidden-state element and branch
+    shards: int = 1  # token shards of a sequence-parallel run: the plan is then one rank's
+    parallel: str = ""  # how the ranks of a parallel run share the work, for the summary
 
     @property
     def peak(self) -> int:
@@ -148,10 +192,13 @@ class Plan:
         lines = [
             f"plan: {self.width}x{self.height}, {self.num_frames} frames, {self.tokens} tokens, "
             f"{'CFG (batch 2)' if self.guidance else 'no CFG'}, {_dtype_name(self.dtype)}"
-            f"{f', {self.quantize}-bit' if self.quantize else ''}, {self.backend}",
+            f"{f', {self.quantize}-bit' if self.quantize else ''}, {self.backend}"
+            f"{f', this rank holds 1/{self.shards} of the tokens' if self.shards > 1 else ''}",
             f"  attention: {'fused kernel / whole' if self.attention_chunk is None else f'{self.attention_chunk} queries per chunk'}",
             f"  VAE decode: {_tiling_text(self.vae_tiling)}; VAE encode: {_tiling_text(self.vae_encode_tiling)}",
         ]
+        if self.parallel:
+            lines.append(f"  {self.parallel}")
         for s in self.stages:
             lines.append(
                 f"  {s.name:<12} weights {s.weights / GB:6.2f} GB + activations {s.activations / GB:6.2f} GB"
@@ -231,31 +278,35 @@ def weight_bytes(dims: ModelDims, dtype: mx.Dtype, quantize: int | None) -> dict
 def latent_grid(vae: WanVAEConfig, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
     """Latent (frames, height, width) of a video."""
     s = vae.scale_factor_spatial
-    return 1 + (num_frames - 1) // 4, height // s, width // s
+    return 1 + (num_frames - 1) // LATENT_FRAME_STRIDE, height // s, width // s
 
 
 def denoise_activations(
-    cfg: WanTransformerConfig, tokens: int, batch: int, dtype: mx.Dtype, fused: bool, budget: int
+    cfg: WanTransformerConfig, tokens: int, batch: int, dtype: mx.Dtype, fused: bool, budget: int, shards: int = 1
 ) -> tuple[int, int | None]:
     """Activation peak of one transformer forward and the attention chunk it uses (None: unchunked).
 
     Terms: hidden-state-sized tensors (float32 islands and compute-dtype ones), the self-attention scores
     (none with a fused kernel; else one chunk), the text cross-attention scores, FFN intermediate and
-    activation, and a fixed part.
+    activation, and a fixed part. With ``shards`` > 1 (sequence parallel) every per-token term covers
+    this rank's shard, the attention keys span every token, and the gathered keys and values of the
+    whole sequence are held twice (as gathered, and in the attention's layout).
     """
     dim, heads = cfg.inner_dim, cfg.num_attention_heads
-    hidden = batch * tokens * dim
+    local = math.ceil(tokens / shards)
+    hidden = batch * local * dim
     chunk = None
     self_scores = 0
     cross_scores = 0
     if not fused:
-        rows = query_chunk_size(batch, heads, tokens, tokens, attention_workspace(budget))
-        chunk = rows if rows < tokens else None
+        rows = query_chunk_size(batch, heads, local, tokens, attention_workspace(budget))
+        chunk = rows if rows < local else None
         self_scores = batch * heads * rows * tokens * dtype.size
-        cross_scores = batch * heads * tokens * TEXT_TOKENS * dtype.size
-    ffn = 2 * batch * tokens * cfg.ffn_dim * dtype.size
+        cross_scores = batch * heads * local * TEXT_TOKENS * dtype.size
+    gathered_kv = 2 * (2 * batch * tokens * dim * dtype.size) if shards > 1 else 0
+    ffn = 2 * batch * local * cfg.ffn_dim * dtype.size
     per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size) + max(self_scores, ffn) + cross_scores
-    return per_block + DENOISE_FIXED, chunk
+    return per_block + gathered_kv + DENOISE_FIXED, chunk
 
 
 def text_activations(cfg: UMT5Config, batch: int, dtype: mx.Dtype) -> int:
@@ -352,6 +403,8 @@ def plan_generation(
     encode_frames: int = 1,
     staged: bool = True,
     suggest: bool = True,
+    cache_bytes: int = 0,
+    shards: int = 1,
 ) -> Plan:
     """Estimate the peak memory of one generation.
 
@@ -366,6 +419,9 @@ def plan_generation(
             Wan2.1 I2V).
         staged: each model is loaded for its stage only, as the pipeline does unless ``keep_resident``.
         suggest: fill ``Plan.suggestions`` when the plan does not fit.
+        cache_bytes: what a step cache keeps across steps, in bytes per hidden-state element and branch
+            (:func:`mlx_i2v.stepcache.kept_bytes`).
+        shards: token shards of a sequence-parallel run (the plan is one rank's; weights are whole).
 
     Returns:
         A :class:`Plan` with stages "text", "vae_encode", "denoise" and "vae_decode", the attention chunk
@@ -376,6 +432,7 @@ def plan_generation(
         backend = "metal" if mx.metal.is_available() else "cpu"
     if backend not in ("metal", "cpu"):
         raise InvalidInputError(f"backend must be 'metal' or 'cpu', got {backend!r}")
+    dims.check_request(height=height, width=width, num_frames=num_frames)
     budget = memory_budget() if budget is None else budget
     batch = 2 if guidance else 1
     weights = weight_bytes(dims, dtype, quantize)
@@ -390,7 +447,8 @@ def plan_generation(
     tokens = (frames_lat // pt) * (h_lat // ph) * (w_lat // pw)
     # The steel kernel serves head dims 64/80/128 (every Wan transformer has 128).
     fused = backend == "metal" and dims.transformer.attention_head_dim in (64, 80, 128)
-    denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget)
+    denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget, shards)
+    denoise += batch * -(-tokens // shards) * dims.transformer.inner_dim * cache_bytes
 
     tiling = None
     decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, None, budget)
@@ -418,7 +476,7 @@ def plan_generation(
     ]
     plan = Plan(
         height, width, num_frames, guidance, dtype, quantize, backend, budget, tokens, chunk, tiling,
-        encode_tiling, stages,
+        encode_tiling, stages, cache_bytes=cache_bytes, shards=shards,
     )  # fmt: skip
     if suggest and not plan.fits():
         plan.suggestions = _suggestions(dims, plan, encode_frames, staged)
@@ -433,7 +491,8 @@ def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, staged: bool) 
         args = dict(
             height=plan.height, width=plan.width, num_frames=plan.num_frames, guidance=plan.guidance,
             dtype=plan.dtype, quantize=plan.quantize, backend=plan.backend, budget=plan.budget,
-            encode_frames=encode_frames, staged=staged, suggest=False,
+            encode_frames=encode_frames, staged=staged, suggest=False, cache_bytes=plan.cache_bytes,
+            shards=plan.shards,
         )  # fmt: skip
         args.update(changes)
         return plan_generation(dims, **args)  # type: ignore[arg-type]

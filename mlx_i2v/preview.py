@@ -10,7 +10,6 @@ it. The factors belong to the VAE family, told apart by its latent width: 16 cha
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,8 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 from PIL import Image
+
+from .outputs import staged_output
 
 # fmt: off
 _WAN21_FACTORS = (  # rows: latent channels 0..15; columns: R, G, B
@@ -103,13 +104,8 @@ class Preview:
 
 
 def write_png_atomically(image: Image.Image, path: str | Path) -> None:
-    """Write ``image`` to ``path`` through a hidden temporary file renamed into place, so a reader never
-    sees half a PNG and an interruption leaves no partial file (the last complete preview stays)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
-    try:
-        image.save(tmp, format="PNG", compress_level=1)  # a third faster than the default level, ~same size
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``image`` to ``path`` as :func:`~mlx_i2v.outputs.staged_output` writes outputs: through a
+    hidden temporary file published in one step, so a reader never sees half a PNG and an interruption
+    leaves no partial file (the last complete preview stays). Replaces only a PNG."""
+    with staged_output(Path(path), overwrite=True, replaceable=lambda found: found == "png") as staged:
+        image.save(staged.path, format="PNG", compress_level=1)  # a third faster than the default level, ~same size

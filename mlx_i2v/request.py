@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .conditioning import Conditioning, Keyframes
+from .image import LoadReport
 
 if TYPE_CHECKING:
     from .pipeline import Settings
@@ -37,6 +38,9 @@ class Request:
     start: int = 0  # the first schedule entry to run (a restyle starts partway)
     finish: Callable[[np.ndarray], np.ndarray] = keep_frames  # decoded (F, H, W, 3) -> the returned clip
     details: dict[str, Any] = field(default_factory=dict)  # the mode's entries in the metadata
+    random_seed: bool = False  # the seed was drawn, not given (parallel ranks then take rank 0's)
+    report: LoadReport = field(default_factory=LoadReport)  # what reading the photos cost (peak memory)
+    read_seconds: float = 0.0  # time spent reading the inputs
 
     def encode_frames(self, conditioning: Conditioning) -> int:
         """Video frames the VAE encodes: the restyled clip or the conditioning's clip (all frames for

@@ -4,13 +4,14 @@ over the tail of the schedule, with diffusers' ``WanVideoToVideoPipeline`` seman
 ``strength`` is a fraction of the *steps*, not a noise level (diffusers ``get_timesteps``, copied from
 AnimateDiff): the last ``int(steps * strength)`` steps run, starting at the noise level of the first of
 them. With Wan's large flow shifts that level is high: strength 0.5 with shift 5 starts at sigma 0.83.
+The clip's latents are noised to that step's sigma in the generation's own sampler (UniPC, Euler or DMD)
+by the flow-matching forward process, :func:`mlx_i2v.schedulers.add_noise`.
 """
 
 from __future__ import annotations
 
 import logging
 
-import mlx.core as mx
 import numpy as np
 
 from .clips import Clip
@@ -45,13 +46,6 @@ def restyle_start(num_inference_steps: int, strength: float) -> int:
             f"{need:.3g} or more steps"
         )
     return num_inference_steps - run
-
-
-def add_noise(latents: mx.array, noise: mx.array, sigma: float) -> mx.array:
-    """The flow-matching forward process ``(1 - sigma) * x0 + sigma * noise``, in float32 as diffusers'
-    ``UniPCMultistepScheduler.add_noise`` (and ``FlowMatchEulerDiscreteScheduler.scale_noise``)."""
-    sigma = np.float32(sigma)
-    return float(np.float32(1) - sigma) * latents + float(sigma) * noise
 
 
 def clip_frames(clip: Clip, num_frames: int | None) -> int:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import validation
 from .conditioning import ChannelConcat, Conditioning, FirstFrameLatent
-from .errors import WeightLoadError
+from .errors import InvalidInputError, WeightLoadError
 from .weights import read_config
 
 # Wan's own default negative prompt (wan/configs/shared_config.py `sample_neg_prompt`); the original
@@ -44,6 +45,22 @@ class Defaults:
     sizes: tuple[tuple[int, int], ...]  # (height, width) choices; the one closest to the image's aspect wins
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     guidance_scale_2: float | None = None  # the low-noise expert's guidance (two-expert models only)
+
+    def __post_init__(self) -> None:
+        """Checked, because a converted model's defaults are a JSON file a user may edit."""
+        validation.integer("num_inference_steps", self.num_inference_steps, minimum=1)
+        validation.integer("num_frames", self.num_frames, minimum=1)
+        validation.number("guidance_scale", self.guidance_scale)
+        validation.number("flow_shift", self.flow_shift, inclusive=False)
+        validation.number("fps", self.fps, inclusive=False)
+        validation.text("negative_prompt", self.negative_prompt)
+        if self.guidance_scale_2 is not None:
+            validation.number("guidance_scale_2", self.guidance_scale_2)
+        if not self.sizes or not all(isinstance(hw, tuple) and len(hw) == 2 for hw in self.sizes):
+            raise InvalidInputError(f"sizes must be a list of [height, width] pairs, got {self.sizes!r}")
+        for h, w in self.sizes:
+            validation.integer("a default height", h, minimum=1)
+            validation.integer("a default width", w, minimum=1)
 
     def size_for(self, aspect: float) -> tuple[int, int]:
         """The default (height, width) whose width/height ratio is closest to ``aspect``."""
@@ -131,7 +148,7 @@ def load_variant(model_dir: str | Path, name: str = "") -> Variant:
             return variant
         fields = {k: tuple(map(tuple, v)) if k == "sizes" else v for k, v in defaults.items()}
         return replace(variant, defaults=Defaults(**fields))
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, InvalidInputError) as e:
         raise WeightLoadError(f"{model_dir}: malformed _mlx_i2v entry in model_index.json ({e})") from None
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +12,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import InvalidInputError
+from .outputs import ENCODER, FRAMES_MARKER, output_kind, resolve_output, staged_output
 
 log = logging.getLogger(__name__)
-
-FORMATS = (".mp4", ".gif", "")  # "" (no suffix) means a folder of PNG frames
 
 
 @dataclass
@@ -53,26 +49,30 @@ class Video:
         """(frames, height, width, 3) uint8, rounded as diffusers' ``numpy_to_pil`` does."""
         return (np.clip(self.frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the clip: ``.mp4`` (H.264, yuv420p, with metadata), ``.gif``, or a path without a
-        suffix for a folder of ``frame_00000.png`` files. The file appears only once complete."""
-        path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix not in FORMATS:
-            raise InvalidInputError(f"unsupported output format {path.suffix!r}; use .mp4, .gif or a folder name")
-        ensure_writable(path)
-        writer = {".mp4": self._write_mp4, ".gif": self._write_gif, "": self._write_pngs}[suffix]
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
-        try:
-            writer(tmp)
-            if path.is_dir() and suffix == "":
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            _remove(tmp)
-            raise
-        log.info("wrote %s (%d frames, %dx%d, %.3g fps)", path, self.num_frames, self.width, self.height, self.fps)
-        return path
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the clip: ``.mp4`` (H.264, yuv420p, with metadata), ``.gif``, or a name without a suffix
+        for a folder of ``frame_00000.png`` files and ``metadata.json``. A name ending in ``/`` or an
+        existing folder (not one of our PNG-frames folders) gets ``<stem>.mp4`` inside it, the stem being
+        the photo's (``metadata["image_name"]``) or "video". The output appears only once complete.
+
+        An existing output is replaced only with ``overwrite`` and only if it is of the same kind (by
+        content); see :func:`mlx_i2v.outputs.resolve_output` for every rule. Returns the path written.
+
+        Raises:
+            InvalidInputError: the output is refused by those rules, or another process wrote it first.
+        """
+        target = resolve_output(path, default_stem=self._stem(), overwrite=overwrite)
+        kind = output_kind(target)
+        writer = {"mp4": self._write_mp4, "gif": self._write_gif, "frames": self._write_pngs}[kind]
+        with staged_output(target, overwrite=overwrite, directory=kind == "frames") as staged:
+            writer(staged.path)
+        log.info("%s %s (%d frames, %dx%d, %.3g fps)", "replaced" if staged.replaced else "wrote", target,
+                 self.num_frames, self.width, self.height, self.fps)
+        return target
+
+    def _stem(self) -> str:
+        name = self.metadata.get("image_name")
+        return Path(str(name)).stem if name else "video"
 
     def _write_mp4(self, path: Path) -> None:
         import av
@@ -102,39 +102,15 @@ class Video:
         path.mkdir()
         for i, frame in enumerate(self.to_uint8()):
             Image.fromarray(frame).save(path / f"frame_{i:05d}.png")
-        (path / "metadata.json").write_text(json.dumps(self.metadata, indent=2, ensure_ascii=False))
+        # The marker that lets a later save with overwrite recognise (and replace) this folder.
+        marker = {**self.metadata, "fps": self.fps, "encoder": ENCODER}
+        (path / FRAMES_MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False), encoding="utf-8")
 
     def _container_metadata(self) -> dict[str, str]:
-        meta = {"comment": json.dumps(self.metadata, ensure_ascii=False, sort_keys=True), "encoder": "mlx-i2v"}
+        meta = {"comment": json.dumps(self.metadata, ensure_ascii=False, sort_keys=True), "encoder": ENCODER}
         if self.metadata.get("prompt"):
             meta["title"] = str(self.metadata["prompt"])
         return meta
-
-
-def ensure_writable(path: str | Path) -> None:
-    """Fail early, with one line, if ``path`` cannot be written (run before a long generation)."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InvalidInputError(f"cannot create output directory {parent}: {e.strerror or e}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"output directory is not writable: {parent}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise InvalidInputError(f"output is not writable: {path}")
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".mlx-i2v-probe-"):
-            pass
-    except OSError as e:
-        raise InvalidInputError(f"output directory is not writable: {parent} ({e.strerror or e})") from None
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _fps_fraction(fps: float):

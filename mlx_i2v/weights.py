@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import struct
 from dataclasses import dataclass, fields
@@ -148,14 +149,17 @@ def load_strict(
     if problems:
         raise WeightLoadError(f"{what}: " + "; ".join(problems))
     keep = [re.compile(p) for p in keep_float32]
-    cast: list[tuple[str, mx.array]] = []
-    for k, v in weights.items():
-        if mx.issubdtype(v.dtype, mx.floating) and expected[k].dtype != mx.uint32:
-            target = mx.float32 if any(p.search(k) for p in keep) else dtype
-            v = v.astype(target)
-        cast.append((k, v))
+    cast = [(k, cast_loaded(k, v, dtype, keep) if expected[k].dtype != mx.uint32 else v) for k, v in weights.items()]
     model.load_weights(cast, strict=True)
     mx.eval(model.parameters())
+
+
+def cast_loaded(name: str, value: mx.array, dtype: mx.Dtype, keep_float32: Iterable[re.Pattern[str]]) -> mx.array:
+    """A loaded floating tensor in ``dtype``, or float32 if ``name`` matches a ``keep_float32`` pattern
+    (search semantics); other tensors as they are. The one cast every load goes through."""
+    if not mx.issubdtype(value.dtype, mx.floating):
+        return value
+    return value.astype(mx.float32 if any(p.search(name) for p in keep_float32) else dtype)
 
 
 # --- reading checkpoints ----------------------------------------------------------------------------
@@ -179,12 +183,36 @@ def _safetensors_files(folder: Path, what: str) -> list[Path]:
     return files
 
 
+# The safetensors format's own limit on the JSON header (its Rust reader refuses larger ones).
+MAX_HEADER_BYTES = 100 * 1024**2
+
+
 def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     """The length and parsed JSON of a safetensors file's header (tensor offsets and ``__metadata__``),
-    without reading any tensor data."""
+    without reading any tensor data.
+
+    Raises:
+        WeightLoadError: the file is too short, or its header length is absurd (beyond the file or the
+            format's 100 MB limit) or not a JSON object; named, as "corrupt safetensors header".
+        OSError: the file cannot be opened.
+    """
+    size = os.path.getsize(path)
     with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        return header_len, json.loads(fh.read(header_len))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise WeightLoadError(f"corrupt safetensors header in {path}: the file has only {size} bytes")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise WeightLoadError(
+                f"corrupt safetensors header in {path}: it claims {header_len} bytes, the file has {size}"
+            )
+        try:
+            header = json.loads(fh.read(header_len))
+        except ValueError as e:
+            raise WeightLoadError(f"corrupt safetensors header in {path}: {e}") from None
+    if not isinstance(header, dict):
+        raise WeightLoadError(f"corrupt safetensors header in {path}: not a JSON object")
+    return header_len, header
 
 
 def check_safetensors(folder: str | Path, *, what: str | None = None) -> None:
@@ -197,7 +225,9 @@ def check_safetensors(folder: str | Path, *, what: str | None = None) -> None:
         try:
             header_len, header = safetensors_header(f)
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (OSError, ValueError, KeyError, struct.error) as e:
+        except WeightLoadError as e:
+            raise WeightLoadError(f"{what}: {e}") from None
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise WeightLoadError(f"{what}: cannot read {f.name} (truncated or corrupt?): {e}") from None
         if f.stat().st_size < 8 + header_len + end:
             raise WeightLoadError(f"{what}: {f.name} is truncated ({f.stat().st_size} of {8 + header_len + end} bytes)")

@@ -39,11 +39,13 @@ def _run(pipe, **kwargs) -> np.ndarray:
     return np.asarray(out[0], np.float32)
 
 
-def ti2v_video_to_video(model_dir, clip: np.ndarray, seed: int, **kwargs) -> np.ndarray:
-    """diffusers ``WanVideoToVideoPipeline`` on the TI2V-5B components, scale-16 patch applied."""
+def ti2v_video_to_video(model_dir, clip: np.ndarray, seed: int, scheduler=None, **kwargs) -> np.ndarray:
+    """diffusers ``WanVideoToVideoPipeline`` on the TI2V-5B components, scale-16 patch applied; with the
+    checkpoint's scheduler or ``scheduler``."""
     base = WanPipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe = WanVideoToVideoPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder,
-                                   transformer=base.transformer, vae=base.vae, scheduler=base.scheduler)  # fmt: skip
+                                   transformer=base.transformer, vae=base.vae,
+                                   scheduler=scheduler or base.scheduler)  # fmt: skip
     pipe.vae_scale_factor_spatial = 16
     pipe.video_processor = VideoProcessor(vae_scale_factor=16)
     return _run(pipe, video=pil_frames(clip), generator=torch.Generator().manual_seed(seed), **kwargs)

@@ -55,5 +55,26 @@ def test_text_output_and_bad_size(tiny_ti2v_dir):
     result = _invoke("--model", str(tiny_ti2v_dir), *ARGS[:-2], "--steps", "1", "--guidance", "1")
     assert result.exit_code == 0, result.output
     assert "s/step" in result.output and "TFLOP/s" in result.output and "1 pass" in result.output
+    assert "transformer passes: 1 computed, 0 skipped" in result.output
     bad = CliRunner().invoke(bench, ["--size", "96by64"])
     assert bad.exit_code == 2 and "WIDTHxHEIGHT" in bad.output
+
+
+def test_skipped_passes_are_reported_and_not_counted_as_work(tiny_ti2v_dir):
+    """First-Block-Cache with a huge threshold: the second step reuses the first's residual, so it costs
+    the embedding, block 0 and the head only."""
+    from dataclasses import replace
+
+    from mlx_i2v.flops import context_flops, forward_flops
+
+    result = _invoke("--model", str(tiny_ti2v_dir), *ARGS[:-4], "--steps", "2", "--guidance", "1",
+                     "--cache", "first-block", "--cache-threshold", "1e9", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["cache"] == {"method": "first-block", "threshold": 1e9}
+    assert report["transformer_passes"] == {
+        "computed": 1, "skipped": 1, "by_branch": {"cond": {"computed": 1, "skipped": 1}},
+    }  # fmt: skip
+    shape = DiTShape.from_config(read_config(tiny_ti2v_dir / "transformer"))
+    flops = forward_flops(shape, 18) + forward_flops(replace(shape, num_layers=1), 18) + context_flops(shape, 1)
+    assert report["tflop"] == pytest.approx(flops / 1e12)

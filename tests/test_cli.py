@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,10 @@ from PIL import Image
 GOOD = ["--frames", "5", "--height", "64", "--width", "96", "--steps", "2", "--seed", "3"]
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it (a fresh process each time)."""
     exe = Path(sys.executable).parent / "mlx-i2v"
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300, input=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,24 @@ BAD_INPUTS = {
     ),
     "zero steps": (lambda d, m, p: ["generate", str(p), "--model", str(m), "--steps", "0"], "--steps"),
     "negative guidance": (lambda d, m, p: ["generate", str(p), "--model", str(m), "--guidance", "-2"], "guidance"),
+    # A Latin-1 terminal's "café": Python keeps the undecodable byte as a lone surrogate.
+    "non-UTF-8 negative prompt": (
+        lambda d, m, p: ["generate", str(p), "--model", str(m), "--negative-prompt", os.fsdecode(b"caf\xe9")],
+        "not UTF-8 text (byte 0xE9",
+    ),
+    "fps nan": (lambda d, m, p: ["generate", str(p), "--model", str(m), "--fps", "nan"], "not a finite number"),
+    "guidance inf": (
+        lambda d, m, p: ["generate", str(p), "--model", str(m), "--guidance", "inf"], "not a finite number"
+    ),
+    "negative seed": (lambda d, m, p: ["generate", str(p), "--model", str(m), "--seed", "-1"], "--seed"),
+    "crop outside the photo": (
+        lambda d, m, p: ["generate", str(p), "--model", str(m), "--crop", "100,0,50,50"],
+        "does not fit inside the 120x80 photo",
+    ),
+    "cache threshold alone": (
+        lambda d, m, p: ["generate", str(p), "--model", str(m), "--cache-threshold", "0.1"],
+        "cache_threshold needs a cache method",
+    ),
     "unwritable output": (
         lambda d, m, p: ["generate", str(p), "--model", str(m), "--output", str(_text_file(d / "file") / "x.mp4")],
         "output",
@@ -125,10 +144,13 @@ def test_generate_first_last_frame_and_two_experts(tiny_i2v_dirs, photo, tmp_pat
     assert Image.open(out).n_frames == 5
     out = tmp_path / "a14b.mp4"
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_i2v_dirs["a14b"]), "--guidance-2", "2.5",
-                  *GOOD, "--output", str(out), cwd=tmp_path)
+                  "--cache", "first-block", "--cache-threshold", "1e9", *GOOD, "--output", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # one step per expert: each expert's first pass computes (caches reset at the switch), none skip
+    assert "transformer passes: 4 computed, 0 skipped (first-block, threshold 1e+09)" in result.stdout
     with av.open(str(out)) as c:
-        assert json.loads(c.metadata["comment"])["guidance_scale_2"] == 2.5
+        meta = json.loads(c.metadata["comment"])
+        assert meta["guidance_scale_2"] == 2.5 and meta["cache"] == {"method": "first-block", "threshold": 1e9}
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_i2v_dirs["flf2v"]), *GOOD,
                   "--output", str(tmp_path / "no-last.mp4"), cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip() == "error: wan2.1-flf2v-14b-720p needs a last image (--last-image)"
@@ -137,12 +159,49 @@ def test_generate_first_last_frame_and_two_experts(tiny_i2v_dirs, photo, tmp_pat
 def test_dry_run_prints_the_plan_and_a_request_too_big_stops_before_loading(tiny_ti2v_dir, photo, tmp_path):
     out = tmp_path / "never.mp4"
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_ti2v_dir), *GOOD, "--dry-run",
-                  "--output", str(out), cwd=tmp_path)
+                  "--cache", "magcache", "--output", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "96x64, 5 frames, 2 steps" in result.stdout and "peak" in result.stdout and "fits" in result.stdout
+    assert "cache magcache 0.06" in result.stdout
     assert not out.exists()
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_ti2v_dir), *GOOD, "--memory-limit", "0.001",
                   "--output", str(out), cwd=tmp_path)
     assert result.returncode == 1 and not out.exists()
     line = result.stderr.strip()
     assert line.startswith("error: ") and "\n" not in line and "GB" in line
+
+
+def test_prompt_from_stdin_or_file_long_prompt_notice_and_image_options(tiny_ti2v_dir, photo, tmp_path):
+    out = tmp_path / "clip.mp4"
+    long_prompt = " ".join(f"word{i}" for i in range(600))
+    result = _run("generate", str(photo), "-p", "-", "--model", str(tiny_ti2v_dir), *GOOD, "--rotate", "90",
+                  "--crop", "0,0,80,100", "--fit", "contain", "--background", "0,0,0", "--output", str(out),
+                  cwd=tmp_path, stdin=long_prompt + "\n")
+    assert result.returncode == 0, result.stderr
+    # The library's warning reaches the user through the CLI's logging setup.
+    assert re.search(r"WARNING .*the prompt is \d+ tokens, more than the 511 the model reads", result.stderr)
+    with av.open(str(out)) as c:
+        meta = json.loads(c.metadata["comment"])
+    assert meta["prompt"] == long_prompt
+    options = (meta["rotate"], meta["crop"], meta["fit"], meta["background"])
+    assert options == (90, [0, 0, 80, 100], "contain", [0, 0, 0])
+
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_bytes(b"caf\xe9 au lait")  # Latin-1
+    result = _run("generate", str(photo), "--prompt-file", str(prompt_file), "--model", str(tiny_ti2v_dir), *GOOD,
+                  "--output", str(tmp_path / "never.mp4"), cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "never.mp4").exists()
+    assert result.stderr.strip() == f"error: the prompt in {prompt_file} is not UTF-8 text (byte 0xE9 at offset 3)"
+    result = _run("generate", str(photo), "-p", os.fsdecode(b"caf\xe9"), "--model", str(tiny_ti2v_dir), *GOOD,
+                  "--output", str(tmp_path / "never.mp4"), cwd=tmp_path)
+    assert result.returncode == 2 and "not UTF-8 text (byte 0xE9 at character 4)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_requests_past_the_model_limits_stop_in_the_dry_run(tiny_ti2v_dir, photo, tmp_path):
+    for extra, message in ((["--frames", "10001"], "num_frames 10001 is more than this model can take: at most 4093"),
+                           (["--steps", "10000", "--shift", "100"], "at most 9578 steps")):
+        result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_ti2v_dir), *GOOD, *extra, "--dry-run",
+                      cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr.startswith("error: ")
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -85,12 +85,23 @@ BAD = {
     "strength above one": (lambda d, c: ["restyle", str(c), "--strength", "1.5"], "--strength"),
     "strength without a step": (lambda d, c: ["restyle", str(c), "--strength", "0.1", "--steps", "4"], "runs no step"),
     "clip size does not fit": (lambda d, c: ["extend", str(_odd_size(d)), "--frames", "4"], "multiples of 32"),
-    "output over the input": (lambda d, c: ["restyle", str(c), "--output", str(c)], "is an input"),
+    "output over the input": (lambda d, c: ["restyle", str(c), "--output", str(c)], "would overwrite the input"),
     "preview not a PNG": (lambda d, c: ["extend", str(c), "--frames", "4", "--preview", str(d / "p.jpg")], "a PNG"),
-    "preview over the input": (lambda d, c: ["generate", str(_png(d)), "--preview", str(d / "p.png")], "is an input"),
+    "preview over the input": (lambda d, c: ["generate", str(_png(d)), "--preview", str(d / "p.png")],
+                               "would overwrite the input"),
+    "preview in the output": (lambda d, c: ["extend", str(c), "--frames", "4", "--output", str(d / "frames"),
+                                            "--preview", str(d / "frames" / "p.png")], "would write into the output"),
+    "preview exists": (lambda d, c: ["restyle", str(c), "--preview", str(_png(d))], "already exists; pass --overwrite"),
+    "preview over a non-PNG": (lambda d, c: ["restyle", str(c), "--preview", str(_text(d / "notes.png")),
+                                             "--overwrite"], "is not a PNG image; not replacing it"),
     "loop without a last frame": (lambda d, c: ["generate", str(_png(d)), "--loop"], "cannot close a loop"),
     "motion on TI2V-5B": (lambda d, c: ["generate", str(_png(d)), "--motion", "1.3"], "motion is not supported"),
 }
+
+
+def _text(path: Path) -> Path:
+    path.write_text("precious")
+    return path
 
 
 def _png(d: Path) -> Path:

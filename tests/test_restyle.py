@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ref_creative import moving_clip, noise, restyle_reference, ti2v_video_to_video
+from ref_dmd import TABLES, ReferenceDMDScheduler
+from test_few_step import LIGHTNING, GridEuler, _renoising_draws
 
 from mlx_i2v import Video, load_pipeline
+from mlx_i2v.dmd import FASTWAN_TI2V_5B
 from mlx_i2v.errors import InvalidInputError
 
 HEIGHT, WIDTH = 64, 96
@@ -48,6 +52,56 @@ def test_channel_concat_restyle_matches_i2v_from_the_noised_clip(tiny_i2v_dirs, 
         assert timesteps == [937, 833, 625]
 
 
+def test_restyle_on_an_euler_grid_matches_video_to_video_pipeline(ti2v, tiny_ti2v_dir):
+    """The lightning grid shifted by 5, strength 0.5: the clip noised to sigma 0.833 (timestep 833.3) of the
+    Euler schedule, then its last two steps with guidance, as diffusers' pipeline does with that scheduler."""
+    clip = moving_clip(9, seed=3)
+    common = dict(negative_prompt="blurry", height=HEIGHT, width=WIDTH, num_inference_steps=4, guidance_scale=3.0)
+    expected = ti2v_video_to_video(tiny_ti2v_dir, clip, seed=4, scheduler=GridEuler(shift=5.0).with_grid(LIGHTNING),
+                                   prompt="ink", strength=0.5, **common)  # fmt: skip
+    timesteps = []
+    video = ti2v(None, "ink", video=clip, strength=0.5, latents=noise((1, 48, 3, 4, 6), seed=4), sigmas=LIGHTNING,
+                 flow_shift=5.0, on_step=lambda step, total, t: timesteps.append(t), **common)  # fmt: skip
+    assert np.abs(video.frames - expected).max() < 2e-3
+    assert timesteps == pytest.approx([833.3333, 625.0], abs=1e-3)
+    assert (video.metadata["scheduler"], video.metadata["steps_run"]) == ("euler", 2)
+
+
+class _RestyleDMD(ReferenceDMDScheduler):
+    """The DMD reference loop started at schedule entry ``start``: the clip noised to the looked-up sigma of
+    that timestep, as the recipe re-noises between steps (``ref_dmd.dmd_step``), then its steps from there."""
+
+    def for_restyle(self, recipe, noises, start: int) -> _RestyleDMD:
+        self.start = start
+        return self.for_recipe(recipe, noises)
+
+    def set_timesteps(self, *args, **kwargs) -> None:
+        super().set_timesteps()
+        self._step_index = self.start
+
+    def scale_noise(self, sample, timestep, noise):
+        table_t, table_sigmas = TABLES[self.recipe.table](self.recipe.shift)
+        sigma = table_sigmas[torch.argmin((table_t - timestep.long()).abs())]
+        return (1 - sigma) * sample + sigma * noise
+
+
+def test_restyle_with_the_dmd_preset_matches_the_reference_loop(ti2v, tiny_ti2v_dir):
+    """FastWan's 3 steps at strength 0.7: the clip noised to the sigma of timestep 757 in the DMD table, then
+    the steps at 757 (re-noised with the seed's first draw) and 522."""
+    recipe, shape = FASTWAN_TI2V_5B, (1, 48, 3, 4, 6)
+    draws = _renoising_draws(recipe.timesteps, seed=21, shape=shape)
+    scheduler = _RestyleDMD().for_restyle(recipe, [None, draws[0]], start=1)
+    clip = moving_clip(9, seed=4)
+    common = dict(height=HEIGHT, width=WIDTH, guidance_scale=1.0)
+    expected = ti2v_video_to_video(tiny_ti2v_dir, clip, seed=6, scheduler=scheduler, prompt="ink", strength=0.7,
+                                   num_inference_steps=3, **common)  # fmt: skip
+    timesteps = []
+    video = ti2v(None, "ink", video=clip, strength=0.7, preset="dmd", seed=21, latents=noise(shape, seed=6),
+                 on_step=lambda step, total, t: timesteps.append(t), **common)  # fmt: skip
+    assert np.abs(video.frames - expected).max() < 2e-3
+    assert timesteps == [757, 522]
+
+
 def test_restyle_settings_follow_the_clip(ti2v, caplog):
     clip = Video(frames=moving_clip(10).astype(np.float32) / 255, fps=12.0)
     request = ti2v.prepare(None, video=clip, num_inference_steps=10)
@@ -70,6 +124,18 @@ def test_channel_concat_restyle_takes_the_clips_frames_as_condition(tiny_i2v_dir
     flf2v = load_pipeline(tiny_i2v_dirs["flf2v"], dtype="float32").prepare(None, video=clip)
     np.testing.assert_array_equal(np.asarray(flf2v.photos[1]), clip[-1])  # FLF2V: the clip's last frame closes it
     assert flf2v.keyframes.tail is not None
+
+
+def test_photo_options_apply_to_the_given_photo_not_to_the_clip(tiny_i2v_dirs):
+    clip = moving_clip(9, seed=2)
+    pipe = load_pipeline(tiny_i2v_dirs["i2v"], dtype="float32")
+    plain = pipe.prepare(None, video=clip, rotate=180, fit="contain", background="black")
+    np.testing.assert_array_equal(np.asarray(plain.photos[0]), clip[0])  # the clip's own frame, as it is
+    np.testing.assert_array_equal(plain.keyframes.head, plain.source[:1])  # fitted as the clip's frames are
+    assert "rotate" not in plain.details
+    turned = pipe.prepare(clip[0], video=clip, rotate=180)
+    np.testing.assert_array_equal(np.asarray(turned.photos[0]), clip[0][::-1, ::-1])
+    assert turned.details["rotate"] == 180
 
 
 @pytest.mark.parametrize(

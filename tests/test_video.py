@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mlx_i2v.errors import InvalidInputError
-from mlx_i2v.video import Video, ensure_writable
+from mlx_i2v.outputs import ensure_writable
+from mlx_i2v.video import Video
 
 
 def _video(frames=9, h=32, w=48):

@@ -19,6 +19,8 @@ passes alternate between two streams because MLX's CPU element-wise kernels use 
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 
 from ..memory import memory_budget
@@ -192,15 +194,18 @@ def _combine(terms: list[mx.array], coefficients: tuple[int, ...]) -> mx.array:
     return out
 
 
-_STREAMS: list[mx.Stream] = []
+# MLX streams belong to the thread that made them (another thread gets "There is no Stream(cpu, N) in
+# current thread"), so each thread makes its own, once.
+_THREAD = threading.local()
 
 
 def two_streams() -> list[mx.Stream]:
-    """Two streams on the default device, made once: independent element-wise work alternates between
-    them (on the CPU each stream is a thread)."""
-    if not _STREAMS:
-        _STREAMS.extend(mx.new_stream(mx.default_device()) for _ in range(2))
-    return _STREAMS
+    """Two streams on the default device, made once per thread: independent element-wise work alternates
+    between them (on the CPU each stream is a thread)."""
+    streams = getattr(_THREAD, "streams", None)
+    if streams is None:
+        streams = _THREAD.streams = [mx.new_stream(mx.default_device()) for _ in range(2)]
+    return streams
 
 
 def conv3d_by_taps(

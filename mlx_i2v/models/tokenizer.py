@@ -109,24 +109,42 @@ class UMT5Tokenizer:
         log.info("loaded tokenizer %s: vocab %d", path, tokenizer.get_vocab_size())
         return cls(tokenizer, eos_id=ids["eos_token"], pad_id=ids["pad_token"])
 
-    def __call__(self, prompts: str | Sequence[str], max_length: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, prompts: str | Sequence[str], max_length: int = 512, names: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Clean and tokenize ``prompts``.
 
         Returns ``(input_ids, attention_mask)``, both int64 (B, max_length): the pieces of each cleaned
-        prompt, truncated to ``max_length - 1``, then ``</s>``, then padding (mask 0).
+        prompt, truncated to ``max_length - 1``, then ``</s>``, then padding (mask 0). A prompt that is
+        cut is logged as a warning naming it (``names``, default "prompt 1", ...) and what was dropped.
         """
         if max_length < 1:
             raise InvalidInputError(f"max_length must be at least 1, got {max_length}")
         if isinstance(prompts, str):
             prompts = [prompts]
-        encodings = self.tokenizer.encode_batch([prompt_clean(p) for p in prompts], add_special_tokens=False)
+        names = names or [f"prompt {i + 1}" for i in range(len(prompts))]
+        cleaned = [prompt_clean(p) for p in prompts]
+        encodings = self.tokenizer.encode_batch(cleaned, add_special_tokens=False)
         input_ids = np.full((len(encodings), max_length), self.pad_id, dtype=np.int64)
         attention_mask = np.zeros((len(encodings), max_length), dtype=np.int64)
         for row, encoding in enumerate(encodings):
+            if len(encoding.ids) > max_length - 1:
+                _log_truncation(names[row], cleaned[row], encoding.ids, encoding.offsets, max_length - 1)
             ids = encoding.ids[: max_length - 1] + [self.eos_id]
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
         return input_ids, attention_mask
+
+
+def _log_truncation(name: str, text: str, ids: list[int], offsets: list[tuple[int, int]], kept: int) -> None:
+    """Warn that a prompt was cut after ``kept`` tokens, saying how much was dropped and where."""
+    total, start = len(ids), offsets[kept][0]
+    dropped = text[start:]
+    log.warning(
+        "the %s is %d tokens, more than the %d the model reads: the last %d tokens (%d characters) are "
+        "dropped, from %r", name, total, kept, total - kept, len(dropped),
+        dropped[:30] + ("..." if len(dropped) > 30 else ""),
+    )
 
 
 def _precompiled_normalizer(spec: dict[str, Any] | None) -> normalizers.Normalizer | None:

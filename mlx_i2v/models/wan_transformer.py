@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -175,6 +175,11 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
+# Self-attention over a token shard: this shard's keys and values (B, heads, L_shard, D) -> the whole
+# sequence's (B, heads, L, D), in token order.
+GatherKV = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
+
+
 class CrossKV(NamedTuple):
     """Projected keys and values (B, heads, L, D) of a context, and of its image tokens (Wan2.1 I2V)."""
 
@@ -234,18 +239,22 @@ class WanAttention(nn.Module):
         context: mx.array | None = None,
         rope: tuple[mx.array, mx.array] | None = None,
         kv: CrossKV | None = None,
+        gather_kv: GatherKV | None = None,
     ) -> mx.array:
         """x (B, L, dim); context (B, L_ctx, dim), or its precomputed ``kv``, or neither for
-        self-attention; rope: cos, sin (L, D/2)."""
+        self-attention; rope: cos, sin (L, D/2); ``gather_kv``: when x is one shard of the sequence,
+        turns this shard's rotated keys and values into the whole sequence's."""
         if kv is None:
             kv = self.project_kv(x if context is None else context)
         q = self._heads(self.norm_q(self.to_q(x)))
-        k = kv.k
+        k, v = kv.k, kv.v
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
+        if gather_kv is not None:
+            k, v = gather_kv(k, v)
 
-        out = attention(q, k, kv.v)
+        out = attention(q, k, v)
         if kv.image is not None:
             out = out + attention(q, *kv.image)
 
@@ -293,16 +302,17 @@ class WanTransformerBlock(nn.Module):
         time_proj: mx.array,
         time_index: mx.array,
         rope: tuple[mx.array, mx.array],
+        gather_kv: GatherKV | None = None,
     ) -> mx.array:
         """x (B, L, dim); context (B, L_ctx, dim) or its cross-attention K/V; time_proj (U, 6, dim);
-        time_index (B, T)."""
+        time_index (B, T); gather_kv: see :class:`WanAttention` (self-attention over a token shard)."""
         shift, scale, gate, c_shift, c_scale, c_gate = modulation(
             self.scale_shift_table, time_proj, time_index
         )
         f32 = mx.float32
 
         h = (self.norm1(x.astype(f32)) * (1 + scale) + shift).astype(x.dtype)
-        x = (x.astype(f32) + self.attn1(h, rope=rope) * gate).astype(x.dtype)
+        x = (x.astype(f32) + self.attn1(h, rope=rope, gather_kv=gather_kv) * gate).astype(x.dtype)
 
         h = self.norm2(x.astype(f32)).astype(x.dtype)
         if isinstance(context, CrossKV):
@@ -398,6 +408,8 @@ class PassTokens(NamedTuple):
         temb: (U, dim) embeddings of the U distinct timesteps.
         time_proj: (U, 6, dim) their modulation projections.
         rope: cos, sin (L, head_dim / 2).
+        gather_kv: None when x holds every token; for a shard of them (sequence parallelism), how
+            self-attention gets the keys and values of the whole sequence.
     """
 
     x: mx.array
@@ -406,6 +418,7 @@ class PassTokens(NamedTuple):
     temb: mx.array
     time_proj: mx.array
     rope: tuple[mx.array, mx.array]
+    gather_kv: GatherKV | None = None
 
 
 class WanTransformer3DModel(nn.Module):
@@ -551,19 +564,24 @@ class WanTransformer3DModel(nn.Module):
         indices = range(len(self.blocks))[blocks]
         for i in indices:
             block_context = context[i] if isinstance(context, list) else context
-            x = self.blocks[i](x, block_context, tokens.time_proj, tokens.time_index, tokens.rope)
+            x = self.blocks[i](x, block_context, tokens.time_proj, tokens.time_index, tokens.rope, tokens.gather_kv)
         return x
 
     def head(self, x: mx.array, tokens: PassTokens) -> mx.array:
         """The output norm, modulation and projection, unpatchified: (B, L, dim) -> (B, F, H, W, C_out)."""
-        B = x.shape[0]
+        return self.unpatchify(self.project_out(x, tokens), tokens.grid)
+
+    def project_out(self, x: mx.array, tokens: PassTokens) -> mx.array:
+        """The output norm, modulation and projection per token: (B, L, dim) -> (B, L, pt*ph*pw*C_out)."""
         shift, scale = modulation(self.scale_shift_table, tokens.temb[:, None], tokens.time_index)
         x = (self.norm_out(x.astype(mx.float32)) * (1 + scale) + shift).astype(x.dtype)
-        x = self.proj_out(x)
+        return self.proj_out(x)
 
-        # unpatchify: proj_out features are ordered (pt, ph, pw, C)
+    def unpatchify(self, x: mx.array, grid: tuple[int, int, int]) -> mx.array:
+        """Per-token outputs (B, L, pt*ph*pw*C_out) of a (F', H', W') grid -> (B, F'*pt, H'*ph, W'*pw, C_out)."""
+        # proj_out features are ordered (pt, ph, pw, C)
+        B = x.shape[0]
         pt, ph, pw = self.config.patch_size
-        grid = tokens.grid
         x = x.reshape(B, *grid, pt, ph, pw, -1)
         x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
         return x.reshape(B, grid[0] * pt, grid[1] * ph, grid[2] * pw, -1)
