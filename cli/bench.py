@@ -15,7 +15,7 @@ import numpy as np
 
 from mlx_i2v.stepcache.calibrations import METHODS
 
-from .generate import DEFAULT_MODEL
+from .options import DEFAULT_MODEL
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:

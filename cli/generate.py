@@ -2,284 +2,34 @@
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-import sys
 from pathlib import Path
 
 import click
 
-from mlx_i2v.image import FITS, ROTATIONS, ImageOptions, LoadReport, load_image
-from mlx_i2v.outputs import resolve_output
-from mlx_i2v.schedulers import MAX_INFERENCE_STEPS
-from mlx_i2v.validation import SEED_MAX
-from mlx_i2v.stepcache.calibrations import METHODS
-from mlx_i2v.parallel import MODES
-from mlx_i2v.sampling import PRESETS, SAMPLERS
-
-from .lora import collect_loras, lora_options
-
-DEFAULT_MODEL = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
-
-
-class FiniteFloat(click.FloatRange):
-    """A float range that also refuses nan and inf."""
-
-    name = "finite float"
-
-    def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return rv
-
-
-def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Refuse text whose command-line bytes were not UTF-8 (Python keeps them as lone surrogates)."""
-    if value is not None:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            byte = ord(value[e.start]) - 0xDC00 if 0xDC80 <= ord(value[e.start]) <= 0xDCFF else None
-            what = f"byte 0x{byte:02X}" if byte is not None else "an invalid character"
-            raise click.BadParameter(
-                f"is not UTF-8 text ({what} at character {e.start + 1}); "
-                "set the terminal to UTF-8 or use --prompt-file", ctx, param,
-            ) from None
-    return value
-
-
-def _crop(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    parts = value.split(",")
-    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
-        raise click.BadParameter(f"expected X,Y,W,H in pixels, got {value!r}", ctx, param)
-    return tuple(int(p) for p in parts)
-
-
-def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    """The prompt from --prompt, --prompt-file, or standard input for ``-p -``; UTF-8 only."""
-    if (prompt is None) == (prompt_file is None):
-        raise click.UsageError("give the prompt with exactly one of --prompt and --prompt-file")
-    if prompt is not None and prompt != "-":
-        return prompt
-    source = "standard input" if prompt_file is None else str(prompt_file)
-    try:
-        data = sys.stdin.buffer.read() if prompt_file is None else prompt_file.read_bytes()
-        return data.decode("utf-8-sig").strip()
-    except UnicodeDecodeError as e:
-        raise click.UsageError(
-            f"the prompt in {source} is not UTF-8 text (byte 0x{data[e.start]:02X} at offset {e.start})"
-        ) from None
-    except OSError as e:
-        raise click.UsageError(f"cannot read the prompt from {source}: {e.strerror or e}") from None
+from .options import check_photos, common_options, execute, settings_of, size_options
 
 
 @click.command()
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-p", "--prompt", default=None, callback=_utf8,
-              help="What should happen in the video ('-': read standard input).")
-@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Read the prompt from this UTF-8 text file.")
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, help="Model directory or Hub repo id.")
-@click.option("--negative-prompt", default=None, callback=_utf8,
-              help="What to avoid (default: the model's own; '' for none).")
 @click.option("--frames", "num_frames", type=click.IntRange(min=1), default=None, help="Number of frames (4k+1).")
-@click.option("--height", type=click.IntRange(min=1), default=None, help="Frame height in pixels.")
-@click.option("--width", type=click.IntRange(min=1), default=None, help="Frame width in pixels.")
-@click.option("--steps", "num_inference_steps", type=click.IntRange(1, MAX_INFERENCE_STEPS), default=None,
-              help="Denoising steps.")
-@click.option("--guidance", "guidance_scale", type=FiniteFloat(min=0), default=None,
-              help="Classifier-free guidance scale (<= 1 turns guidance off).")
-@click.option("--guidance-2", "guidance_scale_2", type=FiniteFloat(min=0), default=None,
-              help="Guidance of the low-noise expert (Wan2.2-A14B; default: the model's).")
+@size_options
 @click.option("--last-image", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The clip's last frame (first-last-frame models, Wan2.1-FLF2V).")
-@click.option("--shift", "flow_shift", type=FiniteFloat(min=0, min_open=True), default=None,
-              help="Flow-matching timestep shift.")
-@click.option("--scheduler", type=click.Choice(list(SAMPLERS)), default=None,
-              help="Sampler (default: the model's, or the preset's).")
-@click.option("--sigmas", callback=lambda ctx, param, value: _parse_sigmas(value), default=None,
-              help="Explicit grid from 1 down, unshifted, e.g. 1,0.75,0.5,0.25 (Euler unless --scheduler dmd).")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="Few-step recipe: lightning (lightx2v / Wan2.2-Lightning LoRAs: 4 Euler steps, shift 5, no "
-                   "guidance), dmd (FastWan2.2-TI2V-5B), turbo (Wan2.2-TI2V-5B-Turbo). Other flags override it.")
-@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
-              help="Random seed, 0 to 2**64-1 (default: random, recorded in the file).")
-@click.option("--fps", type=FiniteFloat(min=0, min_open=True), default=None,
-              help="Playback rate of the output (default: the model's).")
-@click.option("--crop", callback=_crop, default=None, metavar="X,Y,W,H",
-              help="Use only this rectangle of the photo (pixels, after --rotate).")
-@click.option("--rotate", type=click.Choice([str(r) for r in ROTATIONS]), default="0",
-              help="Rotate the photo clockwise by this many degrees (after its EXIF orientation).")
-@click.option("--fit", type=click.Choice(FITS), default="cover", show_default=True,
-              help="cover: fill the frame and crop the overflow; contain: show all of it, padded.")
-@click.option("--background", default="white", show_default=True,
-              help="Colour under transparent pixels and of the padding: a name, #RRGGBB or R,G,B.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Compute dtype (default: bfloat16 on a GPU, float32 on the CPU).")
-@click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
-              help="Quantize the transformer to 4 or 8 bits on load (the text encoder to 8).")
-@click.option("--memory-limit", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Memory budget in GB (default: what the device recommends; env MLX_I2V_MEMORY_LIMIT).")
-@click.option("--cache", type=click.Choice(METHODS), default=None,
-              help="Step caching: skip the transformer blocks on steps where they would barely change the result "
-                   "(off by default; magcache and teacache use the model's published calibration).")
-@click.option("--cache-threshold", type=float, default=None,
-              help="The cache's threshold (default: the method's recommended one for the model).")
-@click.option("--parallel", type=click.Choice(MODES), default="auto", show_default=True,
-              help="Under mlx.launch with several processes, how they share the clip: auto (CFG over 2 ranks, "
-                   "CFG x sequence over 4), cfg, sequence, or none (each process alone).")
-@click.option("--parallel-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Seconds a rank waits for the others beyond its own work before it gives up "
-                   "(default 300; env MLX_I2V_PARALLEL_TIMEOUT).")
-@click.option("--dry-run", is_flag=True, help="Print the settings and the memory plan (per rank), then stop.")
-@click.option("-o", "--output", type=click.Path(), default=None,
-              help="Output .mp4 or .gif, a new folder name for PNG frames, or a folder (existing, or ending in /) "
-                   "to write IMAGE's name .mp4 into (default: IMAGE's name .mp4 here).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
-@lora_options
-def generate(image: Path, prompt: str | None, prompt_file: Path | None, model: str, negative_prompt, num_frames,
-             height, width, num_inference_steps, guidance_scale, guidance_scale_2, last_image, flow_shift, scheduler,
-             sigmas, preset, seed, fps, crop, rotate, fit, background, dtype, quantize, memory_limit, cache,
-             cache_threshold, parallel, parallel_timeout, dry_run, output, overwrite, lora, lora_high,
-             lora_low) -> None:
+              help="The clip's last frame (first-last-frame models, Wan2.1-FLF2V; optional on Wan2.2-A14B).")
+@click.option("--loop", is_flag=True,
+              help="End on the first frame, for a seamless loop (Wan2.1-FLF2V, Wan2.2-A14B); the duplicate "
+                   "final frame is dropped.")
+@common_options
+def generate(image: Path, num_frames, height, width, last_image, loop, **options) -> None:
     """Generate a video that starts from IMAGE.
 
     Under `mlx.launch` every rank runs this same command: rank 0 writes the output and prints, the other
     ranks print only errors."""
-    from mlx_i2v import load_pipeline
-    from mlx_i2v.memory import set_memory_limit
-    from mlx_i2v.parallel import join
 
-    group = join(parallel, timeout=parallel_timeout)
-    if group.size > 1:
-        _quiet_rank(group.rank)
-    echo = click.echo if group.rank == 0 else _silent
-    # Cheap checks first: nobody should wait for a model to load to learn their photo is unreadable.
-    prompt = _read_prompt(prompt, prompt_file)
-    image_options = dict(crop=crop, rotate=int(rotate), fit=fit, background=background)
-    for path in (image, last_image):  # decoded here to fail early; the pipeline loads (and reports) them
-        if path is not None:
-            load_image(path, ImageOptions(**image_options), LoadReport())
-    if group.rank == 0:  # only rank 0 writes (the others may run on hosts without that folder)
-        output = resolve_output(output, default_stem=image.stem, protected=[image, last_image], overwrite=overwrite)
+    def read_inputs():
+        check_photos(options, image, last_image)
+        return lambda pipe: pipe.prepare(
+            image, last_image=last_image, loop=loop, motion=options["motion"], height=height, width=width,
+            num_frames=num_frames, **settings_of(options),
+        )  # fmt: skip
 
-    if memory_limit is not None:
-        set_memory_limit(memory_limit)
-    loras = collect_loras(lora, lora_high, lora_low)
-    pipe = load_pipeline(model, dtype=dtype, quantize=int(quantize) if quantize else None, parallel=group, loras=loras)
-    arguments = dict(negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
-                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                     guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
-                     cache_threshold=cache_threshold, scheduler=scheduler, sigmas=sigmas, preset=preset,
-                     **image_options)
-    if dry_run:
-        settings, plan = pipe.plan_call(image, last_image=last_image, prompt=prompt, **arguments)
-        echo(f"{pipe.variant.name}: {settings.width}x{settings.height}, {settings.num_frames} frames, "
-             f"{settings.num_inference_steps} steps ({_sampler(settings)}), guidance {settings.guidance_scale:g}, "
-             f"shift {settings.flow_shift:g}"
-             + (f", cache {settings.cache.name} {settings.cache.threshold:g}" if settings.cache else ""))
-        for r in pipe.loras.records():
-            echo(f"lora: {r['name']} x{r['strength']:g}" + (f" ({r['expert']} expert)" if r["expert"] else ""))
-        echo(f"output: {output}")
-        echo(plan.summary())
-        return
-    # The pipeline checks every setting and the memory plan before loading a model.
-    progress = _Progress() if group.rank == 0 else None
-    try:
-        video = pipe(image, prompt, last_image=last_image, on_step=progress, **arguments)
-    finally:
-        if progress is not None:
-            progress.close()
-    if not group.decodes():
-        return
-    if fps is not None:
-        video.fps = fps
-        video.metadata["fps"] = fps
-    replacing = os.path.lexists(output)
-    path = video.save(output, overwrite=overwrite)
-    if replacing:
-        click.echo(f"replaced {path}")
-    m = video.metadata
-    echo(f"wrote {path} ({m['num_frames']} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})")
-    seconds = video.stats["seconds"]
-    echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
-    echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")
-    cache = video.metadata.get("cache")
-    if cache is not None:
-        passes = video.stats["transformer_passes"]
-        echo(f"transformer passes: {passes['computed']} computed, {passes['skipped']} skipped "
-             f"({cache['method']}, threshold {cache['threshold']:g})")
-    if "parallel" in video.stats:
-        p = video.stats["parallel"]
-        echo(f"parallel: {p['ranks']} ranks ({p['mode']}), rank 0 received {p['total_bytes_received'] / 1e6:.1f} MB "
-             f"and waited {p['wait_seconds']:.1f}s for the others")
-
-
-class _Progress:
-    """A progress bar over the denoising steps, opened at the first step so that errors raised before
-    it (bad settings, a broken checkpoint) stay the only line printed."""
-
-    def __init__(self) -> None:
-        self._bar = None
-
-    def __call__(self, step: int, total: int, timestep: int) -> None:
-        if self._bar is None:
-            self._bar = click.progressbar(length=total, label="denoising", show_pos=True, show_eta=True,
-                                          file=sys.stderr)
-            self._bar.__enter__()
-        self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-
-
-def _silent(*args, **kwargs) -> None:
-    """What ranks other than 0 print: nothing (errors reach stderr through the CLI's error handler)."""
-
-
-def _quiet_rank(rank: int) -> None:
-    """Keep a rank's stderr to one line per error: MLX's distributed backends log from C++ straight to
-    file descriptor 2 (a dozen lines when a peer leaves), so fd 2 goes to /dev/null while Python's
-    sys.stderr (click, logging) keeps the real one; ranks other than 0 also drop warnings. ``-v`` keeps
-    everything."""
-    if click.get_current_context().find_root().params.get("verbose"):
-        return
-    if rank != 0:
-        logging.getLogger().setLevel(logging.ERROR)
-    old = sys.stderr
-    old.flush()
-    real = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    sys.stderr = open(real, "w", buffering=1, encoding=old.encoding, errors="backslashreplace")
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
-            handler.setStream(sys.stderr)
-
-
-def _parse_sigmas(value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(s) for s in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected numbers separated by commas, e.g. 1,0.75,0.5,0.25; got {value!r}",
-                                 param_hint="--sigmas") from None
-
-
-def _sampler(settings) -> str:
-    """'euler on sigmas 1, 0.75, 0.5, 0.25, preset lightning'."""
-    parts = [settings.scheduler]
-    if settings.sigmas is not None:
-        parts[0] += " on sigmas " + ", ".join(f"{s:g}" for s in settings.sigmas)
-    if settings.preset is not None:
-        parts.append(f"preset {settings.preset}")
-    return ", ".join(parts)
-
-
+    execute(options, read_inputs, default_stem=image.stem, inputs=[image, last_image])

@@ -12,6 +12,7 @@ from mlx_i2v.errors import MlxI2VError
 
 from .bench import bench
 from .convert import convert, info, quantize
+from .creative import extend, restyle
 from .generate import generate
 from .signals import Terminated, terminate_cleanly
 
@@ -64,6 +65,8 @@ def main(verbose: bool) -> None:
 
 
 main.add_command(generate)
+main.add_command(restyle)
+main.add_command(extend)
 main.add_command(bench)
 main.add_command(convert)
 main.add_command(quantize)

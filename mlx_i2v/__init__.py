@@ -6,10 +6,12 @@ Public API::
     pipe = load_pipeline("Wan-AI/Wan2.2-TI2V-5B-Diffusers")
     video = pipe("photo.jpg", "a cat surfing a wave")
     video.save("cat.mp4")
+    longer = pipe.extend(video, "the wave breaks", num_frames=48)   # see the README's creative loop
 """
 
 import logging
 
+from .clips import Clip, load_clip
 from .errors import GenerationCancelled, InvalidInputError, MlxI2VError, ModelNotFoundError, WeightLoadError
 from .loading import load_pipeline
 from .lora import LoRA
@@ -23,6 +25,8 @@ __all__ = [
     "LoRA",
     "WanPipeline",
     "Video",
+    "Clip",
+    "load_clip",
     "MlxI2VError",
     "InvalidInputError",
     "ModelNotFoundError",

@@ -11,6 +11,8 @@
   content (an ISO-BMFF ``ftyp`` box, a GIF header, our frames-folder marker);
 * the output is never one of the ``protected`` inputs, nor a folder holding one.
 
+:func:`resolve_preview` applies the same rules to the PNG a run keeps rewriting (``--preview``).
+
 :func:`staged_output` is the writing side: everything goes to a temporary name beside the target,
 ``.NAME.partial-PID-TOKEN[.SUFFIX]``, published by a final step with no check-then-act window (a hard
 link or a directory rename, both of which fail if another process published first), and removed on any
@@ -42,7 +44,8 @@ ENCODER = "mlx-i2v"  # the tag in an mp4's metadata and in a frames folder's met
 FRAMES_MARKER = "metadata.json"
 FRAME_NAME = re.compile(r"frame_\d{5,}\.png")
 KINDS = {".mp4": "mp4", ".gif": "gif", "": "frames"}
-DESCRIPTIONS = {"mp4": "an MP4 file", "gif": "a GIF file", "frames": "a PNG-frames folder written by mlx-i2v"}
+DESCRIPTIONS = {"mp4": "an MP4 file", "gif": "a GIF file", "frames": "a PNG-frames folder written by mlx-i2v",
+                "png": "a PNG image"}
 # errno of a rename or link whose target is taken (a non-empty directory, a file where a directory goes)
 _TAKEN = {errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
 _PUBLISH_ATTEMPTS = 10
@@ -86,6 +89,38 @@ def resolve_output(
     return target
 
 
+def resolve_preview(
+    path: str | os.PathLike[str],
+    *,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+    output: Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """The output rules for an image rewritten during a run (``--preview``): a ``.png`` name; never one of
+    the ``inputs``, nor inside an input folder (a clip of PNG frames would gain a frame), nor the
+    ``output`` or inside it; an existing file replaced only with ``overwrite`` and only if it is a PNG.
+    Also checks its folder can be written.
+
+    Raises:
+        InvalidInputError: any of these rules is broken.
+    """
+    target = Path(os.fspath(path)).expanduser()
+    if target.suffix.lower() != ".png":
+        raise InvalidInputError(f"the preview is a PNG image: give a .png path, not {target}")
+    others = [("the input", Path(p)) for p in inputs if p is not None]
+    if output is not None:
+        others.append(("the output", output))
+    for what, other in others:
+        if _same(target, other) or _inside(target, other):
+            verb = "overwrite" if _same(target, other) else "write into"
+            raise InvalidInputError(f"the preview {target} would {verb} {what} {other}; choose another path")
+    found = inspect_output(target)
+    if found != "missing":
+        _check_replaceable(target, found, overwrite, kind="png")
+    ensure_writable(target)
+    return target
+
+
 def free_name(folder: Path, stem: str) -> Path:
     """``folder/<stem>.mp4``, or ``<stem>-2.mp4``, ``<stem>-3.mp4``, ... if taken."""
     stem = stem or "video"
@@ -108,20 +143,21 @@ def _check_name(target: Path, found: str) -> None:
         raise InvalidInputError(f"{target} is an existing file without a suffix; use .mp4, .gif or a folder name")
 
 
-def _check_replaceable(target: Path, found: str, overwrite: bool) -> None:
+def _check_replaceable(target: Path, found: str, overwrite: bool, kind: str | None = None) -> None:
     if not overwrite:
         raise InvalidInputError(f"{target} already exists; pass --overwrite (overwrite=True) to replace it")
-    kind = output_kind(target)
+    kind = kind or output_kind(target)
     if found != kind:
         raise InvalidInputError(f"{target} exists and is not {DESCRIPTIONS[kind]}; not replacing it")
 
 
 def inspect_output(path: Path) -> str:
     """What is at ``path`` (symlinks followed), by content: "missing", "mp4" (an ISO-BMFF file, ``ftyp``
-    box), "gif", "file" (another regular file), "frames" (a folder written by :meth:`Video.save`: nothing
-    but ``frame_NNNNN.png`` files and a ``metadata.json`` tagged ``"encoder": "mlx-i2v"``), "dir"
-    (another folder) or "other" (a dangling link, a device, ...). A folder is read through one open
-    descriptor, and read again if another writer swapped it meanwhile (moved aside to be deleted)."""
+    box), "gif", "png" (a preview image), "file" (another regular file), "frames" (a folder written by
+    :meth:`Video.save`: nothing but ``frame_NNNNN.png`` files and a ``metadata.json`` tagged
+    ``"encoder": "mlx-i2v"``), "dir" (another folder) or "other" (a dangling link, a device, ...). A
+    folder is read through one open descriptor, and read again if another writer swapped it meanwhile
+    (moved aside to be deleted)."""
     found = "other"
     for _ in range(_PUBLISH_ATTEMPTS):
         try:
@@ -167,6 +203,8 @@ def _inspect_file(path: Path) -> str:
         return "other"
     if head[4:8] == b"ftyp":
         return "mp4"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
     return "gif" if head[:6] in (b"GIF87a", b"GIF89a") else "file"
 
 

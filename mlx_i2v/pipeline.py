@@ -3,36 +3,52 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
 from . import validation
-from .conditioning import ConditionState
+from .clips import ClipInput, load_clip
+from .conditioning import ConditionState, Keyframes, encode_mode
 from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
-from .lora.manager import TransformerLoras
-from .models.wan_vae_tiling import Tiling, tiled_decode_frames
-from .planner import ModelDims, Plan, check_fits, latent_grid, plan_generation
-from .resident import Resident
+from .extend import (
+    DEFAULT_COLOUR_MATCH,
+    Continuation,
+    check_clip_fits,
+    check_colour_match,
+    context_frames,
+    new_frame_count,
+)
 from .image import ImageInput, ImageOptions, LoadReport, fit_to_frame, load_image, to_model_range
+from .lora.manager import TransformerLoras
 from .models.clip import CLIPVisionTower
 from .models.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import UMT5Encoder, encode_prompts
 from .models.wan_vae import AutoencoderKLWan
+from .models.wan_vae_tiling import Tiling, tiled_decode_frames
+from .motion import check_motion
 from .parallel import Parallel
+from .planner import ModelDims, Plan, check_fits, latent_grid, plan_generation
+from .preview import LATENT_RGB, Preview
+from .request import Request, close_loop, keep_frames
+from .resident import Resident
+from .restyle import DEFAULT_STRENGTH, check_strength, clip_frames, restyle_start
 from .runtime import dtype_name
 from .sampling import Samplers, choose_sampling
+from .schedulers import add_noise
 from .stepcache import CacheMethod, StepCache, kept_bytes, resolve_cache
 from .variants import Variant
 from .video import Video
@@ -42,7 +58,8 @@ log = logging.getLogger(__name__)
 TEXT_TOKENS = 512  # Wan always pads prompts to 512 tokens (see wan.md §0.1-0.2)
 TEMPORAL_STRIDE = 4
 
-StepCallback = Callable[[int, int, float], "bool | None"]
+# on_step(step, total, timestep) or on_step(step, total, timestep, preview); False cancels.
+StepCallback = Callable[..., "bool | None"]
 
 
 @dataclass
@@ -77,9 +94,19 @@ class ImageEncoder:
         return self.tower(mx.array(self.processor(images)))
 
 
+@dataclass(frozen=True)
+class ClipFrame:
+    """A frame of the input clip standing in for a photo (a restyle's first or last frame, an extension's
+    context): used as it is and fitted as the clip's frames are; the image options are for the caller's
+    photos."""
+
+    image: Image.Image
+
+
 def _one_call_at_a_time(method: Callable) -> Callable:
-    """Serialise calls on one pipeline: its stages load and release shared models, so a second call
-    from another thread waits for the running one to finish."""
+    """Serialise generations on one pipeline: its stages load and release shared models, so a second
+    call from another thread waits for the running one to finish. The lock is re-entrant, so ``__call__``
+    and ``extend`` hold it from reading the inputs through the ``run`` they make."""
 
     @functools.wraps(method)
     def wrapper(self: WanPipeline, *args, **kwargs):
@@ -96,8 +123,8 @@ class WanPipeline:
     Components are loaded when their stage starts and released when it ends (text encoder, CLIP, VAE,
     transformer experts), so only one large model is in memory at a time; ``keep_resident`` keeps them.
 
-    A pipeline can be called from any thread (a Mac app's worker thread, say), one call at a time: a
-    call made while another is running waits for it to finish.
+    A pipeline can be called from any thread (a Mac app's worker thread, say), one generation at a time:
+    a call made while another is running waits for it to finish.
     """
 
     variant: Variant
@@ -114,8 +141,7 @@ class WanPipeline:
     image_encoder: Resident[ImageEncoder] | None = None
     loras: TransformerLoras | None = None
     parallel: Parallel = field(default_factory=Parallel)  # this process's share of each generation
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
-
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     def set_loras(self, loras) -> None:
         """Change the LoRAs or their strengths without reloading the base model (same forms as
@@ -126,6 +152,8 @@ class WanPipeline:
             raise InvalidInputError("this pipeline was built without LoRA support")
         self.loras.set(loras, self.experts.loaded())
 
+    # --- plans ---------------------------------------------------------------------------------------
+
     def plan(
         self,
         *,
@@ -134,13 +162,17 @@ class WanPipeline:
         num_frames: int,
         guidance: bool = True,
         budget: int | None = None,
+        encode_frames: int | None = None,
         cache: CacheMethod | None = None,
         shards: int = 1,
     ) -> Plan:
         """Estimate this pipeline's peak memory for a request, before anything is loaded (see
-        :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid; ``cache`` is
-        the step cache's method (``Settings.cache``), whose kept residuals take memory too; ``shards``:
-        the token shards of a sequence-parallel run (the plan is then one rank's)."""
+        :mod:`mlx_i2v.planner`). Height, width and frame count should already be valid; ``encode_frames``
+        (video frames the VAE encodes) defaults to what image-to-video encodes; ``cache`` is the step
+        cache's method (``Settings.cache``), whose kept residuals take memory too; ``shards``: the token
+        shards of a sequence-parallel run (the plan is then one rank's)."""
+        if encode_frames is None:
+            encode_frames = num_frames if self.variant.conditioning.requires_image else 1
         return plan_generation(
             self.dims,
             height=height,
@@ -150,7 +182,7 @@ class WanPipeline:
             dtype=self.dtype,
             quantize=self.quantize_bits,
             budget=budget,
-            encode_frames=num_frames if self.variant.conditioning.requires_image else 1,
+            encode_frames=encode_frames,
             staged=not self.text_encoder.keep,
             cache_bytes=kept_bytes(cache, self.dtype),
             shards=shards,
@@ -158,17 +190,22 @@ class WanPipeline:
 
     def plan_call(self, image: ImageInput | None = None, **kwargs) -> tuple[Settings, Plan]:
         """The settings and the memory plan of a call with these arguments (see :meth:`resolve_settings`),
-        without loading a model: what ``--dry-run`` shows."""
-        settings = self.resolve_settings(image, **kwargs)
-        return settings, self.plan_settings(settings)
+        without loading a model."""
+        request = self._resolve(image, kwargs)
+        return request.settings, self.plan_request(request)
 
-    def plan_settings(self, settings: Settings) -> Plan:
+    def plan_request(self, request: Request) -> Plan:
+        """The plan of this process for a prepared request: what ``--dry-run`` shows."""
+        return self.plan_settings(request.settings, encode_frames=request.encode_frames(self.variant.conditioning))
+
+    def plan_settings(self, settings: Settings, encode_frames: int | None = None) -> Plan:
         """The plan of this process for resolved settings: with both guidance branches in its batch
         unless they are split over ranks, on its shard of the tokens in a sequence-parallel run."""
         scales = self._scales(settings)
         guidance = len(self.denoiser(scales).branches_needed(scales)) > 1
         plan = self.plan(height=settings.height, width=settings.width, num_frames=settings.num_frames,
-                         guidance=guidance, cache=settings.cache, shards=self.parallel.layout(scales).sequence)  # fmt: skip
+                         guidance=guidance, encode_frames=encode_frames, cache=settings.cache,
+                         shards=self.parallel.layout(scales).sequence)  # fmt: skip
         if self.parallel.size > 1:
             grid = latent_grid(self.dims.vae, settings.height, settings.width, settings.num_frames)
             plan.parallel = self.parallel.summary(scales, self.dims.transformer, grid, self.dtype)
@@ -177,18 +214,20 @@ class WanPipeline:
     def resolve_settings(self, image: ImageInput | None = None, **kwargs) -> Settings:
         """The settings a call with these arguments would use (defaults filled in, sizes rounded, every
         argument checked), without loading a model or generating anything. Accepts the keyword
-        arguments of ``__call__`` (``prompt`` and ``on_step`` too, checked and otherwise unused)."""
-        options = _image_options(kwargs)
+        arguments of ``__call__`` (``prompt``, ``latents`` and ``on_step`` too, checked and otherwise unused)."""
+        return self._resolve(image, kwargs).settings
+
+    def _resolve(self, image: ImageInput | None, kwargs: dict[str, Any]) -> Request:
         if "prompt" in kwargs:
             validation.text("prompt", kwargs.pop("prompt"))
         _check_on_step(kwargs.pop("on_step", None))
         latents = kwargs.pop("latents", None)
-        photos = self._photos(image, kwargs.pop("last_image", None), options)
-        settings = self._settings(photos, **kwargs)
-        self._check_cache_sharding(settings)
+        request = self.prepare(image, **kwargs)
         if latents is not None:
-            self._initial_noise(self._latent_shape(settings), settings.seed, latents)
-        return settings
+            self._initial_noise(self._latent_shape(request.settings), request.settings.seed, latents)
+        return request
+
+    # --- the calls -----------------------------------------------------------------------------------
 
     @_one_call_at_a_time
     def __call__(
@@ -196,6 +235,10 @@ class WanPipeline:
         image: ImageInput | None,
         prompt: str,
         *,
+        video: ClipInput | None = None,
+        strength: float | None = None,
+        loop: bool = False,
+        motion: float = 1.0,
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -218,27 +261,40 @@ class WanPipeline:
         sigmas: list[float] | None = None,
         preset: str | None = None,
     ) -> Video:
-        """Generate a clip that starts from ``image``.
+        """Generate a clip that starts from ``image``, or restyle ``video``.
 
         Args:
             image: path, PIL image or uint8 array (H, W), (H, W, 3) or (H, W, 4); turned upright by its EXIF
                 orientation, then fitted to the frame (see ``fit``). None generates from the prompt alone
-                where the variant can (Wan2.2-TI2V-5B).
+                where the variant can (Wan2.2-TI2V-5B); in a restyle, None takes the clip's first frame
+                where the variant needs an image.
             prompt: what should happen; the model reads its first 511 tokens (a longer prompt is cut with
                 a logged warning). ``negative_prompt``: None for the model's default, "" for none.
+            video: restyle this clip (see :func:`~mlx_i2v.clips.load_clip`; one frame is an image-to-image
+                pass): it is encoded, noised to the first kept step and denoised over the last
+                ``int(num_inference_steps * strength)`` steps (diffusers' ``WanVideoToVideoPipeline``).
+                Its size and (4k+1 of its) frames are the defaults of ``height``, ``width``, ``num_frames``.
+            strength: how much of the schedule a restyle reruns, in (0, 1] (default 0.6).
+            loop: end the clip on its first frame (first-last-frame models and Wan2.2-I2V-A14B); the
+                final frame, a copy of the first, is dropped so that the clip plays seamlessly in a loop.
+            motion: experimental motion amplitude (PainterI2V, :mod:`mlx_i2v.motion`), in [0.25, 2];
+                1 is off. Channel-concat models only (Wan2.1-I2V/FLF2V, Wan2.2-I2V-A14B).
             height, width: frame size; rounded to the variant's multiple (16 or 32) with a logged notice.
-                Unset: the variant's default size in the photo's orientation.
+                Unset: the variant's default size in the photo's orientation (a restyle: the clip's size).
             num_frames: rounded to 4k+1. Unset settings take the variant's defaults.
             guidance_scale: classifier-free guidance (> 1 enables it); ``guidance_scale_2`` is the
                 low-noise expert's for Wan2.2-A14B (default: its own default, else ``guidance_scale``).
             seed: for the initial noise, an int in [0, 2**64 - 1] (default: random); ``latents`` overrides
                 it with explicit noise, a float array in diffusers' layout (1, C, T, H/stride, W/stride), to
                 reproduce a diffusers run.
-            last_image: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V).
-            on_step: ``on_step(step, total, timestep)`` after every denoising step; returning False stops
-                the generation by raising :class:`GenerationCancelled`.
+            last_image: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V; optional on A14B).
+            on_step: ``on_step(step, total, timestep)`` after every denoising step, or
+                ``on_step(step, total, timestep, preview)`` with a :class:`~mlx_i2v.preview.Preview` of the
+                predicted clean clip (computed only if asked); returning False stops the generation by
+                raising :class:`GenerationCancelled`.
             crop, rotate: applied to the photo(s) after the EXIF orientation: rotate clockwise by 0, 90,
-                180 or 270 degrees, then crop to (x, y, width, height) pixels of the rotated photo.
+                180 or 270 degrees, then crop to (x, y, width, height) pixels of the rotated photo. They
+                apply to the photos given as ``image`` and ``last_image``, not to a clip's frames.
             fit: "cover" scales the photo to cover the frame and centre-crops; "contain" scales it to fit
                 inside and pads with ``background``, which also shows through transparent pixels (an
                 (R, G, B) tuple or a colour string such as "white" or "#202020").
@@ -254,92 +310,296 @@ class WanPipeline:
                 ``"turbo"`` (Wan2.2-TI2V-5B-Turbo).
 
         Returns:
-            A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1]. In a parallel
-            run (see :mod:`mlx_i2v.parallel`) only rank 0 decodes: the other ranks' frames are empty,
-            (0, height, width, 3); metadata and stats say how the ranks shared the work.
+            A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1]
+            (num_frames - 1 for a loop). In a parallel run (see :mod:`mlx_i2v.parallel`) only rank 0
+            decodes: the other ranks' frames are empty, (0, height, width, 3); metadata and stats say how
+            the ranks shared the work.
 
         Raises:
             InvalidInputError: for any argument of the wrong type or out of range, before any model loads.
         """
-        tic = time.perf_counter()
-        options = ImageOptions(crop=crop, rotate=rotate, fit=fit, background=background)
+        request = self.prepare(
+            image, video=video, strength=strength, loop=loop, motion=motion, last_image=last_image,
+            negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, crop=crop, rotate=rotate,
+            fit=fit, background=background, cache=cache, cache_threshold=cache_threshold, scheduler=scheduler,
+            sigmas=sigmas, preset=preset,
+        )  # fmt: skip
+        return self.run(request, prompt, latents=latents, on_step=on_step)
+
+    @_one_call_at_a_time
+    def extend(
+        self,
+        video: ClipInput,
+        prompt: str,
+        *,
+        num_frames: int,
+        context: int | None = None,
+        colour_match: float = DEFAULT_COLOUR_MATCH,
+        motion: float = 1.0,
+        last_image: ImageInput | None = None,
+        latents: np.ndarray | None = None,
+        on_step: StepCallback | None = None,
+        **settings,
+    ) -> Video:
+        """Continue ``video`` by ``num_frames`` new frames (see :mod:`mlx_i2v.extend`).
+
+        Args:
+            video: the clip to continue (see :func:`~mlx_i2v.clips.load_clip`); its frame size must be a
+                multiple of the variant's (16, or 32 for TI2V-5B), as the new frames are generated at it.
+            num_frames: new frames, rounded to a multiple of 4.
+            context: how many of the clip's last frames the model is given, 4k+1 (default: 5 for TI2V-5B,
+                held as clean latent frames; 1 for the channel-concat models, their trained first-frame
+                mask; more makes a pixel-mask prefix).
+            colour_match: 0-1, how far the new frames' Lab mean and spread are moved to the context's
+                (:mod:`mlx_i2v.colour`); 0 is off.
+            last_image: where the continuation should end (Wan2.1-FLF2V, which requires it; optional on A14B).
+            latents: the noise of the generated window (context + new frames), as in ``__call__``.
+            settings: the other keyword arguments of ``__call__`` (``negative_prompt``,
+                ``num_inference_steps``, ``guidance_scale``, ``guidance_scale_2``, ``flow_shift``, ``seed``,
+                ``scheduler``, ``sigmas``, ``preset``, ``cache``, ``cache_threshold``; ``crop``, ``rotate``,
+                ``fit`` and ``background`` for ``last_image``); the size is the clip's.
+
+        Returns:
+            A :class:`Video`: the original frames, unchanged, followed by the new ones, at the clip's fps
+            (empty frames on the ranks other than 0 of a parallel run).
+        """
+        request = self.prepare_extend(video, num_frames=num_frames, context=context, colour_match=colour_match,
+                                      motion=motion, last_image=last_image, **settings)  # fmt: skip
+        return self.run(request, prompt, latents=latents, on_step=on_step)
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        image: ImageInput | None = None,
+        *,
+        video: ClipInput | None = None,
+        strength: float | None = None,
+        loop: bool = False,
+        motion: float = 1.0,
+        last_image: ImageInput | None = None,
+        **settings,
+    ) -> Request:
+        """Resolve the inputs and settings of a ``__call__`` (same arguments, without prompt, latents and
+        on_step) into a :class:`Request`, reading the inputs but loading no model: every bad input fails
+        here with one line."""
+        tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
+        options = _image_options(settings)
+        motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
+        last_image = self._check_loop(loop, last_image)
+        if video is not None:
+            request = self._prepare_restyle(image, video, strength, loop, motion, last_image, options, report, settings)
+        elif strength is not None:
+            raise InvalidInputError("strength applies to a restyle: pass the clip as video=")
+        else:
+            sources = (image, image if loop else last_image)
+            photos = self._photos(*sources, options, report)
+            s = self._settings(photos, **settings)
+            request = Request(s, photos, self._keyframes(sources, photos, s, options, report), motion,
+                              finish=close_loop if loop else keep_frames,
+                              details={"mode": "generate", "loop": loop, "motion": motion})  # fmt: skip
+        return self._complete(request, image, last_image, options, report, seed, tic)
+
+    def prepare_extend(
+        self,
+        video: ClipInput,
+        *,
+        num_frames: int,
+        context: int | None = None,
+        colour_match: float = DEFAULT_COLOUR_MATCH,
+        motion: float = 1.0,
+        last_image: ImageInput | None = None,
+        **settings,
+    ) -> Request:
+        """Resolve the inputs and settings of an :meth:`extend` into a :class:`Request` (loading no model)."""
+        tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
+        options = _image_options(settings)
+        motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
+        colour_match = check_colour_match(colour_match)
+        clip = load_clip(video)
+        height, width = check_clip_fits(clip, self.variant.size_multiple, self.variant.name)
+        c = context_frames(context, self.variant.conditioning.extend_context, clip.num_frames)
+        new = new_frame_count(num_frames)
+        photos = self._photos(ClipFrame(clip.image(clip.num_frames - c)), last_image, options, report)
+        s = self._settings(photos, height=height, width=width, num_frames=c + new, **settings)
+        s = replace(s, fps=clip.fps or s.fps)
+        tail = self._fit(photos[1], s, options, report) if len(photos) > 1 else None
+        keyframes = Keyframes(clip.model_frames(width, height, slice(-c, None)), tail)
+        details = {"mode": "extend", "source": clip.name, "source_frames": clip.num_frames, "context_frames": c,
+                   "new_frames": new, "colour_match": colour_match, "motion": motion}  # fmt: skip
+        request = Request(s, photos, keyframes, motion, finish=Continuation(clip, c, colour_match), details=details)
+        return self._complete(request, None, last_image, options, report, seed, tic)
+
+    def _prepare_restyle(self, image, video, strength, loop, motion, last_image, options, report, settings) -> Request:
+        clip = load_clip(video)
+        strength = check_strength(DEFAULT_STRENGTH if strength is None else strength)
+        num_frames = settings.pop("num_frames", None)
+        if num_frames is not None:
+            num_frames = self._round_frames(validation.integer("num_frames", num_frames, minimum=1))
+        frames = clip_frames(clip, num_frames)
+        conditioning = self.variant.conditioning
+        first = image if image is not None else ClipFrame(clip.image(0)) if conditioning.requires_image else None
+        if loop:
+            last_image = first
+        elif last_image is None and self.variant.takes_last_image:
+            last_image = ClipFrame(clip.image(frames - 1))  # FLF2V: the clip's own last frame closes it
+        photos = self._photos(first, last_image, options, report)
+        if settings.get("height") is None and settings.get("width") is None:
+            settings["height"], settings["width"] = clip.size
+        s = self._settings(photos, reference=clip.image(0), num_frames=frames, **settings)
+        s = replace(s, fps=clip.fps or s.fps)
+        start = restyle_start(s.num_inference_steps, strength)
+        details = {"mode": "restyle", "source": clip.name, "strength": strength,
+                   "steps_run": s.num_inference_steps - start, "loop": loop, "motion": motion}  # fmt: skip
+        source = clip.model_frames(s.width, s.height, slice(frames))
+        keyframes = self._keyframes((first, last_image), photos, s, options, report)
+        return Request(s, photos, keyframes, motion, source=source, start=start,
+                       finish=close_loop if loop else keep_frames, details=details)  # fmt: skip
+
+    def _complete(self, request: Request, image, last_image, options: ImageOptions, report: LoadReport, seed,
+                  tic: float) -> Request:  # fmt: skip
+        """What every mode records the same way: the image options (when the caller gave a photo), the
+        photo's name, the cost of reading the inputs, and whether the seed was drawn."""
+        self._check_cache_sharding(request.settings)
+        if image is not None or last_image is not None:
+            request.details.update(options.metadata())
+        if isinstance(image, (str, Path)):
+            request.details["image_name"] = Path(image).name
+        request.report, request.random_seed = report, seed is None
+        request.read_seconds = time.perf_counter() - tic
+        return request
+
+    def _keyframes(self, sources: Sequence, photos: list[Image.Image], s: Settings, options: ImageOptions,
+                   report: LoadReport) -> Keyframes | None:  # fmt: skip
+        """The photo (and last photo) fitted to the frame: the caller's as ``options`` say, a clip's frame
+        as the clip's frames are (cover)."""
+        if not photos:
+            return None
+        given = [p for p in sources if p is not None]
+        frames = [self._fit(photo, s, ImageOptions() if isinstance(source, ClipFrame) else options, report)
+                  for source, photo in zip(given, photos)]  # fmt: skip
+        return Keyframes(frames[0][None], frames[1] if len(frames) > 1 else None)
+
+    @staticmethod
+    def _fit(photo: Image.Image, s: Settings, options: ImageOptions, report: LoadReport) -> np.ndarray:
+        return to_model_range(fit_to_frame(photo, s.width, s.height, options.fit, options.background, report))
+
+    def _check_loop(self, loop: bool, last_image: ImageInput | None) -> ImageInput | None:
+        if not isinstance(loop, (bool, np.bool_)):
+            raise InvalidInputError(f"loop must be True or False, got {loop!r}")
+        if not loop:
+            return last_image
+        if not self.variant.accepts_last_image:
+            raise InvalidInputError(
+                f"{self.variant.name} has no last-frame input, so it cannot close a loop; "
+                "use Wan2.1-FLF2V or Wan2.2-I2V-A14B"
+            )
+        if last_image is not None:
+            raise InvalidInputError("a loop ends on its first frame; last_image does not apply")
+        return None
+
+    # --- generation ----------------------------------------------------------------------------------
+
+    @_one_call_at_a_time
+    def run(
+        self, request: Request, prompt: str, *, latents: np.ndarray | None = None, on_step: StepCallback | None = None
+    ) -> Video:
+        """Generate what a prepared :class:`Request` describes (see ``__call__`` for ``latents`` and
+        ``on_step``)."""
         validation.text("prompt", prompt)
         _check_on_step(on_step)
-        report = LoadReport()
-        photos = self._photos(image, last_image, options, report)
-        loading_seconds = time.perf_counter() - tic
-        settings = self._settings(
-            photos, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, cache=cache,
-            cache_threshold=cache_threshold, scheduler=scheduler, sigmas=sigmas, preset=preset,
-        )  # fmt: skip
-        self._check_cache_sharding(settings)
+        s = request.settings
         # With other ranks: stop here unless they were all asked the same, and use one seed.
-        settings.seed = self.parallel.agree(self._request(prompt, photos, settings, latents, seed), settings.seed)
-        scales = self._scales(settings)
-        step_cache = StepCache(settings.cache)
+        s.seed = self.parallel.agree(self._handshake(prompt, request, latents), s.seed)
+        scales = self._scales(s)
+        step_cache = StepCache(s.cache)
         denoiser = self.denoiser(scales, step_cache)
         branches = denoiser.branches_needed(scales)
-        plan = self.plan_settings(settings)
+        plan = self.plan_request(request)
         check_fits(plan)  # stop before loading anything rather than run out of memory halfway
-        noise = self._initial_noise(self._latent_shape(settings), settings.seed, latents)
+        noise = self._initial_noise(self._latent_shape(s), s.seed, latents)
         timings: dict[str, float] = {}
         active_while_loading = mx.get_active_memory()
         mx.reset_peak_memory()
 
-        tic = time.perf_counter()
-        prompts = {COND: prompt, UNCOND: settings.negative_prompt}
-        text = self.encode_text([prompts[b] for b in branches], names=[PROMPT_NAMES[b] for b in branches])
-        text = {b: text[i : i + 1] for i, b in enumerate(branches)}
-        image_tokens = self.encode_image_tokens(photos)
-        timings["text"] = time.perf_counter() - tic
+        with _timed(timings, "text"):
+            prompts = {COND: prompt, UNCOND: s.negative_prompt}
+            text = self.encode_text([prompts[b] for b in branches], names=[PROMPT_NAMES[b] for b in branches])
+            text = {b: text[i : i + 1] for i, b in enumerate(branches)}
+            image_tokens = self.encode_image_tokens(request.photos)
+        with _timed(timings, "image", request.read_seconds):
+            state, source = self.encode_inputs(request, noise.shape)
+        with _timed(timings, "denoise"):
+            sampler = self.sampler(s)
+            # A restyle starts from the clip noised to the sigma of its first step, in this sampler's schedule.
+            initial = noise if source is None else add_noise(source, noise, float(sampler.sigmas[request.start]))
+            observe = _observer(on_step, self._previewer(state))
+            try:
+                final = denoiser(
+                    sampler, initial, state, text, image_tokens, scales, start=request.start, observe=observe
+                )
+            finally:
+                self.experts.done()
+        with _timed(timings, "decode"):
+            if self.parallel.decodes():
+                frames = request.finish(self.decode(final, tiling=plan.vae_tiling))
+            else:  # rank 0 decodes; the other ranks' part is done
+                frames = np.zeros((0, s.height, s.width, 3), np.float32)
 
-        tic = time.perf_counter()
-        state: ConditionState | None = None
-        if photos:
-            size = (settings.width, settings.height)
-            frames = [to_model_range(fit_to_frame(p, *size, options.fit, options.background, report)) for p in photos]
-            state = self.variant.conditioning.prepare(self.vae_encoder.get(), frames, settings.num_frames, noise.shape)
-            mx.eval(state.latent)
-            self.vae_encoder.release()
-        timings["image"] = loading_seconds + time.perf_counter() - tic
+        # The photos' Pillow buffers are not MLX's: the peak is MLX's plus the prepared photos held
+        # throughout, or the Pillow buffers alive at once while loading and fitting them, if larger.
+        report = request.report
+        peak = max(mx.get_peak_memory() + report.held, active_while_loading + report.peak)
+        stats = {"seconds": timings, "peak_memory_gb": peak / 1e9, "transformer_passes": step_cache.passes()}
+        metadata = self._metadata(request, prompt)
+        if self.parallel.size > 1:
+            metadata["parallel"] = self.parallel.describe(scales)
+            stats["parallel"] = self.parallel.stats(scales)
+        return Video(frames=frames, fps=s.fps, metadata=metadata, stats=stats)
 
-        tic = time.perf_counter()
-        sampler = self.sampler(settings)
-        try:
-            final = denoiser(sampler, noise, state, text, image_tokens, scales, observe=_observer(on_step))
-        finally:
-            self.experts.done()
-        timings["denoise"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        if self.parallel.decodes():
-            video = self.decode(final, tiling=plan.vae_tiling)
-        else:  # rank 0 decodes; the other ranks' part is done
-            video = np.zeros((0, settings.height, settings.width, 3), np.float32)
-        timings["decode"] = time.perf_counter() - tic
-
-        metadata = {
+    def _metadata(self, request: Request, prompt: str) -> dict[str, Any]:
+        s = request.settings
+        return {
             "prompt": prompt,
             "model": self.model_name,
             "variant": self.variant.name,
             "dtype": dtype_name(self.dtype),
-            "image": image is not None,
-            **({"image_name": Path(image).name} if isinstance(image, (str, Path)) else {}),
-            **(options.metadata() if photos else {}),
-            **vars(settings),
-            "cache": settings.cache.describe() if settings.cache is not None else None,
+            "image": bool(request.photos),
+            **vars(s),
+            "cache": s.cache.describe() if s.cache is not None else None,
+            "loras": self.loras.records() if self.loras is not None else [],
+            **request.details,
+        }
+
+    def _handshake(self, prompt: str, request: Request, latents: np.ndarray | None) -> dict[str, Any]:
+        """What every rank of a parallel run must agree on (compared by digest, see
+        :mod:`mlx_i2v.parallel.handshake`): the model, settings, prompt, every input the model sees (photos,
+        keyframes, a restyle's clip) and the mode's details (strength, motion, loop, context...)."""
+        s, k = request.settings, request.keyframes
+        return {
+            "model": [self.variant.name, self.dims, dtype_name(self.dtype), self.quantize_bits],
+            "settings": {n: v for n, v in vars(s).items() if n != "seed"},
+            "seed": "random" if request.random_seed else s.seed,
+            "prompt": prompt,
+            "photos": b"".join(np.asarray(p).tobytes() for p in request.photos),
+            "keyframes": b"" if k is None else k.head.tobytes() + (b"" if k.tail is None else k.tail.tobytes()),
+            "source": b"" if request.source is None else request.source.tobytes(),
+            "mode": {n: v for n, v in request.details.items() if n not in LOCAL_DETAILS},
+            "latents": b"" if latents is None else np.asarray(latents, np.float32).tobytes(),
             "loras": self.loras.records() if self.loras is not None else [],
         }
-        # The photos' Pillow buffers are not MLX's: the peak is MLX's plus the prepared photos held
-        # throughout, or the Pillow buffers alive at once while loading and fitting them, if larger.
-        peak = max(mx.get_peak_memory() + report.held, active_while_loading + report.peak)
-        stats = {"seconds": timings, "peak_memory_gb": peak / 1e9, "transformer_passes": step_cache.passes()}
-        if self.parallel.size > 1:
-            metadata["parallel"] = self.parallel.describe(scales)
-            stats["parallel"] = self.parallel.stats(scales)
-        return Video(frames=video, fps=settings.fps, metadata=metadata, stats=stats)
+
+    def _check_cache_sharding(self, s: Settings) -> None:
+        """A step cache whose decisions read the hidden states (First-Block-Cache) or per-token timesteps
+        (TeaCache) would decide on each rank's own token shard, and ranks that decide differently wait on
+        each other forever; MagCache decides from its calibrated curve alone, the same on every rank."""
+        if s.cache is not None and s.cache.name != "magcache" and self.parallel.layout(self._scales(s)).sequence > 1:
+            raise InvalidInputError(
+                f"--cache {s.cache.name} does not work with sequence-parallel ranks (each would decide on its own "
+                "tokens); use --cache magcache, or --parallel cfg"
+            )
 
     # --- stages -------------------------------------------------------------------------------------
 
@@ -360,30 +620,30 @@ class WanPipeline:
         guidance, forward = self.parallel.strategies(scales, forward)
         return Denoiser(self.experts, self.variant.conditioning, self.dtype, guidance, forward)
 
-    def _request(
-        self, prompt: str, photos: list[Image.Image], s: Settings, latents: np.ndarray | None, seed: int | None
-    ) -> dict[str, Any]:
-        """What every rank of a parallel run must agree on (compared by digest, see
-        :mod:`mlx_i2v.parallel.handshake`)."""
-        return {
-            "model": [self.variant.name, self.dims, dtype_name(self.dtype), self.quantize_bits],
-            "settings": {k: v for k, v in vars(s).items() if k != "seed"},
-            "seed": "random" if seed is None else s.seed,
-            "prompt": prompt,
-            "photos": b"".join(np.asarray(p).tobytes() for p in photos),
-            "latents": b"" if latents is None else np.asarray(latents, np.float32).tobytes(),
-            "loras": self.loras.records() if self.loras is not None else [],
-        }
+    def encode_inputs(
+        self, request: Request, latent_shape: tuple[int, ...]
+    ) -> tuple[ConditionState | None, mx.array | None]:
+        """VAE-encode what the request conditions on (its keyframes) and, for a restyle, the clip to
+        noise: (condition state or None, normalised clip latents (1, T, h, w, C) or None)."""
+        if request.keyframes is None and request.source is None:
+            return None, None
+        vae = self.vae_encoder.get()
+        state = source = None
+        if request.keyframes is not None:
+            num_frames = request.settings.num_frames
+            state = self.variant.conditioning.prepare(vae, request.keyframes, num_frames, latent_shape, request.motion)
+            mx.eval(state.latent)
+        if request.source is not None:
+            source = encode_mode(vae, request.source)
+            mx.eval(source)
+        self.vae_encoder.release()
+        return state, source
 
-    def _check_cache_sharding(self, s: Settings) -> None:
-        """A step cache whose decisions read the hidden states (First-Block-Cache) or per-token timesteps
-        (TeaCache) would decide on each rank's own token shard, and ranks that decide differently wait on
-        each other forever; MagCache decides from its calibrated curve alone, the same on every rank."""
-        if s.cache is not None and s.cache.name != "magcache" and self.parallel.layout(self._scales(s)).sequence > 1:
-            raise InvalidInputError(
-                f"--cache {s.cache.name} does not work with sequence-parallel ranks (each would decide on its own "
-                "tokens); use --cache magcache, or --parallel cfg"
-            )
+    def _previewer(self, state: ConditionState | None) -> Callable[[mx.array], Preview]:
+        """Builds each step's :class:`Preview` (lazily: nothing is computed unless the callback asks)."""
+        projection = LATENT_RGB[self.dims.vae.z_dim]
+        conditioning = self.variant.conditioning
+        return lambda x0: Preview(x0, projection, lambda latents: conditioning.finalize(latents, state))
 
     def _scales(self, s: Settings) -> tuple[float, ...]:
         """The guidance scale of each expert: the high-noise expert takes ``guidance_scale``, the
@@ -419,12 +679,13 @@ class WanPipeline:
 
     def _photos(
         self,
-        image: ImageInput | None,
-        last_image: ImageInput | None,
+        image: ImageInput | ClipFrame | None,
+        last_image: ImageInput | ClipFrame | None,
         options: ImageOptions,
-        report: LoadReport | None = None,
+        report: LoadReport,
     ) -> list[Image.Image]:
-        """The prepared photos (first, then last), their notices logged and their cost in ``report``."""
+        """The prepared photos (first, then last): the caller's prepared as ``options`` say, their notices
+        logged and their cost in ``report``; a :class:`ClipFrame` as it is."""
         v = self.variant
         if image is None:
             if v.conditioning.requires_image:
@@ -434,11 +695,11 @@ class WanPipeline:
             return []
         if last_image is None and v.takes_last_image:
             raise InvalidInputError(f"{v.name} needs a last image (--last-image)")
-        if last_image is not None and not v.takes_last_image:
+        if last_image is not None and not v.accepts_last_image:
             raise InvalidInputError(f"{v.name} does not take a last image; use a first-last-frame model (FLF2V)")
-        report = report or LoadReport()
-        photos = [load_image(p, options, report) for p in (image, last_image) if p is not None]
-        for notice in report.notices:
+        photos = [p.image if isinstance(p, ClipFrame) else load_image(p, options, report)
+                  for p in (image, last_image) if p is not None]  # fmt: skip
+        for notice in dict.fromkeys(report.notices):  # (a loop reads its photo twice)
             log.warning("%s", notice)
         return photos
 
@@ -446,6 +707,7 @@ class WanPipeline:
         self,
         photos: list[Image.Image],
         *,
+        reference: Image.Image | None = None,
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -461,6 +723,7 @@ class WanPipeline:
         sigmas: list[float] | None = None,
         preset: str | None = None,
     ) -> Settings:
+        """``reference``: the picture whose aspect ratio sets an unset side (default: the first photo)."""
         sampling = choose_sampling(
             self.variant, self.samplers.default, preset=preset, scheduler=scheduler, sigmas=sigmas,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -480,7 +743,9 @@ class WanPipeline:
         for name, value in (("height", height), ("width", width)):
             if value is not None:
                 validation.integer(name, value, minimum=1)
-        height, width = self._size(photos[0] if photos else None, height, width)
+        if reference is None and photos:
+            reference = photos[0]
+        height, width = self._size(reference, height, width)
         num_frames = self._round_frames(validation.integer("num_frames", _or(num_frames, d.num_frames), minimum=1))
         if self.variant.takes_last_image and num_frames < 2:
             raise InvalidInputError("a first-last-frame clip needs at least 5 frames")
@@ -551,6 +816,9 @@ class WanPipeline:
 
 
 PROMPT_NAMES = {COND: "prompt", UNCOND: "negative prompt"}  # how warnings name them
+# Details of a request that name files, which may differ between hosts holding the same inputs: not
+# compared by the parallel handshake (the inputs' contents are).
+LOCAL_DETAILS = ("source", "image_name")
 
 
 def _or(*values):
@@ -569,14 +837,34 @@ def _check_on_step(on_step: object) -> None:
         raise InvalidInputError(f"on_step must be callable or None, got {type(on_step).__name__}")
 
 
-def _observer(on_step: StepCallback | None):
-    """The loop's per-step observer for a user's ``on_step(step, total, timestep)``: returning False from
-    it cancels the generation."""
+def _observer(on_step: StepCallback | None, previewer: Callable[[mx.array], Preview]):
+    """The loop's per-step observer for a user's ``on_step``: a callback that takes a fourth argument gets
+    the step's :class:`Preview`; returning False cancels the generation."""
     if on_step is None:
         return None
+    with_preview = _takes_four_arguments(on_step)
 
     def observe(step: StepInfo, latents: mx.array, x0: mx.array) -> None:
-        if on_step(step.number, step.total, step.timestep) is False:
+        extra = (previewer(x0),) if with_preview else ()
+        if on_step(step.number, step.total, step.timestep, *extra) is False:
             raise GenerationCancelled(f"cancelled after step {step.number} of {step.total}")
 
     return observe
+
+
+def _takes_four_arguments(fn: Callable) -> bool:
+    """Whether ``fn`` accepts a fourth positional argument (inspected once, not per step)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: call them the old way
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return any(p.kind is p.VAR_POSITIONAL for p in params) or len(positional) >= 4
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str, before: float = 0.0) -> Iterator[None]:
+    """Time a stage into ``timings[stage]``, adding ``before`` (time already spent on it elsewhere)."""
+    tic = time.perf_counter()
+    yield
+    timings[stage] = before + time.perf_counter() - tic

@@ -76,7 +76,10 @@ class Variant:
     defaults: Defaults
     size_multiple: int  # VAE stride x transformer patch: 32 for TI2V-5B, 16 otherwise
     uses_clip: bool = False  # CLIP ViT-H image tokens in cross-attention (Wan2.1)
-    takes_last_image: bool = False  # first-last-frame-to-video
+    takes_last_image: bool = False  # first-last-frame-to-video: a last image is required
+    # A last image may be given (FLF2V; A14B, whose channel-concat input has the slot, as in diffusers):
+    # what closes a loop.
+    accepts_last_image: bool = False
     two_experts: bool = False  # Wan2.2-A14B: high-noise and low-noise transformers
 
 
@@ -115,6 +118,7 @@ FLF2V_14B = Variant(
     size_multiple=16,
     uses_clip=True,
     takes_last_image=True,
+    accepts_last_image=True,
 )
 # wan/configs/wan_i2v_A14B.py: 40 steps, shift 5.0, guide 3.5 for both experts, boundary 0.900 (read from
 # model_index.json), 81 frames at 16 fps; generate.py's default size is 1280x720.
@@ -124,6 +128,7 @@ I2V_A14B = Variant(
     defaults=Defaults(40, 3.5, 5.0, fps=16.0, num_frames=81, sizes=SIZES_720P + SIZES_480P, guidance_scale_2=3.5),
     size_multiple=16,
     two_experts=True,
+    accepts_last_image=True,
 )
 
 VARIANTS = {v.name: v for v in (TI2V_5B, I2V_14B_480P, I2V_14B_720P, FLF2V_14B, I2V_A14B)}

@@ -1,7 +1,8 @@
 """One rank of a parallel generation for the tests: ``python parallel_worker.py JOB.json``.
 
-The job names the model, the generation's keyword arguments and the parallel mode; rank 0 saves the
-frames to ``frames.npy``, every rank saves its ``stats-<rank>.json``. ``die_at_step`` / ``stop_at_step``
+The job names the model, the generation's keyword arguments and the parallel mode (and ``extend``, a
+clip to continue with ``pipe.extend`` instead of generating from the photo); rank 0 saves the frames to
+``frames.npy``, every rank saves its ``stats-<rank>.json``. ``die_at_step`` / ``stop_at_step``
 make rank ``fault_rank`` exit or freeze (SIGSTOP) at that step, to test that the others stop cleanly.
 """
 
@@ -36,8 +37,12 @@ def main(job_path: str) -> int:
         if rank == job.get("fault_rank") and step == job.get("stop_at_step"):
             os.kill(os.getpid(), signal.SIGSTOP)
 
+    prompt = job.get("prompt", "a fox")
     try:
-        video = pipe(photo() if job.get("photo", True) else None, job.get("prompt", "a fox"), on_step=on_step, **kwargs)
+        if "extend" in job:
+            video = pipe.extend(job["extend"], prompt, on_step=on_step, **kwargs)
+        else:
+            video = pipe(photo() if job.get("photo", True) else None, prompt, on_step=on_step, **kwargs)
     except MlxI2VError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -237,6 +237,42 @@ def test_four_ranks_sequence_text_to_video_matches_one_process(tiny_ti2v_dir, tm
     _assert_traffic(tmp_path, 4, tiny_ti2v_dir, kwargs, Layout(1, 4), guided_steps=2)
 
 
+def test_restyle_and_extend_under_parallel_ranks_match_one_process(tiny_ti2v_dir, tmp_path):
+    """A restyle split over sequence shards with a random seed (the clip noised with rank 0's), and an
+    extension split over the guidance branches, whose stitched clip rank 0 alone writes."""
+    from mlx_i2v import Video
+
+    clip = tmp_path / "clip"
+    Video(frames=np.random.default_rng(0).random((9, 64, 96, 3), np.float32), fps=8.0).save(clip)
+    restyle = dict(**SMALL, video=str(clip), strength=0.5, num_inference_steps=4, guidance_scale=5.0, seed=None)
+    results = _run(tmp_path, 2, tiny_ti2v_dir, restyle, parallel="sequence", photo=False)
+    _assert_matches_one_process(tmp_path, results, tiny_ti2v_dir, restyle, image=False)
+    assert _rank_stats(tmp_path, 1)["metadata"]["mode"] == "restyle"
+
+    extend = dict(num_frames=4, num_inference_steps=2, guidance_scale=5.0, seed=9)
+    results = _run(tmp_path, 2, tiny_ti2v_dir, extend, extend=str(clip))
+    assert [r.returncode for r in results] == [0, 0], results[1].stderr[-2000:]
+    expected = load_pipeline(tiny_ti2v_dir, dtype="float32").extend(str(clip), "a fox", **extend).frames
+    frames = np.load(tmp_path / "out" / "frames.npy")
+    assert frames.shape == expected.shape == (13, 64, 96, 3) and np.abs(frames - expected).max() < 1e-5
+    assert _rank_stats(tmp_path, 0)["metadata"]["parallel"]["mode"] == "cfg"
+    assert _rank_stats(tmp_path, 1)["frames"] == 0
+
+
+def test_ranks_restyling_differently_stop_naming_the_mode(tiny_ti2v_dir, tmp_path):
+    from mlx_i2v import Video
+
+    clip = tmp_path / "clip"
+    Video(frames=np.random.default_rng(1).random((5, 64, 96, 3), np.float32), fps=8.0).save(clip)
+    kwargs = dict(**SMALL, video=str(clip), strength=0.5, num_inference_steps=4, guidance_scale=5.0, seed=3)
+    results = _run(tmp_path, 2, tiny_ti2v_dir, kwargs, env={"MLX_I2V_PARALLEL_TIMEOUT": str(TIMEOUT)},
+                   rank_kwargs={"1": {"strength": 0.75}})  # fmt: skip
+    for r in results:
+        assert r.returncode == 1
+        assert r.stderr.strip() == (f"error: rank {r.rank}: the ranks were not started the same way: rank 1 "
+                                    "differs from rank 0 in mode")  # fmt: skip
+
+
 # --- faults ----------------------------------------------------------------------------------------------
 
 TIMEOUT = 8  # seconds; the default is 300
@@ -362,6 +398,7 @@ def test_cli_rank_killed_at_any_moment_ends_the_other_with_one_line(tiny_ti2v_di
     results = wait_ranks(procs, timeout=120)
     assert time.monotonic() - tic < 60
     assert results[0].returncode != 0
-    lines = results[0].stderr.strip().splitlines()
+    # Killed during the steps, the progress bar has printed its label (once: stderr is not a terminal).
+    lines = [line for line in results[0].stderr.strip().splitlines() if line != "denoising"]
     assert len(lines) == 1 and lines[0].startswith("error: rank 0: ") and "rank" in lines[0][15:], results[0].stderr
     assert not any(p.name.startswith((".clip", "clip")) for p in tmp_path.iterdir())  # nothing half-written
