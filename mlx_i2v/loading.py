@@ -18,7 +18,7 @@ from .pipeline import ImageEncoder, WanPipeline
 from .planner import ModelDims
 from .quantize import Quantization, QuantizationConfig
 from .resident import Resident
-from .runtime import dtype_name, keep_freed_memory, resolve_dtype
+from .runtime import default_vae_dtype, dtype_name, keep_freed_memory, resolve_dtype
 from .schedulers import Scheduler, load_scheduler, scheduler_by_name
 from .variants import Variant, load_variant
 from .weights import check_safetensors, read_config
@@ -30,6 +30,7 @@ def load_pipeline(
     model: str | Path,
     *,
     dtype: str | None = None,
+    vae_dtype: str | None = None,
     quantize: int | QuantizationConfig | None = None,
     scheduler: str | None = None,
     keep_resident: bool = False,
@@ -44,7 +45,11 @@ def load_pipeline(
         model: a local model directory, in diffusers layout (model_index.json + component folders) or
             converted by ``mlx-i2v convert``, or a Hub repo id such as "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
             downloaded once with ``huggingface_hub`` and converted once into the cache (see :mod:`mlx_i2v.cache`).
-        dtype: "float32", "bfloat16" or "float16"; default bfloat16 on a GPU, float32 on the CPU.
+        dtype: "float32", "bfloat16" or "float16": the transformer's and the text encoder's compute dtype;
+            default bfloat16 on a GPU, float32 on the CPU.
+        vae_dtype: the same choices for the VAE and the CLIP image encoder; default float32, as diffusers'
+            Wan docs run them beside a bfloat16 transformer. "bfloat16" halves their weights and the VAE's
+            activations at a cost in fidelity (see README, "Precision").
         quantize: 4 or 8 to quantize the transformer(s) on load (the UMT5 encoder to 8 bits), or a
             :class:`~mlx_i2v.quantize.QuantizationConfig`. A directory already quantized loads as it is;
             asking it for other bits is an error.
@@ -58,13 +63,14 @@ def load_pipeline(
     from .hub import is_hub_id, resolve_model
 
     compute_dtype = resolve_dtype(dtype)
+    image_dtype = resolve_dtype(vae_dtype, what="vae_dtype", default=default_vae_dtype())
     keep_freed_memory()
     quantization = QuantizationConfig(bits=quantize) if isinstance(quantize, int) else quantize
     model_dir = resolve_model(model)
     if is_hub_id(model):
         model_dir = cached_conversion(str(model), model_dir, dtype_name(compute_dtype), quantization)
     variant = load_variant(model_dir, str(model))
-    log.info("using %s from %s (%s)", variant.name, model_dir, dtype_name(compute_dtype))
+    log.info("using %s from %s (%s, VAE %s)", variant.name, model_dir, dtype_name(compute_dtype), dtype_name(image_dtype))
 
     components = ["text_encoder", "vae", "transformer"] + ["transformer_2"] * variant.two_experts
     components += ["image_encoder"] * variant.uses_clip
@@ -88,7 +94,7 @@ def load_pipeline(
         processor = CLIPImageProcessor.from_folder(model_dir / "image_processor")
         image_encoder = Resident(
             "image_encoder",
-            lambda: ImageEncoder(processor, load_clip_vision(model_dir / "image_encoder", compute_dtype)),
+            lambda: ImageEncoder(processor, load_clip_vision(model_dir / "image_encoder", image_dtype)),
             keep_resident,
         )
     return WanPipeline(
@@ -96,6 +102,7 @@ def load_pipeline(
         model_name=str(model),
         dims=ModelDims.from_model_dir(model_dir),
         dtype=compute_dtype,
+        vae_dtype=image_dtype,
         quantize_bits=_quantized_bits(model_dir, quantization),
         tokenizer=UMT5Tokenizer.from_folder(model_dir / "tokenizer"),
         text_encoder=Resident(
@@ -104,10 +111,10 @@ def load_pipeline(
         experts=_experts(model_dir, variant, compute_dtype, transformer_q, base_scheduler, keep_resident,
                          keep_experts_resident),  # fmt: skip
         vae_encoder=Resident(
-            "vae encoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("encoder"), keep_resident
+            "vae encoder", lambda: load_wan_vae(model_dir / "vae", image_dtype).keep_only("encoder"), keep_resident
         ),
         vae_decoder=Resident(
-            "vae decoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("decoder"), keep_resident
+            "vae decoder", lambda: load_wan_vae(model_dir / "vae", image_dtype).keep_only("decoder"), keep_resident
         ),
         make_scheduler=make_scheduler,
         image_encoder=image_encoder,
