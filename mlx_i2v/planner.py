@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten
 from .errors import InvalidInputError
 from .memory import GB, memory_budget
 from .models.attention import attention_workspace, query_chunk_size
-from .models.conv import conv_plan, conv_workspace
+from .models.conv import compute_dtype, conv_plan, conv_workspace
 from .models.umt5 import UMT5Config, UMT5Encoder
 from .models.wan_transformer import KEEP_FLOAT32, WanTransformer3DModel, WanTransformerConfig
 from .models.wan_vae import AutoencoderKLWan, WanVAEConfig
@@ -360,7 +360,7 @@ def vae_decode_activations(
         frames *= 2 if i < len(cfg.temperal_downsample) and cfg.temperal_downsample[::-1][i] else 1
     last = 4 * (h * s // p) * (w * s // p) * dims[-1] * dtype.size
     frames_out = 4 * h * w * s * s * 3 * 4  # the yielded chunk, float32 after the pipeline's cast
-    workspace = _largest_conv_workspace(convs, dtype.size, budget)
+    workspace = _largest_conv_workspace(convs, compute_dtype(dtype).size, budget)
     return int(VAE_DECODE_ACTIVATION_COPIES * last) + workspace + caches + frames_out
 
 
@@ -378,7 +378,7 @@ def vae_encode_activations(
     dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
     convs = [(frames, h >> i, w >> i, c, c) for i, c in enumerate(dims[1:])]
     first = frames * h * w * cfg.base_dim * dtype.size
-    return int(VAE_ENCODE_ACTIVATION_COPIES * first) + _largest_conv_workspace(convs, dtype.size, budget)
+    return int(VAE_ENCODE_ACTIVATION_COPIES * first) + _largest_conv_workspace(convs, compute_dtype(dtype).size, budget)
 
 
 # --- the plan -----------------------------------------------------------------------------------------
