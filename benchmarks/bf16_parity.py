@@ -143,7 +143,7 @@ def main() -> None:
         dirs = build_models(args.models or Path(scratch))
         references = {}
         for v in VARIANTS:
-            reference, _ = case._diffusers_pipelines(dirs[v])
+            reference, _ = case._diffusers_pipelines(dirs[v], half=False)
             references[v] = [case._diffusers_frames(reference, v, seed) for seed in range(args.seeds)]
         print(f"| run (PSNR vs diffusers float32, dB, {args.seeds} seeds pooled) | " + " | ".join(VARIANTS) + " |")
         print("|---" * (len(VARIANTS) + 1) + "|")

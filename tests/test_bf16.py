@@ -64,19 +64,35 @@ def model_dirs(tiny_ti2v_dir, tiny_i2v_dirs):
     return {"ti2v": tiny_ti2v_dir, **tiny_i2v_dirs}
 
 
-def _diffusers_pipelines(model_dir):
-    """diffusers in float32 (the reference) and in bfloat16 as its Wan docs run it: the same float32
-    VAE and CLIP modules, everything else loaded in bfloat16."""
+@pytest.fixture(scope="module")
+def expected(model_dirs):
+    """diffusers' float32 frames of (variant, seed), computed once for the tests of this module."""
+    frames: dict[tuple[str, int], np.ndarray] = {}
+
+    def get(variant: str, seed: int) -> np.ndarray:
+        if (variant, seed) not in frames:
+            reference, _ = _diffusers_pipelines(model_dirs[variant], half=False)
+            frames.update({(variant, s): _diffusers_frames(reference, variant, s) for s in SEEDS})
+        return frames[variant, seed]
+
+    return get
+
+
+def _diffusers_pipelines(model_dir, half: bool = True):
+    """diffusers in float32 (the reference) and, unless not ``half``, in bfloat16 as its Wan docs run it:
+    the same float32 VAE and CLIP modules, everything else loaded in bfloat16."""
     from diffusers import WanImageToVideoPipeline
 
     reference = WanImageToVideoPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    if not half:
+        return reference, None
     image_side = {"vae": reference.vae}
     if reference.image_encoder is not None:
         image_side["image_encoder"] = reference.image_encoder
     half = WanImageToVideoPipeline.from_pretrained(model_dir, dtype=torch.bfloat16, **image_side)
     assert half.transformer.dtype == half.text_encoder.dtype == torch.bfloat16 and half.vae.dtype == torch.float32
-    for pipe in (reference, half):
-        pipe.set_progress_bar_config(disable=True)
+    half.set_progress_bar_config(disable=True)
     return reference, half
 
 
@@ -94,39 +110,35 @@ def _ours_frames(pipe, variant: str, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("variant", list(SHIFT))
-def test_default_bfloat16_is_within_1db_of_diffusers_bfloat16(variant, model_dirs):
-    reference, half = _diffusers_pipelines(model_dirs[variant])
+def test_default_bfloat16_is_within_1db_of_diffusers_bfloat16(variant, model_dirs, expected):
+    _, half = _diffusers_pipelines(model_dirs[variant])
     ours = load_pipeline(model_dirs[variant], dtype="bfloat16")
     assert ours.vae_dtype == mx.float32  # the default, as diffusers' docs
     errors: dict[str, list[float]] = {"diffusers": [], "ours": []}
     for seed in SEEDS:
-        expected = _diffusers_frames(reference, variant, seed)
-        errors["diffusers"].append(_mse(_diffusers_frames(half, variant, seed), expected))
-        errors["ours"].append(_mse(_ours_frames(ours, variant, seed), expected))
+        errors["diffusers"].append(_mse(_diffusers_frames(half, variant, seed), expected(variant, seed)))
+        errors["ours"].append(_mse(_ours_frames(ours, variant, seed), expected(variant, seed)))
     psnr = {k: _psnr(v) for k, v in errors.items()}
     # Both really ran in half precision (float32 would be ~120 dB), and ours is no worse than 1 dB below.
     assert psnr["diffusers"] < 80 and psnr["ours"] < 80, psnr
     assert psnr["ours"] >= psnr["diffusers"] - 1.0, psnr
 
 
-def test_bfloat16_vae_is_within_1db_of_diffusers_bfloat16_vae(model_dirs):
+def test_bfloat16_vae_is_within_1db_of_diffusers_bfloat16_vae(model_dirs, expected):
     """``vae_dtype="bfloat16"`` (everything in bfloat16) against diffusers with every component in
     bfloat16: its convolutions compute in float32 as PyTorch's do, so it loses no more than diffusers.
     On the Wan2.2 VAE, whose stages use every convolution path of the Wan2.1 VAE too."""
     from diffusers import WanImageToVideoPipeline
 
     variant = "ti2v"
-
-    reference, _ = _diffusers_pipelines(model_dirs[variant])
     half = WanImageToVideoPipeline.from_pretrained(model_dirs[variant], dtype=torch.bfloat16)
     half.set_progress_bar_config(disable=True)
     assert half.vae.dtype == torch.bfloat16
     ours = load_pipeline(model_dirs[variant], dtype="bfloat16", vae_dtype="bfloat16")
     errors: dict[str, list[float]] = {"diffusers": [], "ours": []}
     for seed in SEEDS:
-        expected = _diffusers_frames(reference, variant, seed)
-        errors["diffusers"].append(_mse(_diffusers_frames(half, variant, seed), expected))
-        errors["ours"].append(_mse(_ours_frames(ours, variant, seed), expected))
+        errors["diffusers"].append(_mse(_diffusers_frames(half, variant, seed), expected(variant, seed)))
+        errors["ours"].append(_mse(_ours_frames(ours, variant, seed), expected(variant, seed)))
     psnr = {k: _psnr(v) for k, v in errors.items()}
     assert psnr["ours"] >= psnr["diffusers"] - 1.0, psnr
 
