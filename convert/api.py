@@ -70,7 +70,8 @@ def _component_jobs(
         q = _quantization_of(name, quantization)
 
         def load(name: str = name, q: Quantization | None = q):
-            model = load_component(WEIGHT_KINDS[name], folder / name, dtype, quantize=q)
+            kind = WEIGHT_KINDS[name]
+            model = load_component(kind, folder / name, kind.stored_dtype(dtype), quantize=q)
             return model, read_config(folder / name)
 
         jobs.append(WeightJob(name, WEIGHT_KINDS[name], numel(read_safetensors(folder / name)), q, load,
@@ -112,7 +113,8 @@ def convert_model(
     Args:
         source: a diffusers directory, a Wan-AI original-layout directory, or a Hub id of either.
         output: the directory to write (it must not exist unless ``force``).
-        dtype: "bfloat16", "float16" or "float32" for the weights (the reference's float32 islands stay).
+        dtype: "bfloat16", "float16" or "float32" for the weights (the reference's float32 islands stay;
+            the VAE and CLIP are written in float32, the dtype they run in by default).
         quantize: 4 or 8 to quantize the transformer(s); None keeps every component float.
         group_size: quantization group size (32, 64 or 128).
         text_encoder_bits: bits of the UMT5 encoder when quantizing (None keeps it float).
@@ -142,7 +144,7 @@ def convert_model(
     plan_layout = plan_original if resolved.layout == "original" else _plan_diffusers
     plan = plan_layout(resolved, compute_dtype, quantization)
     bake_loras(plan, loras, compute_dtype)
-    return write_plan(plan, output, itemsize=compute_dtype.size, force=force)
+    return write_plan(plan, output, dtype=compute_dtype, force=force)
 
 
 def quantize_model(
@@ -187,4 +189,4 @@ def quantize_model(
     copies.update({job.name: folder / job.name for job in jobs if job.quantization is None})
     jobs = [job for job in jobs if job.quantization is not None]
     new_index = {**index, MLX_KEY: {**meta, "quantization": quantization.to_dict()}}
-    return write_plan(Plan(new_index, jobs, copies), output, itemsize=compute_dtype.size, force=force)
+    return write_plan(Plan(new_index, jobs, copies), output, dtype=compute_dtype, force=force)

@@ -188,8 +188,10 @@ def _load(
     quantization: Quantization | None,
 ) -> nn.Module:
     """Build ``kind`` from ``config``, fill it strictly from original-named ``tensors`` through
-    ``weight_map`` in ``dtype`` (the float32 islands kept), and quantize it if asked."""
+    ``weight_map`` in the dtype ``kind`` stores for ``dtype`` (the float32 islands kept), and quantize it
+    if asked."""
     model = kind.build(config)
+    dtype = kind.stored_dtype(dtype)
     load_strict(
         model, weight_map(model).apply(tensors), dtype=dtype, keep_float32=kind.keep_float32(dtype), what=kind.name
     )

@@ -52,9 +52,11 @@ class WeightJob:
     companions: Callable[[Mapping[str, Any]], dict[str, dict[str, Any]]] | None = None
     config: Mapping[str, Any] | None = None
 
-    def output_bytes(self, itemsize: int) -> int:
-        """Estimated bytes written: every element at ``itemsize``, or, quantized, at ``bits`` plus a
-        scale and a bias per group (an over-estimate: small layers stay float)."""
+    def output_bytes(self, dtype: mx.Dtype) -> int:
+        """Estimated bytes written for compute dtype ``dtype``: every element in the dtype the component
+        is stored in, or, quantized, at ``bits`` plus a scale and a bias per group (an over-estimate:
+        small layers stay float)."""
+        itemsize = self.kind.stored_dtype(dtype).size
         q = self.quantization
         if q is None:
             return self.numel * itemsize
@@ -70,9 +72,9 @@ class Plan:
     copies: dict[str, Path] = field(default_factory=dict)  # output folder -> source folder, copied as is
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> JSON content
 
-    def estimated_bytes(self, itemsize: int) -> int:
+    def estimated_bytes(self, dtype: mx.Dtype) -> int:
         copied = sum(f.stat().st_size for folder in self.copies.values() for f in folder.rglob("*") if f.is_file())
-        return sum(job.output_bytes(itemsize) for job in self.weights) + copied
+        return sum(job.output_bytes(dtype) for job in self.weights) + copied
 
 
 def numel(tensors: Mapping[str, mx.array]) -> int:

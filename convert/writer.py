@@ -128,12 +128,12 @@ def save_component(
     return written
 
 
-def write_plan(plan: Plan, output: Path, *, itemsize: int, force: bool) -> Path:
+def write_plan(plan: Plan, output: Path, *, dtype: mx.Dtype, force: bool) -> Path:
     """Check the free space, then write ``plan`` atomically to ``output``, one weight component at a
     time (each released before the next is loaded)."""
     refuse_existing(output, force=force)
     copies = {name: copy_listing(folder) for name, folder in plan.copies.items()}  # a broken folder fails now
-    needed = plan.estimated_bytes(itemsize)
+    needed = plan.estimated_bytes(dtype)
     parent = output.absolute().parent
     check_free_space(next(p for p in (parent, *parent.parents) if p.exists()), needed)
     log.info("writing %s (about %.2f GB)", output, needed / 1e9)

@@ -1,8 +1,8 @@
 """The conversion cache: a Hub model is converted to MLX layout once, then loaded from here.
 
 The cache lives in ``$MLX_I2V_CACHE`` (default ``~/.cache/mlx-i2v``), one directory per repo, revision
-(the Hub commit of the snapshot), dtype and quantization, so a new upstream revision or another dtype
-converts afresh and never overwrites what another setting uses.
+(the Hub commit of the snapshot), dtype, quantization and converter format version, so a new upstream
+revision, another dtype or a newer converter converts afresh and never overwrites what another setting uses.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from .quantize import QuantizationConfig
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "MLX_I2V_CACHE"
+# Bumped whenever the converter's output changes meaning (v2: the VAE and CLIP are kept in float32
+# whatever the dtype), so an older conversion is converted afresh instead of being loaded as if current.
+FORMAT_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -31,7 +34,7 @@ def cache_dir(repo_id: str, revision: str, dtype: str, quantization: Quantizatio
     else:
         text = "float" if quantization.text_encoder_bits is None else f"{quantization.text_encoder_bits}"
         bits = f"q{quantization.bits}-g{quantization.group_size}-t{text}"
-    return cache_root() / f"{repo_id.replace('/', '--')}--{revision[:12]}--{dtype}--{bits}"
+    return cache_root() / f"{repo_id.replace('/', '--')}--{revision[:12]}--{dtype}--{bits}--v{FORMAT_VERSION}"
 
 
 def cached_conversion(

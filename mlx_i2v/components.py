@@ -41,6 +41,8 @@ class ComponentType:
         build: config.json dict -> a freshly initialised model.
         source_map: the model -> the weight map of the diffusers/transformers layout.
         keep_float32: compute dtype -> parameter-name regexes that stay float32 (the reference's fp32 islands).
+        stored_dtype: compute dtype -> the dtype ``mlx-i2v convert`` writes the weights in (loading casts
+            them to the dtype asked for).
         quantize: quantizes a loaded model in place to (bits, group size); None if never quantized.
     """
 
@@ -48,6 +50,7 @@ class ComponentType:
     build: Callable[[Mapping[str, Any]], nn.Module]
     source_map: Callable[[nn.Module], WeightMap]
     keep_float32: Callable[[mx.Dtype], tuple[str, ...]] = lambda dtype: ()
+    stored_dtype: Callable[[mx.Dtype], mx.Dtype] = lambda dtype: dtype
     quantize: Callable[[nn.Module, int, int], Any] | None = None
 
 

@@ -23,7 +23,7 @@ from .pipeline import ImageEncoder, WanPipeline
 from .planner import ModelDims
 from .quantize import Quantization, QuantizationConfig
 from .resident import Resident
-from .runtime import dtype_name, keep_freed_memory, resolve_dtype
+from .runtime import default_vae_dtype, dtype_name, keep_freed_memory, resolve_dtype
 from .sampling import Samplers
 from .variants import Variant, load_variant
 from .weights import check_safetensors, read_config
@@ -35,6 +35,7 @@ def load_pipeline(
     model: str | Path,
     *,
     dtype: str | None = None,
+    vae_dtype: str | None = None,
     quantize: int | QuantizationConfig | None = None,
     scheduler: str | None = None,
     keep_resident: bool = False,
@@ -51,7 +52,11 @@ def load_pipeline(
         model: a local model directory, in diffusers layout (model_index.json + component folders) or
             converted by ``mlx-i2v convert``, or a Hub repo id such as "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
             downloaded once with ``huggingface_hub`` and converted once into the cache (see :mod:`mlx_i2v.cache`).
-        dtype: "float32", "bfloat16" or "float16"; default bfloat16 on a GPU, float32 on the CPU.
+        dtype: "float32", "bfloat16" or "float16": the transformer's and the text encoder's compute dtype;
+            default bfloat16 on a GPU, float32 on the CPU.
+        vae_dtype: the same choices for the VAE and the CLIP image encoder; default float32, as diffusers'
+            Wan docs run them beside a bfloat16 transformer. "bfloat16" halves their weights and the VAE's
+            activations at a cost in fidelity (see README, "Precision").
         quantize: 4 or 8 to quantize the transformer(s) on load (the UMT5 encoder to 8 bits), or a
             :class:`~mlx_i2v.quantize.QuantizationConfig`. A directory already quantized loads as it is;
             asking it for other bits is an error.
@@ -75,6 +80,7 @@ def load_pipeline(
 
     parallel = parallel if isinstance(parallel, Parallel) else join(parallel)
     compute_dtype = resolve_dtype(dtype)
+    image_dtype = resolve_dtype(vae_dtype, what="vae_dtype", default=default_vae_dtype())
     keep_freed_memory()
     quantization = QuantizationConfig(bits=quantize) if isinstance(quantize, int) else quantize
     for spec in as_loras(loras):  # a missing or unreadable file fails before any download or conversion
@@ -83,7 +89,7 @@ def load_pipeline(
     if is_hub_id(model):
         model_dir = cached_conversion(str(model), model_dir, dtype_name(compute_dtype), quantization)
     variant = load_variant(model_dir, str(model))
-    log.info("using %s from %s (%s)", variant.name, model_dir, dtype_name(compute_dtype))
+    log.info("using %s from %s (%s, VAE %s)", variant.name, model_dir, dtype_name(compute_dtype), dtype_name(image_dtype))
 
     components = ["text_encoder", "vae", "transformer"] + ["transformer_2"] * variant.two_experts
     components += ["image_encoder"] * variant.uses_clip
@@ -105,7 +111,7 @@ def load_pipeline(
         processor = CLIPImageProcessor.from_folder(model_dir / "image_processor")
         image_encoder = Resident(
             "image_encoder",
-            lambda: ImageEncoder(processor, load_clip_vision(model_dir / "image_encoder", compute_dtype)),
+            lambda: ImageEncoder(processor, load_clip_vision(model_dir / "image_encoder", image_dtype)),
             keep_resident,
         )
     return WanPipeline(
@@ -113,6 +119,7 @@ def load_pipeline(
         model_name=str(model),
         dims=ModelDims.from_model_dir(model_dir),
         dtype=compute_dtype,
+        vae_dtype=image_dtype,
         quantize_bits=_quantized_bits(model_dir, quantization),
         tokenizer=UMT5Tokenizer.from_folder(model_dir / "tokenizer"),
         text_encoder=Resident(
@@ -122,10 +129,10 @@ def load_pipeline(
                          keep_experts_resident, lora_state),  # fmt: skip
         loras=lora_state,
         vae_encoder=Resident(
-            "vae encoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("encoder"), keep_resident
+            "vae encoder", lambda: load_wan_vae(model_dir / "vae", image_dtype).keep_only("encoder"), keep_resident
         ),
         vae_decoder=Resident(
-            "vae decoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("decoder"), keep_resident
+            "vae decoder", lambda: load_wan_vae(model_dir / "vae", image_dtype).keep_only("decoder"), keep_resident
         ),
         samplers=samplers,
         image_encoder=image_encoder,

@@ -130,7 +130,8 @@ class WanPipeline:
     variant: Variant
     model_name: str
     dims: ModelDims
-    dtype: mx.Dtype
+    dtype: mx.Dtype  # the transformer's and the text encoder's compute dtype
+    vae_dtype: mx.Dtype  # the VAE's and CLIP's (float32 by default, as diffusers' docs run them)
     quantize_bits: int | None
     tokenizer: UMT5Tokenizer
     text_encoder: Resident[UMT5Encoder]
@@ -180,6 +181,7 @@ class WanPipeline:
             num_frames=num_frames,
             guidance=guidance,
             dtype=self.dtype,
+            vae_dtype=self.vae_dtype,
             quantize=self.quantize_bits,
             budget=budget,
             encode_frames=encode_frames,
@@ -566,6 +568,7 @@ class WanPipeline:
             "model": self.model_name,
             "variant": self.variant.name,
             "dtype": dtype_name(self.dtype),
+            "vae_dtype": dtype_name(self.vae_dtype),
             "image": bool(request.photos),
             **vars(s),
             "cache": s.cache.describe() if s.cache is not None else None,

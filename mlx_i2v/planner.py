@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten
 from .errors import InvalidInputError
 from .memory import GB, memory_budget
 from .models.attention import attention_workspace, query_chunk_size
-from .models.conv import conv_plan, conv_workspace
+from .models.conv import compute_dtype, conv_plan, conv_workspace
 from .models.umt5 import UMT5Config, UMT5Encoder
 from .models.wan_transformer import KEEP_FLOAT32, WanTransformer3DModel, WanTransformerConfig
 from .models.wan_vae import AutoencoderKLWan, WanVAEConfig
@@ -163,6 +163,7 @@ class Plan:
     num_frames: int
     guidance: bool
     dtype: mx.Dtype
+    vae_dtype: mx.Dtype
     quantize: int | None
     backend: str
     budget: int
@@ -192,7 +193,7 @@ class Plan:
         lines = [
             f"plan: {self.width}x{self.height}, {self.num_frames} frames, {self.tokens} tokens, "
             f"{'CFG (batch 2)' if self.guidance else 'no CFG'}, {_dtype_name(self.dtype)}"
-            f"{f', {self.quantize}-bit' if self.quantize else ''}, {self.backend}"
+            f"{f', {self.quantize}-bit' if self.quantize else ''}, VAE {_dtype_name(self.vae_dtype)}, {self.backend}"
             f"{f', this rank holds 1/{self.shards} of the tokens' if self.shards > 1 else ''}",
             f"  attention: {'fused kernel / whole' if self.attention_chunk is None else f'{self.attention_chunk} queries per chunk'}",
             f"  VAE decode: {_tiling_text(self.vae_tiling)}; VAE encode: {_tiling_text(self.vae_encode_tiling)}",
@@ -258,14 +259,16 @@ def module_weight_bytes(
 
 
 @functools.lru_cache(maxsize=16)
-def weight_bytes(dims: ModelDims, dtype: mx.Dtype, quantize: int | None) -> dict[str, int]:
+def weight_bytes(
+    dims: ModelDims, dtype: mx.Dtype, quantize: int | None, vae_dtype: mx.Dtype = mx.float32
+) -> dict[str, int]:
     """Resident bytes of each component: ``transformer``, ``vae_encoder``, ``vae_decoder`` (the VAE's
-    halves, as the pipeline loads them) and ``text_encoder``."""
+    halves, as the pipeline loads them, in ``vae_dtype``) and ``text_encoder``."""
     # Built lazily: nothing here is evaluated, so the random initial weights never exist in memory.
     return {
         "transformer": module_weight_bytes(WanTransformer3DModel(dims.transformer), dtype, quantize, KEEP_FLOAT32),
-        "vae_encoder": module_weight_bytes(AutoencoderKLWan(dims.vae).keep_only("encoder"), dtype),
-        "vae_decoder": module_weight_bytes(AutoencoderKLWan(dims.vae).keep_only("decoder"), dtype),
+        "vae_encoder": module_weight_bytes(AutoencoderKLWan(dims.vae).keep_only("encoder"), vae_dtype),
+        "vae_decoder": module_weight_bytes(AutoencoderKLWan(dims.vae).keep_only("decoder"), vae_dtype),
         "text_encoder": module_weight_bytes(
             UMT5Encoder(dims.text_encoder), dtype, TEXT_ENCODER_BITS if quantize else None
         ),
@@ -306,6 +309,8 @@ def denoise_activations(
     gathered_kv = 2 * (2 * batch * tokens * dim * dtype.size) if shards > 1 else 0
     ffn = 2 * batch * local * cfg.ffn_dim * dtype.size
     per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size) + max(self_scores, ffn) + cross_scores
+    if not fused and dtype.size < 4:
+        per_block += 3 * hidden * 4  # the unfused fallback runs half precision on float32 q, k, v
     return per_block + gathered_kv + DENOISE_FIXED, chunk
 
 
@@ -365,7 +370,7 @@ def vae_decode_activations(
         frames *= 2 if i < len(cfg.temperal_downsample) and cfg.temperal_downsample[::-1][i] else 1
     last = 4 * (h * s // p) * (w * s // p) * dims[-1] * dtype.size
     frames_out = 4 * h * w * s * s * 3 * 4  # the yielded chunk, float32 after the pipeline's cast
-    workspace = _largest_conv_workspace(convs, dtype.size, budget)
+    workspace = _largest_conv_workspace(convs, compute_dtype(dtype).size, budget)
     return int(VAE_DECODE_ACTIVATION_COPIES * last) + workspace + caches + frames_out
 
 
@@ -383,7 +388,7 @@ def vae_encode_activations(
     dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
     convs = [(frames, h >> i, w >> i, c, c) for i, c in enumerate(dims[1:])]
     first = frames * h * w * cfg.base_dim * dtype.size
-    return int(VAE_ENCODE_ACTIVATION_COPIES * first) + _largest_conv_workspace(convs, dtype.size, budget)
+    return int(VAE_ENCODE_ACTIVATION_COPIES * first) + _largest_conv_workspace(convs, compute_dtype(dtype).size, budget)
 
 
 # --- the plan -----------------------------------------------------------------------------------------
@@ -397,6 +402,7 @@ def plan_generation(
     num_frames: int,
     guidance: bool = True,
     dtype: mx.Dtype = mx.bfloat16,
+    vae_dtype: mx.Dtype = mx.float32,
     quantize: int | None = None,
     backend: str | None = None,
     budget: int | None = None,
@@ -413,6 +419,7 @@ def plan_generation(
         height, width, num_frames: the (already rounded) request.
         guidance: classifier-free guidance, which doubles the transformer batch and the prompts.
         dtype: compute dtype; quantize: transformer bits (the text encoder then uses 8) or None.
+        vae_dtype: the VAE's dtype, for its weights and activations (the pipeline's default: float32).
         backend: "metal" (fused attention) or "cpu"; default: this machine's.
         budget: bytes; default :func:`~mlx_i2v.memory.memory_budget`.
         encode_frames: video frames the VAE encodes for conditioning (1 for TI2V; the whole clip for
@@ -435,7 +442,7 @@ def plan_generation(
     dims.check_request(height=height, width=width, num_frames=num_frames)
     budget = memory_budget() if budget is None else budget
     batch = 2 if guidance else 1
-    weights = weight_bytes(dims, dtype, quantize)
+    weights = weight_bytes(dims, dtype, quantize, vae_dtype)
     everything = weights["text_encoder"] + weights["transformer"] + weights["vae_encoder"] + weights["vae_decoder"]
     resident = {
         name: weights[name] if staged else everything
@@ -451,20 +458,20 @@ def plan_generation(
     denoise += batch * -(-tokens // shards) * dims.transformer.inner_dim * cache_bytes
 
     tiling = None
-    decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, None, budget)
+    decode = vae_decode_activations(dims.vae, (h_lat, w_lat), vae_dtype, None, budget)
     if resident["vae_decoder"] + decode > budget:
         for candidate in TILINGS:
             tiling = candidate
-            decode = vae_decode_activations(dims.vae, (h_lat, w_lat), dtype, candidate, budget)
+            decode = vae_decode_activations(dims.vae, (h_lat, w_lat), vae_dtype, candidate, budget)
             if resident["vae_decoder"] + decode <= budget:
                 break
 
     encode_tiling = None
-    encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, None, budget)
+    encode = vae_encode_activations(dims.vae, height, width, encode_frames, vae_dtype, None, budget)
     if resident["vae_encoder"] + encode > budget:
         for candidate in TILINGS:
             encode_tiling = candidate
-            encode = vae_encode_activations(dims.vae, height, width, encode_frames, dtype, candidate, budget)
+            encode = vae_encode_activations(dims.vae, height, width, encode_frames, vae_dtype, candidate, budget)
             if resident["vae_encoder"] + encode <= budget:
                 break
 
@@ -475,7 +482,7 @@ def plan_generation(
         Stage("vae_decode", resident["vae_decoder"], decode),
     ]
     plan = Plan(
-        height, width, num_frames, guidance, dtype, quantize, backend, budget, tokens, chunk, tiling,
+        height, width, num_frames, guidance, dtype, vae_dtype, quantize, backend, budget, tokens, chunk, tiling,
         encode_tiling, stages, cache_bytes=cache_bytes, shards=shards,
     )  # fmt: skip
     if suggest and not plan.fits():
@@ -485,12 +492,13 @@ def plan_generation(
 
 
 def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, staged: bool) -> list[str]:
-    """Single changes that make ``plan`` fit: 4-bit weights, fewer frames, a smaller frame."""
+    """Single changes that make ``plan`` fit: 4-bit weights, a half-precision VAE, fewer frames, a smaller
+    frame."""
 
     def replan(**changes: object) -> Plan:
         args = dict(
             height=plan.height, width=plan.width, num_frames=plan.num_frames, guidance=plan.guidance,
-            dtype=plan.dtype, quantize=plan.quantize, backend=plan.backend, budget=plan.budget,
+            dtype=plan.dtype, vae_dtype=plan.vae_dtype, quantize=plan.quantize, backend=plan.backend, budget=plan.budget,
             encode_frames=encode_frames, staged=staged, suggest=False, cache_bytes=plan.cache_bytes,
             shards=plan.shards,
         )  # fmt: skip
@@ -500,6 +508,8 @@ def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, staged: bool) 
     out = []
     if plan.quantize != 4 and replan(quantize=4).fits():
         out.append("--quantize 4")
+    if plan.vae_dtype.size > plan.dtype.size and replan(vae_dtype=plan.dtype).fits():
+        out.append(f"--vae-dtype {_dtype_name(plan.dtype)}")
     for frames in range(plan.num_frames - 4, 0, -4):
         if replan(num_frames=frames, encode_frames=min(encode_frames, frames)).fits():
             out.append(f"--frames {frames}")

@@ -26,18 +26,26 @@ def default_dtype() -> mx.Dtype:
     return mx.bfloat16 if has_gpu() else mx.float32
 
 
-def resolve_dtype(name: str | mx.Dtype | None) -> mx.Dtype:
-    """Map "float32" / "bfloat16" / "float16" (or an ``mx.Dtype``, or None for the default) to a dtype."""
+def default_vae_dtype() -> mx.Dtype:
+    """float32 whatever the compute dtype: diffusers' Wan docs load the VAE (and the CLIP image encoder)
+    in float32 beside a bfloat16 transformer, and a half-precision VAE is the largest loss of a bfloat16
+    run (see benchmarks/README.md, "bfloat16 parity")."""
+    return mx.float32
+
+
+def resolve_dtype(name: str | mx.Dtype | None, *, what: str = "dtype", default: mx.Dtype | None = None) -> mx.Dtype:
+    """Map "float32" / "bfloat16" / "float16" (or an ``mx.Dtype``) to a dtype; None gives ``default``
+    (by default :func:`default_dtype`). ``what`` names the argument in the error."""
     if name is None:
-        return default_dtype()
+        return default_dtype() if default is None else default
     if isinstance(name, mx.Dtype):
         if name not in DTYPES.values():
-            raise InvalidInputError(f"unsupported dtype {name}; use one of {', '.join(DTYPES)}")
+            raise InvalidInputError(f"unsupported {what} {name}; use one of {', '.join(DTYPES)}")
         return name
     try:
         return DTYPES[str(name)]
     except KeyError:
-        raise InvalidInputError(f"unsupported dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+        raise InvalidInputError(f"unsupported {what} {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
 def dtype_name(dtype: mx.Dtype) -> str:

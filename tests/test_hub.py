@@ -6,6 +6,7 @@ import pytest
 
 from mlx_i2v.errors import ModelNotFoundError
 from mlx_i2v.hub import resolve_model
+from mlx_i2v.cache import FORMAT_VERSION
 
 
 def test_local_directory(tmp_path):
@@ -64,7 +65,7 @@ def test_hub_model_is_converted_once_into_the_cache(tiny_ti2v_dir, tmp_path, mon
 
     kwargs = dict(height=64, width=96, num_frames=5, num_inference_steps=2, seed=1)
     first = load_pipeline("Wan-AI/Tiny-TI2V-Diffusers", dtype="float32")
-    cached = tmp_path / "mlx-cache" / f"Wan-AI--Tiny-TI2V-Diffusers--{commit[:12]}--float32--float"
+    cached = tmp_path / "mlx-cache" / f"Wan-AI--Tiny-TI2V-Diffusers--{commit[:12]}--float32--float--v{FORMAT_VERSION}"
     assert (cached / "model_index.json").is_file()
     frames = first(None, "waves", **kwargs).frames
 

@@ -220,9 +220,9 @@ def test_ti2v_5b_4bit_720p_121_frames_plans_within_16gb():
     assert plan.tokens == 27280
     assert plan.peak <= 16 * GB and plan.fits()
     # Each model is resident for its stage only: the 4-bit DiT (~2.8 GB) while denoising, the 8-bit UMT5
-    # (~6 GB) while encoding text, the bf16 VAE's halves while encoding and decoding.
+    # (~6 GB) while encoding text, the float32 VAE's halves (704.7 M parameters) while encoding and decoding.
     assert 2.6 * GB < plan.stage("denoise").weights < 3.2 * GB
-    assert plan.stage("vae_encode").weights + plan.stage("vae_decode").weights < 1.6 * GB
+    assert 2.7 * GB < plan.stage("vae_encode").weights + plan.stage("vae_decode").weights < 2.9 * GB
     assert 5.5 * GB < plan.stage("text").weights < 6.5 * GB
     planner.check_fits(plan)
     assert "denoise" in plan.summary()

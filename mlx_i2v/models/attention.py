@@ -8,6 +8,13 @@ matmul -> softmax -> matmul and materialises every score. There the queries are 
 that one chunk's scores fit a share of the memory budget; each query row's softmax is independent of
 the others, so the result equals the unchunked one. Chunks are evaluated one after another, so this path
 cannot run inside ``mx.compile``.
+
+Precision: the fused kernels keep the scores and probabilities in float32 whatever the input dtype; the
+fallback computes them in the input dtype, and bfloat16 scores lose 2-6x more than PyTorch's attention
+(which keeps its scores in float32; benchmarks/README.md, "bfloat16 parity"). So where the fallback
+runs (the CPU, and shapes Metal has no kernel for) half-precision attention is computed in float32 and
+only its output rounded, as the fused kernels do. CUDA is left to MLX: its cuDNN kernel takes half
+precision only, and an upcast would lose it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ def fused_is_memory_efficient(q_len: int, k_len: int, head_dim: int, value_dim: 
     if q_len <= _VECTOR_MAX_QUERIES:
         return q_len <= k_len and head_dim in _VECTOR_HEAD_DIMS
     return head_dim in _STEEL_HEAD_DIMS
+
+
+def _on_cuda() -> bool:
+    return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
 
 
 def attention_workspace(budget: int | None = None) -> int:
@@ -69,6 +80,10 @@ def attention(
     k_len = k.shape[2]
     if fused_is_memory_efficient(q_len, k_len, head_dim, v.shape[-1]):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if q.dtype in (mx.float16, mx.bfloat16) and not _on_cuda():
+        f32 = mx.float32
+        out = attention(q.astype(f32), k.astype(f32), v.astype(f32), scale=scale, mask=mask)
+        return out.astype(q.dtype)
     chunk = query_chunk_size(B, heads, q_len, k_len, attention_workspace())
     if chunk >= q_len:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

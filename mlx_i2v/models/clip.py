@@ -244,6 +244,7 @@ IMAGE_ENCODER = ComponentType(
     "image_encoder",
     build=lambda config: CLIPVisionTower(CLIPVisionConfig.from_dict(config)),
     source_map=lambda model: diffusers_map(model.config),
+    stored_dtype=lambda dtype: mx.float32,  # runs in the VAE's dtype, float32 by default (as the VAE)
 )
 
 

@@ -15,6 +15,11 @@ one thread. Everything here is built from plain matmuls on views instead, channe
 Results equal the direct convolution to float32 rounding (the Winograd transforms only add, subtract and
 halve; about 1e-6 relative). The work is sums of matmuls plus element-wise passes; the element-wise
 passes alternate between two streams because MLX's CPU element-wise kernels use one thread each.
+
+Half-precision inputs are convolved in float32 and the output rounded once, as PyTorch's convolutions
+accumulate: rounding every tap's partial sum and every Winograd transform to bfloat16 lost 2-4 dB more
+than diffusers' bfloat16 VAE (benchmarks/README.md, "bfloat16 parity"). Only the transient buffers, which
+stay within the workspace, are float32; the tensors between layers keep the input's dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ CONV_FRACTION = 1 / 16
 _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype a convolution of ``dtype`` inputs computes in: float32 for half precision."""
+    return mx.float32 if dtype in (mx.float16, mx.bfloat16) else dtype
 
 
 def conv_workspace(budget: int | None = None) -> int:
@@ -66,14 +76,18 @@ def conv3d(
         workspace: bytes of transient buffers allowed (default :func:`conv_workspace`).
 
     Returns:
-        (B, T - kt + 1, H + 2ph - kh + 1, W + 2pw - kw + 1, O), evaluated.
+        (B, T - kt + 1, H + 2ph - kh + 1, W + 2pw - kw + 1, O) in x's dtype, evaluated (computed in
+        :func:`compute_dtype`).
     """
     _, t, h, w, c = x.shape
     o, kt = weight.shape[:2]
     frames = t - kt + 1
     workspace = conv_workspace() if workspace is None else workspace
     shaped = winograd_applies(weight, padding, h, w)
-    method, group, _ = conv_plan(frames, kt, h, w, c, o, x.itemsize, workspace, shaped)
+    compute = compute_dtype(x.dtype)
+    method, group, _ = conv_plan(frames, kt, h, w, c, o, compute.size, workspace, shaped)
+    weight = weight.astype(compute)
+    bias = None if bias is None else bias.astype(compute)
     if method == "winograd":
         kernel = _winograd_kernel(weight)
         run = lambda frames_in: _winograd_frames(frames_in, kernel, bias)  # noqa: E731
@@ -83,7 +97,8 @@ def conv3d(
     for video in x:
         parts = []
         for start in range(0, frames, group):
-            parts.append(run(video[start : start + min(group, frames - start) + kt - 1]))
+            frames_in = video[start : start + min(group, frames - start) + kt - 1].astype(compute)
+            parts.append(run(frames_in).astype(x.dtype))
             mx.eval(parts[-1])
         videos.append(parts[0] if len(parts) == 1 else mx.concatenate(parts))
     y = mx.stack(videos)
@@ -274,10 +289,13 @@ def upsample2x_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None = Non
         bias: (O,) or None.
 
     Returns:
-        (N, 2H, 2W, O).
+        (N, 2H, 2W, O) in x's dtype (computed in :func:`compute_dtype`).
     """
     n, h, w, _ = x.shape
     o = weight.shape[0]
+    out_dtype, compute = x.dtype, compute_dtype(x.dtype)
+    x, weight = x.astype(compute), weight.astype(compute)
+    bias = None if bias is None else bias.astype(compute)
     phases = []
     for a in range(2):
         for b in range(2):
@@ -288,7 +306,7 @@ def upsample2x_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None = Non
             src = mx.pad(x, [(0, 0), (1 - a, a), (1 - b, b), (0, 0)])
             phases.append(_taps_one_video(src, kernel[:, None], bias, (0, 0)))
     y = mx.stack(phases, axis=3).reshape(n, h, w, 2, 2, o)  # (N, H, W, a, b, O)
-    return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, o)
+    return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, o).astype(out_dtype)
 
 
 # The 3x3 taps that fold into 2x2 tap r of output phase a: for a = 0 row offsets -1 | 0, +1; for a = 1

@@ -268,6 +268,9 @@ VAE = ComponentType(
     "vae",
     build=lambda config: AutoencoderKLWan(config_from_dict(WanVAEConfig, config)),
     source_map=lambda model: DIFFUSERS_MAP,
+    # Converted in float32 whatever the compute dtype, so it can run in float32 (the default vae_dtype):
+    # bfloat16-rounded weights alone cost 2-9 dB PSNR (benchmarks/README.md, "bfloat16 parity").
+    stored_dtype=lambda dtype: mx.float32,
 )
 
 
