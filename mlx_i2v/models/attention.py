@@ -8,6 +8,11 @@ matmul -> softmax -> matmul and materialises every score. There the queries are 
 that one chunk's scores fit a share of the memory budget; each query row's softmax is independent of
 the others, so the result equals the unchunked one. Chunks are evaluated one after another, so this path
 cannot run inside ``mx.compile``.
+
+On the CPU that fallback's softmax costs more than its two matmuls (MLX's CPU ``exp`` is scalar code), so
+there float32 attention is computed here, the same three steps with the exponentials from
+:mod:`~mlx_i2v.models.elementwise` and the normalisation applied to the (Lq, D) result instead of the
+(Lq, Lk) weights.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..memory import memory_budget
+from .elementwise import LOG2E, exp2_kernel, on_cpu
 
 # Share of the memory budget one attention call may spend on its score matrix.
 ATTENTION_FRACTION = 1 / 8
@@ -69,19 +75,36 @@ def attention(
     k_len = k.shape[2]
     if fused_is_memory_efficient(q_len, k_len, head_dim, v.shape[-1]):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    sdpa = softmax_attention if on_cpu() and q.dtype == mx.float32 else mx.fast.scaled_dot_product_attention
     chunk = query_chunk_size(B, heads, q_len, k_len, attention_workspace())
     if chunk >= q_len:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return sdpa(q, k, v, scale=scale, mask=mask)
     # A mask with a real query axis is cut with the queries; one broadcast over queries is shared.
     split_mask = mask is not None and mask.ndim >= 2 and mask.shape[-2] != 1
     outputs = []
     for start in range(0, q_len, chunk):
         chunk_mask = mask[..., start : start + chunk, :] if split_mask else mask
-        out = mx.fast.scaled_dot_product_attention(
-            q[:, :, start : start + chunk], k, v, scale=scale, mask=chunk_mask
-        )
+        out = sdpa(q[:, :, start : start + chunk], k, v, scale=scale, mask=chunk_mask)
         # Evaluated chunk by chunk: MLX allocates the buffers of every queued operation before the first
         # one finishes, so a lazily built list of chunks would hold all their scores at once anyway.
         mx.eval(out)
         outputs.append(out)
     return mx.concatenate(outputs, axis=2)
+
+
+# exp(s - m) = 2**((s - m) log2 e): the softmax's numerators from the scores and their row maxima.
+_softmax_numerators = exp2_kernel(lambda scores, row_max: (scores - row_max) * LOG2E)
+
+
+def softmax_attention(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: mx.array | None = None
+) -> mx.array:
+    """``softmax(scale * q k^T + mask) v`` for float32 (B, heads, Lq, D) queries, (B, heads, Lk, D) keys and
+    values, as MLX's CPU fallback computes it (scaled queries, max-subtracted exponentials), except that
+    each row is divided by its sum after the second matmul. Holds two (Lq, Lk) float32 buffers at a time,
+    as the fallback does."""
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if mask is not None:
+        scores = scores + mask
+    numerators = _softmax_numerators(scores, mx.max(scores, axis=-1, keepdims=True))
+    return (numerators @ v) / mx.sum(numerators, axis=-1, keepdims=True)

@@ -32,6 +32,7 @@ from ..weights import (
     conv_weight,
 )
 from .attention import attention
+from .elementwise import gelu_tanh
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class GELU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.proj(x)
-        return nn.gelu_approx(x) if self.approximate else nn.gelu(x)
+        return gelu_tanh(x) if self.approximate else nn.gelu(x)
 
 
 class FeedForward(nn.Module):
@@ -338,7 +339,7 @@ class TextProjection(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.gelu_approx(self.linear_1(x)))
+        return self.linear_2(gelu_tanh(self.linear_1(x)))
 
 
 class WanImageEmbedding(nn.Module):
