@@ -19,11 +19,10 @@ passes alternate between two streams because MLX's CPU element-wise kernels use 
 
 from __future__ import annotations
 
-import threading
-
 import mlx.core as mx
 
 from ..memory import memory_budget
+from .elementwise import two_streams
 
 # Share of the memory budget one convolution may spend on transient buffers (as attention does): output
 # frames are computed in groups that fit, and Winograd is used only where one frame fits.
@@ -192,20 +191,6 @@ def _combine(terms: list[mx.array], coefficients: tuple[int, ...]) -> mx.array:
         else:
             out = out + term if coefficient == 1 else out - term
     return out
-
-
-# MLX streams belong to the thread that made them (another thread gets "There is no Stream(cpu, N) in
-# current thread"), so each thread makes its own, once.
-_THREAD = threading.local()
-
-
-def two_streams() -> list[mx.Stream]:
-    """Two streams on the default device, made once per thread: independent element-wise work alternates
-    between them (on the CPU each stream is a thread)."""
-    streams = getattr(_THREAD, "streams", None)
-    if streams is None:
-        streams = _THREAD.streams = [mx.new_stream(mx.default_device()) for _ in range(2)]
-    return streams
 
 
 def conv3d_by_taps(

@@ -25,6 +25,7 @@ functions it replaces.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable
 
 import mlx.core as mx
@@ -54,6 +55,20 @@ _GELU_C = math.sqrt(2 / math.pi)
 def on_cpu() -> bool:
     """Whether work is scheduled on MLX's CPU backend (where these rebuilt functions pay off)."""
     return mx.default_device() == mx.cpu
+
+
+# MLX streams belong to the thread that made them (another thread gets "There is no Stream(cpu, N) in
+# current thread"), so each thread makes its own, once.
+_THREAD = threading.local()
+
+
+def two_streams() -> list[mx.Stream]:
+    """Two streams on the default device, made once per thread: independent element-wise work alternates
+    between them (on the CPU each stream is a thread)."""
+    streams = getattr(_THREAD, "streams", None)
+    if streams is None:
+        streams = _THREAD.streams = [mx.new_stream(mx.default_device()) for _ in range(2)]
+    return streams
 
 
 # Adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude below 2**22 to an integer (to nearest):

@@ -15,7 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention
-from .conv import conv3d, two_streams, upsample2x_conv2d
+from .conv import conv3d, upsample2x_conv2d
+from .elementwise import two_streams
 
 CACHE_T = 2  # frames of context a kernel-3 causal conv needs from the previous chunk
 
