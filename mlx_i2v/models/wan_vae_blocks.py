@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention
-from .conv import conv3d, upsample2x_conv2d
+from .conv import conv3d, tap_major, upsample2x_conv2d
 from .elementwise import two_streams
 
 CACHE_T = 2  # frames of context a kernel-3 causal conv needs from the previous chunk
@@ -87,6 +87,7 @@ class CausalConv3d(nn.Conv3d):
         if self.stride[1:] != (1, 1):
             raise ValueError("CausalConv3d strides only in time")
         self.time_padding = 2 * pt
+        self._tap_major = False
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
         """x: (B, T, H, W, C_in) -> (B, T', H', W', C_out), evaluated; computed by :func:`~.conv.conv3d`
@@ -97,6 +98,9 @@ class CausalConv3d(nn.Conv3d):
             pad -= context.shape[1]
         if pad > 0:
             x = mx.pad(x, [(0, 0), (pad, 0), (0, 0), (0, 0), (0, 0)])
+        if not self._tap_major:  # once, on first use (loading replaces the weight by a standard array)
+            self.weight = tap_major(self.weight)
+            self._tap_major = True
         taps, stride = self.weight.shape[1], self.stride[0]
         bias = self.bias if "bias" in self else None
         padding = self.padding[1:]
