@@ -118,6 +118,16 @@ def test_causal_conv_picks_winograd_only_where_it_applies():
         assert rel_err(conv(x), torch_conv3d(padded, conv.weight, conv.bias, (1, 1))) < TOL
 
 
+@pytest.mark.parametrize("frames", [1, 2])
+def test_causal_conv_leaves_out_taps_that_read_only_padding(frames):
+    """A chunk shorter than the kernel (a video's first frame): the taps over zero padding alone are
+    skipped, with the result of convolving the zero-padded input."""
+    conv = CausalConv3d(6, 5, 3, padding=1)
+    x = random((1, frames, 6, 8, 6), 17)
+    padded = mx.pad(x, [(0, 0), (2, 0), (0, 0), (0, 0), (0, 0)])
+    assert rel_err(conv(x), torch_conv3d(padded, conv.weight, conv.bias, (1, 1))) < TOL
+
+
 def test_tap_major_weights_give_the_same_convolution():
     """Weights stored tap-major (as CausalConv3d keeps them after its first call) hold the same values and
     give the same result, by Winograd and by per-tap matmuls."""

@@ -96,18 +96,25 @@ class CausalConv3d(nn.Conv3d):
         if context is not None and pad > 0:
             x = mx.concatenate([context, x], axis=1)
             pad -= context.shape[1]
-        if pad > 0:
-            x = mx.pad(x, [(0, 0), (pad, 0), (0, 0), (0, 0), (0, 0)])
         if not self._tap_major:  # once, on first use (loading replaces the weight by a standard array)
             self.weight = tap_major(self.weight)
             self._tap_major = True
-        taps, stride = self.weight.shape[1], self.stride[0]
+        weight, stride = self.weight, self.stride[0]
+        if pad > 0 and stride == 1:
+            # The first taps may read nothing but the zero padding for every output frame (a video's first
+            # chunk is one frame): leave them out rather than multiply zeros (3x fewer products there).
+            skip = min(pad, pad - (x.shape[1] + pad - weight.shape[1]))
+            if skip > 0:
+                weight, pad = weight[:, skip:], pad - skip
+        if pad > 0:
+            x = mx.pad(x, [(0, 0), (pad, 0), (0, 0), (0, 0), (0, 0)])
+        taps = weight.shape[1]
         bias = self.bias if "bias" in self else None
         padding = self.padding[1:]
         if stride != 1:
             windows = range(0, x.shape[1] - taps + 1, stride)
-            return mx.concatenate([conv3d(x[:, t : t + taps], self.weight, bias, padding) for t in windows], axis=1)
-        return conv3d(x, self.weight, bias, padding)
+            return mx.concatenate([conv3d(x[:, t : t + taps], weight, bias, padding) for t in windows], axis=1)
+        return conv3d(x, weight, bias, padding)
 
 
 def cached_conv(conv: CausalConv3d, x: mx.array, cache: CausalCache) -> mx.array:
