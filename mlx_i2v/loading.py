@@ -104,10 +104,10 @@ def load_pipeline(
         experts=_experts(model_dir, variant, compute_dtype, transformer_q, base_scheduler, keep_resident,
                          keep_experts_resident),  # fmt: skip
         vae_encoder=Resident(
-            "vae encoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("encoder"), keep_resident
+            "vae encoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype, half="encoder"), keep_resident
         ),
         vae_decoder=Resident(
-            "vae decoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype).keep_only("decoder"), keep_resident
+            "vae decoder", lambda: load_wan_vae(model_dir / "vae", compute_dtype, half="decoder"), keep_resident
         ),
         make_scheduler=make_scheduler,
         image_encoder=image_encoder,

@@ -123,13 +123,15 @@ def load_strict(
     dtype: mx.Dtype,
     keep_float32: Iterable[str] = (),
     what: str = "model",
+    evaluate: bool = True,
 ) -> None:
     """Fill every parameter of ``model`` from ``weights`` (already mapped to parameter names).
 
     Floating tensors are cast to ``dtype`` except those whose name matches a ``keep_float32`` regex
     (search semantics), which stay float32 as the reference keeps them. Missing, unexpected and
     mis-shaped tensors raise :class:`WeightLoadError` naming them. Quantized models are supported: the
-    expected names come from the model itself, so ``scales``/``biases`` must be present.
+    expected names come from the model itself, so ``scales``/``biases`` must be present. With
+    ``evaluate=False`` the parameters stay lazy (``mx.load`` reads a tensor only when it is evaluated).
     """
     expected = dict(tree_flatten(model.parameters()))
     missing = [k for k in expected if k not in weights]
@@ -156,7 +158,8 @@ def load_strict(
             v = v.astype(target)
         cast.append((k, v))
     model.load_weights(cast, strict=True)
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
 
 
 # --- reading checkpoints ----------------------------------------------------------------------------
