@@ -10,12 +10,18 @@ transformer dim 3072 / 24 heads / FFN 14336 / text 4096 with ``--layers`` (2) bl
 encoder widths (4096, 64 heads, FFN 10240) with ``--text-layers`` (1) layer and a ``--text-vocab``
 (512) row embedding table (the tokenizer is the tests' tiny one, so no id reaches past 512; the real
 256,384-row table would add 4.2 GB of float32 to both runs without changing any compute), and the real
-Wan2.2 VAE (base 160, decoder base 256, z 48: all 704.7 M parameters). ``--layers 30 --text-layers 24
---text-vocab 256384`` is the full model, for a GPU or a Mac.
+Wan2.2 VAE (base 160, decoder base 256, z 48: all 704.7 M parameters), or with ``--vae small`` a narrow
+one of the same architecture (base 20, decoder base 32: 11.4 M parameters), so that the denoise stage
+dominates the job. ``--layers 30 --text-layers 24 --text-vocab 256384`` is the full model, for a GPU or
+a Mac.
+
+Each side also times its denoise stage's matmuls alone (``matmuls.py``: the same products at the job's
+shapes, back to back), so the report says how far each framework's denoise stage is from its matmuls.
 
 Usage::
 
     python benchmarks/compare_diffusers.py                 # 256x384 (HxW), 41 frames, 2 steps, CFG 5
+    python benchmarks/compare_diffusers.py --vae small     # the same with a narrow VAE: denoise dominates
     python benchmarks/compare_diffusers.py --cache-dir /tmp/wan-bench --no-readme
 
 On Linux, MLX's CPU wheel ships a slow reference BLAS; the MLX subprocess gets Debian's OpenBLAS with
@@ -59,15 +65,22 @@ UMT5_XXL = dict(
 )  # fmt: skip
 
 
-def wan22_vae_config() -> dict[str, Any]:
-    """The real Wan2.2 VAE config (``Wan2.2_VAE.pth`` as converted by diffusers; wan.md §1.2)."""
+# Encoder and decoder base widths: the real Wan2.2 VAE, and one with an eighth of its widths (same
+# architecture, z 48, the same latent grid) for jobs where the denoise stage should dominate.
+VAE_WIDTHS = {"full": (160, 256), "small": (20, 32)}
+
+
+def wan22_vae_config(size: str = "full") -> dict[str, Any]:
+    """The Wan2.2 VAE config (``Wan2.2_VAE.pth`` as converted by diffusers; wan.md §1.2), at the real
+    widths or (``"small"``) an eighth of them."""
     sys.path.insert(0, str(ROOT / "tests"))
     from ref_vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
+    base_dim, decoder_base_dim = VAE_WIDTHS[size]
     return dict(
-        base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
-        patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+        base_dim=base_dim, decoder_base_dim=decoder_base_dim, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+        attn_scales=[], temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+        out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
         latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD,
     )  # fmt: skip
 
@@ -75,7 +88,7 @@ def wan22_vae_config() -> dict[str, Any]:
 # --- workers (each runs in its own process) ----------------------------------------------------------
 
 
-def build_model(model_dir: Path, layers: int, text_layers: int, text_vocab: int) -> None:
+def build_model(model_dir: Path, layers: int, text_layers: int, text_vocab: int, vae_size: str) -> None:
     """Save the random-weight TI2V-5B-width pipeline as ``WanPipeline(expand_timesteps=True)``, the layout
     of Wan-AI/Wan2.2-TI2V-5B-Diffusers, reusing the tests' seeded builders."""
     import shutil
@@ -91,7 +104,7 @@ def build_model(model_dir: Path, layers: int, text_layers: int, text_vocab: int)
     parts = model_dir.with_name(model_dir.name + ".parts")
     shutil.rmtree(parts, ignore_errors=True)
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(**wan22_vae_config()).eval()
+    vae = AutoencoderKLWan(**wan22_vae_config(vae_size)).eval()
     pipe = WanPipeline(
         tokenizer=build_tiny_tokenizer(parts / "tokenizer"),
         text_encoder=build_text_encoder(None, dict(UMT5_XXL, vocab_size=text_vocab, num_layers=text_layers)),
@@ -132,6 +145,17 @@ def _cpu_s() -> float:
 def _say(message: str) -> None:
     """Progress for the worker's log, so a long run can be followed."""
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def _denoise_matmuls(job: dict[str, Any], context_once: bool) -> list:
+    """The job's denoise-stage matmuls (``matmuls.py``) from the saved transformer's config; diffusers
+    projects the text context and its cross-attention K/V in every pass (``context_once=False``)."""
+    from matmuls import denoise_matmuls
+
+    config = json.loads((Path(job["model_dir"]) / "transformer" / "config.json").read_text())
+    latent = ((job["frames"] - 1) // 4 + 1, job["height"] // 16, job["width"] // 16)
+    rows = 2 if job["guidance"] > 1 else 1
+    return denoise_matmuls(config, latent_shape=latent, rows=rows, steps=job["steps"], context_once=context_once)
 
 
 def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -192,6 +216,13 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
     encode_end = max(e for n, _, e in events if n == "encode")
     decode_start = min(s for n, s, _ in events if n == "decode")
     np.save(out / "frames_diffusers.npy", np.asarray(frames, dtype=np.float32))
+    peak_rss = _peak_rss_gb()  # before the matmul timing below allocates its operands
+    matmul = None
+    if job["matmul_repeats"]:
+        from matmuls import time_torch
+
+        _say("timing the denoise matmuls")
+        matmul = time_torch(_denoise_matmuls(job, context_once=False), job["matmul_repeats"], device)
     return {
         "load_s": load_s,
         "seconds": {
@@ -205,8 +236,9 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
         "generate_cpu_s": cpu,
         "loadavg_before_after": [load_before[0], os.getloadavg()[0]],
         "peak_rss_load_gb": rss_after_load,
-        "peak_rss_gb": _peak_rss_gb(),
+        "peak_rss_gb": peak_rss,
         "threads": torch.get_num_threads(),
+        "denoise_matmul": matmul,
     }
 
 
@@ -232,6 +264,13 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
     )  # fmt: skip
     end, cpu = time.perf_counter(), _cpu_s() - cpu_start
     np.save(out / "frames_mlx.npy", video.frames)
+    peak_rss, mlx_peak = _peak_rss_gb(), mx.get_peak_memory() / 1e9  # before the matmul timing
+    matmul = None
+    if job["matmul_repeats"]:
+        from matmuls import time_mlx
+
+        _say("timing the denoise matmuls")
+        matmul = time_mlx(_denoise_matmuls(job, context_once=True), job["matmul_repeats"])
     return {
         "load_s": load_s,
         "seconds": video.stats["seconds"],
@@ -239,10 +278,11 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
         "generate_cpu_s": cpu,
         "loadavg_before_after": [load_before[0], os.getloadavg()[0]],
         "peak_rss_load_gb": rss_after_load,
-        "peak_rss_gb": _peak_rss_gb(),
-        "mlx_peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "peak_rss_gb": peak_rss,
+        "mlx_peak_memory_gb": mlx_peak,
         "plan_peak_gb": plan.peak / 1e9,
         "device": str(mx.default_device()),
+        "denoise_matmul": matmul,
     }
 
 
@@ -325,7 +365,14 @@ def compare(results: dict[str, Any], work: Path) -> dict[str, Any]:
         "ratio_peak_rss": m["peak_rss_gb"] / d["peak_rss_gb"],
         "ratio_stage_s": stages,
         "ratio_load_s": m["load_s"] / d["load_s"],
+        # each side's denoise stage over its own matmuls alone (None when a side did not time them)
+        "denoise_over_matmuls": {side: _over_matmuls(r) for side, r in results.items()},
     }
+
+
+def _over_matmuls(result: dict[str, Any]) -> float | None:
+    matmul = result.get("denoise_matmul")
+    return result["seconds"]["denoise"] / matmul["seconds"] if matmul else None
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -342,6 +389,8 @@ def markdown(report: dict[str, Any]) -> str:
         ("peak RSS after load (GB)", d["peak_rss_load_gb"], m["peak_rss_load_gb"]),
         ("**peak RSS (GB)**", d["peak_rss_gb"], m["peak_rss_gb"]),
     ]
+    if d.get("denoise_matmul") and m.get("denoise_matmul"):
+        rows.insert(3, ("denoise: its matmuls alone (s)", d["denoise_matmul"]["seconds"], m["denoise_matmul"]["seconds"]))
     table = "\n".join(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x |" for name, a, b in rows)
     t = report["targets"]
     verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
@@ -353,7 +402,7 @@ def markdown(report: dict[str, Any]) -> str:
   `{report['mlx_blas'] or 'as shipped'}`; torch {mach['torch']} on `{job['torch_device']}` ({d['threads']} threads{', ' + mach['cuda'] if mach.get('cuda') else ''});
   diffusers {mach['diffusers']}; transformers {mach['transformers']}; {job['dtype']} on both sides.
 - Model: TI2V-5B widths with {job['layers']} transformer blocks, {job['text_layers']} UMT5 layer(s) (vocabulary
-  {job['text_vocab']}), the real Wan2.2 VAE.
+  {job['text_vocab']}), {VAE_NAMES[job.get('vae', 'full')]}.
 - Job: height {job['height']} x width {job['width']}, {job['frames']} frames, {job['steps']} steps, guidance
   {job['guidance']:g} (CFG: batch of 2); {c['frames_shape'][0]} frames out.
 - 1-minute load average before -> after each run (other work on the machine inflates wall times, not
@@ -365,9 +414,31 @@ def markdown(report: dict[str, Any]) -> str:
 
 Largest difference between the two runs' frames: **{c['max_abs_diff']:.2e}** (mean {c['mean_abs_diff']:.1e}; frames in
 [0, 1] with std {c['frames_std']:.3f}). Targets: wall time ≤ 0.9x: {c['ratio_generate_s']:.2f}x, {verdict(t['wall'])};
-peak RSS ≤ 0.75x: {c['ratio_peak_rss']:.2f}x, {verdict(t['rss'])}.{plan_line(m, t)}
+peak RSS ≤ 0.75x: {c['ratio_peak_rss']:.2f}x, {verdict(t['rss'])}.{matmul_line(report)}{plan_line(m, t)}
 <!-- /{report['marker'][5:-4]} -->
 """
+
+
+VAE_NAMES = {
+    "full": "the real Wan2.2 VAE",
+    "small": "a narrow Wan2.2 VAE (base 20, decoder base 32: an eighth of the real widths)",
+}
+
+
+def matmul_line(report: dict[str, Any]) -> str:
+    """Each denoise stage over its own matmuls, and the denoise targets (runs from before the matmuls
+    were timed have none)."""
+    over = report["comparison"].get("denoise_over_matmuls") or {}
+    if over.get("mlx") is None:
+        return ""
+    t = report["targets"]
+    verdict = "met" if t["denoise_matmuls"] else "**missed**"
+    theirs = f" (diffusers: {over['diffusers']:.2f}x its own)" if over.get("diffusers") else ""
+    ratio = report["comparison"]["ratio_stage_s"]["denoise"]
+    return (
+        f"\nDenoise stage: {ratio:.2f}x diffusers' (target ≤ 0.9x: {'met' if t['denoise'] else '**missed**'});"
+        f" {over['mlx']:.2f}x the time of its own matmuls alone{theirs} (target ≤ 1.15x: {verdict})."
+    )
 
 
 def plan_line(m: dict[str, Any], t: dict[str, Any]) -> str:
@@ -409,6 +480,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (30 in TI2V-5B)")
     parser.add_argument("--text-layers", type=int, default=1, help="UMT5 layers (24 in umt5-xxl)")
     parser.add_argument("--text-vocab", type=int, default=512, help="UMT5 embedding rows (256384 in umt5-xxl)")
+    parser.add_argument("--vae", choices=list(VAE_WIDTHS), default="full", help="the real Wan2.2 VAE or an eighth of its widths")
+    parser.add_argument("--matmul-repeats", type=int, default=3, help="timings of each denoise matmul (0: skip)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--torch-device", default="auto", help="cpu, cuda, mps or auto")
     parser.add_argument("--blas", default=DEFAULT_BLAS, help="library preloaded for MLX on Linux ('' for none)")
@@ -421,7 +494,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker == "build":
-        build_model(args.model_dir, args.layers, args.text_layers, args.text_vocab)
+        build_model(args.model_dir, args.layers, args.text_layers, args.text_vocab, args.vae)
         return
     if args.worker is not None:
         job = json.loads(args.job.read_text())
@@ -430,21 +503,24 @@ def main() -> None:
         (out / f"result_{args.worker}.json").write_text(json.dumps(result, indent=2))
         return
 
-    model_dir = args.cache_dir / f"ti2v5b-widths-l{args.layers}-t{args.text_layers}-v{args.text_vocab}"
-    work = args.cache_dir / f"run-{args.height}x{args.width}x{args.frames}-s{args.steps}-{args.dtype}"
+    vae_tag = "" if args.vae == "full" else f"-vae{args.vae}"
+    model_dir = args.cache_dir / f"ti2v5b-widths-l{args.layers}-t{args.text_layers}-v{args.text_vocab}{vae_tag}"
+    work = args.cache_dir / f"run-{args.height}x{args.width}x{args.frames}-s{args.steps}-{args.dtype}{vae_tag}"
     work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if not model_dir.exists():
         print(f"building {model_dir.name} ...", flush=True)
         _child(["--worker", "build", "--model-dir", str(model_dir), "--layers", str(args.layers),
-                "--text-layers", str(args.text_layers), "--text-vocab", str(args.text_vocab)], env, work / "build.log")  # fmt: skip
+                "--text-layers", str(args.text_layers), "--text-vocab", str(args.text_vocab), "--vae", args.vae],
+               env, work / "build.log")  # fmt: skip
     photo, noise = _inputs(work, args.height, args.width, args.frames)
     job = {
         "model_dir": str(model_dir), "photo": str(photo), "noise": str(noise), "prompt": PROMPT,
         "negative_prompt": NEGATIVE_PROMPT, "height": args.height, "width": args.width, "frames": args.frames,
         "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
         "torch_device": _torch_device(args.torch_device), "layers": args.layers,
-        "text_layers": args.text_layers, "text_vocab": args.text_vocab,
+        "text_layers": args.text_layers, "text_vocab": args.text_vocab, "vae": args.vae,
+        "matmul_repeats": args.matmul_repeats,
     }  # fmt: skip
     job_file = work / "job.json"
     job_file.write_text(json.dumps(job, indent=2))
@@ -460,7 +536,7 @@ def main() -> None:
     comparison = compare(results, work)
     mach = machine()
     key = re.sub(r"[^a-z0-9]+", "-", f"{mach.get('cpu', '')}-{mach['cores']}c-{job['torch_device']}-"
-                 f"{args.height}x{args.width}x{args.frames}-s{args.steps}-l{args.layers}-{args.dtype}".lower())  # fmt: skip
+                 f"{args.height}x{args.width}x{args.frames}-s{args.steps}-l{args.layers}-{args.dtype}{vae_tag}".lower())  # fmt: skip
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "marker": f"<!-- bench:{key} -->",
@@ -474,6 +550,8 @@ def main() -> None:
             "rss": comparison["ratio_peak_rss"] <= 0.75,
             "plan": "plan_peak_gb" in results["mlx"]
             and abs(results["mlx"]["plan_peak_gb"] / results["mlx"]["mlx_peak_memory_gb"] - 1) <= 0.15,
+            "denoise": comparison["ratio_stage_s"]["denoise"] <= 0.9,
+            "denoise_matmuls": (comparison["denoise_over_matmuls"]["mlx"] or float("inf")) <= 1.15,
         },
     }
     args.json.write_text(json.dumps(report, indent=2) + "\n")

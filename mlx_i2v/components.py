@@ -72,11 +72,14 @@ def load_component(
     dtype: mx.Dtype,
     *,
     quantize: Quantization | None = None,
+    part: Callable[[nn.Module], nn.Module] | None = None,
 ) -> nn.Module:
     """Load ``folder`` as a ``kind`` component in ``dtype`` (the float32 islands excepted).
 
     ``quantize`` quantizes a float checkpoint after loading; on a checkpoint already quantized it must
-    match the stored bits (it cannot be re-quantized) and nothing more is done.
+    match the stored bits (it cannot be re-quantized) and nothing more is done. ``part`` keeps a part of
+    the model (``model -> part``): every tensor is still checked by name and shape, but only the part's
+    are read from disk.
 
     Raises:
         WeightLoadError: unreadable config or weights; missing, unexpected or mis-shaped tensors.
@@ -98,7 +101,11 @@ def load_component(
     else:
         weights = kind.source_map(model).apply(tensors)
     del tensors
-    load_strict(model, weights, dtype=dtype, keep_float32=kind.keep_float32(dtype), what=what)
+    load_strict(model, weights, dtype=dtype, keep_float32=kind.keep_float32(dtype), what=what, evaluate=False)
+    del weights
+    if part is not None:
+        model = part(model)
+    mx.eval(model.parameters())
     if stored is None and requested is not None:
         kind.quantize(model, quantize.bits, quantize.group_size)
     log.info("loaded %s from %s (%s%s)", kind.name, folder, dtype, f", {stored.bits}-bit" if stored else "")

@@ -129,10 +129,10 @@ def load_pipeline(
                          keep_experts_resident, lora_state),  # fmt: skip
         loras=lora_state,
         vae_encoder=Resident(
-            "vae encoder", lambda: load_wan_vae(model_dir / "vae", image_dtype).keep_only("encoder"), keep_resident
+            "vae encoder", lambda: load_wan_vae(model_dir / "vae", image_dtype, half="encoder"), keep_resident
         ),
         vae_decoder=Resident(
-            "vae decoder", lambda: load_wan_vae(model_dir / "vae", image_dtype).keep_only("decoder"), keep_resident
+            "vae decoder", lambda: load_wan_vae(model_dir / "vae", image_dtype, half="decoder"), keep_resident
         ),
         samplers=samplers,
         image_encoder=image_encoder,

@@ -338,12 +338,14 @@ def _decoder_dims(cfg: WanVAEConfig) -> list[int]:
     return [base * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
 
 
-def _largest_conv_workspace(convs: list[tuple[int, int, int, int, int]], itemsize: int, budget: int) -> int:
-    """The largest transient workspace among 3x3 convolutions given as (frames, h, w, c_in, c_out), each
-    computed as :func:`~mlx_i2v.models.conv.conv3d` would for this budget."""
+def _largest_conv_workspace(
+    convs: list[tuple[int, int, int, int, int]], itemsize: int, budget: int, time_taps: int = 3
+) -> int:
+    """The largest transient workspace among (time_taps, 3, 3) convolutions given as (frames, h, w, c_in,
+    c_out), each computed as :func:`~mlx_i2v.models.conv.conv3d` would for this budget."""
     workspace = conv_workspace(budget)
     return max(
-        conv_plan(frames, 3, h, w, c_in, c_out, itemsize, workspace, h % 2 == 0 and w % 2 == 0)[2]
+        conv_plan(frames, time_taps, h, w, c_in, c_out, itemsize, workspace, h % 2 == 0 and w % 2 == 0)[2]
         for frames, h, w, c_in, c_out in convs
     )
 
@@ -388,7 +390,9 @@ def vae_encode_activations(
     dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
     convs = [(frames, h >> i, w >> i, c, c) for i, c in enumerate(dims[1:])]
     first = frames * h * w * cfg.base_dim * dtype.size
-    return int(VAE_ENCODE_ACTIVATION_COPIES * first) + _largest_conv_workspace(convs, compute_dtype(dtype).size, budget)
+    # A single frame is one causal chunk: its convolutions skip the time taps over zero padding.
+    workspace = _largest_conv_workspace(convs, compute_dtype(dtype).size, budget, time_taps=1 if frames == 1 else 3)
+    return int(VAE_ENCODE_ACTIVATION_COPIES * first) + workspace
 
 
 # --- the plan -----------------------------------------------------------------------------------------

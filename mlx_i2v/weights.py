@@ -123,13 +123,15 @@ def load_strict(
     dtype: mx.Dtype,
     keep_float32: Iterable[str] = (),
     what: str = "model",
+    evaluate: bool = True,
 ) -> None:
     """Fill every parameter of ``model`` from ``weights`` (already mapped to parameter names).
 
     Floating tensors are cast to ``dtype`` except those whose name matches a ``keep_float32`` regex
     (search semantics), which stay float32 as the reference keeps them. Missing, unexpected and
     mis-shaped tensors raise :class:`WeightLoadError` naming them. Quantized models are supported: the
-    expected names come from the model itself, so ``scales``/``biases`` must be present.
+    expected names come from the model itself, so ``scales``/``biases`` must be present. With
+    ``evaluate=False`` the parameters stay lazy (``mx.load`` reads a tensor only when it is evaluated).
     """
     expected = dict(tree_flatten(model.parameters()))
     missing = [k for k in expected if k not in weights]
@@ -151,7 +153,8 @@ def load_strict(
     keep = [re.compile(p) for p in keep_float32]
     cast = [(k, cast_loaded(k, v, dtype, keep) if expected[k].dtype != mx.uint32 else v) for k, v in weights.items()]
     model.load_weights(cast, strict=True)
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
 
 
 def cast_loaded(name: str, value: mx.array, dtype: mx.Dtype, keep_float32: Iterable[re.Pattern[str]]) -> mx.array:

@@ -15,10 +15,12 @@ from mlx_i2v.models.conv import (
     conv3d,
     conv3d_by_taps,
     conv_plan,
+    tap_major,
     upsample2x_conv2d,
     winograd_applies,
     winograd_conv3d,
 )
+from mlx_i2v.models.elementwise import silu
 from mlx_i2v.models.wan_vae_blocks import CausalConv3d, RMSNorm, norm_silu
 
 TOL = 1e-5
@@ -116,12 +118,38 @@ def test_causal_conv_picks_winograd_only_where_it_applies():
         assert rel_err(conv(x), torch_conv3d(padded, conv.weight, conv.bias, (1, 1))) < TOL
 
 
+@pytest.mark.parametrize("frames", [1, 2])
+def test_causal_conv_leaves_out_taps_that_read_only_padding(frames):
+    """A chunk shorter than the kernel (a video's first frame): the taps over zero padding alone are
+    skipped, with the result of convolving the zero-padded input."""
+    conv = CausalConv3d(6, 5, 3, padding=1)
+    x = random((1, frames, 6, 8, 6), 17)
+    padded = mx.pad(x, [(0, 0), (2, 0), (0, 0), (0, 0), (0, 0)])
+    assert rel_err(conv(x), torch_conv3d(padded, conv.weight, conv.bias, (1, 1))) < TOL
+
+
+def test_tap_major_weights_give_the_same_convolution():
+    """Weights stored tap-major (as CausalConv3d keeps them after its first call) hold the same values and
+    give the same result, by Winograd and by per-tap matmuls."""
+    w = random((24, 3, 3, 3, 16), 14) * 0.1
+    stored = tap_major(w)
+    assert stored.shape == w.shape and mx.array_equal(stored, w).item()
+    for size in [(6, 10), (5, 9)]:  # Winograd, per-tap matmuls
+        x = random((1, 5, *size, 16), 15)
+        assert float(mx.abs(conv3d(x, stored, None, (1, 1)) - conv3d(x, w, None, (1, 1))).max()) < 1e-6
+    conv = CausalConv3d(16, 24, 3, padding=1)
+    before = conv.weight
+    conv(random((1, 1, 6, 10, 16), 16))
+    assert mx.array_equal(conv.weight, before).item() and set(conv.parameters()) == {"weight", "bias"}
+
+
 def test_norm_silu_on_two_streams_equals_one_call():
     norm = RMSNorm(64)
     norm.gamma = random((64,), 12)
     x = random((2, 3, 40, 90, 64), 13)  # over 2**20 elements: split across two CPU streams
     assert x.size >= 1 << 20
-    assert float(mx.abs(norm_silu(norm, x) - nn.silu(norm(x))).max()) == 0.0
+    assert float(mx.abs(norm_silu(norm, x) - silu(norm(x))).max()) == 0.0
+    assert mx.allclose(norm_silu(norm, x), nn.silu(norm(x)), rtol=1e-6, atol=1e-6).item()
 
 
 def test_malloc_keeps_freed_memory_on_linux_cpu(monkeypatch):

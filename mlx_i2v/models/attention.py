@@ -15,6 +15,11 @@ fallback computes them in the input dtype, and bfloat16 scores lose 2-6x more th
 runs (the CPU, and shapes Metal has no kernel for) half-precision attention is computed in float32 and
 only its output rounded, as the fused kernels do. CUDA is left to MLX: its cuDNN kernel takes half
 precision only, and an upcast would lose it.
+
+On the CPU that fallback's softmax costs more than its two matmuls (MLX's CPU ``exp`` is scalar code), so
+there float32 attention is computed here, the same three steps with the exponentials from
+:mod:`~mlx_i2v.models.elementwise` and the normalisation applied to the (Lq, D) result instead of the
+(Lq, Lk) weights.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..memory import memory_budget
+from .elementwise import LOG2E, exp2_kernel, on_cpu, two_streams
 
 # Share of the memory budget one attention call may spend on its score matrix.
 ATTENTION_FRACTION = 1 / 8
@@ -84,19 +90,51 @@ def attention(
         f32 = mx.float32
         out = attention(q.astype(f32), k.astype(f32), v.astype(f32), scale=scale, mask=mask)
         return out.astype(q.dtype)
+    sdpa = softmax_attention if on_cpu() and q.dtype == mx.float32 else mx.fast.scaled_dot_product_attention
     chunk = query_chunk_size(B, heads, q_len, k_len, attention_workspace())
     if chunk >= q_len:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return sdpa(q, k, v, scale=scale, mask=mask)
     # A mask with a real query axis is cut with the queries; one broadcast over queries is shared.
     split_mask = mask is not None and mask.ndim >= 2 and mask.shape[-2] != 1
     outputs = []
     for start in range(0, q_len, chunk):
         chunk_mask = mask[..., start : start + chunk, :] if split_mask else mask
-        out = mx.fast.scaled_dot_product_attention(
-            q[:, :, start : start + chunk], k, v, scale=scale, mask=chunk_mask
-        )
+        out = sdpa(q[:, :, start : start + chunk], k, v, scale=scale, mask=chunk_mask)
         # Evaluated chunk by chunk: MLX allocates the buffers of every queued operation before the first
         # one finishes, so a lazily built list of chunks would hold all their scores at once anyway.
         mx.eval(out)
         outputs.append(out)
     return mx.concatenate(outputs, axis=2)
+
+
+# exp(s - max) = 2**((s - max) log2 e) from the max-subtracted scores. The subtraction is MLX's own
+# broadcasting op: a compiled kernel with a broadcast input runs a strided, unvectorised loop (1.7x slower).
+_exp_of_shifted = exp2_kernel(lambda shifted: shifted * LOG2E)
+
+
+def softmax_attention(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: mx.array | None = None
+) -> mx.array:
+    """``softmax(scale * q k^T + mask) v`` for float32 (B, heads, Lq, D) queries, (B, heads, Lk, D) keys and
+    values, as MLX's CPU fallback computes it (scaled queries, max-subtracted exponentials), except that
+    each row is divided by its sum after the second matmul. The two halves of the heads go to two streams
+    that run at once (MLX's CPU element-wise kernels use one thread each); together they hold two
+    (Lq, Lk) float32 buffers per head at a time, as the fallback does."""
+    heads = q.shape[1]
+    if heads == 1:
+        return _softmax_attention(q, k, v, scale, mask)
+    per_head_mask = mask is not None and mask.ndim == 4 and mask.shape[1] != 1
+    halves = []
+    for stream, part in zip(two_streams(), (slice(0, heads // 2), slice(heads // 2, heads))):
+        with mx.stream(stream):
+            part_mask = mask[:, part] if per_head_mask else mask
+            halves.append(_softmax_attention(q[:, part], k[:, part], v[:, part], scale, part_mask))
+    return mx.concatenate(halves, axis=1)
+
+
+def _softmax_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if mask is not None:
+        scores = scores + mask
+    numerators = _exp_of_shifted(scores - mx.max(scores, axis=-1, keepdims=True))
+    return (numerators @ v) / mx.sum(numerators, axis=-1, keepdims=True)

@@ -24,11 +24,10 @@ stay within the workspace, are float32; the tensors between layers keep the inpu
 
 from __future__ import annotations
 
-import threading
-
 import mlx.core as mx
 
 from ..memory import memory_budget
+from .elementwise import two_streams
 
 # Share of the memory budget one convolution may spend on transient buffers (as attention does): output
 # frames are computed in groups that fit, and Winograd is used only where one frame fits.
@@ -149,9 +148,24 @@ def winograd_workspace(frames: int, kt: int, h: int, w: int, c: int, o: int, ite
 
 
 def _winograd_kernel(weight: mx.array) -> mx.array:
-    """G g G^T for each time tap: (O, kt, 3, 3, C) -> (kt, 4, 4, C, O), contiguous (C, O) matrices."""
+    """G g G^T for each time tap: (O, kt, 3, 3, C) -> (kt, 4, 4, C, O), contiguous (C, O) matrices.
+
+    Two small matmuls with G over the weights arranged (kt, 3, 3, C, O); that arrangement is a free view
+    of weights stored by :func:`tap_major` (else one transposing copy). Recomputed per call: keeping the
+    transformed kernels would hold 16/9 of the decoder's 2 GB of weights for the whole decode.
+    """
+    o, kt, _, _, c = weight.shape
     g = mx.array(_G, dtype=weight.dtype)
-    return mx.einsum("ay,bx,otyxc->tabco", g, g, weight)
+    taps = weight.transpose(1, 2, 3, 4, 0).reshape(kt, 3, 3 * c * o)
+    rows = (g @ taps).reshape(kt * 4, 3, c * o)  # G along the kernel's height
+    return (g @ rows).reshape(kt, 4, 4, c, o)  # and along its width
+
+
+def tap_major(weight: mx.array) -> mx.array:
+    """The same (O, kt, kh, kw, C) weights, stored in (kt, kh, kw, C, O) order: each kernel tap's (C, O)
+    matrix contiguous, as the per-tap matmuls and the Winograd transform read them (halves the
+    transform's time and transient memory). The values and shape are unchanged."""
+    return mx.contiguous(weight.transpose(1, 2, 3, 4, 0)).transpose(4, 0, 1, 2, 3)
 
 
 def _winograd_frames(x: mx.array, kernel: mx.array, bias: mx.array | None) -> mx.array:
@@ -207,20 +221,6 @@ def _combine(terms: list[mx.array], coefficients: tuple[int, ...]) -> mx.array:
         else:
             out = out + term if coefficient == 1 else out - term
     return out
-
-
-# MLX streams belong to the thread that made them (another thread gets "There is no Stream(cpu, N) in
-# current thread"), so each thread makes its own, once.
-_THREAD = threading.local()
-
-
-def two_streams() -> list[mx.Stream]:
-    """Two streams on the default device, made once per thread: independent element-wise work alternates
-    between them (on the CPU each stream is a thread)."""
-    streams = getattr(_THREAD, "streams", None)
-    if streams is None:
-        streams = _THREAD.streams = [mx.new_stream(mx.default_device()) for _ in range(2)]
-    return streams
 
 
 def conv3d_by_taps(

@@ -29,6 +29,7 @@ from ..errors import InvalidInputError, WeightLoadError
 from ..quantize import Quantization, quantize_text_encoder
 from ..weights import Rule, WeightMap, config_from_dict
 from .attention import attention
+from .elementwise import gelu_tanh
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class UMT5DenseGatedActDense(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = nn.gelu_approx(self.wi_0(x)) * self.wi_1(x)
+        h = gelu_tanh(self.wi_0(x)) * self.wi_1(x)
         # ``wo`` is float32 in float16 models (see load_umt5); the reference casts its input up to match.
         wo = self.wo
         # A quantized ``wo`` holds uint32 codes; its float dtype is that of its scales.

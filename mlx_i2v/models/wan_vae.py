@@ -274,10 +274,11 @@ VAE = ComponentType(
 )
 
 
-def load_wan_vae(folder: str | Path, dtype: mx.Dtype = mx.float32) -> AutoencoderKLWan:
+def load_wan_vae(folder: str | Path, dtype: mx.Dtype = mx.float32, half: str | None = None) -> AutoencoderKLWan:
     """Load a ``vae/`` folder (``config.json`` + safetensors, diffusers or MLX layout) strictly into
-    :class:`AutoencoderKLWan`, casting weights to ``dtype``. The VAE is never quantized."""
-    return load_component(VAE, folder, dtype)
+    :class:`AutoencoderKLWan`, casting weights to ``dtype``. The VAE is never quantized. ``half``
+    ("encoder" or "decoder", see :meth:`AutoencoderKLWan.keep_only`) reads only that half's weights."""
+    return load_component(VAE, folder, dtype, part=None if half is None else lambda vae: vae.keep_only(half))
 
 
 # === Wan-AI original layout (``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``) =================================

@@ -15,7 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention
-from .conv import conv3d, two_streams, upsample2x_conv2d
+from .conv import conv3d, tap_major, upsample2x_conv2d
+from .elementwise import silu, two_streams
 
 CACHE_T = 2  # frames of context a kernel-3 causal conv needs from the previous chunk
 
@@ -86,6 +87,7 @@ class CausalConv3d(nn.Conv3d):
         if self.stride[1:] != (1, 1):
             raise ValueError("CausalConv3d strides only in time")
         self.time_padding = 2 * pt
+        self._tap_major = False
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
         """x: (B, T, H, W, C_in) -> (B, T', H', W', C_out), evaluated; computed by :func:`~.conv.conv3d`
@@ -94,15 +96,25 @@ class CausalConv3d(nn.Conv3d):
         if context is not None and pad > 0:
             x = mx.concatenate([context, x], axis=1)
             pad -= context.shape[1]
+        if not self._tap_major:  # once, on first use (loading replaces the weight by a standard array)
+            self.weight = tap_major(self.weight)
+            self._tap_major = True
+        weight, stride = self.weight, self.stride[0]
+        if pad > 0 and stride == 1:
+            # The first taps may read nothing but the zero padding for every output frame (a video's first
+            # chunk is one frame): leave them out rather than multiply zeros (3x fewer products there).
+            skip = min(pad, pad - (x.shape[1] + pad - weight.shape[1]))
+            if skip > 0:
+                weight, pad = weight[:, skip:], pad - skip
         if pad > 0:
             x = mx.pad(x, [(0, 0), (pad, 0), (0, 0), (0, 0), (0, 0)])
-        taps, stride = self.weight.shape[1], self.stride[0]
+        taps = weight.shape[1]
         bias = self.bias if "bias" in self else None
         padding = self.padding[1:]
         if stride != 1:
             windows = range(0, x.shape[1] - taps + 1, stride)
-            return mx.concatenate([conv3d(x[:, t : t + taps], self.weight, bias, padding) for t in windows], axis=1)
-        return conv3d(x, self.weight, bias, padding)
+            return mx.concatenate([conv3d(x[:, t : t + taps], weight, bias, padding) for t in windows], axis=1)
+        return conv3d(x, weight, bias, padding)
 
 
 def cached_conv(conv: CausalConv3d, x: mx.array, cache: CausalCache) -> mx.array:
@@ -125,18 +137,28 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.gamma, 1e-24)
 
 
+# Bytes of pixels per piece of norm_silu's work on the CPU (one piece per stream at a time).
+NORM_SILU_PIECE_BYTES = 32 << 20
+
+
 def norm_silu(norm: RMSNorm, x: mx.array) -> mx.array:
-    """``silu(norm(x))`` for (..., C). MLX's CPU element-wise kernels run on one thread (its SiLU takes
-    10x PyTorch's time on 2 cores), so on the CPU the two halves of the pixels go to two streams that
-    run at once; on a GPU it is one call."""
+    """``silu(norm(x))`` for (..., C), evaluated on the CPU. MLX's CPU element-wise kernels run on one
+    thread, so there the pixels are cut into pieces of about :data:`NORM_SILU_PIECE_BYTES`, two at a
+    time on two streams that run at once, and the SiLU is :func:`~.elementwise.silu` (MLX's scalar
+    sigmoid took 10x PyTorch's time on 2 cores). A pair is evaluated before the next is built: its
+    intermediates (the SiLU's are three passes) then never outlive it. On a GPU it is one call."""
     if mx.default_device() != mx.cpu or x.size < 1 << 20:
-        return nn.silu(norm(x))
+        return silu(norm(x))
     rows = x.reshape(-1, x.shape[-1])
-    half = rows.shape[0] // 2
+    step = -(-rows.shape[0] // max(2, -(-x.nbytes // NORM_SILU_PIECE_BYTES)))
     parts = []
-    for stream, part in zip(two_streams(), (rows[:half], rows[half:])):
-        with mx.stream(stream):
-            parts.append(nn.silu(norm(part)))
+    for first in range(0, rows.shape[0], 2 * step):
+        pair = []
+        for stream, start in zip(two_streams(), range(first, min(first + 2 * step, rows.shape[0]), step)):
+            with mx.stream(stream):
+                pair.append(silu(norm(rows[start : start + step])))
+        mx.eval(pair)
+        parts += pair
     return mx.concatenate(parts).reshape(x.shape)
 
 

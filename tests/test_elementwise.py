@@ -1,0 +1,84 @@
+"""The CPU's rebuilt transcendental functions (exp, tanh-GELU, SiLU, softmax attention) against float64
+NumPy and against the MLX functions they replace."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_i2v.models.attention import attention, softmax_attention
+from mlx_i2v.models.elementwise import exp2_nonpositive, gelu_tanh, silu
+
+
+def wide_range(seed: int, n: int = 200_000) -> np.ndarray:
+    """float32 values from -20 to 20, denser near 0, plus the edges of float32."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n) * rng.choice([0.01, 1.0, 5.0], n)
+    edges = [0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 100.0, -100.0, 3e38, -3e38]
+    return np.concatenate([x, edges]).astype(np.float32)
+
+
+def test_exp2_nonpositive_matches_float64():
+    y = -np.abs(wide_range(0)[:-2]) * 6  # down to exponent -120 and beyond
+    y = np.concatenate([y, np.linspace(-127.5, -125.5, 101, dtype=np.float32)])
+    got = np.array(exp2_nonpositive(mx.array(y)))
+    want = np.exp2(y.astype(np.float64))
+    normal = want >= 2.0**-126
+    assert np.all(np.abs(got[normal] - want[normal]) <= 3e-7 * want[normal])
+    # below the normal range: 0, or the subnormal of 2**n times the polynomial
+    assert np.all(np.abs(got[~normal] - want[~normal]) <= 2.0**-126)
+    assert got[y < -127].max() == 0.0
+
+
+def test_exp2_nonpositive_edge_values():
+    y = mx.array([0.0, -0.5, -1.0, -1.5, -2.5, -float("inf"), -3.4e38, float("nan")])
+    got = np.array(exp2_nonpositive(y))
+    assert got[:5].tolist() == pytest.approx([1.0, 2**-0.5, 0.5, 2**-1.5, 2**-2.5], rel=3e-7)
+    assert got[5] == 0.0 and got[6] == 0.0 and np.isnan(got[7])
+
+
+def test_gelu_tanh_matches_float64_and_mlx():
+    x = wide_range(1)
+    x64 = x.astype(np.float64)
+    want = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)))
+    got = np.array(gelu_tanh(mx.array(x)))
+    assert np.all(np.abs(got - want) <= 3e-7 * np.maximum(1.0, np.abs(x64)))
+    # far below zero the result is 0 (to float32 tanh's -1), not a tiny fraction of x
+    assert np.all(np.abs(got[x < -6]) <= 1e-7) and got[-1] == 0.0
+    assert np.isnan(np.array(gelu_tanh(mx.array([float("nan")])))).all()
+
+
+def test_silu_matches_float64():
+    x = wide_range(2)
+    x64 = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        want = x64 / (1 + np.exp(-x64))
+    got = np.array(silu(mx.array(x)))
+    assert np.all(np.abs(got - want) <= 3e-7 * np.maximum(1.0, np.abs(x64)))
+    assert np.isnan(np.array(silu(mx.array([float("nan")])))).all()
+
+
+def test_half_precision_round_trips():
+    x = mx.array(wide_range(3)[:1000]).astype(mx.bfloat16)
+    assert gelu_tanh(x).dtype == mx.bfloat16 and silu(x).dtype == mx.bfloat16
+    want = nn.gelu_approx(x.astype(mx.float32)).astype(mx.bfloat16)
+    assert mx.allclose(gelu_tanh(x).astype(mx.float32), want.astype(mx.float32), rtol=1e-2, atol=1e-3).item()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_softmax_attention_equals_mlx_sdpa(masked):
+    key = mx.random.key(4)
+    q, k, v = (mx.random.normal((2, 3, n, 16), key=mx.random.split(key, 3)[i]) * 2 for i, n in enumerate((40, 24, 24)))
+    mask = None
+    if masked:  # UMT5's padding mask: the most negative float on the padded keys
+        keep = mx.arange(24)[None, None, None, :] < mx.array([24, 9])[:, None, None, None]
+        mask = mx.where(keep, mx.random.normal((1, 3, 40, 24)), mx.finfo(mx.float32).min)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+    got = softmax_attention(q, k, v, scale=0.3, mask=mask)
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+    # the chunked path (queries split to a small workspace) gives the same on the CPU
+    assert mx.allclose(attention(q, k, v, scale=0.3, mask=mask), want, rtol=1e-5, atol=1e-6).item()
