@@ -41,7 +41,7 @@ from .models.wan_vae import AutoencoderKLWan
 from .models.wan_vae_tiling import Tiling, tiled_decode_frames
 from .motion import check_motion
 from .parallel import Parallel
-from .planner import ModelDims, Plan, check_fits, latent_grid, plan_generation
+from .planner import GROUP_SIZE, ModelDims, Plan, check_fits, latent_grid, plan_generation
 from .preview import LATENT_RGB, Preview
 from .request import Request, close_loop, keep_frames
 from .resident import Resident
@@ -188,7 +188,14 @@ class WanPipeline:
             staged=not self.text_encoder.keep,
             cache_bytes=kept_bytes(cache, self.dtype),
             shards=shards,
+            lora_bytes=self._lora_factor_bytes(),
         )
+
+    def _lora_factor_bytes(self) -> int:
+        """What the active LoRAs keep beside quantized weights (merged into float ones, they cost nothing)."""
+        if self.loras is None or not self.quantize_bits:
+            return 0
+        return self.loras.factor_bytes(self.dtype, GROUP_SIZE)
 
     def plan_call(self, image: ImageInput | None = None, **kwargs) -> tuple[Settings, Plan]:
         """The settings and the memory plan of a call with these arguments (see :meth:`resolve_settings`),

@@ -176,6 +176,7 @@ class Plan:
     cache_bytes: int = 0  # bytes a step cache keeps per hidden-state element and branch
     shards: int = 1  # token shards of a sequence-parallel run: the plan is then one rank's
     parallel: str = ""  # how the ranks of a parallel run share the work, for the summary
+    lora_bytes: int = 0  # LoRA factors kept beside quantized transformer weights (in its stage's weights)
 
     @property
     def peak(self) -> int:
@@ -415,6 +416,7 @@ def plan_generation(
     suggest: bool = True,
     cache_bytes: int = 0,
     shards: int = 1,
+    lora_bytes: int = 0,
 ) -> Plan:
     """Estimate the peak memory of one generation.
 
@@ -433,6 +435,8 @@ def plan_generation(
         cache_bytes: what a step cache keeps across steps, in bytes per hidden-state element and branch
             (:func:`mlx_i2v.stepcache.kept_bytes`).
         shards: token shards of a sequence-parallel run (the plan is one rank's; weights are whole).
+        lora_bytes: LoRA factors kept beside a quantized transformer
+            (:meth:`~mlx_i2v.lora.manager.TransformerLoras.factor_bytes`), counted as its weights.
 
     Returns:
         A :class:`Plan` with stages "text", "vae_encode", "denoise" and "vae_decode", the attention chunk
@@ -446,7 +450,8 @@ def plan_generation(
     dims.check_request(height=height, width=width, num_frames=num_frames)
     budget = memory_budget() if budget is None else budget
     batch = 2 if guidance else 1
-    weights = weight_bytes(dims, dtype, quantize, vae_dtype)
+    weights = dict(weight_bytes(dims, dtype, quantize, vae_dtype))  # a copy: weight_bytes is cached
+    weights["transformer"] += lora_bytes
     everything = weights["text_encoder"] + weights["transformer"] + weights["vae_encoder"] + weights["vae_decoder"]
     resident = {
         name: weights[name] if staged else everything
@@ -487,7 +492,7 @@ def plan_generation(
     ]
     plan = Plan(
         height, width, num_frames, guidance, dtype, vae_dtype, quantize, backend, budget, tokens, chunk, tiling,
-        encode_tiling, stages, cache_bytes=cache_bytes, shards=shards,
+        encode_tiling, stages, cache_bytes=cache_bytes, shards=shards, lora_bytes=lora_bytes,
     )  # fmt: skip
     if suggest and not plan.fits():
         plan.suggestions = _suggestions(dims, plan, encode_frames, staged)
@@ -504,7 +509,7 @@ def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, staged: bool) 
             height=plan.height, width=plan.width, num_frames=plan.num_frames, guidance=plan.guidance,
             dtype=plan.dtype, vae_dtype=plan.vae_dtype, quantize=plan.quantize, backend=plan.backend, budget=plan.budget,
             encode_frames=encode_frames, staged=staged, suggest=False, cache_bytes=plan.cache_bytes,
-            shards=plan.shards,
+            shards=plan.shards, lora_bytes=plan.lora_bytes,
         )  # fmt: skip
         args.update(changes)
         return plan_generation(dims, **args)  # type: ignore[arg-type]

@@ -148,6 +148,19 @@ def _selection(model: nn.Module) -> tuple[re.Pattern[str], ...]:
     return tuple(re.compile(p) for p in patterns)
 
 
+def selected_layers(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> set[str]:
+    """Paths of the layers the recipe quantizes in ``model`` (a float one, possibly built lazily) at
+    ``group_size``: selected by the recipe and with an input width that is a multiple of it."""
+    patterns = _selection(model)
+    return {
+        path
+        for path, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding))
+        and any(p.fullmatch(path) for p in patterns)
+        and m.weight.shape[-1] % group_size == 0
+    }
+
+
 def _convert(model: nn.Module, q: Quantization, saved: Collection[str] | None = None) -> list[str]:
     """Swap layers of ``model`` for quantized ones, lazily; returns their paths.
 

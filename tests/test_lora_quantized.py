@@ -128,3 +128,26 @@ def test_factors_take_each_layers_compute_dtype(tiny_ti2v_dir, loras):
     dtypes = {p: {v.dtype for f in m.loras for v in f.values()} for p, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert dtypes["blocks.0.attn1.to_q"] == {mx.bfloat16} and dtypes["blocks.1.ffn.net.2"] == {mx.bfloat16}
     assert dtypes["condition_embedder.time_embedder.linear_1"] == {mx.float32}
+
+
+def test_planner_counts_the_factors_kept_beside_quantized_weights(tiny_ti2v_dir, loras):
+    """The factors a quantized model keeps are what ``factor_bytes`` says, and the plan's transformer
+    weights grow by exactly that; a float model merges its LoRAs and its plan does not change."""
+    from mlx_i2v.lora.manager import TransformerLoras
+    from mlx_i2v.planner import GROUP_SIZE
+
+    model = load_wan_transformer(tiny_ti2v_dir / "transformer", mx.float32, quantize=Quantization(4, GROUP))
+    apply_loras(model, _resolved(tiny_ti2v_dir, loras))
+    kept = sum(v.nbytes for _, m in model.named_modules() if isinstance(m, LoRALinear) for f in m.loras for v in f.values())
+    manager = TransformerLoras([read_config(tiny_ti2v_dir / "transformer")])
+    manager.active = manager.validate(loras)
+    assert manager.factor_bytes(mx.float32, GROUP) == kept > 0
+
+    request = dict(height=64, width=96, num_frames=5)
+    for quantize, grows in ((QuantizationConfig(4, GROUP), True), (None, False)):
+        pipe = load_pipeline(tiny_ti2v_dir, dtype="float32", quantize=quantize)
+        before = pipe.plan(**request).stage("denoise").weights
+        pipe.set_loras(loras)
+        after = pipe.plan(**request).stage("denoise").weights
+        expected = pipe.loras.factor_bytes(mx.float32, GROUP_SIZE) if grows else 0
+        assert after - before == expected and (expected > 0) == grows

@@ -24,11 +24,12 @@ import mlx.nn as nn
 
 from ..components import load_parameters
 from ..errors import InvalidInputError
-from ..models.wan_transformer import TRANSFORMER, WanTransformerConfig
+from ..models.wan_transformer import TRANSFORMER, WanTransformer3DModel, WanTransformerConfig
+from ..quantize import selected_layers
 from ..weights import config_from_dict
 from .apply import apply_loras, remove_loras
 from .baked import apply_factors
-from .formats import Ignored, LoraFile, file_sha256, read_lora
+from .formats import Ignored, LoraFile, LowRank, file_sha256, read_lora
 from .resolve import Resolved, resolve, transformer_shapes
 from .spec import EXPERT_INDEX, LoRA, as_loras
 
@@ -121,6 +122,21 @@ class TransformerLoras:
         if items:
             apply_loras(model, items)
         return model
+
+    def factor_bytes(self, dtype: mx.Dtype, group_size: int) -> int:
+        """Bytes the current set keeps beside a quantized expert (the largest over experts: one is loaded
+        at a time): the run-time factors of every delta on a weight the quantization recipe selects at
+        ``group_size``, in ``dtype``. Float models merge instead and keep nothing."""
+        per_expert = [0] * len(self.configs)
+        for a in self.active:
+            for index in a.experts:
+                quantized = {f"{p}.weight" for p in selected_layers(WanTransformer3DModel(self.configs[index]), group_size)}
+                for d in self._resolve(read_lora(a.spec.path), index, a.spec).deltas:
+                    if d.target not in quantized:
+                        continue
+                    size = d.down.size + d.up.size if isinstance(d, LowRank) else d.tensor.size
+                    per_expert[index] += size * dtype.size
+        return max(per_expert, default=0)
 
     def records(self) -> list[dict[str, Any]]:
         """Baked LoRAs (``"baked": "merged"`` or ``"factors"``), then the current set."""
