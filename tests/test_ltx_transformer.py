@@ -34,9 +34,9 @@ from mlx_i2v.models.ltx.transformer import (
     LTXVideoTransformer3DModel,
     load_ltx_transformer,
     pack_latents,
+    pixel_coords,
     rope_frequencies,
     unpack_latents,
-    video_coords,
 )
 from mlx_i2v.quantize import Quantization, quantize_transformer, quantized_layer_paths
 from mlx_i2v.weights import config_from_dict, load_strict
@@ -147,8 +147,8 @@ def test_explicit_video_coords_with_extra_conditioning_tokens(tiny):
     """``LTXConditionPipeline``: a keyframe at pixel frame 16 appended as one more latent frame of tokens
     with its own coordinates, per-token timesteps min(t, (1 - strength) * 1000)."""
     ref, model, _ = tiny
-    grid_coords = video_coords(*GRID, frame_rate=24)
-    keyframe = video_coords(1, *GRID[1:], frame_rate=24, frame_index=16)
+    grid_coords = pixel_coords(*GRID, frame_rate=24)
+    keyframe = pixel_coords(1, *GRID[1:], frame_rate=24, frame_index=16)
     coords = np.concatenate([grid_coords, keyframe])  # (96, 3)
     x, text, mask = inputs(2, 96, 10, seed=5)
     strength = torch.zeros(2, 96)
@@ -242,7 +242,7 @@ def test_video_coords_match_the_condition_pipeline():
     for frame_index in (0, 16):
         want = LTXConditionPipeline._scale_video_ids(ids, 32, 8, frame_index=frame_index).float()
         want[:, 0] = want[:, 0] * (1.0 / 24)
-        got = video_coords(4, 3, 5, frame_rate=24, frame_index=frame_index)
+        got = pixel_coords(4, 3, 5, frame_rate=24, frame_index=frame_index)
         np.testing.assert_array_equal(got, want[0].T.numpy())
 
 
@@ -313,7 +313,8 @@ def test_original_layout_unknown_and_missing_tensors_are_named(tiny):
         ORIGINAL_MAP.apply({**transformer, "proj_in.weight": mx.zeros((2,))})
     del transformer["transformer_blocks.1.attn2.k_norm.weight"]
     with pytest.raises(WeightLoadError, match=r"missing 1 tensor \(transformer_blocks\.1\.attn2\.norm_k\.weight\)"):
-        load_strict(LTXVideoTransformer3DModel(LTXTransformerConfig(**TINY)), ORIGINAL_MAP.apply(transformer), dtype=mx.float32)
+        model = LTXVideoTransformer3DModel(LTXTransformerConfig(**TINY))
+        load_strict(model, ORIGINAL_MAP.apply(transformer), dtype=mx.float32)
 
 
 def test_diffusers_checkpoint_extra_tensor_is_named(tiny, tmp_path):

@@ -4,10 +4,10 @@ Mirrors diffusers 0.42.1 ``pipelines/ltx/modeling_latent_upsampler.py``: a 3x3(x
 ResNet at ``mid_channels`` around a sub-pixel upsampling conv, on VAE latents (128 channels, before
 denormalisation, as ``LTXLatentUpsamplePipeline`` feeds it). Three kinds, by config:
 
-- spatial x2 (the released ``ltxv-spatial-upscaler-0.9.7/0.9.8``): a per-frame 2-D conv to 4x channels and
-  a 2-D pixel shuffle; (B, F, H, W, C) -> (B, F, 2H, 2W, C);
-- temporal x2 (``ltxv-temporal-upscaler-0.9.7``): a 3-D conv to 2x channels and a frame shuffle, dropping
-  the first new frame; F -> 2F - 1;
+- spatial x2 (the 0.9.7 / 0.9.8 spatial upscalers): a per-frame 2-D conv to 4x channels and a 2-D pixel
+  shuffle; (B, F, H, W, C) -> (B, F, 2H, 2W, C);
+- temporal x2 (the 0.9.7 temporal upscaler): a 3-D conv to 2x channels and a frame shuffle, dropping the
+  first new frame; F -> 2F - 1;
 - both: a 3-D conv to 8x channels and a 3-D shuffle; (F, H, W) -> (2F - 1, 2H, 2W).
 
 ``dims = 3`` (the released models) uses 3x3x3 convs with zero padding in time too and GroupNorms over all
@@ -130,7 +130,8 @@ class LTXLatentUpsamplerModel(nn.Module):
         # diffusers' Sequential(conv, PixelShuffleND): a 2-D conv when only space is upsampled
         factors = config.factors
         upsample_dims = 3 if config.temporal_upsample else 2
-        self.upsampler = [Conv3x3(mid, factors[0] * factors[1] * factors[2] * mid, upsample_dims), PixelShuffle(factors)]
+        shuffled = factors[0] * factors[1] * factors[2] * mid
+        self.upsampler = [Conv3x3(mid, shuffled, upsample_dims), PixelShuffle(factors)]
         self.post_upsample_res_blocks = [ResBlock(mid, dims) for _ in range(config.num_blocks_per_stage)]
         self.final_conv = Conv3x3(mid, config.in_channels, dims)
 

@@ -1,8 +1,9 @@
 """Splitting a Lightricks single-file LTX-Video checkpoint (``ltxv-*.safetensors``) into its components.
 
-Those files bundle the transformer, under ``model.diffusion_model.``, and the VAE, under ``vae.``
-(Lightricks/LTX-Video ``transformer3d.py`` and ``causal_video_autoencoder.py`` read them that way; the
-file's ``__metadata__["config"]`` holds both configs in LTX's own format). diffusers also accepts
+Those files bundle the transformer, under ``model.diffusion_model.`` (Lightricks/LTX-Video
+``transformer3d.py`` keeps exactly those keys), and the VAE, under ``vae.`` (diffusers'
+``convert_ltx_vae_checkpoint_to_diffusers`` takes the keys containing "vae."); the file's
+``__metadata__["config"]`` holds both configs in LTX's own format. diffusers also accepts
 transformer keys without the prefix (``CHECKPOINT_KEY_NAMES["ltx-video"]`` lists both
 ``patchify_proj.weight`` and ``model.diffusion_model.patchify_proj.weight``, and its converter takes every
 key without "vae" as the transformer's). Each part then goes through its component's ``ORIGINAL_MAP``.

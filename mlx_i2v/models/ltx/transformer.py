@@ -14,7 +14,7 @@ padding mask.
 split): each token's (frame, row, column) is divided by (20, 2048, 2048) after scaling the latent grid by
 ``rope_interpolation_scale = (8 / frame_rate, 32, 32)`` (so the frame rate is part of the positions), or
 comes as explicit pixel-space ``video_coords`` (``LTXConditionPipeline``, whose extra conditioning tokens
-sit at other frame indices; :func:`video_coords` builds them).
+sit at other frame indices; :func:`pixel_coords` builds them).
 
 **Precision.** diffusers declares no ``_keep_in_fp32_modules`` for this model: the time MLP, the
 modulation arithmetic and the caption projection run in the compute dtype. It upcasts in three places,
@@ -118,7 +118,7 @@ def unpack_latents(
     return x.reshape(B, f * patch_size_t, h * patch_size, w * patch_size, -1)
 
 
-def video_coords(
+def pixel_coords(
     num_frames: int,
     height: int,
     width: int,
@@ -165,9 +165,9 @@ class RopeTables(NamedTuple):
 def rope_frequencies(dim: int, theta: float = ROPE_THETA) -> np.ndarray:
     """The dim // 6 angular frequencies per axis, ``theta ** linspace(0, 1) * pi / 2``, float32.
 
-    The exponents follow ``torch.linspace``'s element formula (start + i * step for the first half, end -
-    (n - 1 - i) * step for the rest, in float32: what its CUDA kernel computes; the CPU kernel's
-    vectorised path rounds a few entries one ulp differently) and the powers are rounded from float64.
+    The exponents follow the element formula of ``torch.linspace``'s scalar kernel (start + i * step for
+    the first half, end - (n - 1 - i) * step for the rest, in float32; the vectorised CPU kernel rounds a
+    few entries one ulp differently), and the powers are rounded from float64.
     """
     n = dim // 6
     if n == 1:
@@ -188,7 +188,7 @@ class LTXRotaryPosEmbed:
     channels come first and are not rotated.
 
     Tables are computed on the host: the angles in float32 with the reference's operation order (so they
-    round identically), their cos/sin in float64. The table of a latent grid is cached, since every step of
+    round identically), their cos/sin in float64 and rounded. The table of a latent grid is cached, since every step of
     a generation uses the same one; tables from explicit coordinates are not (pass them as ``rope=``).
     """
 
@@ -220,16 +220,25 @@ class LTXRotaryPosEmbed:
         return coords.astype(np.float32) / np.asarray(ROPE_BASE, np.float32)
 
     def tables(self, positions: np.ndarray) -> RopeTables:
-        """Fractional positions (L, 3) or (B, L, 3) -> :class:`RopeTables` ((1 or B), L, dim/2)."""
+        """Fractional positions (L, 3) or (B, L, 3) -> :class:`RopeTables` ((1 or B), L, dim/2).
+
+        An axis holds few distinct positions (one per frame, row or column), so each one's angles and
+        their cos/sin are computed once and gathered, straight into the interleaved table.
+        """
         if positions.ndim == 2:
             positions = positions[None]
-        # (B, L, 3, 1) * (n,) -> (B, L, 3, n) -> frequency-major, axis-minor (B, L, n * 3)
-        angles = self.freqs * (positions[..., None] * np.float32(2.0) - np.float32(1.0))
-        angles = angles.transpose(0, 1, 3, 2).reshape(*positions.shape[:2], -1).astype(np.float64)
+        B, L, _ = positions.shape
         pad = (self.dim % 6) // 2  # leading channel pairs left unrotated (cos 1, sin 0)
-        cos = np.pad(np.cos(angles), [(0, 0), (0, 0), (pad, 0)], constant_values=1.0)
-        sin = np.pad(np.sin(angles), [(0, 0), (0, 0), (pad, 0)], constant_values=0.0)
-        return RopeTables(mx.array(cos.astype(np.float32)), mx.array(sin.astype(np.float32)))
+        cos = np.ones((B, L, pad + 3 * len(self.freqs)), np.float32)
+        sin = np.zeros_like(cos)
+        for axis in range(3):
+            values, index = np.unique(positions[..., axis], return_inverse=True)
+            angles = (self.freqs * (values[:, None] * np.float32(2.0) - np.float32(1.0))).astype(np.float64)
+            index = index.reshape(B, L)
+            # pair pad + 3i + axis rotates by frequency i of this axis
+            cos[..., pad + axis :: 3] = np.cos(angles).astype(np.float32)[index]
+            sin[..., pad + axis :: 3] = np.sin(angles).astype(np.float32)[index]
+        return RopeTables(mx.array(cos), mx.array(sin))
 
     def __call__(
         self,
@@ -238,7 +247,7 @@ class LTXRotaryPosEmbed:
         video_coords: np.ndarray | mx.array | None = None,
     ) -> RopeTables:
         """Tables for a (F', H', W') token grid (cached), or for explicit ``video_coords`` (L, 3) or
-        (B, L, 3) in pixel space (:func:`video_coords`)."""
+        (B, L, 3) in pixel space (:func:`pixel_coords`)."""
         if video_coords is not None:
             coords = np.asarray(video_coords.astype(mx.float32) if isinstance(video_coords, mx.array) else video_coords)
             if coords.ndim not in (2, 3) or coords.shape[-1] != 3:
@@ -448,7 +457,9 @@ class LTXVideoTransformer3DModel(nn.Module):
         """The compute dtype (that of ``proj_in``, which is never quantized)."""
         return self.proj_in.weight.dtype
 
-    def embed_context(self, encoder_hidden_states: mx.array, encoder_attention_mask: mx.array | None = None) -> TextContext:
+    def embed_context(
+        self, encoder_hidden_states: mx.array, encoder_attention_mask: mx.array | None = None
+    ) -> TextContext:
         """Project the caption once per generation.
 
         Args:
@@ -463,8 +474,9 @@ class LTXVideoTransformer3DModel(nn.Module):
         B, L_ctx, _ = encoder_hidden_states.shape
         bias = None
         if encoder_attention_mask is not None:
-            if tuple(encoder_attention_mask.shape) != (B, L_ctx):
-                raise ValueError(f"encoder_attention_mask must be ({B}, {L_ctx}), got {tuple(encoder_attention_mask.shape)}")
+            shape = tuple(encoder_attention_mask.shape)
+            if shape != (B, L_ctx):
+                raise ValueError(f"encoder_attention_mask must be ({B}, {L_ctx}), got {shape}")
             bias = ((1 - encoder_attention_mask.astype(self.dtype)) * MASK_BIAS)[:, None, None, :]
         states = self.caption_projection(encoder_hidden_states.astype(self.dtype))
         return TextContext(states, bias)
@@ -488,7 +500,7 @@ class LTXVideoTransformer3DModel(nn.Module):
     ) -> RopeTables:
         """RoPE tables for a (num_frames, height, width) token grid with ``rope_interpolation_scale``
         (``(8 / frame_rate, 32, 32)`` in the LTX pipelines; None uses raw indices, as diffusers does), or for
-        explicit pixel-space ``video_coords`` (L, 3) or (B, L, 3) (see :func:`video_coords`)."""
+        explicit pixel-space ``video_coords`` (L, 3) or (B, L, 3) (see :func:`pixel_coords`)."""
         if video_coords is not None:
             if num_frames is not None or height is not None or width is not None:
                 raise ValueError("pass either video_coords or num_frames/height/width, not both")
@@ -566,7 +578,7 @@ ORIGINAL_MAP = WeightMap(
     name="transformer (LTX-Video single file)",
     rules=(
         Rule(r"patchify_proj\.(weight|bias)", r"proj_in.\1"),
-        Rule(r"adaln_single\.(emb\.timestep_embedder\.linear_[12]\.(weight|bias)|linear\.(weight|bias))", r"time_embed.\1"),
+        Rule(r"adaln_single\.(emb\.timestep_embedder\.linear_[12]|linear)\.(weight|bias)", r"time_embed.\1.\2"),
         Rule(r"caption_projection\.linear_[12]\.(weight|bias)"),
         Rule(r"(scale_shift_table|proj_out\.(weight|bias))"),
         Rule(_BLOCK + r"(attn[12])\.([qk])_norm\.weight", r"transformer_blocks.\1.\2.norm_\3.weight"),
