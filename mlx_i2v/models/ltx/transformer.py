@@ -132,10 +132,11 @@ def pixel_coords(
 ) -> np.ndarray:
     """Pixel-space coordinates of a latent grid's tokens, as ``LTXConditionPipeline`` passes them.
 
-    The latent grid is (num_frames, height, width) (before patching). Frame k of it covers pixel frames
-    ``max(0, 8k + 1 - 8) + frame_index``, rows and columns scale by 32 (``_prepare_video_ids`` then
-    ``_scale_video_ids``), and the frame coordinate is then divided by the frame rate, in float32 as the
-    pipeline does (``video_coords[:, 0] * (1.0 / frame_rate)``).
+    The latent grid is (num_frames, height, width) (before patching). Latent frame k sits at pixel frame
+    ``max(0, k * temporal_scale + 1 - temporal_scale) + frame_index`` (the causal VAE's first latent frame
+    is one pixel frame), rows and columns at ``spatial_scale`` times their index (``_prepare_video_ids``
+    then ``_scale_video_ids``), and the frame coordinate is then divided by the frame rate in float32, as
+    the pipeline does (``video_coords[:, 0] * (1.0 / frame_rate)``).
 
     Returns:
         (L, 3) float32, (frame, row, column) per token in (f, h, w) order.
@@ -188,8 +189,9 @@ class LTXRotaryPosEmbed:
     channels come first and are not rotated.
 
     Tables are computed on the host: the angles in float32 with the reference's operation order (so they
-    round identically), their cos/sin in float64 and rounded. The table of a latent grid is cached, since every step of
-    a generation uses the same one; tables from explicit coordinates are not (pass them as ``rope=``).
+    round identically), their cos/sin in float64 and rounded. The table of a latent grid is cached, since
+    every step of a generation uses the same one; tables from explicit coordinates are not (pass them as
+    ``rope=``).
     """
 
     def __init__(self, dim: int, patch_size: int = 1, patch_size_t: int = 1, theta: float = ROPE_THETA):
