@@ -1,4 +1,4 @@
-"""FLOP count of the Wan transformer (DiT), for achieved-TFLOP/s figures and for planning.
+"""FLOP count of the Wan and LTX-Video transformers (DiTs), for achieved-TFLOP/s figures and for planning.
 
 One multiply-add is 2 FLOP. A forward pass over ``L`` video tokens and ``C`` context tokens (512 text
 tokens, plus 257 CLIP tokens per photo for Wan2.1-I2V/FLF2V) costs, per block of width ``d`` and FFN
@@ -95,7 +95,46 @@ def step_flops(shape: DiTShape, tokens: int, *, cfg: bool) -> float:
     return forward_flops(shape, tokens, batch=2 if cfg else 1)
 
 
-def context_flops(shape: DiTShape, batch: int = 1) -> float:
+def context_flops(shape: DiTShape, batch: int = 1, text_tokens: int = TEXT_TOKENS) -> float:
     """FLOP of projecting the text context to the model width (once per generation): the two-layer
-    text MLP over 512 tokens. The CLIP image embedding is smaller still and left out."""
-    return float(batch * 2 * TEXT_TOKENS * (shape.text_dim * shape.dim + shape.dim * shape.dim))
+    text MLP over ``text_tokens`` tokens (Wan's 512). The CLIP image embedding is smaller still and left
+    out."""
+    return float(batch * 2 * text_tokens * (shape.text_dim * shape.dim + shape.dim * shape.dim))
+
+
+# --- LTX-Video ------------------------------------------------------------------------------------------
+# The LTX blocks cost what Wan's do (self-attention, cross-attention to the projected caption, a 4x FFN);
+# the patch embedding is a Linear over packed tokens (in_channels already counts the patch), and the
+# caption is 128 T5 tokens in LTXPipeline / LTXImageToVideoPipeline, 256 in LTXConditionPipeline.
+LTX_TEXT_TOKENS = 128
+LTX_SPATIAL_STRIDE, LTX_TEMPORAL_STRIDE = 32, 8
+
+
+def ltx_shape(config: Mapping[str, Any] | Any, context_tokens: int = LTX_TEXT_TOKENS) -> DiTShape:
+    """The cost dimensions of an LTX-Video transformer, from a diffusers ``LTXVideoTransformer3DModel``
+    config dict or an ``LTXTransformerConfig``; missing keys take diffusers' defaults (2B). Use with
+    :func:`forward_flops` / :func:`step_flops`, and :func:`context_flops` with ``text_tokens=context_tokens``.
+    """
+    if is_dataclass(config):
+        config = {f.name: getattr(config, f.name) for f in fields(config)}
+    get = config.get
+    dim = get("num_attention_heads", 32) * get("attention_head_dim", 64)
+    in_channels = get("in_channels", 128)
+    return DiTShape(
+        dim=dim,
+        num_layers=get("num_layers", 28),
+        ffn_dim=4 * dim,
+        in_channels=in_channels,
+        out_channels=get("out_channels") or in_channels,
+        patch_size=(1, 1, 1),
+        text_dim=get("caption_channels", 4096),
+        context_tokens=context_tokens,
+    )
+
+
+def ltx_video_tokens(height: int, width: int, frames: int, patch_size: int = 1, patch_size_t: int = 1) -> int:
+    """LTX transformer tokens of a clip: the 32x32x8 VAE's latent grid over the patch (768x512x97: 4,992)."""
+    return video_tokens(
+        height, width, frames, spatial_stride=LTX_SPATIAL_STRIDE, temporal_stride=LTX_TEMPORAL_STRIDE,
+        patch_size=(patch_size_t, patch_size, patch_size),
+    )  # fmt: skip

@@ -1,13 +1,17 @@
-"""Weight-only quantization (MLX affine) of the Wan transformer and the UMT5 text encoder.
+"""Weight-only quantization (MLX affine) of the Wan and LTX-Video transformers and the UMT5 text encoder.
 
 Which layers are quantized is decided by module path (a saved quantized model is rebuilt from the
 ``.scales`` tensors its checkpoint holds, so it loads whatever this recipe was when it was saved):
 
-* transformer: every block's self- and cross-attention linears (``to_q``, ``to_k``, ``to_v``,
+* Wan transformer: every block's self- and cross-attention linears (``to_q``, ``to_k``, ``to_v``,
   ``to_out.0``, and the I2V image branch's ``add_k_proj`` / ``add_v_proj``) and feed-forward linears
   (``ffn.net.0.proj``, ``ffn.net.2``), plus the conditioning embedders' linears (time MLP, ``time_proj``,
   text projection, image embedder feed-forward). The patch embedding, ``proj_out``, all norms, the
   modulation tables and ``pos_embed`` stay in the float dtype.
+* LTX-Video transformer: the same under its names: every block's ``attn1``/``attn2`` ``to_q``, ``to_k``,
+  ``to_v``, ``to_out.0`` and ``ff.net.0.proj``/``ff.net.2``, the time MLP and its 6*dim projection
+  (``time_embed``) and the caption projection. ``proj_in``, ``proj_out``, the q/k norms and the
+  modulation tables stay float.
 * UMT5: the attention projections ``q``/``k``/``v``/``o``, the gated FFN's ``wi_0``/``wi_1``/``wo`` and
   the token embedding ``shared``: 1.05 B of umt5-xxl's 5.7 B parameters, read one row per token, so
   at 8 bits it saves 1 GB for a dequantized gather and a 6.5e-3 relative error in the embeddings
@@ -53,13 +57,25 @@ TRANSFORMER_LINEARS = (
     r"condition_embedder\.(time_embedder\.linear_[12]|time_proj|text_embedder\.linear_[12])",
     r"condition_embedder\.image_embedder\.ff\.net\.(0\.proj|2)",
 )
+# LTX-Video (``LTXVideoTransformer3DModel``): the same recipe under diffusers' LTX names.
+LTX_TRANSFORMER_LINEARS = (
+    r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+    r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
+    r"time_embed\.(emb\.timestep_embedder\.linear_[12]|linear)",
+    r"caption_projection\.linear_[12]",
+)
 TEXT_ENCODER_LAYERS = (
     r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.[qkvo]",
     r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo)",
     r"shared",
 )
 # Keyed by class name rather than class so the model modules can import this one without a cycle.
-_SELECTIONS = {"WanTransformer3DModel": TRANSFORMER_LINEARS, "UMT5Encoder": TEXT_ENCODER_LAYERS}
+_SELECTIONS = {
+    "WanTransformer3DModel": TRANSFORMER_LINEARS,
+    "LTXVideoTransformer3DModel": LTX_TRANSFORMER_LINEARS,
+    "UMT5Encoder": TEXT_ENCODER_LAYERS,
+}
+TRANSFORMER_CLASSES = ("WanTransformer3DModel", "LTXVideoTransformer3DModel")
 
 QUANTIZED_TYPES = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
@@ -205,9 +221,9 @@ def _convert(model: nn.Module, q: Quantization, saved: Collection[str] | None = 
     return chosen
 
 
-def _quantize(model: nn.Module, q: Quantization, expected: str) -> list[str]:
-    if type(model).__name__ != expected:
-        raise TypeError(f"expected a {expected}, got {type(model).__name__}")
+def _quantize(model: nn.Module, q: Quantization, expected: tuple[str, ...]) -> list[str]:
+    if type(model).__name__ not in expected:
+        raise TypeError(f"expected a {' or '.join(expected)}, got {type(model).__name__}")
     before = parameter_bytes(model)
     chosen = _convert(model, q)
     # Materialise now so the float weights the quantized ones were computed from can be freed.
@@ -225,7 +241,8 @@ def _quantize(model: nn.Module, q: Quantization, expected: str) -> list[str]:
 
 
 def quantize_transformer(model: nn.Module, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> list[str]:
-    """Quantize a loaded ``WanTransformer3DModel`` in place (see the module docstring for which layers).
+    """Quantize a loaded ``WanTransformer3DModel`` or ``LTXVideoTransformer3DModel`` in place (see the
+    module docstring for which layers).
 
     Scales and biases take each layer's current dtype, so quantize after loading in the compute dtype;
     the float32 time MLP keeps float32 scales. Returns the quantized layers' paths.
@@ -233,7 +250,7 @@ def quantize_transformer(model: nn.Module, bits: int, group_size: int = DEFAULT_
     Raises:
         InvalidInputError: unsupported bits or group size, or a model that is already quantized.
     """
-    return _quantize(model, Quantization(bits, group_size), "WanTransformer3DModel")
+    return _quantize(model, Quantization(bits, group_size), TRANSFORMER_CLASSES)
 
 
 def quantize_text_encoder(
@@ -245,7 +262,7 @@ def quantize_text_encoder(
     Raises:
         InvalidInputError: unsupported bits or group size, or a model that is already quantized.
     """
-    return _quantize(model, Quantization(bits, group_size), "UMT5Encoder")
+    return _quantize(model, Quantization(bits, group_size), ("UMT5Encoder",))
 
 
 def prepare_for_quantized_load(
