@@ -15,6 +15,7 @@ single loader behind them all.
 from __future__ import annotations
 
 import logging
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ class ComponentType:
         source_map: the model -> the weight map of the diffusers/transformers layout.
         keep_float32: compute dtype -> parameter-name regexes that stay float32 (the reference's fp32 islands).
         quantize: quantizes a loaded model in place to (bits, group size); None if never quantized.
+        skip_stored: the model -> full-match regexes of MLX-layout tensors it deliberately leaves out
+            (a model built as one half of a checkpoint); never read. The source map has its own ignores.
     """
 
     name: str
@@ -49,6 +52,7 @@ class ComponentType:
     source_map: Callable[[nn.Module], WeightMap]
     keep_float32: Callable[[mx.Dtype], tuple[str, ...]] = lambda dtype: ()
     quantize: Callable[[nn.Module, int, int], Any] | None = None
+    skip_stored: Callable[[nn.Module], tuple[str, ...]] = lambda model: ()
 
 
 def is_mlx_layout(folder: str | Path) -> bool:
@@ -89,7 +93,8 @@ def load_component(
     if is_mlx_layout(folder):
         if stored is not None:
             prepare_for_quantized_load(model, stored, saved=tensors.keys())
-        weights = tensors
+        skip = [re.compile(p) for p in kind.skip_stored(model)]
+        weights = {k: v for k, v in tensors.items() if not any(p.fullmatch(k) for p in skip)}
     elif stored is not None:
         raise WeightLoadError(f"{what}: config.json says quantized but the weights are not in MLX layout")
     else:
