@@ -30,7 +30,7 @@ import mlx.nn as nn
 
 from ...components import ComponentType, load_component
 from ...errors import InvalidInputError, WeightLoadError
-from ...weights import IDENTITY, Rule, WeightMap, config_from_dict, conv_weight, flatten
+from ...weights import IDENTITY, Rule, WeightMap, config_from_dict, conv_weight, flatten, load_strict
 from .vae_blocks import (
     CausalConv3d,
     DownBlock3D,
@@ -442,6 +442,15 @@ _ORIGINAL_LAYOUTS = {
 }
 
 
+# The tensors a flat-list entry may hold, by their name inside it: resnet convs, noise scales and
+# modulation table, an upsampler's or 0.9.5 downsampler's conv (``conv.conv``), a 0.9.0 stride-2 conv
+# (``conv``) and a stage's time embedder. Spelt out so that an unknown name is an error naming it.
+_MEMBER = (
+    r"(?P<m>(conv[12]\.conv|conv\.conv|conv)\.(weight|bias)|per_channel_scale[12]|scale_shift_table"
+    r"|time_embedder\.timestep_embedder\.linear_[12]\.(weight|bias))"
+)
+
+
 def _entry_rules(source: str, target: str) -> tuple[Rule, ...]:
     """Rules renaming everything under one flat-list entry ``source`` (a key regex) to ``target``: the
     members of its resnet group (``res_blocks.I.*``) first, then those of a single resnet, upsampler,
@@ -449,7 +458,7 @@ def _entry_rules(source: str, target: str) -> tuple[Rule, ...]:
     members = (
         (r"conv_shortcut\.(?P<leaf>weight|bias)", r"conv_shortcut.conv.\g<leaf>"),
         (r"norm3\.norm\.(?P<leaf>weight|bias)", r"norm3.\g<leaf>"),
-        (r"(?P<rest>.+)", r"\g<rest>"),
+        (_MEMBER, r"\g<m>"),
     )
     groups = ((r"res_blocks\.(?P<i>\d+)\.", r"resnets.\g<i>."), ("", ""))
     return tuple(
@@ -508,6 +517,24 @@ def original_generation(tensors: Mapping[str, mx.array]) -> str:
     if "vae.decoder.last_time_embedder.timestep_embedder.linear_1.weight" in tensors:
         return "0.9.1"
     return "0.9.0"
+
+
+def load_original_ltx_vae(
+    tensors: Mapping[str, mx.array], dtype: mx.Dtype = mx.float32, config: LTXVAEConfig | None = None
+) -> AutoencoderKLLTXVideo:
+    """Build and strictly load the VAE of a single-file checkpoint (all its tensors, as ``mx.load`` reads
+    them; only the ``vae.*`` ones are used). ``config`` defaults to the released configuration of the
+    generation :func:`original_generation` detects.
+
+    Raises:
+        WeightLoadError: an unknown ``vae.*`` tensor, or a missing or mis-shaped one (named).
+    """
+    vae_tensors = original_vae_tensors(tensors)
+    if config is None:
+        config = LTXVAEConfig(**GENERATION_CONFIGS[original_generation(vae_tensors)])
+    model = AutoencoderKLLTXVideo(config)
+    load_strict(model, original_map(config).apply(vae_tensors), dtype=dtype, what="LTX VAE (single file)")
+    return model
 # === end of the single-file layout ======================================================================
 
 
