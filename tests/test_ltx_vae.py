@@ -24,6 +24,7 @@ from mlx_i2v.weights import config_from_dict, read_config
 from mlx_i2v.models.ltx import vae_blocks
 from mlx_i2v.models.ltx.vae import (
     DIFFUSERS_MAP,
+    GENERATION_CONFIGS,
     ORIGINAL_RENAMES,
     AutoencoderKLLTXVideo,
     LTXVAEConfig,
@@ -334,6 +335,33 @@ def test_configs_follow_diffusers_defaults(tmp_path):
     assert (cfg.spatial_ratio, cfg.temporal_ratio) == (32, 8)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLLTXVideo", "patch_size": 4}))
     assert config_from_dict(LTXVAEConfig, read_config(tmp_path)) == cfg
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_released_configs_have_diffusers_structure(version):
+    """At the real widths (built lazily here, on the meta device in diffusers): the same tensors with the
+    same shapes, and the encoder/decoder sizes of the research notes (0.9.5: 694M + 553M; 0.9.1: 180M +
+    755M parameters)."""
+    cfg = LTXVAEConfig(**GENERATION_CONFIGS[version])
+    with torch.device("meta"):
+        ref = ref_blocks.AutoencoderKLLTXVideo(**GENERATION_CONFIGS[version])
+    ref_shapes = {k: tuple(v.shape) for k, v in DIFFUSERS_MAP.apply(
+        {k: mx.zeros(v.shape) for k, v in ref.state_dict().items()}).items()}  # fmt: skip
+    ours = AutoencoderKLLTXVideo(cfg)
+    assert {k: tuple(v.shape) for k, v in tree_flatten(ours.parameters())} == ref_shapes
+    params = {half: sum(v.size for _, v in tree_flatten(ours[half].parameters())) for half in ("encoder", "decoder")}
+    expected = {"0.9.5": (694, 553), "0.9.1": (180, 755)}.get(version)
+    if expected:
+        assert (round(params["encoder"] / 1e6), round(params["decoder"] / 1e6)) == expected
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(WeightLoadError, match="decoder_layers_per_block"):
+        LTXVAEConfig(decoder_layers_per_block=(1, 1, 1, 1))
+    with pytest.raises(WeightLoadError, match="patch_size_t"):
+        LTXVAEConfig(patch_size_t=2)
+    with pytest.raises(WeightLoadError, match="up block 2"):
+        LTXVAEConfig(timestep_conditioning=True)  # 0.9.0 widths change inside up blocks 2 and 3
 
 
 # --- one real-width slice ---------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from .vae_blocks import (
     NoiseSource,
     TimestepEmbedder,
     UpBlock3d,
-    _modulation,
+    modulation,
     rms_norm,
 )
 
@@ -79,6 +79,19 @@ class LTXVAEConfig:
     temporal_compression_ratio: int | None = None
 
     def __post_init__(self) -> None:
+        stages = len(self.block_out_channels) - (1 if self.is_095 else 0)
+        up = len(self.decoder_block_out_channels)
+        lengths = {
+            "layers_per_block": (len(self.layers_per_block), stages + 1),
+            "decoder_layers_per_block": (len(self.decoder_layers_per_block), up + 1),
+        }
+        for name in ("down_block_types", "spatio_temporal_scaling", "downsample_type"):
+            lengths[name] = (len(getattr(self, name)), stages)
+        for name in ("decoder_spatio_temporal_scaling", "upsample_residual", "upsample_factor"):
+            lengths[name] = (len(getattr(self, name)), up)
+        wrong = [f"{name} ({have} < {need})" for name, (have, need) in lengths.items() if have < need]
+        if wrong:
+            raise WeightLoadError(f"LTX VAE: config too short for its blocks: {', '.join(wrong)}")
         # diffusers sizes the patch channels by patch_size**2 alone, so no other temporal patch can run.
         if self.patch_size_t != 1:
             raise WeightLoadError(f"LTX VAE: patch_size_t={self.patch_size_t} is not supported (diffusers needs 1)")
@@ -252,7 +265,7 @@ class Decoder(nn.Module):
             x = block(x, t, noise)
         x = rms_norm(x)
         if "time_embedder" in self:
-            shift, scale = _modulation(self.time_embedder(t, x.dtype), self.scale_shift_table)
+            shift, scale = modulation(self.time_embedder(t, x.dtype), self.scale_shift_table)
             x = x * (1 + scale) + shift
         return unpatchify(self.conv_out(nn.silu(x)), self.patch_size)
 

@@ -163,7 +163,7 @@ class TimestepEmbedder(nn.Module):
         return self.timestep_embedder(timestep_sinusoid(t).astype(dtype))
 
 
-def _modulation(temb: mx.array, table: mx.array) -> list[mx.array]:
+def modulation(temb: mx.array, table: mx.array) -> list[mx.array]:
     """(B, n*C) embedding + (n, C) table -> n arrays (B, 1, 1, 1, C), broadcastable over a video."""
     b, (n, c) = temb.shape[0], table.shape
     rows = temb.reshape(b, n, c) + table
@@ -207,7 +207,7 @@ class ResnetBlock3d(nn.Module):
         """x: (B, T, H, W, C_in); temb: (B, 4*C_in) when timestep-conditioned -> (B, T, H, W, C_out)."""
         conditioned = "scale_shift_table" in self
         if conditioned:
-            shift_1, scale_1, shift_2, scale_2 = _modulation(temb, self.scale_shift_table)
+            shift_1, scale_1, shift_2, scale_2 = modulation(temb, self.scale_shift_table)
         h = rms_norm(x)
         if conditioned:
             h = h * (1 + scale_1) + shift_1
