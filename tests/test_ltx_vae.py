@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,6 +21,7 @@ from mlx.utils import tree_flatten
 from safetensors.torch import load_file, save_file
 
 from mlx_i2v.errors import InvalidInputError, WeightLoadError
+from mlx_i2v.memory import set_memory_limit
 from mlx_i2v.weights import config_from_dict, read_config
 from mlx_i2v.models.ltx import vae_blocks
 from mlx_i2v.models.ltx.vae import (
@@ -34,6 +36,7 @@ from mlx_i2v.models.ltx.vae import (
     original_map,
     sample_posterior,
 )
+from mlx_i2v.models.ltx.vae_memory import decode_activation_bytes, encode_activation_bytes
 from mlx_i2v.models.ltx.vae_tiling import SpatialTiling, TemporalTiling, tiled_decode, tiled_encode
 from ref_ltx_vae import EXTRA_STATISTICS, build_tiny_ltx_vae, to_single_file
 
@@ -362,6 +365,53 @@ def test_bad_configs_are_rejected():
         LTXVAEConfig(patch_size_t=2)
     with pytest.raises(WeightLoadError, match="up block 2"):
         LTXVAEConfig(timestep_conditioning=True)  # 0.9.0 widths change inside up blocks 2 and 3
+
+
+# --- memory ------------------------------------------------------------------------------------------------
+
+
+def _narrowed(factor: int) -> LTXVAEConfig:
+    cfg = LTXVAEConfig(**GENERATION_CONFIGS["0.9.5"])
+    return replace(
+        cfg,
+        block_out_channels=tuple(c // factor for c in cfg.block_out_channels),
+        decoder_block_out_channels=tuple(c // factor for c in cfg.decoder_block_out_channels),
+    )
+
+
+def _peak_above_weights(fn) -> int:
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    mx.synchronize()
+    return mx.get_peak_memory() - base
+
+
+def test_memory_estimates_match_measured_peaks():
+    """The 0.9.5 VAE narrowed 8x (its structure, 1/64 of the compute), budget 4 GB: untiled and tiled
+    decode and untiled encode peaks within 25 % of the estimates (fitted on other sizes and widths)."""
+    cfg = _narrowed(8)
+    set_memory_limit(4)
+    try:
+        vae = AutoencoderKLLTXVideo(cfg)
+        mx.eval(vae.parameters())
+        z = mx.random.normal((1, 2, 8, 8, 128), key=mx.random.key(0))
+        video = mx.random.uniform(-1, 1, (1, 9, 128, 256, 3), key=mx.random.key(1))
+        tiles = SpatialTiling(128, 128, 96, 96)
+        cases = {
+            "decode": (lambda: vae.decode(z, 0.05), decode_activation_bytes(cfg, (2, 8, 8))),
+            "tiled decode": (
+                lambda: tiled_decode(vae, z, 0.05, None, tiles), decode_activation_bytes(cfg, (2, 8, 8), spatial=tiles)
+            ),
+            "encode": (lambda: vae.encode(video)[0], encode_activation_bytes(cfg, (9, 128, 256))),
+        }
+        for name, (run, estimate) in cases.items():
+            measured = _peak_above_weights(run)
+            assert abs(estimate - measured) / measured < 0.25, (name, estimate, measured)
+    finally:
+        set_memory_limit(None)
 
 
 # --- one real-width slice ---------------------------------------------------------------------------------
