@@ -1,16 +1,19 @@
 """Measure the LTX-Video VAE's peak activation memory and compare it with the planner's estimate.
 
-Builds a random-weight VAE of a released generation at its real widths (MLX only, no PyTorch), then for
+Builds a random-weight VAE of a released generation at its real widths or narrowed (MLX only, no PyTorch), then for
 each requested size decodes (or encodes) once and records MLX's peak allocation above the weights, next
 to :func:`mlx_i2v.models.ltx.vae_memory.decode_activation_bytes` /
 :func:`~mlx_i2v.models.ltx.vae_memory.encode_activation_bytes`. The constants in ``vae_memory.py`` were
 fitted on this script's output (see there).
 
-    python benchmarks/ltx_vae_memory.py --generation 0.9.5 --decode 2x4x4 2x8x8 3x4x6 --encode 9x128x128
-    python benchmarks/ltx_vae_memory.py --decode 4x8x8 --tile 128,96       # spatially tiled
+    python benchmarks/ltx_vae_memory.py --generation 0.9.5 --decode 2x4x4 2x8x8 --encode 9x128x128
+    python benchmarks/ltx_vae_memory.py --narrow 8 --budget-gb 4 --decode 3x16x24 --tile 256,192
+    python benchmarks/ltx_vae_memory.py --narrow 8 --budget-gb 4 --decode 5x8x8 --temporal
 
 Decode sizes are latent ``frames x height x width``; encode sizes are video ``frames x height x width``.
-The memory budget (which sizes the convolutions' workspace) is fixed by ``--budget-gb``.
+The memory budget (which sizes the convolutions' workspace) is fixed by ``--budget-gb``; ``--narrow N``
+divides every block width by N (the structure stays; the compute falls by N squared). The points and
+the fit are in benchmarks/README.md.
 """
 
 from __future__ import annotations
