@@ -88,7 +88,8 @@ def main() -> None:
                 peak, seconds = _measure(lambda: tiled_encode(vae, video, spatial, temporal)[0])
                 estimate = encode_activation_bytes(cfg, (t, h, w), mx.float32, spatial, temporal)
             record = {
-                "generation": args.generation, "narrow": args.narrow, "budget_gb": args.budget_gb, "half": half, "size": [t, h, w], "tile": args.tile,
+                "generation": args.generation, "narrow": args.narrow, "budget_gb": args.budget_gb, "half": half,
+                "size": [t, h, w], "tile": args.tile,
                 "temporal": args.temporal, "peak_bytes": peak, "estimate_bytes": estimate,
                 "estimate_over_peak": round(estimate / peak, 3), "seconds": round(seconds, 1),
             }  # fmt: skip

@@ -32,7 +32,8 @@ TINY_LTX_VAE_CONFIGS: dict[str, dict] = {
     ),
     "0.9.5": dict(
         latent_channels=16, block_out_channels=(8, 16, 32, 64, 128), down_block_types=(LTX095,) * 4,
-        decoder_block_out_channels=(16, 32, 64), layers_per_block=(1, 2, 1, 1, 1), decoder_layers_per_block=(1, 1, 2, 1),
+        decoder_block_out_channels=(16, 32, 64), layers_per_block=(1, 2, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 2, 1),
         spatio_temporal_scaling=(True, True, True, True), decoder_spatio_temporal_scaling=(True, True, True),
         decoder_inject_noise=(False, False, False, False),
         downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
@@ -93,7 +94,11 @@ _ENCODER_095 = {
     "down_blocks.5": "down_blocks.2.downsamplers.0", "down_blocks.6": "down_blocks.3",
     "down_blocks.7": "down_blocks.3.downsamplers.0", "down_blocks.8": "mid_block",
 }  # fmt: skip
-BLOCK_RENAMES = {"0.9.0": _COMMON, "0.9.1": {**_COMMON, **_DECODER_091}, "0.9.5": {**_COMMON, **_DECODER_091, **_ENCODER_095}}
+BLOCK_RENAMES = {
+    "0.9.0": _COMMON,
+    "0.9.1": {**_COMMON, **_DECODER_091},
+    "0.9.5": {**_COMMON, **_DECODER_091, **_ENCODER_095},
+}
 
 # The buffers the original PerChannelStatistics module also stores (the tests add them to the file).
 EXTRA_STATISTICS = ("channel", "mean-of-stds", "mean-of-stds_over_std-of-means")

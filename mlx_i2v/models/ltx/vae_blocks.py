@@ -100,9 +100,7 @@ def strided_conv3d(
     for dt in range(kt):
         for dy in range(kh):
             for dx in range(kw):
-                tap = x[
-                    :, dt : dt + st * (to - 1) + 1 : st, dy : dy + sh * (ho - 1) + 1 : sh, dx : dx + sw * (wo - 1) + 1 : sw
-                ]
+                tap = x[:, dt::st, dy::sh, dx::sw][:, :to, :ho, :wo]
                 rows, tap_weight = tap.reshape(-1, c), weight[:, dt, dy, dx].T
                 y = rows @ tap_weight if y is None else mx.addmm(y, rows, tap_weight)
                 mx.eval(y)  # one tap's slice alive at a time
@@ -320,7 +318,13 @@ class MidBlock3d(nn.Module):
     """diffusers ``LTXVideoMidBlock3d``: resnets, with their own timestep embedder when conditioned."""
 
     def __init__(
-        self, channels: int, num_layers: int, eps: float, is_causal: bool, inject_noise: bool, timestep_conditioning: bool
+        self,
+        channels: int,
+        num_layers: int,
+        eps: float,
+        is_causal: bool,
+        inject_noise: bool,
+        timestep_conditioning: bool,
     ) -> None:
         super().__init__()
         if timestep_conditioning:
