@@ -44,6 +44,8 @@ class ComponentType:
         stored_dtype: compute dtype -> the dtype ``mlx-i2v convert`` writes the weights in (loading casts
             them to the dtype asked for).
         quantize: quantizes a loaded model in place to (bits, group size); None if never quantized.
+        skip_stored: the model -> full-match regexes of MLX-layout tensors it deliberately leaves out
+            (a model built as one half of a checkpoint); never read. The source map has its own ignores.
     """
 
     name: str
@@ -52,6 +54,7 @@ class ComponentType:
     keep_float32: Callable[[mx.Dtype], tuple[str, ...]] = lambda dtype: ()
     stored_dtype: Callable[[mx.Dtype], mx.Dtype] = lambda dtype: dtype
     quantize: Callable[[nn.Module, int, int], Any] | None = None
+    skip_stored: Callable[[nn.Module], tuple[str, ...]] = lambda model: ()
 
 
 def is_mlx_layout(folder: str | Path) -> bool:
@@ -95,7 +98,8 @@ def load_component(
     if is_mlx_layout(folder):
         if stored is not None:
             prepare_for_quantized_load(model, stored, saved=tensors.keys())
-        weights = tensors
+        skip = [re.compile(p) for p in kind.skip_stored(model)]
+        weights = {k: v for k, v in tensors.items() if not any(p.fullmatch(k) for p in skip)}
     elif stored is not None:
         raise WeightLoadError(f"{what}: config.json says quantized but the weights are not in MLX layout")
     else:
