@@ -61,7 +61,10 @@ TEXT_ENCODER_LAYERS = (
 )
 TEXT_ENCODERS = ("UMT5Encoder", "T5Encoder")
 # Keyed by class name rather than class so the model modules can import this one without a cycle.
-_SELECTIONS = {"WanTransformer3DModel": TRANSFORMER_LINEARS, **dict.fromkeys(TEXT_ENCODERS, TEXT_ENCODER_LAYERS)}
+_SELECTIONS = {
+    "WanTransformer3DModel": TRANSFORMER_LINEARS,
+    **dict.fromkeys(TEXT_ENCODERS, TEXT_ENCODER_LAYERS),
+}
 
 QUANTIZED_TYPES = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 

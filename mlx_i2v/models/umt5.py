@@ -125,7 +125,8 @@ class UMT5Attention(nn.Module):
         self.o = nn.Linear(inner, config.d_model, bias=False)
         self.has_relative_attention_bias = has_relative_attention_bias
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+            buckets, heads = config.relative_attention_num_buckets, config.num_heads
+            self.relative_attention_bias = nn.Embedding(buckets, heads)
 
     def position_bias(self, buckets: mx.array, key_mask: mx.array) -> mx.array:
         """Additive attention bias (B, heads, L, L) from buckets (L, L) and a boolean key mask (B, L).
