@@ -10,8 +10,11 @@ Two schedulers, both driven the same way::
 * :class:`FlowUniPCMultistepScheduler` is diffusers' ``UniPCMultistepScheduler`` in the only mode the Wan
   repositories ship (``use_flow_sigmas=True``, ``prediction_type="flow_prediction"``, ``predict_x0=True``):
   the UniP predictor plus UniC corrector on data predictions ``x0 = x - sigma * v``.
-* :class:`FlowMatchEulerDiscreteScheduler` is diffusers' ``FlowMatchEulerDiscreteScheduler`` without dynamic
-  shifting: ``x_next = x + (sigma_next - sigma) * v``.
+* :class:`FlowMatchEulerDiscreteScheduler` is diffusers' ``FlowMatchEulerDiscreteScheduler``:
+  ``x_next = x + (sigma_next - sigma) * v``, on its default grid or explicit sigma/timestep grids (the
+  few-step distillations, LTX-Video), with static or dynamic shifting and per-token timesteps (LTX-Video's
+  condition pipeline). The LTX pipelines' grid helpers are in :mod:`mlx_i2v.ltx_schedules`; the
+  stochastic few-step DMD sampler, driven the same way, is :mod:`mlx_i2v.dmd`.
 
 The noise schedule and every scalar coefficient are computed in numpy with the dtypes the torch reference
 uses (float64 for the shifted linspace, float32 for everything derived from the stored sigmas); only the
@@ -22,6 +25,7 @@ use are rejected with :class:`~mlx_i2v.errors.InvalidInputError` instead of bein
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -378,38 +382,195 @@ def _weighted_differences(rhos: list[float], rks: list[float], model_outputs: li
 # --- Euler ------------------------------------------------------------------------------------------
 
 
+class FlowSchedule:
+    """What the samplers that step through an explicit schedule share, as diffusers does it.
+
+    ``timesteps`` (float32, shape ``(N,)``) are what the model is given and ``sigmas`` (float32,
+    ``(N + 1,)``) the noise level at each step and after the last. A run starts at :attr:`begin_index` if
+    one is set, otherwise where the first :meth:`step`'s timestep sits in ``timesteps`` (its second
+    occurrence when it is repeated, so that a restart mid-schedule skips no sigma); each step then advances
+    the index by one. Arrays are channels-last and of any shape, e.g. latents ``(B, F, H, W, C)``.
+    """
+
+    num_train_timesteps: int
+    timesteps: np.ndarray | None = None
+    sigmas: np.ndarray | None = None
+    num_inference_steps: int | None = None
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step, None before the first."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The index the next run starts at, if set with :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next run at ``begin_index`` instead of looking its first timestep up."""
+        if self.timesteps is None:
+            raise RuntimeError("set_timesteps must be called before set_begin_index")
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)):
+            raise InvalidInputError(f"begin_index must be an integer, got {begin_index!r}")
+        if not 0 <= begin_index < len(self.timesteps):
+            raise InvalidInputError(f"begin_index {begin_index} is outside the {len(self.timesteps)} steps")
+        self._begin_index = int(begin_index)
+
+    def _schedule(self, timesteps: np.ndarray, sigmas: np.ndarray) -> None:
+        """Install a new schedule and forget the position in the old one."""
+        self.timesteps, self.sigmas = timesteps, sigmas
+        self.num_inference_steps = len(timesteps)
+        self._step_index = self._begin_index = None
+
+    def _index_of(self, timestep: Any) -> int:
+        assert self.timesteps is not None
+        matches = _match_timestep(self.timesteps, timestep)
+        if len(matches) == 0:
+            raise InvalidInputError(f"timestep {np.asarray(timestep).item()} is not in the schedule")
+        return int(matches[1] if len(matches) > 1 else matches[0])
+
+    def _current_index(self, timestep: Any) -> int:
+        """The index of the step about to run (locating the start of a run)."""
+        if self.sigmas is None or self.timesteps is None:
+            raise RuntimeError("set_timesteps must be called before step")
+        if self._step_index is None:
+            start = self._begin_index
+            self._step_index = start if start is not None else self._index_of(timestep)
+        if self._step_index >= len(self.timesteps):
+            raise RuntimeError("the schedule is finished; call set_timesteps again")
+        return self._step_index
+
+    def scale_noise(self, sample: mx.array, timestep: Any, noise: mx.array) -> mx.array:
+        """Noise ``sample`` to the sigma of ``timestep``: ``sigma * noise + (1 - sigma) * sample``.
+
+        As diffusers' ``scale_noise``: the sigma is that of :attr:`step_index` once a run has started, else
+        of :attr:`begin_index` if set, else of ``timestep`` looked up in ``timesteps``. ``timestep`` is a
+        scalar or one per batch row (shape ``(B,)``); sample and noise have the same shape ``(B, ...)``.
+        Returns an array of ``sample``'s dtype (sigma is cast to it first).
+        """
+        if self.sigmas is None:
+            raise RuntimeError("set_timesteps must be called before scale_noise")
+        values = np.asarray(timestep)
+        if self._step_index is not None or self._begin_index is not None:
+            index = self._step_index if self._step_index is not None else self._begin_index
+            indices = np.full(values.shape, index)
+        else:
+            indices = np.array([self._index_of(t) for t in values.reshape(-1)]).reshape(values.shape)
+        sigma = mx.array(self.sigmas[indices]).astype(sample.dtype)
+        sigma = sigma.reshape(sigma.shape + (1,) * (sample.ndim - sigma.ndim))
+        return add_noise(sample, noise, sigma)
+
+
+def add_noise(sample: mx.array, noise: mx.array, sigma: float | mx.array) -> mx.array:
+    """The flow-matching forward process ``sigma * noise + (1 - sigma) * sample``: how LTX-Video's
+    condition pipeline starts a restyle (``prepare_latents`` with ``denoise_strength < 1``) from the first
+    sigma of its trimmed schedule. ``sigma`` is a scalar or broadcasts against ``sample``."""
+    return sigma * noise + (1.0 - sigma) * sample
+
+
+def training_sigmas(shift: float | None, num_train_timesteps: int) -> np.ndarray:
+    """The float32 table diffusers' ``FlowMatchEulerDiscreteScheduler.__init__`` builds: the sigmas of
+    timesteps ``N, N - 1, ..., 1`` (over ``N``), shifted by ``shift`` unless it is None (dynamic shifting
+    shifts later). Its end points bound the default inference schedule; FastVideo's DMD sampler looks
+    sigmas up in it."""
+    sigmas = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
+    sigmas = sigmas / _F32(num_train_timesteps)
+    if shift is not None:
+        sigmas = _F32(shift) * sigmas / (_F32(1) + _F32(shift - 1) * sigmas)
+    return sigmas
+
+
+def _check_schedule(name: str, values: Any, high: float) -> np.ndarray:
+    """Explicit ``sigmas`` / ``timesteps`` as numpy (float64 from Python floats, as diffusers gets them)."""
+    try:
+        array = np.array(values)
+        numeric = array.ndim == 1 and array.dtype.kind in "iuf"
+    except (TypeError, ValueError):
+        numeric = False
+    if not numeric or len(array) == 0:
+        raise InvalidInputError(f"{name} must be a non-empty list of numbers, got {values!r}")
+    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > high:
+        raise InvalidInputError(f"{name} must lie in [0, {high:g}], got {array.tolist()}")
+    return array
+
+
+def _check_number(name: str, value: Any) -> float:
+    numeric = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if not numeric or not np.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 _EULER_FIXED: dict[str, tuple[Any, Any]] = {
-    "use_dynamic_shifting": (False, False),
-    "invert_sigmas": (False, False),
-    "shift_terminal": (None, None),
+    "invert_sigmas": (False, False),  # Mochi only
     "use_karras_sigmas": (False, False),
     "use_exponential_sigmas": (False, False),
     "use_beta_sigmas": (False, False),
-    "stochastic_sampling": (False, False),
+    "stochastic_sampling": (False, False),  # the few-step re-noising samplers are mlx_i2v.dmd
 }
-# Only read by dynamic shifting, which is excluded above.
-_EULER_INERT = frozenset(
-    {"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"}
+_EULER_INERT: frozenset[str] = frozenset()
+_EULER_PARAMS = frozenset(
+    {
+        "num_train_timesteps",
+        "shift",
+        "use_dynamic_shifting",
+        "base_shift",
+        "max_shift",
+        "base_image_seq_len",
+        "max_image_seq_len",
+        "shift_terminal",
+        "time_shift_type",
+    }
 )
-_EULER_PARAMS = frozenset({"num_train_timesteps", "shift"})
 
 
-class FlowMatchEulerDiscreteScheduler:
-    """First-order Euler sampler for flow matching (diffusers ``FlowMatchEulerDiscreteScheduler`` without
-    dynamic shifting, terminal stretching, sigma conversions or stochastic sampling).
+class FlowMatchEulerDiscreteScheduler(FlowSchedule):
+    """First-order Euler sampler for flow matching: diffusers' ``FlowMatchEulerDiscreteScheduler`` with
+    the options the Wan and LTX-Video configs use (static or dynamic shifting, ``shift_terminal``, explicit
+    sigma or timestep grids, per-token timesteps); the sigma conversions and stochastic sampling are not.
 
     Args:
-        num_train_timesteps: Training timesteps; model timesteps are ``sigma * num_train_timesteps``.
-        shift: Default shift ``s`` of ``sigma -> s * sigma / (1 + (s - 1) * sigma)``.
+        num_train_timesteps: Training timesteps ``N``; model timesteps are ``sigma * N`` unless given.
+        shift: Static shift ``s`` of ``sigma -> s * sigma / (1 + (s - 1) * sigma)``.
+        use_dynamic_shifting: Shift by ``mu`` (:meth:`set_timesteps`) instead of ``shift``.
+        base_shift, max_shift, base_image_seq_len, max_image_seq_len: What the pipelines feed
+            :func:`mlx_i2v.ltx_schedules.calculate_shift` to get ``mu``; the scheduler does not read them.
+        shift_terminal: Stretch the shifted sigmas so that the last is this value (LTX 0.9.0/0.9.1: 0.1).
+        time_shift_type: Dynamic shift ``"exponential"`` (``e^mu / (e^mu + 1/sigma - 1)``) or
+            ``"linear"`` (``mu / (mu + 1/sigma - 1)``).
     """
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        shift_terminal: float | None = None,
+        time_shift_type: str = "exponential",
+    ) -> None:
+        if not isinstance(use_dynamic_shifting, bool):
+            raise InvalidInputError(f"use_dynamic_shifting must be a boolean, got {use_dynamic_shifting!r}")
+        if time_shift_type not in ("exponential", "linear"):
+            raise InvalidInputError(
+                f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}"
+            )
+        if shift_terminal is not None and shift_terminal != 0:  # diffusers treats 0 as unset
+            if not 0 < _check_number("shift_terminal", shift_terminal) < 1:
+                raise InvalidInputError(f"shift_terminal must lie in (0, 1), got {shift_terminal}")
         self.num_train_timesteps = _check_count("num_train_timesteps", num_train_timesteps)
         self.shift = _check_shift(shift)
-        self.timesteps: np.ndarray | None = None
-        self.sigmas: np.ndarray | None = None
-        self.num_inference_steps: int | None = None
-        self._step_index: int | None = None
+        self.use_dynamic_shifting = use_dynamic_shifting
+        self.base_shift, self.max_shift = base_shift, max_shift
+        self.base_image_seq_len, self.max_image_seq_len = base_image_seq_len, max_image_seq_len
+        self.shift_terminal = float(shift_terminal) if shift_terminal else None
+        self.time_shift_type = time_shift_type
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FlowMatchEulerDiscreteScheduler:
@@ -419,60 +580,128 @@ class FlowMatchEulerDiscreteScheduler:
         )
         return cls(**kwargs)
 
-    def set_timesteps(self, num_inference_steps: int, shift: float | None = None) -> None:
-        """Build the schedule.
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        shift: float | None = None,
+        *,
+        sigmas: Any = None,
+        timesteps: Any = None,
+        mu: float | None = None,
+    ) -> None:
+        """Build the schedule as diffusers' ``set_timesteps`` does.
 
-        Sets ``timesteps`` (float32, shape ``(num_inference_steps,)``) and ``sigmas`` (float32, one longer,
-        ending in 0). ``shift`` overrides the configured shift for this schedule only, giving the schedule
-        of a diffusers scheduler constructed with that shift.
+        Args:
+            num_inference_steps: Steps of the default grid (``linspace`` over the training range); with
+                ``sigmas`` or ``timesteps`` it may be omitted and must otherwise equal their length.
+            shift: Overrides the static shift for this schedule only, giving the schedule of a diffusers
+                scheduler constructed with that shift.
+            sigmas: Explicit sigmas in [0, 1]; they are shifted (and stretched) like the default grid.
+            timesteps: Explicit model timesteps in [0, N], used as given (fractions such as 937.5 or 0.03
+                stay); without ``sigmas`` the sigmas are ``timesteps / N``, shifted.
+            mu: The dynamic shift; required with ``use_dynamic_shifting``, otherwise ignored.
+
+        Sets ``timesteps`` (float32, ``(n,)``) and ``sigmas`` (float32, ``(n + 1,)`` ending in 0).
         """
-        n = _check_count("num_inference_steps", num_inference_steps)
+        n = self._step_count(num_inference_steps, sigmas, timesteps)
         s = self.shift if shift is None else _check_shift(shift)
-        n_train = self.num_train_timesteps
+        N = self.num_train_timesteps
+        given = None if timesteps is None else _check_schedule("timesteps", timesteps, N).astype(np.float32)
+        if sigmas is not None:
+            grid = _check_schedule("sigmas", sigmas, 1.0).astype(np.float32)
+        elif given is not None:
+            grid = given / N
+        else:
+            train = training_sigmas(None if self.use_dynamic_shifting else s, N)
+            grid = np.linspace(float(train[0]) * N, float(train[-1]) * N, n) / N
+        # Float64 for the default grid, float32 for given values: the dtypes diffusers computes in.
+        if self.use_dynamic_shifting:
+            if mu is None:
+                raise InvalidInputError("mu is required with use_dynamic_shifting (see calculate_shift)")
+            with np.errstate(divide="ignore"):  # sigma 0 shifts to 0 through 1/0 = inf
+                grid = self._time_shift(_check_number("mu", mu), grid)
+        else:
+            grid = s * grid / (1 + (s - 1) * grid)
+        if self.shift_terminal:
+            grid = self._stretch_to_terminal(grid)
+        grid = grid.astype(np.float32)
+        self._schedule(
+            given if given is not None else grid * _F32(N), np.concatenate([grid, np.zeros(1, np.float32)])
+        )
 
-        # diffusers shifts its float32 training sigmas in __init__ and takes the end points of the
-        # inference linspace from them, then shifts the inference sigmas again: both shifts are reproduced.
-        train = np.linspace(1, n_train, n_train, dtype=np.float32)[::-1] / _F32(n_train)
-        train = _F32(s) * train / (_F32(1) + _F32(s - 1) * train)
-        sigma_max, sigma_min = float(train[0]), float(train[-1])
+    @staticmethod
+    def _step_count(num_inference_steps: int | None, sigmas: Any, timesteps: Any) -> int:
+        lengths = {len(v) for v in (sigmas, timesteps) if v is not None and hasattr(v, "__len__")}
+        if len(lengths) > 1:
+            raise InvalidInputError("sigmas and timesteps must have the same length")
+        if num_inference_steps is None:
+            if sigmas is None and timesteps is None:
+                raise InvalidInputError("num_inference_steps, sigmas or timesteps is required")
+            return lengths.pop() if lengths else 0  # a non-list is refused by _check_schedule
+        n = _check_count("num_inference_steps", num_inference_steps)
+        if lengths and lengths != {n}:
+            raise InvalidInputError(
+                f"sigmas/timesteps have {lengths.pop()} entries, num_inference_steps is {n}"
+            )
+        return n
 
-        timesteps = np.linspace(sigma_max * n_train, sigma_min * n_train, n)
-        sigmas = timesteps / n_train
-        sigmas = (s * sigmas / (1 + (s - 1) * sigmas)).astype(np.float32)
-        self.timesteps = sigmas * _F32(n_train)
-        self.sigmas = np.concatenate([sigmas, np.zeros(1, dtype=np.float32)])
-        self.num_inference_steps = n
-        self._step_index = None
+    def _time_shift(self, mu: float, sigmas: np.ndarray) -> np.ndarray:
+        """Resolution-dependent shift by ``mu`` (diffusers' ``time_shift(mu, 1.0, sigmas)``)."""
+        if self.time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+        return mu / (mu + (1 / sigmas - 1) ** 1.0)
+
+    def _stretch_to_terminal(self, sigmas: np.ndarray) -> np.ndarray:
+        """Scale ``1 - sigma`` so the last sigma becomes ``shift_terminal`` (LTX-Video's ``rf.py``)."""
+        assert self.shift_terminal is not None
+        one_minus = 1 - sigmas
+        if one_minus[-1] <= 0:
+            raise InvalidInputError("shift_terminal needs a last sigma below 1")
+        scale = one_minus[-1] / (1 - self.shift_terminal)
+        return 1 - (one_minus / scale)
 
     def step(
-        self, model_output: mx.array, timestep: float | np.floating | mx.array, sample: mx.array
+        self,
+        model_output: mx.array,
+        timestep: float | np.floating | mx.array,
+        sample: mx.array,
+        per_token_timesteps: mx.array | np.ndarray | None = None,
     ) -> mx.array:
         """Advance ``sample`` by one Euler step.
 
         Args:
-            model_output: Predicted velocity ``v``, same shape as ``sample``.
+            model_output: Predicted velocity ``v`` (noise minus data), the shape of ``sample``.
             timestep: The current entry of ``timesteps``; it only locates the first step of a run.
-            sample: Current latents, any shape, e.g. ``(B, F, H, W, C)``.
+            sample: Current latents, any channels-last shape: ``(B, F, H, W, C)``, tokens ``(B, L, C)``.
+            per_token_timesteps: Optional timestep per token, shaped like ``sample`` without its channel
+                axis (or broadcasting to it, e.g. ``(B, 1)``). Each token then steps from its own sigma
+                ``t / N`` to the largest schedule sigma below it, with ``dt = sigma_token - sigma_next`` of
+                the opposite sign to the plain step: the caller passes ``-v`` (diffusers'
+                ``LTXConditionPipeline`` calls ``step(-noise_pred, t, latents, per_token_timesteps=...)``).
 
         Returns:
-            The latents at the next sigma, in float32 arithmetic, cast to ``model_output``'s dtype as
-            diffusers does.
+            ``sample + dt * model_output`` in float32 arithmetic: cast to ``model_output``'s dtype for the
+            plain step, float32 for the per-token step (as diffusers).
         """
-        if self.sigmas is None or self.timesteps is None:
-            raise RuntimeError("set_timesteps must be called before step")
-        if self._step_index is None:
-            matches = _match_timestep(self.timesteps, timestep)
-            if len(matches) == 0:
-                raise InvalidInputError(f"timestep {np.asarray(timestep).item()} is not in the schedule")
-            self._step_index = int(matches[1] if len(matches) > 1 else matches[0])
-        i = self._step_index
-        if i >= len(self.timesteps):
-            raise RuntimeError("the schedule is finished; call set_timesteps again")
+        i = self._current_index(timestep)
+        assert self.sigmas is not None
+        sample = sample.astype(mx.float32)
+        if per_token_timesteps is None:
+            dt = self.sigmas[i + 1] - self.sigmas[i]
+            prev_sample = (sample + float(dt) * model_output).astype(model_output.dtype)
+        else:
+            prev_sample = sample + self._per_token_dt(per_token_timesteps)[..., None] * model_output
+        self._step_index = i + 1
+        return prev_sample
 
-        dt = self.sigmas[i + 1] - self.sigmas[i]
-        prev_sample = sample.astype(mx.float32) + float(dt) * model_output
-        self._step_index += 1
-        return prev_sample.astype(model_output.dtype)
+    def _per_token_dt(self, per_token_timesteps: mx.array | np.ndarray) -> mx.array:
+        """``sigma_token - sigma_next`` per token, float32, the shape of ``per_token_timesteps``."""
+        assert self.sigmas is not None
+        token_sigmas = mx.array(per_token_timesteps).astype(mx.float32) / self.num_train_timesteps
+        schedule = mx.array(self.sigmas).reshape((-1,) + (1,) * token_sigmas.ndim)
+        below = schedule < token_sigmas[None] - 1e-6
+        next_sigmas = mx.max(mx.where(below, schedule, 0.0), axis=0)
+        return token_sigmas - next_sigmas
 
 
 # --- construction -----------------------------------------------------------------------------------

@@ -299,10 +299,12 @@ def test_unipc_config_defaults_are_diffusers_defaults(missing: str) -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"use_dynamic_shifting": True},
         {"invert_sigmas": True},
-        {"shift_terminal": 0.1},
+        {"shift_terminal": 1.5},
+        {"time_shift_type": "cubic"},
         {"use_karras_sigmas": True},
+        {"use_exponential_sigmas": True},
+        {"use_beta_sigmas": True},
         {"stochastic_sampling": True},
         {"shift": -1.0},
     ],
