@@ -219,12 +219,21 @@ def test_user_defined_pieces_match_transformers(tmp_path: Path) -> None:
     assert ours[0][0, : ours[1][0].sum()].tolist() == processor.encode(prompts[0]) + [1]
 
 
-def test_contradicting_added_tokens_are_an_error(tiny: types.SimpleNamespace, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d["1"].update(content="<unk>"), r"'<unk>' is id 1 in .*tokenizer_config\.json but 2"),
+        (lambda d: d.update({"one": d.pop("1")}), "malformed added_tokens_decoder"),
+        (lambda d: d["1"].pop("content"), "malformed added token"),
+    ],
+    ids=["contradicting-id", "key-not-an-id", "no-content"],
+)
+def test_bad_added_tokens_are_an_error(tiny: types.SimpleNamespace, tmp_path: Path, edit, match: str) -> None:
     shutil.copytree(tiny.root / "tokenizer", tmp_path, dirs_exist_ok=True)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["added_tokens_decoder"]["1"]["content"] = "<unk>"
+    edit(config["added_tokens_decoder"])
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightLoadError, match=r"'<unk>' is id 1 in .*tokenizer_config\.json but 2"):
+    with pytest.raises(WeightLoadError, match=match):
         T5Tokenizer.from_folder(tmp_path)
 
 

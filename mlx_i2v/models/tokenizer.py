@@ -202,12 +202,18 @@ _T5_SPECIAL_TOKENS = (("eos_token", "</s>"), ("unk_token", "<unk>"), ("pad_token
 
 def _content(token: Any) -> str:
     """An ``AddedToken`` as config files store it: a string or a dict with ``content``."""
-    return token["content"] if isinstance(token, dict) else str(token)
+    content = token.get("content") if isinstance(token, dict) else token
+    if not isinstance(content, str):
+        raise WeightLoadError(f"tokenizer: malformed added token {token!r} in tokenizer_config.json")
+    return content
 
 
 def _add_decoder_tokens(tokenizer: Tokenizer, decoder: dict[str, Any], folder: Path) -> None:
     """Register tokenizer_config.json's ``added_tokens_decoder`` (id -> token) with its flags; an entry
     already in the vocabulary must have the id the file gives it, a new one must come next in id order."""
+    if not isinstance(decoder, dict) or not all(str(key).isdigit() for key in decoder):
+        where = folder / "tokenizer_config.json"
+        raise WeightLoadError(f"tokenizer: malformed added_tokens_decoder in {where}")
     for key in sorted(decoder, key=int):
         entry = decoder[key]
         content, flags = _content(entry), entry if isinstance(entry, dict) else {}

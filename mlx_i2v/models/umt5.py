@@ -355,7 +355,8 @@ class MaskedPromptEncoding:
 
 
 # ``LTXPipeline``, ``LTXImageToVideoPipeline`` (and ``LTXI2VLongMultiPromptPipeline``) call
-# ``text_encoder(input_ids)`` without a mask; ``LTXConditionPipeline`` passes it. None cleans the prompt.
+# ``text_encoder(input_ids)`` without a mask; ``LTXConditionPipeline`` passes it. No LTX pipeline cleans
+# its prompts (use :class:`~mlx_i2v.models.tokenizer.T5Tokenizer`, not Wan's ``UMT5Tokenizer``).
 LTX_PROMPTS = MaskedPromptEncoding(max_length=128, mask_encoder=False)
 LTX_CONDITION_PROMPTS = MaskedPromptEncoding(max_length=256, mask_encoder=True)
 
