@@ -446,19 +446,19 @@ class FlowSchedule:
     def scale_noise(self, sample: mx.array, timestep: Any, noise: mx.array) -> mx.array:
         """Noise ``sample`` to the sigma of ``timestep``: ``sigma * noise + (1 - sigma) * sample``.
 
-        As diffusers' ``scale_noise``: the sigma is that of :attr:`step_index` once a run has started, else
-        of :attr:`begin_index` if set, else of ``timestep`` looked up in ``timesteps``. ``timestep`` is a
-        scalar or one per batch row (shape ``(B,)``); sample and noise have the same shape ``(B, ...)``.
-        Returns an array of ``sample``'s dtype (sigma is cast to it first).
+        As diffusers' ``scale_noise``: without a :attr:`begin_index` the sigma is that of ``timestep``
+        looked up in ``timesteps``; with one, that of :attr:`step_index` once a run has started, else of
+        the begin index. ``timestep`` is a scalar or one per batch row (shape ``(B,)``); sample and noise
+        have the same shape ``(B, ...)``. Returns an array of ``sample``'s dtype (sigma is cast to it first).
         """
         if self.sigmas is None:
             raise RuntimeError("set_timesteps must be called before scale_noise")
         values = np.asarray(timestep)
-        if self._step_index is not None or self._begin_index is not None:
+        if self._begin_index is None:
+            indices = np.array([self._index_of(t) for t in values.reshape(-1)]).reshape(values.shape)
+        else:
             index = self._step_index if self._step_index is not None else self._begin_index
             indices = np.full(values.shape, index)
-        else:
-            indices = np.array([self._index_of(t) for t in values.reshape(-1)]).reshape(values.shape)
         sigma = mx.array(self.sigmas[indices]).astype(sample.dtype)
         sigma = sigma.reshape(sigma.shape + (1,) * (sample.ndim - sigma.ndim))
         return add_noise(sample, noise, sigma)

@@ -241,6 +241,12 @@ def test_scale_noise_matches_diffusers() -> None:
         assert rel_err(to_torch_layout(got), want) <= TOLERANCE
 
     check(torch.tensor([975.0, 725.0]))  # one timestep per batch row
+    v = torch.randn(SHAPE, generator=gen)
+    ref.step(v, ref.timesteps[0], x)
+    ours.step(to_mlx(v), ours.timesteps[0], to_mlx(x))
+    check(torch.tensor([725.0, 0.03]))  # mid-run without a begin index: still looked up
+    ref.set_timesteps(timesteps=DISTILLED_097)
+    ours.set_timesteps(timesteps=DISTILLED_097)
     ref.set_begin_index(2)
     ours.set_begin_index(2)
     check(torch.tensor([1000.0, 1000.0]))  # the begin index wins
