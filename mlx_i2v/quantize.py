@@ -1,4 +1,4 @@
-"""Weight-only quantization (MLX affine) of the Wan and LTX-Video transformers and the UMT5 text encoder.
+"""Weight-only quantization (MLX affine) of the Wan and LTX-Video transformers and the T5-family text encoders.
 
 Which layers are quantized is decided by module path (a saved quantized model is rebuilt from the
 ``.scales`` tensors its checkpoint holds, so it loads whatever this recipe was when it was saved):
@@ -12,11 +12,12 @@ Which layers are quantized is decided by module path (a saved quantized model is
   ``to_v``, ``to_out.0`` and ``ff.net.0.proj``/``ff.net.2``, the time MLP and its 6*dim projection
   (``time_embed``) and the caption projection. ``proj_in``, ``proj_out``, the q/k norms and the
   modulation tables stay float.
-* UMT5: the attention projections ``q``/``k``/``v``/``o``, the gated FFN's ``wi_0``/``wi_1``/``wo`` and
-  the token embedding ``shared``: 1.05 B of umt5-xxl's 5.7 B parameters, read one row per token, so
-  at 8 bits it saves 1 GB for a dequantized gather and a 6.5e-3 relative error in the embeddings
-  (benchmarks/quantization_quality.py). The per-layer ``relative_attention_bias`` (32 x heads) and the
-  norms stay float.
+* UMT5 (Wan) and T5 v1.1 (LTX-Video), one recipe: the attention projections ``q``/``k``/``v``/``o``,
+  the gated FFN's ``wi_0``/``wi_1``/``wo`` and the token embedding ``shared``. ``shared`` is 1.05 B of
+  umt5-xxl's 5.7 B parameters, read one row per token, so at 8 bits it saves 1 GB for a dequantized
+  gather and a 6.5e-3 relative error in the embeddings (benchmarks/quantization_quality.py); T5's
+  32k-row ``shared`` is 0.13 B. The ``relative_attention_bias`` tables (32 x heads) and the norms stay
+  float.
 * CLIP and the VAE are never quantized.
 
 MLX quantizes a weight in groups along its input dimension, so a selected layer whose input size is not a
@@ -69,11 +70,12 @@ TEXT_ENCODER_LAYERS = (
     r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo)",
     r"shared",
 )
+TEXT_ENCODERS = ("UMT5Encoder", "T5Encoder")
 # Keyed by class name rather than class so the model modules can import this one without a cycle.
 _SELECTIONS = {
     "WanTransformer3DModel": TRANSFORMER_LINEARS,
     "LTXVideoTransformer3DModel": LTX_TRANSFORMER_LINEARS,
-    "UMT5Encoder": TEXT_ENCODER_LAYERS,
+    **dict.fromkeys(TEXT_ENCODERS, TEXT_ENCODER_LAYERS),
 }
 TRANSFORMER_CLASSES = ("WanTransformer3DModel", "LTXVideoTransformer3DModel")
 
@@ -256,13 +258,13 @@ def quantize_transformer(model: nn.Module, bits: int, group_size: int = DEFAULT_
 def quantize_text_encoder(
     model: nn.Module, bits: int = DEFAULT_TEXT_ENCODER_BITS, group_size: int = DEFAULT_GROUP_SIZE
 ) -> list[str]:
-    """Quantize a loaded ``UMT5Encoder`` in place: q/k/v/o, wi_0/wi_1/wo and ``shared``. Returns the
-    quantized layers' paths.
+    """Quantize a loaded ``UMT5Encoder`` or ``T5Encoder`` in place: q/k/v/o, wi_0/wi_1/wo and ``shared``.
+    Returns the quantized layers' paths.
 
     Raises:
         InvalidInputError: unsupported bits or group size, or a model that is already quantized.
     """
-    return _quantize(model, Quantization(bits, group_size), ("UMT5Encoder",))
+    return _quantize(model, Quantization(bits, group_size), TEXT_ENCODERS)
 
 
 def prepare_for_quantized_load(

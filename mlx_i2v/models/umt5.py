@@ -1,15 +1,18 @@
-"""UMT5 text encoder (the encoder half of google/umt5-xxl), as transformers' ``UMT5EncoderModel``.
+"""T5-family text encoders: UMT5 (google/umt5-xxl, the Wan pipelines) and T5 v1.1 (google/t5-v1_1-xxl,
+the LTX-Video pipelines), as transformers' ``UMT5EncoderModel`` and ``T5EncoderModel``.
 
 Module and parameter names follow transformers so the checkpoint map is a plain rename-free table:
 ``shared``, ``encoder.block.N.layer.0.SelfAttention.{q,k,v,o,relative_attention_bias}``,
 ``encoder.block.N.layer.0.layer_norm``, ``encoder.block.N.layer.1.DenseReluDense.{wi_0,wi_1,wo}``,
 ``encoder.block.N.layer.1.layer_norm``, ``encoder.final_layer_norm``.
 
-What differs from a textbook transformer, all taken from ``transformers/models/umt5/modeling_umt5.py``:
+What differs from a textbook transformer, all taken from ``transformers/models/{umt5,t5}/modeling_*.py``:
 
-* every layer owns its relative position bias (T5 shares layer 0's);
+* relative position bias: every UMT5 layer owns one; T5 has it in layer 0 only, and every layer adds
+  layer 0's (``T5Block(has_relative_attention_bias=bool(i == 0))``). Nothing else differs between the two
+  encoders, so :class:`T5Encoder` is :class:`UMT5Encoder` with that one switch;
 * q·k is not scaled; the bias and the key padding mask are the only additive terms;
-* the FFN is gated with the tanh GELU ("gelu_new");
+* the FFN is gated with the tanh GELU ("gelu_new"; T5 v1.1's "gated-gelu");
 * RMSNorm without mean subtraction, variance accumulated in float32.
 """
 
@@ -19,6 +22,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,7 +40,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UMT5Config:
-    """The fields of transformers' ``UMT5Config`` the encoder uses (defaults are transformers')."""
+    """The fields of transformers' ``UMT5Config`` the encoder uses (defaults are transformers').
+
+    transformers' ``T5Config`` has the same fields; a T5 ``config.json`` is read into this class too.
+    """
 
     vocab_size: int = 250112
     d_model: int = 512
@@ -103,20 +110,24 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
 
 
 class UMT5Attention(nn.Module):
-    """Self-attention with this layer's own relative position bias and no 1/sqrt(d) scaling."""
+    """Self-attention with an additive relative position bias and no 1/sqrt(d) scaling.
 
-    def __init__(self, config: UMT5Config):
+    ``has_relative_attention_bias``: whether this layer owns a bias table (every UMT5 layer; T5's layer 0).
+    """
+
+    def __init__(self, config: UMT5Config, has_relative_attention_bias: bool = True):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.d_kv
-        self.num_buckets = config.relative_attention_num_buckets
-        self.max_distance = config.relative_attention_max_distance
         inner = config.num_heads * config.d_kv
         self.q = nn.Linear(config.d_model, inner, bias=False)
         self.k = nn.Linear(config.d_model, inner, bias=False)
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
-        self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        self.has_relative_attention_bias = has_relative_attention_bias
+        if has_relative_attention_bias:
+            buckets, heads = config.relative_attention_num_buckets, config.num_heads
+            self.relative_attention_bias = nn.Embedding(buckets, heads)
 
     def position_bias(self, buckets: mx.array, key_mask: mx.array) -> mx.array:
         """Additive attention bias (B, heads, L, L) from buckets (L, L) and a boolean key mask (B, L).
@@ -126,28 +137,28 @@ class UMT5Attention(nn.Module):
         bias = self.relative_attention_bias(buckets).transpose(2, 0, 1)[None]
         return mx.where(key_mask[:, None, None, :], bias, mx.finfo(bias.dtype).min)
 
-    def __call__(self, x: mx.array, buckets: mx.array, key_mask: mx.array) -> mx.array:
-        """x: (B, L, d_model) -> (B, L, d_model)."""
+    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+        """x: (B, L, d_model), bias: (B, heads, L, L) from :meth:`position_bias` -> (B, L, d_model)."""
         B, L, _ = x.shape
 
         def heads(t: mx.array) -> mx.array:
             return t.reshape(B, L, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        out = attention(q, k, v, scale=1.0, mask=self.position_bias(buckets, key_mask))
+        out = attention(q, k, v, scale=1.0, mask=bias)
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class UMT5LayerSelfAttention(nn.Module):
     """Pre-norm residual self-attention: ``x + attn(norm(x))``."""
 
-    def __init__(self, config: UMT5Config):
+    def __init__(self, config: UMT5Config, has_relative_attention_bias: bool = True):
         super().__init__()
-        self.SelfAttention = UMT5Attention(config)
+        self.SelfAttention = UMT5Attention(config, has_relative_attention_bias)
         self.layer_norm = UMT5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
-    def __call__(self, x: mx.array, buckets: mx.array, key_mask: mx.array) -> mx.array:
-        return x + self.SelfAttention(self.layer_norm(x), buckets, key_mask)
+    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+        return x + self.SelfAttention(self.layer_norm(x), bias)
 
 
 class UMT5DenseGatedActDense(nn.Module):
@@ -183,32 +194,35 @@ class UMT5LayerFF(nn.Module):
 class UMT5Block(nn.Module):
     """``layer`` = [self-attention, FFN], named as in transformers (decoders put cross-attention between)."""
 
-    def __init__(self, config: UMT5Config):
+    def __init__(self, config: UMT5Config, has_relative_attention_bias: bool = True):
         super().__init__()
-        self.layer = [UMT5LayerSelfAttention(config), UMT5LayerFF(config)]
+        self.layer = [UMT5LayerSelfAttention(config, has_relative_attention_bias), UMT5LayerFF(config)]
 
-    def __call__(self, x: mx.array, buckets: mx.array, key_mask: mx.array) -> mx.array:
-        x = _clamp_fp16(self.layer[0](x, buckets, key_mask))
+    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+        x = _clamp_fp16(self.layer[0](x, bias))
         return _clamp_fp16(self.layer[1](x))
 
 
 class UMT5Stack(nn.Module):
     """Holds the blocks and final norm under ``encoder.`` as transformers names them."""
 
-    def __init__(self, config: UMT5Config):
+    def __init__(self, config: UMT5Config, bias_in_every_layer: bool):
         super().__init__()
-        self.block = [UMT5Block(config) for _ in range(config.num_layers)]
+        self.block = [UMT5Block(config, bias_in_every_layer or i == 0) for i in range(config.num_layers)]
         self.final_layer_norm = UMT5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
 
 class UMT5Encoder(nn.Module):
     """transformers' ``UMT5EncoderModel``: token ids -> ``last_hidden_state``."""
 
+    # Whether every layer owns a relative position bias (UMT5) or all reuse layer 0's (T5).
+    bias_in_every_layer = True
+
     def __init__(self, config: UMT5Config):
         super().__init__()
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        self.encoder = UMT5Stack(config)
+        self.encoder = UMT5Stack(config, self.bias_in_every_layer)
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
         """input_ids, attention_mask: (B, L) integers (mask 1 = real token, 0 = padding).
@@ -222,9 +236,19 @@ class UMT5Encoder(nn.Module):
             input_ids.shape[1], config.relative_attention_num_buckets, config.relative_attention_max_distance
         )
         x = self.shared(input_ids)
+        bias = None
         for block in self.encoder.block:
-            x = block(x, buckets, key_mask)
+            attention_layer = block.layer[0].SelfAttention
+            if attention_layer.has_relative_attention_bias:  # otherwise reuse the last one (T5: layer 0's)
+                bias = attention_layer.position_bias(buckets, key_mask)
+            x = block(x, bias)
         return self.encoder.final_layer_norm(x)
+
+
+class T5Encoder(UMT5Encoder):
+    """transformers' ``T5EncoderModel`` (T5 v1.1): layer 0's relative position bias serves every layer."""
+
+    bias_in_every_layer = False
 
 
 # transformers' safetensors layout. ``encoder.embed_tokens.weight`` is tied to ``shared.weight``; files
@@ -246,10 +270,38 @@ def _keep_float32(dtype: mx.Dtype) -> tuple[str, ...]:
     return (r"DenseReluDense\.wo\.",) if dtype == mx.float16 else ()
 
 
+def _builder(encoder: type[UMT5Encoder], model_type: str) -> Callable[[Mapping[str, Any]], UMT5Encoder]:
+    """config.json -> ``encoder``, refusing a config.json of the other family (a UMT5 checkpoint read as T5
+    would otherwise fail only later, on its per-layer bias tables, or not at all with one layer)."""
+
+    def build(config: Mapping[str, Any]) -> UMT5Encoder:
+        found = config.get("model_type", model_type)
+        if found != model_type:
+            raise WeightLoadError(
+                f"text_encoder: config.json has model_type {found!r}, expected {model_type!r} "
+                f"({encoder.__name__})"
+            )
+        return encoder(config_from_dict(UMT5Config, config))
+
+    return build
+
+
 TEXT_ENCODER = ComponentType(
     "text_encoder",
-    build=lambda config: UMT5Encoder(config_from_dict(UMT5Config, config)),
+    build=_builder(UMT5Encoder, "umt5"),
     source_map=lambda model: DIFFUSERS_MAP,
+    keep_float32=_keep_float32,
+    quantize=quantize_text_encoder,
+)
+
+# The LTX-Video repos' ``text_encoder/`` is transformers' ``T5EncoderModel`` of google/t5-v1_1-xxl: the
+# same tensor names (only block 0 holds ``relative_attention_bias``), the same fp32 ``wo`` island.
+T5_MAP = WeightMap(name="t5 (transformers)", rules=DIFFUSERS_MAP.rules, ignore=DIFFUSERS_MAP.ignore)
+
+T5_TEXT_ENCODER = ComponentType(
+    "text_encoder",
+    build=_builder(T5Encoder, "t5"),
+    source_map=lambda model: T5_MAP,
     keep_float32=_keep_float32,
     quantize=quantize_text_encoder,
 )
@@ -259,6 +311,11 @@ def load_umt5(folder: str | Path, dtype: mx.Dtype, *, quantize: Quantization | N
     """Build a :class:`UMT5Encoder` from a ``text_encoder/`` folder (config.json + safetensors, transformers
     or MLX layout), casting weights to ``dtype``; ``quantize`` quantizes a float checkpoint on load."""
     return load_component(TEXT_ENCODER, folder, dtype, quantize=quantize)
+
+
+def load_t5(folder: str | Path, dtype: mx.Dtype, *, quantize: Quantization | None = None) -> T5Encoder:
+    """Build a :class:`T5Encoder` from a T5 ``text_encoder/`` folder (LTX-Video), as :func:`load_umt5`."""
+    return load_component(T5_TEXT_ENCODER, folder, dtype, quantize=quantize)
 
 
 def encode_prompts(
@@ -282,6 +339,47 @@ def encode_prompts(
     real = mx.arange(L)[None, :] < lengths[:, None]
     hidden = mx.where(real[..., None], hidden, mx.zeros((), dtype=hidden.dtype))
     return mx.pad(hidden, [(0, 0), (0, max_length - L), (0, 0)])
+
+
+@dataclass(frozen=True)
+class MaskedPromptEncoding:
+    """How an LTX pipeline's ``_get_t5_prompt_embeds`` encodes prompts (diffusers ``pipelines/ltx/``).
+
+    Attributes:
+        max_length: tokens per prompt (the pipeline's ``max_sequence_length`` default).
+        mask_encoder: whether the encoder itself sees the padding mask. Either way the mask is returned
+            for the transformer's cross-attention, and padded positions keep their encoder outputs.
+    """
+
+    max_length: int
+    mask_encoder: bool
+
+
+# ``LTXPipeline``, ``LTXImageToVideoPipeline`` (and ``LTXI2VLongMultiPromptPipeline``) call
+# ``text_encoder(input_ids)`` without a mask; ``LTXConditionPipeline`` passes it. No LTX pipeline cleans
+# its prompts (use :class:`~mlx_i2v.models.tokenizer.T5Tokenizer`, not Wan's ``UMT5Tokenizer``).
+LTX_PROMPTS = MaskedPromptEncoding(max_length=128, mask_encoder=False)
+LTX_CONDITION_PROMPTS = MaskedPromptEncoding(max_length=256, mask_encoder=True)
+
+
+def encode_masked_prompts(
+    encoder: UMT5Encoder,
+    input_ids: mx.array | np.ndarray,
+    attention_mask: mx.array | np.ndarray,
+    *,
+    mask_encoder: bool,
+) -> tuple[mx.array, mx.array]:
+    """Prompt embeddings and their mask as diffusers' LTX ``_get_t5_prompt_embeds`` returns them.
+
+    input_ids, attention_mask: (B, L) right-padded, from the tokenizer at ``max_length`` L. The encoder
+    runs with ``attention_mask`` if ``mask_encoder`` else with every token visible (padding included).
+    Returns ``(embeds (B, L, d_model) in the encoder's dtype, mask (B, L) bool)``; padded positions are
+    not zeroed (the LTX transformer masks them in cross-attention).
+    """
+    input_ids, attention_mask = mx.array(input_ids), mx.array(attention_mask)
+    mask = attention_mask > 0
+    hidden = encoder(input_ids, mask if mask_encoder else mx.ones_like(mask))
+    return hidden, mask
 
 
 # === Wan-AI original layout (``models_t5_umt5-xxl-enc-bf16.pth``) =====================================
