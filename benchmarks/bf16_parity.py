@@ -35,9 +35,9 @@ import test_bf16 as case  # noqa: E402  (the test's request, noise and diffusers
 from ref_pipeline import build_tiny_i2v, build_tiny_ti2v  # noqa: E402
 
 from mlx_i2v import load_pipeline  # noqa: E402
-from mlx_i2v.models.clip import load_clip_vision  # noqa: E402
+from mlx_i2v.models.wan.clip import load_clip_vision  # noqa: E402
 from mlx_i2v.models.umt5 import load_umt5  # noqa: E402
-from mlx_i2v.models.wan_vae import load_wan_vae  # noqa: E402
+from mlx_i2v.models.wan.vae import load_wan_vae  # noqa: E402
 from mlx_i2v.pipeline import ImageEncoder  # noqa: E402
 from mlx_i2v.resident import Resident  # noqa: E402
 

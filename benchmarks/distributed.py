@@ -52,7 +52,7 @@ MODES = {  # name -> (ranks, parallel mode)
 
 
 def real_sizes() -> list[dict[str, Any]]:
-    from mlx_i2v.models.wan_transformer import WanTransformerConfig
+    from mlx_i2v.models.wan.transformer import WanTransformerConfig
     from mlx_i2v.planner import TI2V_5B_TRANSFORMER
 
     wan14b = WanTransformerConfig(in_channels=36, out_channels=16)  # diffusers' defaults are the 14B widths
@@ -99,7 +99,7 @@ def rank_job(job: dict[str, Any]) -> None:
     from mlx_i2v.conditioning import FirstFrameLatent
     from mlx_i2v.denoise import COND, UNCOND, Denoiser
     from mlx_i2v.experts import Experts
-    from mlx_i2v.models.wan_transformer import WanTransformer3DModel
+    from mlx_i2v.models.wan.transformer import WanTransformer3DModel
     from mlx_i2v.parallel import join
     from mlx_i2v.planner import TI2V_5B_TRANSFORMER
     from mlx_i2v.schedulers import FlowUniPCMultistepScheduler

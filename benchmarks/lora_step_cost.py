@@ -33,7 +33,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_i2v.lora import LoRALinear
-from mlx_i2v.models.wan_transformer import WanRotaryPosEmbed, WanTransformerBlock, WanTransformerConfig
+from mlx_i2v.models.wan.transformer import WanRotaryPosEmbed, WanTransformerBlock, WanTransformerConfig
 from mlx_i2v.planner import TI2V_5B_TRANSFORMER
 from mlx_i2v.runtime import keep_freed_memory
 

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_i2v.flops import DiTShape, forward_flops, step_flops, video_tokens
-from mlx_i2v.models.wan_transformer import WanTransformer3DModel, WanTransformerConfig
+from mlx_i2v.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig
 from mlx_i2v.preview import LATENT_RGB, Preview, write_png_atomically
 
 CASES = {

@@ -40,7 +40,7 @@ from ref_transformer import TI2V_5B_1LAYER, build_transformer  # noqa: E402
 
 from mlx_i2v.models.umt5 import DIFFUSERS_MAP as UMT5_MAP  # noqa: E402
 from mlx_i2v.models.umt5 import UMT5Config, UMT5Encoder  # noqa: E402
-from mlx_i2v.models.wan_transformer import (  # noqa: E402
+from mlx_i2v.models.wan.transformer import (  # noqa: E402
     KEEP_FLOAT32,
     WanTransformer3DModel,
     WanTransformerConfig,

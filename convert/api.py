@@ -10,10 +10,10 @@ import mlx.core as mx
 
 from mlx_i2v.components import ComponentType, load_component
 from mlx_i2v.errors import InvalidInputError
-from mlx_i2v.models.clip import IMAGE_ENCODER
+from mlx_i2v.models.wan.clip import IMAGE_ENCODER
 from mlx_i2v.models.umt5 import TEXT_ENCODER
-from mlx_i2v.models.wan_transformer import TRANSFORMER
-from mlx_i2v.models.wan_vae import VAE
+from mlx_i2v.models.wan.transformer import TRANSFORMER
+from mlx_i2v.models.wan.vae import VAE
 from mlx_i2v.quantize import DEFAULT_GROUP_SIZE, DEFAULT_TEXT_ENCODER_BITS, Quantization, QuantizationConfig
 from mlx_i2v.runtime import resolve_dtype
 from mlx_i2v.variants import detect_variant

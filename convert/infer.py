@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import mlx.core as mx
 
 from mlx_i2v.errors import WeightLoadError
-from mlx_i2v.models.wan_vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+from mlx_i2v.models.wan.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,11 @@ import mlx.nn as nn
 
 from mlx_i2v.components import ComponentType
 from mlx_i2v.errors import WeightLoadError
-from mlx_i2v.models import clip, umt5, wan_transformer, wan_vae
-from mlx_i2v.models.clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from mlx_i2v.models import umt5
+from mlx_i2v.models.wan import clip
+from mlx_i2v.models.wan import transformer as wan_transformer
+from mlx_i2v.models.wan import vae as wan_vae
+from mlx_i2v.models.wan.clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mlx_i2v.pth import read_pth
 from mlx_i2v.quantize import Quantization, QuantizationConfig
 from mlx_i2v.variants import Variant, detect_variant

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .models.wan_transformer import WanTransformer3DModel
+from .models.wan.transformer import WanTransformer3DModel
 from .resident import free_memory
 
 log = logging.getLogger(__name__)

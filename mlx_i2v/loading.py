@@ -12,12 +12,12 @@ from .experts import Experts
 from .lora.formats import read_lora
 from .lora.manager import TransformerLoras
 from .lora.spec import LoRA, as_loras
-from .models.clip import load_clip_vision
-from .models.clip_preprocess import CLIPImageProcessor
+from .models.wan.clip import load_clip_vision
+from .models.wan.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import load_umt5
-from .models.wan_transformer import load_wan_transformer
-from .models.wan_vae import load_wan_vae
+from .models.wan.transformer import load_wan_transformer
+from .models.wan.vae import load_wan_vae
 from .parallel import Parallel, join
 from .pipeline import ImageEncoder, WanPipeline
 from .planner import ModelDims

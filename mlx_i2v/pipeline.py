@@ -33,12 +33,12 @@ from .extend import (
 )
 from .image import ImageInput, ImageOptions, LoadReport, fit_to_frame, load_image, to_model_range
 from .lora.manager import TransformerLoras
-from .models.clip import CLIPVisionTower
-from .models.clip_preprocess import CLIPImageProcessor
+from .models.wan.clip import CLIPVisionTower
+from .models.wan.clip_preprocess import CLIPImageProcessor
 from .models.tokenizer import UMT5Tokenizer
 from .models.umt5 import UMT5Encoder, encode_prompts
-from .models.wan_vae import AutoencoderKLWan
-from .models.wan_vae_tiling import Tiling, tiled_decode_frames
+from .models.wan.vae import AutoencoderKLWan
+from .models.wan.vae_tiling import Tiling, tiled_decode_frames
 from .motion import check_motion
 from .parallel import Parallel
 from .planner import GROUP_SIZE, ModelDims, Plan, check_fits, latent_grid, plan_generation

@@ -38,9 +38,9 @@ from .memory import GB, memory_budget
 from .models.attention import attention_workspace, query_chunk_size
 from .models.conv import compute_dtype, conv_plan, conv_workspace
 from .models.umt5 import UMT5Config, UMT5Encoder
-from .models.wan_transformer import KEEP_FLOAT32, WanTransformer3DModel, WanTransformerConfig
-from .models.wan_vae import AutoencoderKLWan, WanVAEConfig
-from .models.wan_vae_tiling import Tiling
+from .models.wan.transformer import KEEP_FLOAT32, WanTransformer3DModel, WanTransformerConfig
+from .models.wan.vae import AutoencoderKLWan, WanVAEConfig
+from .models.wan.vae_tiling import Tiling
 from .weights import config_from_dict, read_config
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ def vae_encode_activations(
     cfg: WanVAEConfig, height: int, width: int, frames: int, dtype: mx.Dtype, tiling: Tiling | None, budget: int
 ) -> int:
     """Peak of encoding ``frames`` video frames (chunks of at most four), untiled or per tile (tiles are
-    measured on the patchified video, as in :func:`~mlx_i2v.models.wan_vae_tiling.tiled_encode`). The
+    measured on the patchified video, as in :func:`~mlx_i2v.models.wan.vae_tiling.tiled_encode`). The
     causal cache of multi-chunk encodes is not modelled: TI2V encodes a single frame."""
     p = cfg.patch_size or 1
     h, w = height // p, width // p

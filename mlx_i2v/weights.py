@@ -1,7 +1,7 @@
 """Declarative, strict weight maps and the loader that applies them.
 
 A :class:`WeightMap` is an ordered table of :class:`Rule` rows, one table per source layout, kept beside
-the model it describes (``models/wan_transformer.py`` has ``DIFFUSERS_MAP``, and so on). Each source
+the model it describes (``models/wan/transformer.py`` has ``DIFFUSERS_MAP``, and so on). Each source
 tensor must be claimed by exactly one rule (the first whose regex matches the whole key) or by an
 ``ignore`` pattern; each model parameter must be filled exactly once with the right shape. Anything else
 is a :class:`~mlx_i2v.errors.WeightLoadError` that names the offending keys.

@@ -23,8 +23,8 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPImageProcessor as HFCLIPImageProcessor
 
 from mlx_i2v.errors import InvalidInputError, WeightLoadError
-from mlx_i2v.models.clip import CLIPVisionConfig, load_clip_vision
-from mlx_i2v.models.clip_preprocess import CLIPImageProcessor
+from mlx_i2v.models.wan.clip import CLIPVisionConfig, load_clip_vision
+from mlx_i2v.models.wan.clip_preprocess import CLIPImageProcessor
 
 
 def _image(width: int, height: int, mode: str, seed: int) -> Image.Image:

@@ -21,7 +21,7 @@ from mlx_i2v.models.conv import (
     winograd_conv3d,
 )
 from mlx_i2v.models.elementwise import silu
-from mlx_i2v.models.wan_vae_blocks import CausalConv3d, RMSNorm, norm_silu
+from mlx_i2v.models.wan.vae_blocks import CausalConv3d, RMSNorm, norm_silu
 
 TOL = 1e-5
 

@@ -37,7 +37,7 @@ from mlx_i2v.components import load_component
 from mlx_i2v.convert import MLX_KEY, convert_model, model_info, quantize_model, writer
 from mlx_i2v.errors import InvalidInputError, UnsafeCheckpointError, WeightLoadError
 from mlx_i2v.models.umt5 import TEXT_ENCODER
-from mlx_i2v.models.wan_transformer import TRANSFORMER
+from mlx_i2v.models.wan.transformer import TRANSFORMER
 from mlx_i2v.quantize import quantize_text_encoder, quantize_transformer
 from mlx_i2v.variants import I2V_14B_480P
 from mlx_i2v.weights import read_config, read_safetensors

@@ -19,7 +19,7 @@ from ref_dmd import ReferenceDMDScheduler
 
 from mlx_i2v import load_pipeline
 from mlx_i2v.dmd import FASTWAN_TI2V_5B, TURBO_TI2V_5B, DMDScheduler
-from mlx_i2v.models.wan_transformer import WanTransformer3DModel
+from mlx_i2v.models.wan.transformer import WanTransformer3DModel
 
 HEIGHT, WIDTH, FRAMES = 64, 96, 9
 LIGHTNING = [1.0, 0.75, 0.5, 0.25]

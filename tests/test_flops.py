@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlx_i2v.flops import DiTShape, context_flops, forward_flops, step_flops, video_tokens
-from mlx_i2v.models.wan_transformer import WanTransformerConfig
+from mlx_i2v.models.wan.transformer import WanTransformerConfig
 
 TI2V_5B = dict(num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48, ffn_dim=14336,
                num_layers=30)  # fmt: skip

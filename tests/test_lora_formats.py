@@ -35,7 +35,7 @@ from ref_transformer import TINY_COMMON, TINY_VARIANTS
 
 from mlx_i2v.errors import InvalidInputError, UnsafeCheckpointError, WeightLoadError
 from mlx_i2v.lora import LowRank, read_lora, resolve, transformer_shapes
-from mlx_i2v.models.wan_transformer import WanTransformerConfig
+from mlx_i2v.models.wan.transformer import WanTransformerConfig
 from mlx_i2v.weights import config_from_dict
 
 

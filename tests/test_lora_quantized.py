@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from mlx_i2v import load_pipeline
 from mlx_i2v.lora import LoRALinear, LowRank, read_lora, resolve, transformer_shapes
 from mlx_i2v.lora.apply import apply_loras
-from mlx_i2v.models.wan_transformer import WanTransformerConfig, load_wan_transformer
+from mlx_i2v.models.wan.transformer import WanTransformerConfig, load_wan_transformer
 from mlx_i2v.quantize import Quantization, QuantizationConfig, parameter_bytes
 from mlx_i2v.weights import config_from_dict, read_config
 

@@ -12,9 +12,9 @@ from mlx_i2v import planner
 from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.memory import ENV_VAR, GB, memory_budget, set_memory_limit
 from mlx_i2v.models import attention as attn
-from mlx_i2v.models.wan_transformer import WanTransformer3DModel, WanTransformerConfig
-from mlx_i2v.models.wan_vae import load_wan_vae
-from mlx_i2v.models.wan_vae_tiling import Tiling, tiled_decode, tiled_encode
+from mlx_i2v.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig
+from mlx_i2v.models.wan.vae import load_wan_vae
+from mlx_i2v.models.wan.vae_tiling import Tiling, tiled_decode, tiled_encode
 from ref_vae import build_tiny_vae
 
 PLANNER_TOL = 0.15

@@ -36,7 +36,10 @@ from ref_transformer import TINY_IMAGE_TOKENS
 from safetensors.torch import load_file
 
 from mlx_i2v.errors import WeightLoadError
-from mlx_i2v.models import clip, umt5, wan_transformer, wan_vae
+from mlx_i2v.models import umt5
+from mlx_i2v.models.wan import clip
+from mlx_i2v.models.wan import transformer as wan_transformer
+from mlx_i2v.models.wan import vae as wan_vae
 from mlx_i2v.models.tokenizer import UMT5Tokenizer
 from mlx_i2v.pth import read_pth
 from mlx_i2v.weights import config_from_dict, load_strict, read_config, read_safetensors

@@ -20,7 +20,7 @@ import pytest
 
 from mlx_i2v import load_pipeline
 from mlx_i2v.errors import InvalidInputError
-from mlx_i2v.models.wan_transformer import WanTransformerConfig
+from mlx_i2v.models.wan.transformer import WanTransformerConfig
 from mlx_i2v.parallel import Layout, choose_layout
 from mlx_i2v.parallel.comm import partition
 from mlx_i2v.parallel.handshake import digest

@@ -20,7 +20,7 @@ from mlx_i2v.convert.writer import save_component
 from mlx_i2v.errors import InvalidInputError, WeightLoadError
 from mlx_i2v.models.umt5 import DIFFUSERS_MAP as UMT5_MAP
 from mlx_i2v.models.umt5 import UMT5Config, UMT5Encoder
-from mlx_i2v.models.wan_transformer import (
+from mlx_i2v.models.wan.transformer import (
     KEEP_FLOAT32,
     WanTransformer3DModel,
     WanTransformerConfig,

@@ -20,7 +20,7 @@ from ref_transformer import (
 )
 
 from mlx_i2v.errors import WeightLoadError
-from mlx_i2v.models.wan_transformer import (
+from mlx_i2v.models.wan.transformer import (
     WanTransformer3DModel,
     WanTransformerConfig,
     load_wan_transformer,

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mlx_i2v.errors import WeightLoadError
-from mlx_i2v.models.wan_vae import AutoencoderKLWan, load_wan_vae
+from mlx_i2v.models.wan.vae import AutoencoderKLWan, load_wan_vae
 from ref_vae import build_tiny_vae
 
 TOL = 1e-4

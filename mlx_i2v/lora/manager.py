@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from ..components import load_parameters
 from ..errors import InvalidInputError
-from ..models.wan_transformer import TRANSFORMER, WanTransformer3DModel, WanTransformerConfig
+from ..models.wan.transformer import TRANSFORMER, WanTransformer3DModel, WanTransformerConfig
 from ..quantize import selected_layers
 from ..weights import config_from_dict
 from .apply import apply_loras, remove_loras

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ..models.wan_transformer import DIFFUSERS_MAP, ORIGINAL_MAP
+from ..models.wan.transformer import DIFFUSERS_MAP, ORIGINAL_MAP
 from ..weights import Rule, Transform
 
 Naming = Literal["original", "diffusers"]

@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 from mlx.utils import tree_flatten
 
 from ..errors import InvalidInputError
-from ..models.wan_transformer import WanTransformer3DModel, WanTransformerConfig
+from ..models.wan.transformer import WanTransformer3DModel, WanTransformerConfig
 from .diffusers_policy import diffusers_deltas
 from .formats import Delta, FullDelta, Ignored, LoraFile, LowRank, Unusable
 from .spec import Policy

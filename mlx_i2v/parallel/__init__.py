@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from ..denoise import BatchedGuidance, Forward, Guidance, plain_forward
 from ..errors import InvalidInputError, ParallelError
-from ..models.wan_transformer import WanTransformerConfig
+from ..models.wan.transformer import WanTransformerConfig
 from .comm import DEFAULT_TIMEOUT, Comm, Subgroup, Traffic, partition
 from .guidance import SplitGuidance
 from .handshake import agree

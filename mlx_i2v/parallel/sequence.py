@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..denoise import Forward, StepInfo, plain_forward
-from ..models.wan_transformer import PassTokens
+from ..models.wan.transformer import PassTokens
 from .comm import Comm, Subgroup
 
 

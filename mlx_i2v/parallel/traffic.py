@@ -19,7 +19,7 @@ import math
 
 import mlx.core as mx
 
-from ..models.wan_transformer import WanTransformerConfig
+from ..models.wan.transformer import WanTransformerConfig
 from .layout import Layout
 
 FLOAT32 = 4

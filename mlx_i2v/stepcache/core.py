@@ -1,6 +1,6 @@
 """The residual step cache: a :class:`~mlx_i2v.denoise.Forward` that lets a pass skip its transformer blocks.
 
-A pass runs ``embed`` -> blocks -> ``head`` (:class:`~mlx_i2v.models.wan_transformer.WanTransformer3DModel`).
+A pass runs ``embed`` -> blocks -> ``head`` (:class:`~mlx_i2v.models.wan.transformer.WanTransformer3DModel`).
 A *method* (:mod:`mlx_i2v.stepcache.methods`) may ask for its first ``probe_blocks`` blocks to run always
 and then decides, per prompt branch, whether the remaining blocks run. When they do, the cache keeps what
 they added (``out - probe_out``, the residual); when they do not, it adds the last residual kept to this
@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..denoise import StepInfo, plain_forward
-from ..models.wan_transformer import CrossKV, PassTokens, WanTransformer3DModel
+from ..models.wan.transformer import CrossKV, PassTokens, WanTransformer3DModel
 
 log = logging.getLogger(__name__)
 

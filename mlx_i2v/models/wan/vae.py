@@ -16,9 +16,9 @@ from typing import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..components import ComponentType, load_component
-from ..errors import WeightLoadError
-from ..weights import (
+from ...components import ComponentType, load_component
+from ...errors import WeightLoadError
+from ...weights import (
     IDENTITY,
     Rule,
     WeightMap,
@@ -26,7 +26,7 @@ from ..weights import (
     conv_weight,
     flatten,
 )
-from .wan_vae_blocks import (
+from .vae_blocks import (
     CausalCache,
     CausalConv3d,
     MidBlock,

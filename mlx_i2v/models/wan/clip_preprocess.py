@@ -21,8 +21,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import InvalidInputError
-from ..weights import read_config
+from ...errors import InvalidInputError
+from ...weights import read_config
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

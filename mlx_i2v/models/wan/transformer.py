@@ -21,18 +21,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..components import ComponentType, load_component
-from ..errors import WeightLoadError
-from ..quantize import Quantization, quantize_transformer
-from ..weights import (
+from ...components import ComponentType, load_component
+from ...errors import WeightLoadError
+from ...quantize import Quantization, quantize_transformer
+from ...weights import (
     IDENTITY,
     Rule,
     WeightMap,
     config_from_dict,
     conv_weight,
 )
-from .attention import attention
-from .elementwise import gelu_tanh
+from ..attention import attention
+from ..elementwise import gelu_tanh
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import attention
-from .conv import conv3d, tap_major, upsample2x_conv2d
-from .elementwise import silu, two_streams
+from ..attention import attention
+from ..conv import conv3d, tap_major, upsample2x_conv2d
+from ..elementwise import silu, two_streams
 
 CACHE_T = 2  # frames of context a kernel-3 causal conv needs from the previous chunk
 

@@ -20,16 +20,16 @@ from typing import Any, Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..components import ComponentType, load_component
-from ..errors import InvalidInputError, WeightLoadError
-from ..weights import (
+from ...components import ComponentType, load_component
+from ...errors import InvalidInputError, WeightLoadError
+from ...weights import (
     Rule,
     WeightMap,
     config_from_dict,
     conv_weight,
     flatten,
 )
-from .attention import attention
+from ..attention import attention
 
 log = logging.getLogger(__name__)
 

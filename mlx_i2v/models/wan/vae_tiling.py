@@ -22,8 +22,8 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from .wan_vae import AutoencoderKLWan, patchify, unpatchify
-from .wan_vae_blocks import CausalCache
+from .vae import AutoencoderKLWan, patchify, unpatchify
+from .vae_blocks import CausalCache
 
 
 @dataclass(frozen=True)
