@@ -39,7 +39,7 @@ from ...errors import WeightLoadError
 from ...quantize import Quantization, quantize_transformer
 from ...weights import IDENTITY, Rule, WeightMap, config_from_dict
 from ..attention import attention
-from ..wan.transformer import FeedForward, TextProjection, TimestepEmbedding, apply_rope, timestep_embedding
+from ..layers import FeedForward, TextProjection, TimestepEmbedding, apply_rope, timestep_embedding
 
 log = logging.getLogger(__name__)
 
