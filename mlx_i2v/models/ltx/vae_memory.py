@@ -18,8 +18,12 @@ float32) on the 0.9.5 VAE narrowed 4x and 8x (its structure at 1/16 and 1/64 of 
 at budgets of 2, 4 and 16 GB: on those 18 points decode estimates are within 0.91-1.07 and encode
 estimates within 0.92-1.08 of the measured peak. Outside the fit: tiled decodes 0.89-1.17; the
 0.9.0/0.9.1 decoders (narrowed 4x) 1.17-1.19 and encoders 1.02; the VAE narrowed 16x (narrower than any
-real one, where fixed-width layers weigh more) 0.74-0.77. ``KERNEL_TRANSFORM_COPIES`` comes from one
-real-width point. Nothing was measured on Metal.
+real one, where fixed-width layers weigh more) 0.74-0.77. Those ranges were measured when the Winograd
+kernel transform was an einsum (5.4 weight copies at one real-width point); it is now two matmuls over a
+transposed copy of the weights (1 + 4/3 + 16/9 copies), and ``KERNEL_TRANSFORM_COPIES`` was re-measured
+as 4.2 on the 0.9.5 VAE narrowed 4x at a 4 GB budget, where the transform is the decode's and the
+encode's peak (estimates 1.00 and 0.97 of the measured peaks; narrowed 8x: decode 0.90, tiled decode
+1.19, encode 0.81). Nothing was measured on Metal.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from .vae_tiling import SpatialTiling, TemporalTiling
 
 DECODE_COPIES, DECODE_WORKSPACE_SHARE = 6.5, 0.75
 ENCODE_COPIES, ENCODE_WORKSPACE_SHARE = 7.25, 0.6
-# The einsum of the Winograd kernel transform holds about this many weight-sized buffers at once: 2.47 GB
-# measured for the 0.9.5 decoder's 1024 -> 4096 upsampler conv (453 MB of float32 weights).
-KERNEL_TRANSFORM_COPIES = 5.4
+# The Winograd kernel transform holds about this many weight-sized buffers at once: the transposing copy
+# of the weights (LTX's are not stored tap-major) and the two products (4/3 and 16/9 of the weights).
+KERNEL_TRANSFORM_COPIES = 4.2
 # Decoded tiles alive while they are blended, and the blended output, in multiples of the tiles' bytes.
 TILED_OUTPUT_COPIES = 1.6
 
