@@ -247,6 +247,15 @@ def _inside(path: Path, folder: Path) -> bool:
     return folder.resolve() in path.resolve().parents
 
 
+def _exists_unwritable(path: Path) -> bool:
+    """Whether ``path`` exists and cannot be written. A concurrent save swaps the old output out and the
+    new one in, so a path absent when its access is checked and present just after is looked at again."""
+    for _ in range(3):
+        if os.access(path, os.W_OK) or not path.exists():
+            return False
+    return True
+
+
 def ensure_writable(path: str | Path) -> None:
     """Fail early, with one line, if ``path`` cannot be written (run before a long generation).
     Creates the parent directory if needed."""
@@ -258,7 +267,7 @@ def ensure_writable(path: str | Path) -> None:
         raise InvalidInputError(f"cannot create output directory {parent}: {e.strerror or e}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InvalidInputError(f"output directory is not writable: {parent}")
-    if not os.access(path, os.W_OK) and path.exists():  # (in this order: it may be swapped meanwhile)
+    if _exists_unwritable(path):
         raise InvalidInputError(f"output is not writable: {path}")
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".mlx-i2v-probe-"):

@@ -389,10 +389,14 @@ def test_cli_rank_killed_at_any_moment_ends_the_other_with_one_line(tiny_ti2v_di
     image = tmp_path / "photo.png"
     photo().save(image)
     args = ["generate", str(image), "-p", "a fox", "--model", str(tiny_ti2v_dir), "--frames", "9", "--height", "96",
-            "--width", "96", "--steps", "300", "--seed", "3", "-o", str(tmp_path / "clip.mp4"), "--parallel-timeout",
+            "--width", "96", "--steps", "2000", "--seed", "3", "-o", str(tmp_path / "clip.mp4"), "--parallel-timeout",
             str(TIMEOUT)]  # fmt: skip
     procs = start_ranks(2, _cli(*args), tmp_path)
-    time.sleep(4)  # somewhere between joining and the last step, depending on the machine's load
+    # Kill rank 1 once rank 0 has started its steps (the tiny model runs 300 of them in about a second, so
+    # a fixed delay could miss them on an idle machine); a later moment in the steps is not chosen.
+    for line in procs[0].stderr:
+        if line.strip() == "denoising":
+            break
     procs[1].kill()
     tic = time.monotonic()
     results = wait_ranks(procs, timeout=120)
