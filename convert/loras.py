@@ -14,7 +14,6 @@ from typing import Any, Sequence
 
 import mlx.core as mx
 
-from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.lora.manager import COMPONENTS, TransformerLoras
 from mlx_i2v.lora.spec import as_loras
 
@@ -32,8 +31,6 @@ def bake_loras(plan: Plan, loras: Sequence[Any] | None, dtype: mx.Dtype) -> None
     specs = as_loras(loras)
     if not specs:
         return
-    if plan.index[MLX_KEY].get("family") == "ltx":
-        raise InvalidInputError("LoRAs cannot be baked into LTX-Video models yet")
     jobs = sorted((j for j in plan.weights if j.name in COMPONENTS), key=lambda j: COMPONENTS.index(j.name))
     state = TransformerLoras([j.config for j in jobs], dtype)
     state.set(specs, {})
