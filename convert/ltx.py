@@ -116,6 +116,7 @@ def read_single_file(path: Path) -> dict[str, mx.array]:
 
     Raises:
         WeightLoadError: a file shorter than its header says (a truncated download), or unreadable.
+        InvalidInputError: float8 tensors (the -fp8 releases), which are not supported.
     """
     try:
         header_len, header = safetensors_header(path)
@@ -123,8 +124,14 @@ def read_single_file(path: Path) -> dict[str, mx.array]:
         if path.stat().st_size < 8 + header_len + end:
             raise WeightLoadError(f"{path.name}: truncated or corrupt ({path.stat().st_size} of "
                                   f"{8 + header_len + end} bytes)")  # fmt: skip
+        float8 = sorted(k for k, v in header.items() if k != "__metadata__" and str(v["dtype"]).startswith("F8"))
+        if float8:  # mx.load would read them as uint8 bytes
+            raise InvalidInputError(
+                f"{path.name} is a float8 checkpoint ({float8[0]} and {len(float8) - 1} more); convert the "
+                "bfloat16 release of the same model (the ltxv-*.safetensors without -fp8)"
+            )
         return mx.load(str(path))
-    except WeightLoadError:
+    except (WeightLoadError, InvalidInputError):
         raise
     except Exception as e:  # OSError, a malformed header entry, or mlx's RuntimeError with a C++ message
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

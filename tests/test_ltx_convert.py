@@ -241,6 +241,8 @@ def test_single_file_bad_input_fails_cleanly(diffusers_dirs, tmp_path):
     other = write_single_file(tmp_path / "in" / "other.safetensors", {"weight": torch.zeros(2, 2)}, None)
     notes = tmp_path / "in" / "notes.txt"
     notes.write_text("not a checkpoint")
+    fp8 = write_single_file(tmp_path / "in" / "ltxv-fp8.safetensors",
+                            {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in tensors.items()}, None)
     truncated = tmp_path / "in" / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     umt5_dir = tmp_path / "umt5"
@@ -259,6 +261,7 @@ def test_single_file_bad_input_fails_cleanly(diffusers_dirs, tmp_path):
                             "LTX-Video version is unknown"),
         "wrong file": ([str(other), str(out), "--text-encoder", str(source)], "not an LTX-Video checkpoint"),
         "truncated": ([str(truncated), str(out), "--text-encoder", str(source)], "truncated or corrupt"),
+        "float8": ([str(fp8), str(out), "--text-encoder", str(source)], "is a float8 checkpoint"),
         "not a checkpoint": ([str(notes), str(out)], "neither a model directory nor a single-file"),
         "text encoder for a directory": ([str(source), str(out), "--text-encoder", str(source)],
                                          "only for single-file"),
