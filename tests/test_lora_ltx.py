@@ -158,6 +158,8 @@ def test_lora_baked_by_convert_equals_run_time_loading(transformer_dir, tmp_path
     got = {k: np.asarray(v) for k, v in tree_flatten(baked.parameters())}
     assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
     assert read_config(out, "model_index.json")["_mlx_i2v"]["loras"][0]["baked"] == "merged"
+    on_model = lora_info(lora, source)["model"]["transformer"]  # what it would do to the source model
+    assert (on_model["applied"], on_model["ignored"]) == (len(load_file(lora)), 0)
 
 
 def test_quantized_conversion_keeps_factors_and_equals_run_time(tmp_path):
