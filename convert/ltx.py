@@ -31,7 +31,7 @@ from mlx_i2v.quantize import QuantizationConfig
 from mlx_i2v.weights import read_config, read_safetensors, safetensors_header
 
 from . import ltx_infer
-from .families import LTX, ltx_entries
+from .families import LTX, ltx_entries, model_name
 from .original import load_mapped
 from .plan import Plan, WeightJob, mlx_index, numel, source_entry
 from .source import Source, read_index
@@ -176,8 +176,8 @@ def _vae_generation(vae_tensors: Mapping[str, mx.array], path: Path) -> str:
 def plan_single_file(
     source: Source, text_encoder: Path | None, dtype: mx.Dtype, quantization: QuantizationConfig | None
 ) -> Plan:
-    """Plan converting a single-file checkpoint: the file's header, names and shapes are checked now; its
-    tensors are read when each component is converted."""
+    """Plan converting a single-file checkpoint: the file's header, tensor names and configs are checked
+    now; its tensors are read (and their shapes checked) when each component is converted."""
     path = source.path
     text_dir = check_text_encoder_dir(text_encoder, path)
     tensors = read_single_file(path)
@@ -190,8 +190,8 @@ def plan_single_file(
     generation = _vae_generation(vae_tensors, path)
     transformer_config = ltx_infer.transformer_config(parts["transformer"], metadata.get("transformer"))
     vae_config = ltx_infer.vae_config(vae_tensors, generation)
-    log.info("%s: LTX-Video %s single file (%d transformer blocks)", path.name,
-             "0.9.5+" if generation == "0.9.5" else generation, transformer_config["num_layers"])  # fmt: skip
+    log.info("%s: %s single file (%d transformer blocks)", path.name, model_name(ltx_entries(generation)),
+             transformer_config["num_layers"])  # fmt: skip
 
     transformer = LTX.weights["transformer"]
     vae = LTX.weights["vae"]
