@@ -39,37 +39,45 @@ def _params(n: int) -> str:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="Weight dtype (the reference's float32 parts stay float32).")
 @click.option("--quantize", "bits", type=_BITS, default=None,
-              help="Quantize the transformer(s) to 4 or 8 bits (the UMT5 encoder to 8).")
+              help="Quantize the transformer(s) to 4 or 8 bits (the text encoder to 8).")
 @click.option("--group-size", type=_GROUP_SIZES, default=str(DEFAULT_GROUP_SIZE), show_default=True,
               help="Quantization group size.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--text-encoder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="For a single-file LTX-Video SOURCE: a diffusers LTX-Video directory whose text_encoder/ "
+                   "(T5) and tokenizer/ complete it.")
 @lora_options
 def convert(source: str, output: Path, dtype: str, bits: str | None, group_size: str, force: bool,
-            lora: tuple[str, ...], lora_high: tuple[str, ...], lora_low: tuple[str, ...]) -> None:
-    """Convert SOURCE (a diffusers or Wan-AI original directory, or a Hub id) into an MLX model at OUTPUT.
+            text_encoder: Path | None, lora: tuple[str, ...], lora_high: tuple[str, ...],
+            lora_low: tuple[str, ...]) -> None:
+    """Convert SOURCE (a Wan or LTX-Video diffusers directory, a Wan-AI original directory, a Hub id of
+    either, or a Lightricks ltxv-*.safetensors file with --text-encoder) into an MLX model at OUTPUT.
     LoRAs are merged into a float output; with --quantize they are kept as separate factors."""
     from mlx_i2v.convert import convert_model, model_info
+    from mlx_i2v.convert.families import model_name
 
     path = convert_model(source, output, dtype=dtype, quantize=int(bits) if bits else None,
-                         group_size=int(group_size), force=force, loras=collect_loras(lora, lora_high, lora_low))
+                         group_size=int(group_size), force=force, loras=collect_loras(lora, lora_high, lora_low),
+                         text_encoder=text_encoder)
     info = model_info(path)
-    click.echo(f"wrote {path} ({info['variant']}, {_describe_quantization(info)}, {_gb(info['bytes_on_disk'])})")
+    click.echo(f"wrote {path} ({model_name(info)}, {_describe_quantization(info)}, {_gb(info['bytes_on_disk'])})")
 
 
 @click.command()
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("output", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--bits", type=_BITS, required=True, help="Bits of the transformer(s) (the UMT5 encoder gets 8).")
+@click.option("--bits", type=_BITS, required=True, help="Bits of the transformer(s) (the text encoder gets 8).")
 @click.option("--group-size", type=_GROUP_SIZES, default=str(DEFAULT_GROUP_SIZE), show_default=True,
               help="Quantization group size.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def quantize(model_dir: Path, output: Path, bits: str, group_size: str, force: bool) -> None:
     """Quantize MODEL_DIR, a float model written by `mlx-i2v convert`, into OUTPUT."""
     from mlx_i2v.convert import model_info, quantize_model
+    from mlx_i2v.convert.families import model_name
 
     path = quantize_model(model_dir, output, bits=int(bits), group_size=int(group_size), force=force)
     info = model_info(path)
-    click.echo(f"wrote {path} ({info['variant']}, {_describe_quantization(info)}, {_gb(info['bytes_on_disk'])})")
+    click.echo(f"wrote {path} ({model_name(info)}, {_describe_quantization(info)}, {_gb(info['bytes_on_disk'])})")
 
 
 @click.command()
@@ -110,14 +118,13 @@ def _describe_quantization(info: dict[str, Any]) -> str:
 
 
 def _summary(data: dict[str, Any]) -> list[str]:
+    from mlx_i2v.convert.families import model_name
+
     source = data["source"]
     origin = f", converted from {source['model']} ({source['layout']} layout)" if source else ""
-    d = data["defaults"]
-    sizes = ", ".join(f"{w}x{h}" for h, w in d["sizes"])
-    guidance = f"{d['guidance_scale']:g}" + (f" / {d['guidance_scale_2']:g}" if d.get("guidance_scale_2") else "")
     lines = [
         f"model:        {data['path']} ({data['layout']}{origin})",
-        f"variant:      {data['variant']}",
+        f"variant:      {model_name(data)}",
         f"weights:      {_describe_quantization(data)}",
         f"parameters:   {_params(data['parameters'])}",
         f"size on disk: {_gb(data['bytes_on_disk'])}",
@@ -131,6 +138,11 @@ def _summary(data: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"  {name:<16}{'':>9}  {'':<10}{_gb(part['bytes']):>10}")
     lines += [_lora_line(r) for r in data.get("loras", [])]
+    d = data["defaults"]
+    if d is None:  # LTX-Video: the generation settings come from the pipeline's presets
+        return lines
+    sizes = ", ".join(f"{w}x{h}" for h, w in d["sizes"])
+    guidance = f"{d['guidance_scale']:g}" + (f" / {d['guidance_scale_2']:g}" if d.get("guidance_scale_2") else "")
     lines += [
         f"defaults:     {d['num_inference_steps']} steps, guidance {guidance}, shift {d['flow_shift']:g}, "
         f"{d['num_frames']} frames at {d['fps']:g} fps, {sizes}",

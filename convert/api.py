@@ -1,4 +1,5 @@
-"""``convert_model`` and ``quantize_model``: diffusers or Wan-AI original checkpoints -> MLX directories."""
+"""``convert_model`` and ``quantize_model``: diffusers, Wan-AI original or LTX-Video single-file checkpoints
+-> MLX directories."""
 
 from __future__ import annotations
 
@@ -8,18 +9,15 @@ from typing import Any, Mapping, Sequence
 
 import mlx.core as mx
 
-from mlx_i2v.components import ComponentType, load_component
+from mlx_i2v.components import load_component
 from mlx_i2v.errors import InvalidInputError
-from mlx_i2v.models.wan.clip import IMAGE_ENCODER
-from mlx_i2v.models.umt5 import TEXT_ENCODER
-from mlx_i2v.models.wan.transformer import TRANSFORMER
-from mlx_i2v.models.wan.vae import VAE
-from mlx_i2v.quantize import DEFAULT_GROUP_SIZE, DEFAULT_TEXT_ENCODER_BITS, Quantization, QuantizationConfig
+from mlx_i2v.quantize import DEFAULT_GROUP_SIZE, DEFAULT_TEXT_ENCODER_BITS, QuantizationConfig
 from mlx_i2v.runtime import resolve_dtype
-from mlx_i2v.variants import detect_variant
 from mlx_i2v.weights import read_config, read_safetensors
 
+from .families import Family, family_of, model_name
 from .loras import bake_loras
+from .ltx import plan_single_file
 from .original import plan_original
 from .plan import Plan, WeightJob, mlx_index, numel, source_entry
 from .source import MLX_KEY, Source, read_index, resolve_source
@@ -27,66 +25,48 @@ from .writer import write_plan
 
 log = logging.getLogger(__name__)
 
-# The diffusers components with weights, and those copied as they are.
-WEIGHT_KINDS: dict[str, ComponentType] = {
-    "transformer": TRANSFORMER,
-    "transformer_2": TRANSFORMER,
-    "text_encoder": TEXT_ENCODER,
-    "vae": VAE,
-    "image_encoder": IMAGE_ENCODER,
-}
-COPIED = ("tokenizer", "scheduler", "image_processor")
-
 
 def components(index: Mapping[str, Any]) -> list[str]:
     """The components a model_index.json lists as present (``[library, class]`` with a class)."""
     return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[-1] is not None]
 
 
-def _quantization_of(name: str, quantization: QuantizationConfig | None) -> Quantization | None:
-    """What ``quantization`` does to component ``name``: transformers at its bits, UMT5 at its text
-    encoder bits, CLIP and the VAE never."""
-    if quantization is None:
-        return None
-    if WEIGHT_KINDS[name] is TRANSFORMER:
-        return quantization.transformer
-    return quantization.text_encoder if WEIGHT_KINDS[name] is TEXT_ENCODER else None
-
-
 def _component_jobs(
     folder: Path, index: Mapping[str, Any], dtype: mx.Dtype, quantization: QuantizationConfig | None
 ) -> tuple[list[WeightJob], dict[str, Path]]:
-    """A job per weight component of a diffusers or MLX directory (loaded through
+    """A job per weight component of a diffusers or MLX directory of either family (loaded through
     :func:`~mlx_i2v.components.load_component`, which maps and checks every tensor) and the folders to
     copy."""
+    family = family_of(index, folder)
     jobs: list[WeightJob] = []
     copies: dict[str, Path] = {}
     for name in components(index):
-        if name in COPIED:
+        if name in family.copied:
             copies[name] = folder / name
             continue
-        if name not in WEIGHT_KINDS:
+        if name not in family.weights:
             raise InvalidInputError(f"{folder}: unsupported component {name!r} in model_index.json")
-        q = _quantization_of(name, quantization)
+        weights = family.weights[name]
+        q = weights.quantization(quantization)
 
-        def load(name: str = name, q: Quantization | None = q):
-            kind = WEIGHT_KINDS[name]
+        def load(name: str = name, kind=weights.kind, q=q):
             model = load_component(kind, folder / name, kind.stored_dtype(dtype), quantize=q)
             return model, read_config(folder / name)
 
-        jobs.append(WeightJob(name, WEIGHT_KINDS[name], numel(read_safetensors(folder / name)), q, load,
+        jobs.append(WeightJob(name, weights.kind, numel(read_safetensors(folder / name)), q, load,
                               config=read_config(folder / name)))  # fmt: skip
     # Transformers first: the biggest, and the likeliest to fail on a broken download.
-    jobs.sort(key=lambda job: job.kind is not TRANSFORMER)
+    jobs.sort(key=lambda job: not job.name.startswith("transformer"))
     return jobs, copies
 
 
 def _plan_diffusers(source: Source, dtype: mx.Dtype, quantization: QuantizationConfig | None) -> Plan:
     index = read_index(source.path) or {}
-    variant = detect_variant(source.path, source.label)
+    family: Family = family_of(index, source.path)
+    entries = family.describe(source.path, index, source.label)
     jobs, copies = _component_jobs(source.path, index, dtype, quantization)
-    log.info("%s: diffusers layout of %s", source.path, variant.name)
-    return Plan(mlx_index(index, variant, dtype, quantization, source_entry(source)), jobs, copies)
+    log.info("%s: diffusers layout of %s", source.path, model_name(entries))
+    return Plan(mlx_index(index, entries, dtype, quantization, source_entry(source)), jobs, copies)
 
 
 def _check_output(source: Path, output: Path) -> None:
@@ -106,12 +86,14 @@ def convert_model(
     text_encoder_bits: int | None = DEFAULT_TEXT_ENCODER_BITS,
     force: bool = False,
     loras: Sequence[Any] | None = None,
+    text_encoder: str | Path | None = None,
 ) -> Path:
-    """Convert a Wan image-to-video checkpoint into an MLX model directory that
+    """Convert a Wan or LTX-Video checkpoint into an MLX model directory that
     :func:`~mlx_i2v.load_pipeline` loads without PyTorch and without converting again.
 
     Args:
-        source: a diffusers directory, a Wan-AI original-layout directory, or a Hub id of either.
+        source: a diffusers directory (Wan or LTX-Video), a Wan-AI original-layout directory, a Hub id of
+            either, or a Lightricks single-file ``ltxv-*.safetensors`` (which needs ``text_encoder``).
         output: the directory to write (it must not exist unless ``force``).
         dtype: "bfloat16", "float16" or "float32" for the weights (the reference's float32 islands stay;
             the VAE and CLIP are written in float32, the dtype they run in by default).
@@ -122,6 +104,8 @@ def convert_model(
         loras: LoRAs to bake in, as ``load_pipeline(loras=...)`` takes them: merged into float weights;
             with ``quantize``, kept as separate factors beside the quantized weights (see
             :mod:`mlx_i2v.lora.baked`), so the result equals loading them at run time.
+        text_encoder: for a single-file source only: a diffusers LTX-Video directory whose
+            ``text_encoder/`` (T5 v1.1 XXL) and ``tokenizer/`` complete the model.
 
     Returns:
         ``output``.
@@ -130,7 +114,8 @@ def convert_model(
         ModelNotFoundError: no such source.
         WeightLoadError: a missing, unexpected, mis-shaped or unreadable tensor (named), or an unsafe
             ``.pth`` (:class:`~mlx_i2v.errors.UnsafeCheckpointError`).
-        InvalidInputError: bad options, an existing output, a source already converted, too little disk.
+        InvalidInputError: bad options, an existing output, a source already converted, too little disk,
+            a single file without (or with an unusable) ``text_encoder``.
     """
     compute_dtype = resolve_dtype(dtype)
     quantization = QuantizationConfig(quantize, group_size, text_encoder_bits) if quantize is not None else None
@@ -141,8 +126,13 @@ def convert_model(
         raise InvalidInputError(
             f"{resolved.path} is already an MLX model directory; quantize it with `mlx-i2v quantize` (quantize_model)"
         )
-    plan_layout = plan_original if resolved.layout == "original" else _plan_diffusers
-    plan = plan_layout(resolved, compute_dtype, quantization)
+    if text_encoder is not None and resolved.layout != "single-file":
+        raise InvalidInputError("--text-encoder (text_encoder=) is only for single-file LTX-Video checkpoints")
+    if resolved.layout == "single-file":
+        plan = plan_single_file(resolved, text_encoder, compute_dtype, quantization)
+    else:
+        plan_layout = plan_original if resolved.layout == "original" else _plan_diffusers
+        plan = plan_layout(resolved, compute_dtype, quantization)
     bake_loras(plan, loras, compute_dtype)
     return write_plan(plan, output, dtype=compute_dtype, force=force)
 
@@ -157,8 +147,8 @@ def quantize_model(
     force: bool = False,
 ) -> Path:
     """Quantize a float MLX directory (written by :func:`convert_model`) into ``output``: the
-    transformer(s) to ``bits``, UMT5 to ``text_encoder_bits`` (None keeps it float); CLIP, the VAE and
-    the rest are copied.
+    transformer(s) to ``bits``, the text encoder (UMT5 or T5) to ``text_encoder_bits`` (None keeps it
+    float); CLIP, the VAE and the rest are copied.
 
     Raises:
         InvalidInputError: ``model_dir`` is not an MLX directory or is quantized already; bad bits or

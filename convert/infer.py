@@ -84,7 +84,9 @@ _VAE_VERSIONS: dict[str, dict[str, Any]] = {
 VAE_VERSIONS = tuple(_VAE_VERSIONS)
 
 
-def _shape(tensors: Tensors, key: str, what: str, ndim: int | None = None) -> tuple[int, ...]:
+def tensor_shape(tensors: Tensors, key: str, what: str, ndim: int | None = None) -> tuple[int, ...]:
+    """The shape of ``tensors[key]``; a missing tensor or another number of dimensions than ``ndim`` is a
+    :class:`WeightLoadError` naming ``what`` and the key."""
     if key not in tensors:
         raise WeightLoadError(f"{what}: missing tensor {key}")
     shape = tuple(tensors[key].shape)
@@ -93,7 +95,7 @@ def _shape(tensors: Tensors, key: str, what: str, ndim: int | None = None) -> tu
     return shape
 
 
-def _count(tensors: Tensors, pattern: str, what: str) -> int:
+def layer_count(tensors: Tensors, pattern: str, what: str) -> int:
     """Number of layers: 1 + the largest index captured by ``pattern`` (a full-match regex)."""
     indices = {int(m[1]) for k in tensors if (m := re.fullmatch(pattern, k))}
     if not indices:
@@ -101,7 +103,8 @@ def _count(tensors: Tensors, pattern: str, what: str) -> int:
     return max(indices) + 1
 
 
-def _heads(width: int, heads: int, what: str) -> int:
+def split_heads(width: int, heads: int, what: str) -> int:
+    """``heads``, checked to divide ``width`` (a :class:`WeightLoadError` naming ``what`` otherwise)."""
     if heads < 1 or width % heads:
         raise WeightLoadError(f"{what}: width {width} cannot be split into {heads} heads")
     return heads
@@ -132,9 +135,9 @@ def transformer_config(tensors: Tensors, wan_config: Mapping[str, Any] | None) -
         WeightLoadError: a needed tensor is missing, or config.json disagrees with the tensors.
     """
     what = "transformer"
-    dim, in_channels, *patch = _shape(tensors, "patch_embedding.weight", what, ndim=5)
+    dim, in_channels, *patch = tensor_shape(tensors, "patch_embedding.weight", what, ndim=5)
     patch_volume = math.prod(patch)
-    out_features = _shape(tensors, "head.head.weight", what, ndim=2)[0]
+    out_features = tensor_shape(tensors, "head.head.weight", what, ndim=2)[0]
     if out_features % patch_volume:
         raise WeightLoadError(f"{what}: head.head.weight has {out_features} outputs, not a multiple of {patch_volume}")
     if wan_config is not None and "num_heads" in wan_config:
@@ -142,7 +145,7 @@ def transformer_config(tensors: Tensors, wan_config: Mapping[str, Any] | None) -
     else:
         heads = dim // WAN_HEAD_DIM
         log.warning("transformer: no num_heads in config.json; assuming Wan's 128-wide heads (%d heads)", heads)
-    heads = _heads(dim, heads, what)
+    heads = split_heads(dim, heads, what)
     config: dict[str, Any] = {
         "_class_name": "WanTransformer3DModel",
         "patch_size": list(patch),
@@ -150,10 +153,10 @@ def transformer_config(tensors: Tensors, wan_config: Mapping[str, Any] | None) -
         "attention_head_dim": dim // heads,
         "in_channels": in_channels,
         "out_channels": out_features // patch_volume,
-        "text_dim": _shape(tensors, "text_embedding.0.weight", what, ndim=2)[1],
-        "freq_dim": _shape(tensors, "time_embedding.0.weight", what, ndim=2)[1],
-        "ffn_dim": _shape(tensors, "blocks.0.ffn.0.weight", what, ndim=2)[0],
-        "num_layers": _count(tensors, r"blocks\.(\d+)\..+", what),
+        "text_dim": tensor_shape(tensors, "text_embedding.0.weight", what, ndim=2)[1],
+        "freq_dim": tensor_shape(tensors, "time_embedding.0.weight", what, ndim=2)[1],
+        "ffn_dim": tensor_shape(tensors, "blocks.0.ffn.0.weight", what, ndim=2)[0],
+        "num_layers": layer_count(tensors, r"blocks\.(\d+)\..+", what),
         "cross_attn_norm": "blocks.0.norm3.weight" in tensors,
         "qk_norm": "rms_norm_across_heads",
         "eps": (wan_config or {}).get("eps", 1e-6),
@@ -163,10 +166,10 @@ def transformer_config(tensors: Tensors, wan_config: Mapping[str, Any] | None) -
         "pos_embed_seq_len": None,
     }
     if "img_emb.proj.0.weight" in tensors:  # Wan2.1 I2V / FLF2V: MLPProj over CLIP tokens
-        config["image_dim"] = _shape(tensors, "img_emb.proj.0.weight", what, ndim=1)[0]
-        config["added_kv_proj_dim"] = _shape(tensors, "blocks.0.cross_attn.k_img.weight", what, ndim=2)[1]
+        config["image_dim"] = tensor_shape(tensors, "img_emb.proj.0.weight", what, ndim=1)[0]
+        config["added_kv_proj_dim"] = tensor_shape(tensors, "blocks.0.cross_attn.k_img.weight", what, ndim=2)[1]
     if "img_emb.emb_pos" in tensors:  # FLF2V: (1, 2 * 257, 1280)
-        config["pos_embed_seq_len"] = _shape(tensors, "img_emb.emb_pos", what, ndim=3)[1]
+        config["pos_embed_seq_len"] = tensor_shape(tensors, "img_emb.emb_pos", what, ndim=3)[1]
     inferred = {**config, "inner_dim": dim}
     for field, ours in _WAN_CONFIG_FIELDS.items():
         if wan_config is not None and field in wan_config and wan_config[field] != inferred[ours]:
@@ -184,8 +187,8 @@ def vae_config(tensors: Tensors, version: str) -> dict[str, Any]:
     ("2.2"): widths from ``encoder.conv1.weight`` (base, in, 3, 3, 3), ``conv2.weight`` (z, z, 1, 1, 1),
     ``decoder.conv1.weight`` (decoder_base * 4, z, 3, 3, 3) and ``decoder.head.2.weight`` (out, ...)."""
     what = f"Wan{version} VAE"
-    base_dim, in_channels = _shape(tensors, "encoder.conv1.weight", what, ndim=5)[:2]
-    decoder_width = _shape(tensors, "decoder.conv1.weight", what, ndim=5)[0]
+    base_dim, in_channels = tensor_shape(tensors, "encoder.conv1.weight", what, ndim=5)[:2]
+    decoder_width = tensor_shape(tensors, "decoder.conv1.weight", what, ndim=5)[0]
     top = _VAE_ARCHITECTURE["dim_mult"][-1]
     if decoder_width % top:
         raise WeightLoadError(f"{what}: decoder.conv1.weight has {decoder_width} outputs, not a multiple of {top}")
@@ -197,9 +200,9 @@ def vae_config(tensors: Tensors, version: str) -> dict[str, Any]:
         "base_dim": base_dim,
         # diffusers leaves it unset when the decoder is as wide as the encoder (the Wan2.1 VAE)
         "decoder_base_dim": None if decoder_base_dim == base_dim else decoder_base_dim,
-        "z_dim": _shape(tensors, "conv2.weight", what, ndim=5)[0],
+        "z_dim": tensor_shape(tensors, "conv2.weight", what, ndim=5)[0],
         "in_channels": in_channels,
-        "out_channels": _shape(tensors, "decoder.head.2.weight", what, ndim=5)[0],
+        "out_channels": tensor_shape(tensors, "decoder.head.2.weight", what, ndim=5)[0],
     }
 
 
@@ -211,17 +214,17 @@ def umt5_config(tensors: Tensors) -> dict[str, Any]:
     (vocab, d_model), ``blocks.0.attn.q.weight`` (heads * d_kv, d_model), ``blocks.0.pos_embedding.
     embedding.weight`` (buckets, heads), ``blocks.0.ffn.fc1.weight`` (d_ff, d_model)."""
     what = "umt5"
-    vocab_size, d_model = _shape(tensors, "token_embedding.weight", what, ndim=2)
-    inner = _shape(tensors, "blocks.0.attn.q.weight", what, ndim=2)[0]
-    buckets, heads = _shape(tensors, "blocks.0.pos_embedding.embedding.weight", what, ndim=2)
+    vocab_size, d_model = tensor_shape(tensors, "token_embedding.weight", what, ndim=2)
+    inner = tensor_shape(tensors, "blocks.0.attn.q.weight", what, ndim=2)[0]
+    buckets, heads = tensor_shape(tensors, "blocks.0.pos_embedding.embedding.weight", what, ndim=2)
     return {
         "architectures": ["UMT5EncoderModel"],
         "model_type": "umt5",
         "vocab_size": vocab_size,
         "d_model": d_model,
-        "d_kv": inner // _heads(inner, heads, what),
-        "d_ff": _shape(tensors, "blocks.0.ffn.fc1.weight", what, ndim=2)[0],
-        "num_layers": _count(tensors, r"blocks\.(\d+)\..+", what),
+        "d_kv": inner // split_heads(inner, heads, what),
+        "d_ff": tensor_shape(tensors, "blocks.0.ffn.fc1.weight", what, ndim=2)[0],
+        "num_layers": layer_count(tensors, r"blocks\.(\d+)\..+", what),
         "num_heads": heads,
         "relative_attention_num_buckets": buckets,
         "relative_attention_max_distance": 128,
@@ -246,8 +249,8 @@ def clip_config(tensors: Tensors) -> dict[str, Any]:
     (1, 1 + (image/p)^2, width), ``visual.transformer.0.mlp.0.weight`` (mlp, width). The projection
     ``visual.head`` is never used, so its width is not recorded."""
     what = "image_encoder"
-    width, channels, patch, _ = _shape(tensors, "visual.patch_embedding.weight", what, ndim=4)
-    positions = _shape(tensors, "visual.pos_embedding", what, ndim=3)[1]
+    width, channels, patch, _ = tensor_shape(tensors, "visual.patch_embedding.weight", what, ndim=4)
+    positions = tensor_shape(tensors, "visual.pos_embedding", what, ndim=3)[1]
     grid = math.isqrt(positions - 1)
     if grid * grid != positions - 1:
         raise WeightLoadError(f"{what}: visual.pos_embedding has {positions} positions, not 1 + a square")
@@ -255,9 +258,9 @@ def clip_config(tensors: Tensors) -> dict[str, Any]:
         "architectures": ["CLIPVisionModelWithProjection"],
         "model_type": "clip_vision_model",
         "hidden_size": width,
-        "intermediate_size": _shape(tensors, "visual.transformer.0.mlp.0.weight", what, ndim=2)[0],
-        "num_attention_heads": _heads(width, clip_heads(width), what),
-        "num_hidden_layers": _count(tensors, r"visual\.transformer\.(\d+)\..+", what),
+        "intermediate_size": tensor_shape(tensors, "visual.transformer.0.mlp.0.weight", what, ndim=2)[0],
+        "num_attention_heads": split_heads(width, clip_heads(width), what),
+        "num_hidden_layers": layer_count(tensors, r"visual\.transformer\.(\d+)\..+", what),
         "num_channels": channels,
         "image_size": grid * patch,
         "patch_size": patch,

@@ -10,11 +10,11 @@ from typing import Any, Mapping
 import mlx.core as mx
 
 from mlx_i2v.errors import InvalidInputError
-from mlx_i2v.variants import VARIANTS, detect_variant
+from mlx_i2v.variants import VARIANTS
 from mlx_i2v.weights import read_config, read_safetensors
 
-from .api import WEIGHT_KINDS, components
-from .plan import defaults_dict
+from .api import components
+from .families import FAMILIES, family_of
 from .source import MLX_KEY, local_source, read_index
 
 
@@ -54,27 +54,32 @@ def main_dtype(tensors: Mapping[str, mx.array]) -> str:
 
 
 def model_info(model: str | Path) -> dict[str, Any]:
-    """Describe a local MLX or diffusers model directory.
+    """Describe a local MLX or diffusers model directory (Wan or LTX-Video).
 
     Returns:
-        ``{"path", "layout", "variant", "dtype", "quantization", "source", "components", "parameters",
-        "bytes_on_disk", "defaults", "loras"}`` (``loras``: those baked in by ``convert --lora``); ``components`` maps each component to its ``bytes`` on disk and,
-        for those with weights, ``parameters``, ``dtype`` and ``quantization``. Only headers are read.
+        ``{"path", "layout", "family", "variant", "generation", "dtype", "quantization", "source",
+        "components", "parameters", "bytes_on_disk", "defaults", "loras"}``: ``variant`` and ``defaults``
+        are a Wan model's (None for LTX-Video), ``generation`` an LTX-Video model's ("0.9.0", "0.9.1" or
+        "0.9.5" for 0.9.5 and later; None for Wan); ``loras``: those baked in by ``convert --lora``;
+        ``components`` maps each component to its ``bytes`` on disk and, for those with weights,
+        ``parameters``, ``dtype`` and ``quantization``. Only headers are read.
 
     Raises:
         ModelNotFoundError: not a model directory.
-        InvalidInputError: an original-layout directory (convert it first).
+        InvalidInputError: an original-layout directory or a single file (convert it first).
         WeightLoadError: unreadable configs or weights.
     """
     source = local_source(model)
     folder, layout = source.path, source.layout
-    if layout == "original":
-        raise InvalidInputError(f"{folder} is in the Wan-AI original layout; convert it first with `mlx-i2v convert`")
+    if layout in ("original", "single-file"):
+        what = "the Wan-AI original layout" if layout == "original" else "a single-file checkpoint"
+        raise InvalidInputError(f"{folder} is {what}; convert it first with `mlx-i2v convert`")
     index = read_index(folder) or {}
+    family = family_of(index, folder)
     parts: dict[str, dict[str, Any]] = {}
     for name in components(index):
         part: dict[str, Any] = {"bytes": folder_bytes(folder / name)}
-        if name in WEIGHT_KINDS:
+        if name in family.weights:
             quantization = read_config(folder / name).get("quantization")
             tensors = read_safetensors(folder / name)  # lazily: shapes and dtypes only
             part.update(
@@ -85,25 +90,28 @@ def model_info(model: str | Path) -> dict[str, Any]:
         parts[name] = part
     if layout == "mlx":
         meta = index[MLX_KEY]
-        variant, dtype = meta["variant"], meta["dtype"]
-        quantization, source, defaults = meta["quantization"], meta["source"], meta["defaults"]
+        # directories converted before LTX-Video was supported have no family entry: they are Wan's
+        entries = {"family": "wan"} | {k: meta[k] for k in ("family", "variant", "defaults", "generation") if k in meta}
+        dtype, quantization, source = meta["dtype"], meta["quantization"], meta["source"]
         loras = meta.get("loras", [])
-        if variant not in VARIANTS:
-            raise InvalidInputError(f"{folder}: unknown variant {variant!r} (written by a newer mlx-i2v?)")
+        if entries["family"] not in FAMILIES or (entries["family"] == "wan" and entries.get("variant") not in VARIANTS):
+            unknown = f"variant {entries.get('variant')!r}" if entries["family"] == "wan" else repr(entries["family"])
+            raise InvalidInputError(f"{folder}: unknown {unknown} (written by a newer mlx-i2v?)")
     else:
-        found = detect_variant(folder, source.label)
-        variant, dtype, defaults = found.name, parts["transformer"]["dtype"], defaults_dict(found)
-        quantization, source, loras = None, None, []
+        entries = family.describe(folder, index, source.label)
+        dtype, quantization, source, loras = parts["transformer"]["dtype"], None, None, []
     return {
         "path": str(folder),
         "layout": layout,
-        "variant": variant,
+        "family": entries.get("family", "wan"),
+        "variant": entries.get("variant"),
+        "generation": entries.get("generation"),
         "dtype": dtype,
         "quantization": quantization,
         "source": source,
         "components": parts,
         "parameters": sum(p.get("parameters", 0) for p in parts.values()),
         "bytes_on_disk": folder_bytes(folder),
-        "defaults": defaults,
+        "defaults": entries.get("defaults"),
         "loras": loras,
     }

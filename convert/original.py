@@ -41,6 +41,7 @@ from mlx_i2v.variants import Variant, detect_variant
 from mlx_i2v.weights import WeightMap, load_strict, read_config, read_safetensors
 
 from . import infer
+from .families import wan_entries
 from .plan import Plan, WeightJob, mlx_index, numel, pth_numel, source_entry
 from .source import CLIP_FILE, EXPERTS, T5_FILE, TOKENIZER_DIR, VAE_FILES, Source
 
@@ -182,7 +183,7 @@ def _read_transformer(folder: Path) -> dict[str, mx.array]:
     return wan_transformer.strip_prefix(read_safetensors(folder, what="transformer"))
 
 
-def _load(
+def load_mapped(
     kind: ComponentType,
     config: Mapping[str, Any],
     tensors: Tensors,
@@ -228,7 +229,7 @@ def plan_original(source: Source, dtype: mx.Dtype, quantization: QuantizationCon
         configs[component] = infer.transformer_config(tensors, _wan_config(folder))
 
         def load_transformer(folder: Path = folder, config: dict[str, Any] = configs[component]):
-            model = _load(
+            model = load_mapped(
                 wan_transformer.TRANSFORMER,
                 config,
                 _read_transformer(folder),
@@ -244,13 +245,13 @@ def plan_original(source: Source, dtype: mx.Dtype, quantization: QuantizationCon
     def load_text_encoder():
         tensors = read_pth(repo.t5_file)
         config = infer.umt5_config(tensors)
-        return _load(umt5.TEXT_ENCODER, config, tensors, lambda m: umt5.ORIGINAL_MAP, dtype, text_q), config
+        return load_mapped(umt5.TEXT_ENCODER, config, tensors, lambda m: umt5.ORIGINAL_MAP, dtype, text_q), config
 
     def load_vae():
         tensors = read_pth(repo.vae_file)
         config = infer.vae_config(tensors, repo.vae_version)
         vae_map = wan_vae.ORIGINAL_MAP_22 if repo.vae_version == "2.2" else wan_vae.ORIGINAL_MAP_21
-        return _load(wan_vae.VAE, config, tensors, lambda m: vae_map, dtype, None), config
+        return load_mapped(wan_vae.VAE, config, tensors, lambda m: vae_map, dtype, None), config
 
     jobs.append(WeightJob("text_encoder", umt5.TEXT_ENCODER, pth_numel(repo.t5_file), text_q, load_text_encoder))
     jobs.append(WeightJob("vae", wan_vae.VAE, pth_numel(repo.vae_file), None, load_vae))
@@ -267,7 +268,7 @@ def plan_original(source: Source, dtype: mx.Dtype, quantization: QuantizationCon
         def load_image_encoder():
             tensors = clip.split_fused_qkv(read_pth(clip_file))
             config = infer.clip_config(tensors)
-            model = _load(clip.IMAGE_ENCODER, config, tensors, lambda m: clip.original_map(m.config), dtype, None)
+            model = load_mapped(clip.IMAGE_ENCODER, config, tensors, lambda m: clip.original_map(m.config), dtype, None)
             return model, config
 
         def processor(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -283,7 +284,7 @@ def plan_original(source: Source, dtype: mx.Dtype, quantization: QuantizationCon
     variant = _detect_variant(index, configs["transformer"], source.label)
     log.info("%s: Wan-AI original layout of %s", source.path, variant.name)
     return Plan(
-        index=mlx_index(index, variant, dtype, quantization, source_entry(source)),
+        index=mlx_index(index, wan_entries(variant), dtype, quantization, source_entry(source)),
         weights=jobs,
         copies={"tokenizer": repo.tokenizer_dir},
         files=files,

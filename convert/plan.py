@@ -97,21 +97,21 @@ def defaults_dict(variant: Variant) -> dict[str, Any]:
 
 def mlx_index(
     diffusers_index: Mapping[str, Any],
-    variant: Variant,
+    family_entries: Mapping[str, Any],
     dtype: mx.Dtype,
     quantization: QuantizationConfig | None,
     source: Mapping[str, str],
 ) -> dict[str, Any]:
-    """model_index.json of an MLX directory: the diffusers keys (so the variant is still detected from
-    them) plus the MLX_KEY entry that load_pipeline reads."""
+    """model_index.json of an MLX directory: the diffusers keys (its ``_class_name`` and component
+    entries, which tell the family and, for Wan, the variant) plus the MLX_KEY entry that load_pipeline
+    reads, with the family's own entries (:mod:`mlx_i2v.convert.families`)."""
     return {
         **{k: v for k, v in diffusers_index.items() if k != MLX_KEY},
         MLX_KEY: {
             "format_version": FORMAT_VERSION,
-            "variant": variant.name,
+            **family_entries,
             "dtype": dtype_name(dtype),
             "quantization": quantization.to_dict() if quantization is not None else None,
-            "defaults": defaults_dict(variant),
             "source": dict(source),
         },
     }

@@ -1,8 +1,11 @@
-"""What a conversion source is: a diffusers directory, a Wan-AI original-layout directory, an MLX directory
-written by the converter, or a Hugging Face Hub id of the first two.
+"""What a conversion source is: a diffusers directory (Wan or LTX-Video), a Wan-AI original-layout
+directory, a Lightricks single-file LTX-Video checkpoint, an MLX directory written by the converter, or a
+Hugging Face Hub id of the first two.
 
 The layout is told from the files:
 
+* a ``.safetensors`` file: a Lightricks ``ltxv-*.safetensors`` ("single-file", see
+  :mod:`mlx_i2v.convert.ltx`);
 * ``model_index.json`` with an ``_mlx_i2v`` entry: converted already ("mlx");
 * ``model_index.json`` without it: a diffusers pipeline ("diffusers");
 * a ``WanModel`` ``config.json``, a ``Wan2.x_VAE.pth`` or a ``high_noise_model/`` folder: the Wan-AI original
@@ -21,7 +24,7 @@ from typing import Any, Literal
 from mlx_i2v.errors import InvalidInputError, ModelNotFoundError
 from mlx_i2v.hub import is_hub_id, resolve_model
 
-Layout = Literal["diffusers", "original", "mlx"]
+Layout = Literal["diffusers", "original", "mlx", "single-file"]
 
 # The model_index.json entry that marks (and describes) a converted directory.
 MLX_KEY = "_mlx_i2v"
@@ -78,20 +81,22 @@ def is_original_layout(folder: Path) -> bool:
 
 
 def detect_layout(folder: Path) -> Layout:
-    """Tell the layout of a local directory (see the module docstring).
+    """Tell the layout of a local directory or file (see the module docstring).
 
     Raises:
-        ModelNotFoundError: not a directory, or none of the three layouts.
+        ModelNotFoundError: neither a directory nor a ``.safetensors`` file, or none of the layouts.
     """
+    if folder.is_file() and folder.suffix == ".safetensors":
+        return "single-file"
     if not folder.is_dir():
-        raise ModelNotFoundError(f"{folder} is not a directory")
+        raise ModelNotFoundError(f"{folder} is neither a model directory nor a single-file .safetensors checkpoint")
     index = read_index(folder)
     if index is not None:
         return "mlx" if MLX_KEY in index else "diffusers"
     if is_original_layout(folder):
         return "original"
     raise ModelNotFoundError(
-        f"{folder} is not a Wan model directory: no model_index.json (diffusers), no WanModel config.json, "
+        f"{folder} is not a model directory: no model_index.json (diffusers), no WanModel config.json, "
         "Wan2.x_VAE.pth or high_noise_model/ (Wan-AI original layout)"
     )
 
@@ -111,10 +116,10 @@ def resolve_source(source: str | Path) -> Source:
 
 
 def local_source(source: str | Path) -> Source:
-    """A local directory (never a download).
+    """A local directory or single-file checkpoint (never a download).
 
     Raises:
-        ModelNotFoundError: no such directory, or not a Wan model directory.
+        ModelNotFoundError: no such directory or file, or not a model.
     """
     path = Path(source).expanduser()
     if not path.exists():

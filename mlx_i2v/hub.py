@@ -10,9 +10,9 @@ from .errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
-# What a Wan repo needs, in the diffusers layout or the Wan-AI original one (``*.pth`` VAE/T5/CLIP,
-# ``google/umt5-xxl/`` tokenizer, A14B's ``high/low_noise_model/``); READMEs, example assets and duplicate
-# ``.bin`` copies of the weights are never downloaded. (``*`` matches ``/`` in these patterns.)
+# What a Wan or LTX-Video repo needs, in the diffusers layout or the Wan-AI original one (``*.pth``
+# VAE/T5/CLIP, ``google/umt5-xxl/`` tokenizer, A14B's ``high/low_noise_model/``); READMEs, example assets
+# and duplicate ``.bin`` copies of the weights are never downloaded. (``*`` matches ``/`` in these patterns.)
 ALLOW_PATTERNS = (
     "model_index.json",
     "config.json",
@@ -24,6 +24,8 @@ ALLOW_PATTERNS = (
     "*tokenizer.json",
     "*tokenizer_config.json",
     "*special_tokens_map.json",
+    "*spiece.model",  # the LTX-Video repos' T5 tokenizer (no tokenizer.json)
+    "*added_tokens.json",
     "image_processor/preprocessor_config.json",
 )
 

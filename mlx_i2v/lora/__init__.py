@@ -1,6 +1,7 @@
-"""LoRAs for the Wan transformers: every common file style, strict accounting, exact application.
+"""LoRAs for the Wan and LTX-Video transformers: every common file style, strict accounting, exact application.
 
-``spec`` (what the user asks for), ``names`` and ``formats`` (reading a file into canonical deltas keyed by
+``spec`` (what the user asks for), ``architectures`` (what differs between the transformers, as data),
+``names`` and ``formats`` (reading a file into canonical deltas keyed by
 our parameter names), ``diffusers_policy`` (what diffusers 0.42.1 would apply), ``resolve`` (matching a file
 against a transformer's shapes), ``layers`` and ``apply`` (merging into float weights, run-time factors on
 quantized linears, taking them off again), ``baked`` (factors saved with a converted quantized model),

@@ -1,6 +1,7 @@
-"""The "diffusers" policy: exactly what diffusers 0.42.1 applies of a Wan LoRA file, and where it fails.
+"""The "diffusers" policy: exactly what diffusers 0.42.1 applies of a LoRA file, and where it fails; one
+function per architecture (the file's, :attr:`~mlx_i2v.lora.formats.LoraFile.arch`).
 
-``WanLoraLoaderMixin.lora_state_dict`` picks one of three paths (lora.md §1.4):
+Wan: ``WanLoraLoaderMixin.lora_state_dict`` picks one of three paths (lora.md §1.4):
 
 * any key starts with ``diffusion_model.``: ``_convert_non_diffusers_wan_lora_to_diffusers``. It converts the
   block linears (with ``alpha``), the image K/V branch only when both ``k_img`` and ``v_img`` occur,
@@ -44,11 +45,17 @@ def _refuse(lora: LoraFile, what: str, keys: Iterable[str] = ()) -> _Refused:
 
 
 def diffusers_deltas(lora: LoraFile) -> tuple[list[Delta], list[Ignored]]:
-    """The deltas diffusers 0.42.1 applies from ``lora`` and the keys it drops (with reasons).
+    """The deltas diffusers 0.42.1 applies from ``lora`` and the keys it drops (with reasons), by the loader
+    of the file's architecture.
 
     Raises:
         InvalidInputError: where diffusers raises (naming its exception), or where it would load nothing.
     """
+    return _BY_ARCHITECTURE[lora.arch.name](lora)
+
+
+def wan_diffusers_deltas(lora: LoraFile) -> tuple[list[Delta], list[Ignored]]:
+    """What ``WanLoraLoaderMixin`` applies (see the module docstring)."""
     if any(k.startswith("diffusion_model.") for k in lora.keys):
         return _original(lora)
     if any(k.startswith("lora_unet_") for k in lora.keys):
@@ -174,3 +181,46 @@ def _group(dropped: dict[str, str]) -> list[Ignored]:
     for key, reason in dropped.items():
         by_reason.setdefault(reason, []).append(key)
     return [Ignored(tuple(keys), reason) for reason, keys in by_reason.items()]
+
+
+# --- LTX-Video ---------------------------------------------------------------------------------------------
+# ``LTXVideoLoraLoaderMixin.lora_state_dict`` drops DoRA scales; a file with any ``diffusion_model.`` key must
+# have it on every key (ValueError otherwise) and is re-prefixed ``transformer.`` without renaming
+# (``_convert_non_diffusers_ltxv_lora_to_diffusers``); ``load_lora_adapter`` keeps the ``transformer.`` keys and
+# PEFT injects only into modules the model has, so LTX's original-only module names (``patchify_proj``,
+# ``adaln_single``, ``q_norm``) load nothing.
+
+
+def ltx_diffusers_deltas(lora: LoraFile) -> tuple[list[Delta], list[Ignored]]:
+    """What diffusers 0.42.1 applies of an LTX-Video LoRA file: its ``lora_A``/``lora_B`` pairs (and PEFT
+    ``lora_B.bias``) on modules named as diffusers names them.
+
+    Raises:
+        InvalidInputError: where diffusers raises, or loads nothing; and for the styles this policy does not
+            model for LTX-Video (``lora_down``/``lora_up``, ``alpha`` keys, full deltas).
+    """
+    original = [k for k in lora.keys if k.startswith("diffusion_model.")]
+    if original and len(original) != len(lora.keys):
+        lacking = [k for k in lora.keys if not k.startswith("diffusion_model.")]
+        raise _refuse(lora, "diffusers raises ValueError (Invalid LoRA state dict for LTX-Video)", lacking)
+    if not original and not any(k.startswith("transformer.") for k in lora.keys):
+        raise _refuse(lora, "diffusers loads nothing from a file without transformer. keys")
+    dropped = {k: "diffusers drops DoRA scales" for u in lora.unusable if u.kind == "dora" for k in u.keys}
+    unknown = [k for u in lora.unusable if u.kind != "dora" for k in u.keys]
+    other = [k for d in lora.deltas if isinstance(d, FullDelta) and d.kind != "lora_bias" for k in d.keys]
+    other += [k for k in lora.keys if k.endswith(".alpha") or ".lora_down." in k or ".lora_up." in k]
+    if unknown or other:
+        raise _refuse(lora, "this policy reads LTX-Video files of lora_A/lora_B pairs only", unknown + other)
+    kept: list[Delta] = []
+    for d in lora.deltas:
+        if d.target.rsplit(".", 1)[0] == d.module:
+            kept.append(d)
+        else:
+            reason = "diffusers keeps LTX-Video's original module names, which no diffusers module has"
+            dropped.update(dict.fromkeys(d.keys, reason))
+    if not kept:
+        raise _refuse(lora, "diffusers would load nothing of the file")
+    return kept, _group(dropped)
+
+
+_BY_ARCHITECTURE = {"Wan": wan_diffusers_deltas, "LTX-Video": ltx_diffusers_deltas}

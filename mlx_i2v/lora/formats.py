@@ -1,4 +1,4 @@
-"""Reading a LoRA file of any Wan style into one canonical form keyed by our parameter names.
+"""Reading a LoRA file of any Wan or LTX-Video style into one canonical form keyed by our parameter names.
 
 :func:`read_lora` turns every tensor of a file into a :class:`LowRank` pair (``up @ down`` added to a
 linear's weight, times ``alpha / rank``), a :class:`FullDelta` (added to a parameter as it is), or an
@@ -28,6 +28,7 @@ import mlx.core as mx
 
 from ..errors import InvalidInputError, WeightLoadError
 from ..pth import read_pth
+from .architectures import Architecture, guess_architecture
 from .names import KOHYA_STYLES, Key, Naming, detect_naming, source_parameter, split_key, target_parameter
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class LoraFile:
     unusable: list[Unusable]
     num_tensors: int
     keys: tuple[str, ...]  # every key of the file, as written
+    arch: Architecture  # whose names the deltas' targets are
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -178,8 +180,10 @@ def read_tensors(path: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]
     return tensors, dict(metadata or {})
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read ``path`` into a :class:`LoraFile` (see the module docstring).
+def read_lora(path: str | Path, arch: Architecture | None = None) -> LoraFile:
+    """Read ``path`` into a :class:`LoraFile` (see the module docstring) for a transformer of ``arch``
+    (its name tables); None guesses it from the file's module names
+    (:func:`~mlx_i2v.lora.architectures.guess_architecture`).
 
     Raises:
         InvalidInputError: missing file, no tensors, a file mixing original and diffusers module names.
@@ -189,12 +193,15 @@ def read_lora(path: str | Path) -> LoraFile:
     tensors, metadata = read_tensors(path)
     if not tensors:
         raise InvalidInputError(f"{path}: the LoRA file holds no tensors")
-    keys = [split_key(k) for k in tensors]
+    if arch is None:
+        arch = guess_architecture([split_key(k).module for k in tensors])
+    keys = [split_key(k, arch) for k in tensors]
     known = [k for k in keys if k.module and k.suffix]
     kohya = any(k.style in KOHYA_STYLES for k in known)  # kohya names are original names with '_' for '.'
-    naming = detect_naming([k.module for k in known if k.suffix != "diff_m"], "original" if kohya else None)
+    modules = [k.module for k in known if k.suffix != "diff_m"]
+    naming = detect_naming(modules, "original" if kohya else None, arch)
     if naming is None:
-        raise InvalidInputError(f"{path}: the LoRA mixes original Wan and diffusers module names")
+        raise InvalidInputError(f"{path}: the LoRA mixes original {arch.name} and diffusers module names")
     peft = _peft_config(metadata, path)
 
     groups: dict[tuple[str, str], dict[str, Key]] = defaultdict(dict)
@@ -211,7 +218,7 @@ def read_lora(path: str | Path) -> LoraFile:
 
     deltas: list[Delta] = []
     for (style, module), group in groups.items():
-        found, bad = _group_deltas(module, group, tensors, naming, peft if style == "diffusers" else None)
+        found, bad = _group_deltas(module, group, tensors, naming, peft if style == "diffusers" else None, arch)
         deltas += found
         unusable += bad
     _check_distinct_targets(deltas, path)
@@ -222,6 +229,7 @@ def read_lora(path: str | Path) -> LoraFile:
         unusable=unusable,
         num_tensors=len(tensors),
         keys=tuple(tensors),
+        arch=arch,
         metadata=metadata,
     )
 
@@ -232,15 +240,17 @@ def _group_deltas(
     tensors: Mapping[str, mx.array],
     naming: Naming,
     peft: Mapping[str, Any] | None,
+    arch: Architecture,
 ) -> tuple[list[Delta], list[Unusable]]:
     """The deltas of one module's keys (a pair and its alpha, PEFT bias, full deltas)."""
     deltas: list[Delta] = []
     unusable: list[Unusable] = []
 
     def target(suffix: str, keys: tuple[str, ...]) -> tuple[str, Any] | None:
-        mapped = target_parameter("original" if suffix == "diff_m" else naming, source_parameter(module, suffix))
+        table = "original" if suffix == "diff_m" else naming  # diff_m is LightX2V's, in original names
+        mapped = target_parameter(table, source_parameter(module, suffix, arch), arch)
         if mapped is None:
-            unusable.append(Unusable(keys, f"no {naming} Wan module {module!r}"))
+            unusable.append(Unusable(keys, f"no {naming} {arch.name} module {module!r}"))
         return mapped
 
     pair = [group[s] for s in ("down", "up", "alpha") if s in group]

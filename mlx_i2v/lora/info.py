@@ -14,13 +14,12 @@ from .manager import COMPONENTS, TransformerLoras
 from .resolve import policy_deltas
 from .spec import POLICIES, LoRA, Policy
 
-_BLOCK = re.compile(r"^blocks\.\d+\.")
 
 
 def lora_info(path: str | Path, model: str | Path | None = None, policy: Policy = "full") -> dict[str, Any]:
     """Describe a LoRA file: its format, ranks, alphas and the layers it targets (our names, blocks folded
-    into ``blocks.N``); with a local ``model`` directory, what would be applied to and ignored by each of
-    its transformers under ``policy``.
+    into ``blocks.N`` / ``transformer_blocks.N``); with a local ``model`` directory, what would be applied
+    to and ignored by each of its transformers under ``policy``.
 
     Returns:
         ``{"path", "format", "tensors", "low_rank_pairs", "full_deltas", "ranks", "alphas", "sha256",
@@ -45,7 +44,7 @@ def lora_info(path: str | Path, model: str | Path | None = None, policy: Policy 
         "ranks": sorted({d.rank for d in pairs}),
         "alphas": sorted({d.alpha for d in pairs if d.alpha is not None}),
         "sha256": file_sha256(lora.path),
-        "targets": _targets(deltas),
+        "targets": _targets(deltas, lora.arch.block),
         "ignored_reasons": [{"reason": i.reason, "keys": list(i.keys)} for i in ignored],
     }
     if model is not None:
@@ -53,10 +52,12 @@ def lora_info(path: str | Path, model: str | Path | None = None, policy: Policy 
     return data
 
 
-def _targets(deltas: list[Delta]) -> list[dict[str, Any]]:
-    counts = Counter(
-        (_BLOCK.sub("blocks.N.", d.target), "low-rank" if isinstance(d, LowRank) else d.kind) for d in deltas
-    )
+def _targets(deltas: list[Delta], block: re.Pattern[str]) -> list[dict[str, Any]]:
+    def folded(target: str) -> str:  # "blocks.7.attn1.to_q.weight" -> "blocks.N.attn1.to_q.weight"
+        m = block.match(target)
+        return target if m is None else re.sub(r"\d+$", "N", m[1]) + target[m.end(1) :]
+
+    counts = Counter((folded(d.target), "low-rank" if isinstance(d, LowRank) else d.kind) for d in deltas)
     return [{"layers": layers, "count": n, "kind": kind} for (layers, kind), n in sorted(counts.items())]
 
 

@@ -24,13 +24,12 @@ import mlx.nn as nn
 
 from ..components import load_parameters
 from ..errors import InvalidInputError
-from ..models.wan.transformer import TRANSFORMER, WanTransformer3DModel, WanTransformerConfig
 from ..quantize import selected_layers
-from ..weights import config_from_dict
 from .apply import apply_loras, remove_loras
+from .architectures import architecture_of
 from .baked import apply_factors
 from .formats import Ignored, LoraFile, LowRank, file_sha256, read_lora
-from .resolve import Resolved, resolve, transformer_shapes
+from .resolve import Resolved, resolve
 from .spec import EXPERT_INDEX, LoRA, as_loras
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,8 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 class TransformerLoras:
-    """LoRAs for one transformer (index 0) or Wan2.2-A14B's two experts (0 high-noise, 1 low-noise).
+    """LoRAs for one transformer (index 0) or Wan2.2-A14B's two experts (0 high-noise, 1 low-noise), of
+    any architecture (:mod:`mlx_i2v.lora.architectures`, told from the config).
 
     Args:
         configs: each transformer's config.json.
@@ -77,7 +77,8 @@ class TransformerLoras:
         folders: Sequence[Path] | None = None,
         baked: Sequence[Mapping[str, Any]] = (),
     ):
-        self.configs = [config_from_dict(WanTransformerConfig, c) for c in configs]
+        self.archs = [architecture_of(c) for c in configs]
+        self.configs = [arch.config(c) for arch, c in zip(self.archs, configs)]
         self.dtype = dtype
         self.folders = list(folders) if folders is not None else None
         self.baked = [dict(b) for b in baked]
@@ -93,8 +94,7 @@ class TransformerLoras:
         active = []
         for spec in as_loras(loras):
             experts = self._experts(spec)
-            lora = read_lora(spec.path)
-            ignored = {i: self._resolve(lora, i, spec).ignored for i in experts}
+            ignored = {i: self._read(spec, i).ignored for i in experts}
             active.append(ActiveLora(spec, file_sha256(spec.path), _stamp(spec.path), experts, ignored))
         return active
 
@@ -118,7 +118,7 @@ class TransformerLoras:
             if index in a.experts:
                 if _stamp(a.spec.path) != a.stamp:
                     raise InvalidInputError(f"LoRA file {a.spec.path} changed since it was loaded; set it again")
-                items.append((self._resolve(read_lora(a.spec.path), index, a.spec), a.spec.strength))
+                items.append((self._read(a.spec, index), a.spec.strength))
         if items:
             apply_loras(model, items)
         return model
@@ -130,8 +130,9 @@ class TransformerLoras:
         per_expert = [0] * len(self.configs)
         for a in self.active:
             for index in a.experts:
-                quantized = {f"{p}.weight" for p in selected_layers(WanTransformer3DModel(self.configs[index]), group_size)}
-                for d in self._resolve(read_lora(a.spec.path), index, a.spec).deltas:
+                model = self.archs[index].build(self.configs[index])
+                quantized = {f"{p}.weight" for p in selected_layers(model, group_size)}
+                for d in self._read(a.spec, index).deltas:
                     if d.target not in quantized:
                         continue
                     size = d.down.size + d.up.size if isinstance(d, LowRank) else d.tensor.size
@@ -154,9 +155,13 @@ class TransformerLoras:
             )
         return (EXPERT_INDEX[spec.expert],)
 
+    def _read(self, spec: LoRA, index: int) -> Resolved:
+        """``spec``'s file read with expert ``index``'s name tables and resolved against its shapes."""
+        return self._resolve(read_lora(spec.path, self.archs[index]), index, spec)
+
     def _resolve(self, lora: LoraFile, index: int, spec: LoRA) -> Resolved:
         if index not in self._shapes:
-            self._shapes[index] = transformer_shapes(self.configs[index])
+            self._shapes[index] = self.archs[index].shapes(self.configs[index])
         what = COMPONENTS[index] if len(self.configs) > 1 else "transformer"
         return resolve(lora, self._shapes[index], spec.policy, what=what)
 
@@ -164,4 +169,5 @@ class TransformerLoras:
         if self.folders is None:
             raise RuntimeError("no checkpoint to restore merged parameters from")
         folder = self.folders[index]
-        return lambda names: load_parameters(TRANSFORMER, folder, self.dtype, names)
+        kind = self.archs[index].kind
+        return lambda names: load_parameters(kind, folder, self.dtype, names)

@@ -1,9 +1,10 @@
 """Matching a LoRA file against one concrete transformer: what applies, what is ignored and why, or an error.
 
 Strict accounting: every tensor of the file ends up in :attr:`Resolved.deltas` or in :attr:`Resolved.ignored`
-with a reason. The only deltas ignored under the default "full" policy are those for the Wan2.1 image
-branch (``k_img``/``v_img``, ``norm_k_img``, ``img_emb``) on a transformer without one (Wan2.2-A14B,
-TI2V-5B): Wan2.1-I2V LoRAs and LightX2V's Wan2.2 I2V LoRAs carry them, and every tool skips them there.
+with a reason. The only deltas ignored under the default "full" policy are those for an architecture's
+optional branch on a transformer without one: Wan2.1's image branch (``k_img``/``v_img``, ``norm_k_img``,
+``img_emb``) on Wan2.2-A14B and TI2V-5B, which Wan2.1-I2V LoRAs and LightX2V's Wan2.2 I2V LoRAs carry and
+every tool skips there.
 Anything else that does not fit (an unknown key, a shape from another model, a file that changes
 nothing) is an :class:`~mlx_i2v.errors.InvalidInputError` naming the keys. The "diffusers" policy first
 reduces the file to what diffusers 0.42.1 applies (:mod:`mlx_i2v.lora.diffusers_policy`).
@@ -15,29 +16,24 @@ any weight is read.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
-
-from mlx.utils import tree_flatten
+from typing import Any, Iterable, Mapping
 
 from ..errors import InvalidInputError
-from ..models.wan.transformer import WanTransformer3DModel, WanTransformerConfig
+from .architectures import architecture_of_config
 from .diffusers_policy import diffusers_deltas
 from .formats import Delta, FullDelta, Ignored, LoraFile, LowRank, Unusable
 from .spec import Policy
 
 log = logging.getLogger(__name__)
 
-IMAGE_BRANCH = re.compile(r"(^|\.)attn2\.(add_k_proj|add_v_proj|norm_added_k)\.|^condition_embedder\.image_embedder\.")
-
 Shapes = Mapping[str, tuple[int, ...]]
 
 
-def transformer_shapes(config: WanTransformerConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's float shape (MLX layout) of a transformer with ``config``; builds the model
-    lazily, so nothing is allocated even at 14B."""
-    return {k: tuple(v.shape) for k, v in tree_flatten(WanTransformer3DModel(config).parameters())}
+def transformer_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Every parameter's float shape (MLX layout) of a transformer with ``config`` (a Wan or LTX-Video
+    config dataclass); builds the model lazily, so nothing is allocated even at 14B."""
+    return architecture_of_config(config).shapes(config)
 
 
 @dataclass(frozen=True)
@@ -88,14 +84,15 @@ def resolve(lora: LoraFile, shapes: Shapes, policy: Policy = "full", *, what: st
     deltas, ignored = policy_deltas(lora, policy)
 
     applied: list[Delta] = []
-    no_image: list[str] = []
+    absent: list[str] = []
     unknown: list[str] = []
     misshaped: list[str] = []
-    has_image_branch = any(IMAGE_BRANCH.search(k) for k in shapes)
+    branch = lora.arch.optional_branch
+    has_branch = branch is not None and any(branch.pattern.search(k) for k in shapes)
     for d in deltas:
         if d.target not in shapes:
-            image = not has_image_branch and IMAGE_BRANCH.search(d.target)
-            (no_image if image else unknown).extend(d.keys)
+            optional = branch is not None and not has_branch and branch.pattern.search(d.target)
+            (absent if optional else unknown).extend(d.keys)
             continue
         problem = _shape_problem(d, shapes[d.target])
         if problem:
@@ -106,9 +103,9 @@ def resolve(lora: LoraFile, shapes: Shapes, policy: Policy = "full", *, what: st
         problems = [f"keys for parameters the {what} does not have: {_names(unknown)}"] * bool(unknown)
         problems += [f"shapes that do not fit the {what}: {_names(misshaped)}"] * bool(misshaped)
         raise InvalidInputError(f"{lora.path}: " + "; ".join(problems))
-    if no_image:
-        ignored.append(Ignored(tuple(no_image), f"the {what} has no image branch (k_img/v_img, img_emb)"))
-        log.warning("%s: ignoring %d keys for the image branch the %s does not have", lora.name, len(no_image), what)
+    if absent:
+        ignored.append(Ignored(tuple(absent), f"the {what} {branch.reason}"))
+        log.warning("%s: ignoring %d keys for %s the %s does not have", lora.name, len(absent), branch.name, what)
     if not applied:
         reasons = "; ".join(f"{i.reason} ({len(i.keys)} keys)" for i in ignored) or "it holds no deltas"
         raise InvalidInputError(f"{lora.path}: the LoRA changes nothing in the {what}: {reasons}")

@@ -428,7 +428,12 @@ def _component(half: str | None) -> ComponentType:
         return WeightMap(DIFFUSERS_MAP.name, DIFFUSERS_MAP.rules, ignore=_other_half(half))
 
     return ComponentType(
-        "vae" if half is None else f"vae {half}", build, source_map, skip_stored=lambda model: _other_half(half)
+        "vae" if half is None else f"vae {half}",
+        build,
+        source_map,
+        # Converted in float32 whatever the compute dtype, as the Wan VAE, so it can run in float32.
+        stored_dtype=lambda dtype: mx.float32,
+        skip_stored=lambda model: _other_half(half),
     )
 
 

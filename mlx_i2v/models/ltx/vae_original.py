@@ -6,6 +6,7 @@ mapped as diffusers' ``convert_ltx_vae_checkpoint_to_diffusers`` (``loaders/sing
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -128,16 +129,25 @@ def original_vae_tensors(tensors: Mapping[str, mx.array]) -> dict[str, mx.array]
 
 
 def original_generation(tensors: Mapping[str, mx.array]) -> str:
-    """The VAE generation of a single file, by diffusers' rule (``infer_diffusers_model_type``): a
-    2048-wide encoder head is 0.9.5+, a decoder time embedder 0.9.1, anything else 0.9.0."""
-    head = tensors.get("vae.encoder.conv_out.conv.weight")
-    if head is None:
-        raise WeightLoadError("LTX VAE: the single file has no vae.encoder.conv_out.conv.weight")
-    if head.shape[1] == 2048:
+    """The VAE generation of a single file, from the layout of its flat block lists: the 0.9.5+ encoder
+    has 9 entries (``vae.encoder.down_blocks.0`` to ``.8``; 0.9.0 and 0.9.1 have 10), and a decoder time
+    embedder (``vae.decoder.last_time_embedder``) tells 0.9.1 from 0.9.0.
+
+    On every released file this agrees with diffusers' rule (``infer_diffusers_model_type``: a 2048-wide
+    encoder head is 0.9.5+), which reads a width instead of the layout and so misses narrower models.
+
+    Raises:
+        WeightLoadError: no ``vae.encoder.down_blocks`` tensors, or a list of another length.
+    """
+    entries = {int(m[1]) for k in tensors if (m := re.match(r"vae\.encoder\.down_blocks\.(\d+)\.", k))}
+    if not entries:
+        raise WeightLoadError("LTX VAE: the single file has no vae.encoder.down_blocks tensors")
+    count = max(entries) + 1
+    if count == len(_ENCODER_095):
         return "0.9.5"
-    if "vae.decoder.last_time_embedder.timestep_embedder.linear_1.weight" in tensors:
-        return "0.9.1"
-    return "0.9.0"
+    if count != len(_ENCODER_090):
+        raise WeightLoadError(f"LTX VAE: an encoder of {count} blocks is none of the released layouts")
+    return "0.9.1" if "vae.decoder.last_time_embedder.timestep_embedder.linear_1.weight" in tensors else "0.9.0"
 
 
 def load_original_ltx_vae(
