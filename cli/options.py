@@ -259,7 +259,7 @@ def execute(options: dict, read_inputs: Callable[[], Callable], *, default_stem:
         echo(f"{pipe.variant.name}: {s.width}x{s.height}, {s.num_frames} frames, {s.num_inference_steps} steps "
              f"({_sampler(s)}), guidance {s.guidance_scale:g}, shift {s.flow_shift:g}"
              + (f", cache {s.cache.name} {s.cache.threshold:g}" if s.cache else ""))  # fmt: skip
-        for r in pipe.loras.records():
+        for r in pipe.loras.records() if pipe.loras is not None else []:
             echo(f"lora: {r['name']} x{r['strength']:g}" + (f" ({r['expert']} expert)" if r["expert"] else ""))
         echo(f"output: {output}")
         echo(pipe.plan_request(request).summary())

@@ -413,14 +413,15 @@ class Pipeline:
         here with one line."""
         tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
         options = _image_options(settings)
-        self._check_features(video=video is not None, loop=bool(loop), motion=motion != 1.0,
+        self._check_features(restyle=video is not None, loop=bool(loop), motion=motion != 1.0,
                              last_image=last_image is not None)  # fmt: skip
         motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
         last_image = self._check_loop(loop, last_image)
         if video is not None:
             request = self._prepare_restyle(image, video, strength, loop, motion, last_image, options, report, settings)
         elif strength is not None and not self.variant.conditioning.takes_strength:
-            raise InvalidInputError("strength applies to a restyle: pass the clip as video=")
+            raise InvalidInputError("strength applies to a restyle (pass the clip as video=) or to the photo of "
+                                    "LTX-Video 0.9.5+ models")  # fmt: skip
         else:
             sources = (image, image if loop else last_image)
             photos = self._photos(*sources, options, report)
@@ -497,7 +498,7 @@ class Pipeline:
         """Refuse, with one line, what this model's family does not have (see :data:`~mlx_i2v.family.FEATURES`)."""
         for feature, is_used in used.items():
             if is_used:
-                self.variant.family.require({"video": "restyle"}.get(feature, feature))
+                self.variant.family.require(feature)
 
     def _complete(self, request: Request, image, last_image, options: ImageOptions, report: LoadReport, seed,
                   tic: float) -> Request:  # fmt: skip

@@ -49,3 +49,12 @@ def test_options_of_the_other_family_are_refused(tiny_ti2v_dir, tiny_ltx_conditi
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_dry_run_prints_the_ltx_plan(tiny_ltx_condition_dir, photo, tmp_path):  # noqa: F811
+    result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_ltx_condition_dir), "--frames", "20",
+                  "--dry-run", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "ltx-video-condition: 704x512, 17 frames, 50 steps" in result.stdout
+    assert "weights" in result.stdout and "peak" in result.stdout
+    assert not list(tmp_path.iterdir())
