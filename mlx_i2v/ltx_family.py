@@ -26,6 +26,7 @@ from .family import Family, MaskedPrompts
 from .ltx_schedules import calculate_shift, default_sigmas, linear_quadratic_schedule, retrieve_timesteps
 from .models.ltx.transformer import pack_latents, pixel_coords, unpack_latents
 from .models.ltx.vae import noise_source
+from .models.ltx.vae_tiling import tiled_decode
 from .models.umt5 import LTX_CONDITION_PROMPTS, LTX_PROMPTS
 from .sampling import Samplers
 from .schedulers import FlowMatchEulerDiscreteScheduler
@@ -107,7 +108,8 @@ def decode_noises(shape: tuple[int, ...], seed: int) -> tuple[mx.array, Any]:
 def decode_ltx(vae, latents: mx.array, settings, tiling) -> Any:
     """The LTX pipelines' decode: denormalise; for a timestep-conditioned VAE (0.9.1+), mix in noise,
     ``(1 - s) * z + s * noise`` with ``s = decode_noise_scale`` (default: the decode timestep), and decode at
-    ``decode_timestep``. Yields the whole clip as one chunk (1, F, H, W, 3)."""
+    ``decode_timestep``, tiled as ``tiling`` (an :class:`~mlx_i2v.ltx_planner.LTXTiling`) says when the plan
+    asks for it. Yields the whole clip as one chunk (1, F, H, W, 3)."""
     z = vae.denormalize_latents(latents.astype(mx.float32))
     timestep, inject = None, None
     if vae.config.timestep_conditioning:
@@ -115,7 +117,10 @@ def decode_ltx(vae, latents: mx.array, settings, tiling) -> Any:
         scale = settings.decode_noise_scale if settings.decode_noise_scale is not None else timestep
         noise, inject = decode_noises(z.shape, settings.seed)
         z = (1 - scale) * z + scale * noise
-    yield vae.decode(z, timestep, inject)
+    if tiling is None:
+        yield vae.decode(z, timestep, inject)
+    else:
+        yield tiled_decode(vae, z, timestep, inject, tiling.spatial, tiling.temporal)
 
 
 LTX_IMAGE_TO_VIDEO = Family(name="LTX-Video", frame_stride=8, forward=_forward(False), decode=decode_ltx,

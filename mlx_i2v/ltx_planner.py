@@ -5,8 +5,9 @@ Weights come from the real modules' parameter shapes (built lazily, as for Wan);
 peaks from :mod:`mlx_i2v.models.ltx.vae_memory`; the transformer's from the shared
 :func:`~mlx_i2v.planner.denoise_activations` (which counts Wan's 512 text tokens in the cross-attention
 scores, more than LTX's 128 or 256: an over-estimate on the safe side), and the text encoder's likewise
-from :func:`~mlx_i2v.planner.text_activations`. The pipeline decodes LTX latents untiled, so no tiling is
-planned.
+from :func:`~mlx_i2v.planner.text_activations`. When the untiled decode does not fit, the plan picks the
+largest of :data:`LTX_TILINGS` that does (diffusers' spatial and temporal tiling); the photo's encode
+(one frame) is never tiled.
 """
 
 from __future__ import annotations
@@ -20,9 +21,36 @@ import mlx.core as mx
 from .models.ltx.transformer import LTXTransformerConfig, LTXVideoTransformer3DModel
 from .models.ltx.vae import AutoencoderKLLTXVideo, LTXVAEConfig
 from .models.ltx.vae_memory import decode_activation_bytes, encode_activation_bytes
+from .models.ltx.vae_tiling import SpatialTiling, TemporalTiling
 from .models.umt5 import T5Encoder, UMT5Config
 from .planner import TEXT_ENCODER_BITS, Plan, module_weight_bytes, plan_generation, text_activations
 from .weights import config_from_dict, read_config
+
+
+@dataclass(frozen=True)
+class LTXTiling:
+    """A tiled LTX decode: spatial tiles, temporal tiles, or both (None: not along that axis)."""
+
+    spatial: SpatialTiling | None = None
+    temporal: TemporalTiling | None = None
+
+    def describe(self) -> str:
+        """As a plan summary shows it."""
+        parts = []
+        if self.spatial is not None:
+            s = self.spatial
+            parts.append(f"tiles {s.width}x{s.height} px, stride {s.stride_width}x{s.stride_height} px")
+        if self.temporal is not None:
+            parts.append(f"{self.temporal.frames} frames, stride {self.temporal.stride}")
+        return "; ".join(parts) or "untiled"
+
+
+# Largest first: diffusers' default spatial tiles, then with its temporal tiles, then smaller tiles.
+LTX_TILINGS = (
+    LTXTiling(SpatialTiling()),
+    LTXTiling(SpatialTiling(), TemporalTiling()),
+    LTXTiling(SpatialTiling(256, 256, 224, 224), TemporalTiling()),
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +75,7 @@ class LTXDims:
     def frame_stride(self) -> int:
         return self.vae.temporal_ratio
 
-    tilings = ()
+    tilings = LTX_TILINGS
 
     @property
     def latent_channels(self) -> int:
@@ -73,11 +101,13 @@ class LTXDims:
     def text_activations(self, batch: int, dtype: mx.Dtype) -> int:
         return text_activations(self.text_encoder, batch, dtype)
 
-    def decode_activations(self, height, width, num_frames, dtype, tiling, budget) -> int:
+    def decode_activations(self, height, width, num_frames, dtype, tiling: LTXTiling | None, budget) -> int:
         _, t, h, w, _ = self.latent_shape(height, width, num_frames)
-        return decode_activation_bytes(self.vae, (t, h, w), dtype, budget=budget)
+        tiling = tiling or LTXTiling()
+        return decode_activation_bytes(self.vae, (t, h, w), dtype, tiling.spatial, tiling.temporal, budget)
 
     def encode_activations(self, height, width, frames, dtype, tiling, budget) -> int:
+        """The untiled encode (the pipeline encodes one photo frame, never tiled)."""
         return encode_activation_bytes(self.vae, (frames, height, width), dtype, budget=budget)
 
     def plan(self, **kwargs) -> Plan:

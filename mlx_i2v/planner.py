@@ -273,7 +273,7 @@ def check_fits(plan: Plan) -> None:
 
 
 def _tiling_text(tiling: Tiling | None) -> str:
-    return "untiled" if tiling is None else f"tiles {tiling.size} px, stride {tiling.stride} px"
+    return "untiled" if tiling is None else tiling.describe()
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:

@@ -12,11 +12,13 @@ here by the same tensor), the 0.9.1 decoder's injected noise (torch's global gen
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.ltx import pipeline_ltx, pipeline_ltx_condition, pipeline_ltx_image2video
-from diffusers import LTXConditionPipeline, LTXImageToVideoPipeline, LTXPipeline
+from diffusers import AutoencoderKLLTXVideo, LTXConditionPipeline, LTXImageToVideoPipeline, LTXPipeline
 from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 from mlx.utils import tree_flatten
 from PIL import Image
@@ -26,6 +28,10 @@ import mlx.core as mx
 from mlx_i2v import Pipeline, load_pipeline
 from mlx_i2v import conditioning, ltx_family
 from mlx_i2v.errors import InvalidInputError
+from mlx_i2v.ltx_planner import LTXTiling
+from mlx_i2v.models.ltx.vae import GENERATION_CONFIGS, LTXVAEConfig
+from mlx_i2v.weights import config_from_dict
+from mlx_i2v.models.ltx.vae_tiling import SpatialTiling
 from mlx_i2v.models.ltx.transformer import load_ltx_transformer
 from mlx_i2v.models.ltx.vae import load_ltx_vae
 from mlx_i2v.models.umt5 import load_t5
@@ -288,3 +294,41 @@ def test_last_image_keyframe_matches_diffusers(condition, monkeypatch):
     video = pipe(_photo(), PROMPT, last_image=last, latents=noise, image_cond_noise_scale=0.15, **COMMON)
     assert not queue and video.frames.shape == expected.shape == (FRAMES, HEIGHT, WIDTH, 3)
     assert np.abs(video.frames - expected).max() < 2e-3
+
+
+def test_plan_tiles_the_decode_that_does_not_fit(condition):
+    """With the real 0.9.5 VAE (the tiny one is so narrow that its output frames outweigh its activations,
+    so no tiling helps it): untiled with room, tiled when the untiled decode does not fit."""
+    _, pipe = condition
+    dims = replace(pipe.dims, vae=config_from_dict(LTXVAEConfig, GENERATION_CONFIGS["0.9.5"]))
+    size = dict(height=704, width=1216, num_frames=121)
+    assert dims.plan(**size, budget=10**12).vae_tiling is None
+    budget = 8 * 10**9
+    tiled = dims.plan(**size, budget=budget)
+    assert isinstance(tiled.vae_tiling, LTXTiling) and tiled.vae_tiling.spatial is not None
+    untiled = dims.decode_activations(*size.values(), mx.float32, None, budget)
+    assert untiled > budget > tiled.stage("vae_decode").peak
+    assert f"VAE decode: {tiled.vae_tiling.describe()};" in tiled.summary()
+    assert tiled.vae_tiling.describe().startswith("tiles ")
+
+
+def test_tiled_decode_is_diffusers_tiled_decode(condition, monkeypatch):
+    """The pipeline's decode with a plan's tiling against diffusers' decode lines (denormalise, mix in the
+    noise, ``vae.decode`` at the decode timestep, post-process) on its VAE with ``enable_tiling``."""
+    folder, pipe = condition
+    z, mix = _noise(30), _noise(31)
+    settings = pipe.resolve_settings(None, height=HEIGHT, width=WIDTH, num_frames=FRAMES, seed=1)
+    _same_decode_noise(monkeypatch, mix)
+    ours = pipe.decode(mx.array(z.transpose(0, 2, 3, 4, 1)), settings, LTXTiling(SpatialTiling(64, 64, 32, 32)))
+    vae = AutoencoderKLLTXVideo.from_pretrained(folder / "vae").eval()
+    vae.enable_tiling(64, 64, None, 32, 32)
+    with torch.no_grad():
+        latents = LTXPipeline._denormalize_latents(torch.from_numpy(z), vae.latents_mean, vae.latents_std,
+                                                   vae.config.scaling_factor)  # fmt: skip
+        latents = (1 - 0.025) * latents + 0.025 * torch.from_numpy(mix)
+        video = vae.decode(latents, torch.tensor([0.05])).sample
+    expected = (video / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0).numpy()
+    assert ours.shape == expected.shape == (FRAMES, HEIGHT, WIDTH, 3)
+    assert np.abs(ours - expected).max() < 2e-4
+    untiled = pipe.decode(mx.array(z.transpose(0, 2, 3, 4, 1)), settings)
+    assert np.abs(untiled - ours).max() > 1e-4  # the tiles really were used
