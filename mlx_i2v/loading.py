@@ -191,8 +191,10 @@ def _load_ltx(
                               keep_resident),  # fmt: skip
         experts=Experts(loaders=[lambda: load_ltx_transformer(folder, dtype, quantize=transformer_q)],
                         keep_between_calls=keep_resident),  # fmt: skip
-        vae_encoder=Resident("vae encoder", lambda: load_ltx_vae(model_dir / "vae", vae_dtype, "encoder"), keep_resident),
-        vae_decoder=Resident("vae decoder", lambda: load_ltx_vae(model_dir / "vae", vae_dtype, "decoder"), keep_resident),
+        vae_encoder=Resident("vae encoder", lambda: load_ltx_vae(model_dir / "vae", vae_dtype, "encoder"),
+                             keep_resident),  # fmt: skip
+        vae_decoder=Resident("vae decoder", lambda: load_ltx_vae(model_dir / "vae", vae_dtype, "decoder"),
+                             keep_resident),  # fmt: skip
         samplers=samplers,
         parallel=parallel,
     )

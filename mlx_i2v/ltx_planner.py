@@ -122,5 +122,7 @@ def _weight_bytes(dims: LTXDims, dtype: mx.Dtype, quantize: int | None, vae_dtyp
         "transformer": module_weight_bytes(LTXVideoTransformer3DModel(dims.transformer), dtype, quantize),
         "vae_encoder": module_weight_bytes(AutoencoderKLLTXVideo(dims.vae).keep_only("encoder"), vae_dtype),
         "vae_decoder": module_weight_bytes(AutoencoderKLLTXVideo(dims.vae).keep_only("decoder"), vae_dtype),
-        "text_encoder": module_weight_bytes(T5Encoder(dims.text_encoder), dtype, TEXT_ENCODER_BITS if quantize else None),
+        "text_encoder": module_weight_bytes(
+            T5Encoder(dims.text_encoder), dtype, TEXT_ENCODER_BITS if quantize else None
+        ),
     }

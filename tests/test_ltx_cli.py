@@ -4,16 +4,27 @@ options refused on Wan and Wan-only options refused on LTX, each with one line a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import av
+import numpy as np
 import pytest
+from PIL import Image
 
-from test_cli import _run, photo  # noqa: F401  (the shared photo fixture)
+from test_cli import _run
 
 SMALL = ["--frames", "9", "--height", "64", "--width", "96", "--steps", "2", "--seed", "3"]
 
 
-def test_generate_ltx_writes_playable_mp4(tiny_ltx_condition_dir, photo, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    y, x = np.mgrid[0:80, 0:120]
+    Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(path)
+    return path
+
+
+def test_generate_ltx_writes_playable_mp4(tiny_ltx_condition_dir, photo, tmp_path):
     out = tmp_path / "clip.mp4"
     result = _run("generate", str(photo), "-p", "a fox", "--model", str(tiny_ltx_condition_dir), *SMALL,
                   "--fps", "24", "--strength", "0.9", "--decode-timestep", "0.1", "--output", str(out),
@@ -40,8 +51,9 @@ def test_generate_ltx_writes_playable_mp4(tiny_ltx_condition_dir, photo, tmp_pat
         ("ltx", ["--guidance-2", "2"], "guidance_scale_2 does not apply"),
     ],
 )
-def test_options_of_the_other_family_are_refused(tiny_ti2v_dir, tiny_ltx_condition_dir, photo, tmp_path, model,  # noqa: F811
-                                                 extra, message):  # fmt: skip
+def test_options_of_the_other_family_are_refused(
+    tiny_ti2v_dir, tiny_ltx_condition_dir, photo, tmp_path, model, extra, message
+):
     folder = tiny_ti2v_dir if model == "wan" else tiny_ltx_condition_dir
     result = _run("generate", str(photo), "-p", "x", "--model", str(folder), *SMALL, *extra,
                   "--output", str(tmp_path / "out.mp4"), cwd=tmp_path)  # fmt: skip
@@ -51,7 +63,7 @@ def test_options_of_the_other_family_are_refused(tiny_ti2v_dir, tiny_ltx_conditi
     assert not (tmp_path / "out.mp4").exists()
 
 
-def test_dry_run_prints_the_ltx_plan(tiny_ltx_condition_dir, photo, tmp_path):  # noqa: F811
+def test_dry_run_prints_the_ltx_plan(tiny_ltx_condition_dir, photo, tmp_path):
     result = _run("generate", str(photo), "-p", "x", "--model", str(tiny_ltx_condition_dir), "--frames", "20",
                   "--dry-run", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -259,7 +259,8 @@ def test_distilled_preset_matches_diffusers_given_its_timesteps(condition, monke
     video = pipe(_photo(), PROMPT, preset="distilled", latents=noise, on_step=lambda *a: passes.append(a[2]), **size)
     assert np.abs(video.frames - expected).max() < 2e-3
     m = video.metadata
-    assert (m["preset"], m["num_inference_steps"], m["guidance_scale"], m["decode_timestep"]) == ("distilled", 8, 1.0, 0.05)
+    settings = (m["preset"], m["num_inference_steps"], m["guidance_scale"], m["decode_timestep"])
+    assert settings == ("distilled", 8, 1.0, 0.05)
     np.testing.assert_allclose(passes, DISTILLED_TIMESTEPS, rtol=1e-6)
     assert video.stats["transformer_passes"]["computed"] == 8  # no guidance: one pass per step
 
@@ -288,7 +289,8 @@ def test_last_image_keyframe_matches_diffusers(condition, monkeypatch):
                           prompt=PROMPT, image_cond_noise_scale=0.15, generator=torch.Generator().manual_seed(5),
                           **COMMON)  # fmt: skip
     _same_decode_noise(monkeypatch, mix)
-    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, shape: mx.array(key_noise.transpose(0, 2, 3, 4, 1)))
+    key_noise_ours = mx.array(key_noise.transpose(0, 2, 3, 4, 1))
+    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, shape: key_noise_ours)
     queue = [mx.array(np.concatenate([n[:, 6:], n[:, :6]], axis=1).reshape(1, 4, 2, 3, 16)) for n in step_noises]
     monkeypatch.setattr(conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
     video = pipe(_photo(), PROMPT, last_image=last, latents=noise, image_cond_noise_scale=0.15, **COMMON)
