@@ -97,13 +97,21 @@ _COMMON = (
                  help="Explicit grid from 1 down, unshifted, e.g. 1,0.75,0.5,0.25 (Euler unless --scheduler dmd)."),
     click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                  help="Few-step recipe: lightning (lightx2v / Wan2.2-Lightning LoRAs: 4 Euler steps, shift 5, no "
-                      "guidance), dmd (FastWan2.2-TI2V-5B), turbo (Wan2.2-TI2V-5B-Turbo). Other flags override it."),
+                      "guidance), dmd (FastWan2.2-TI2V-5B), turbo (Wan2.2-TI2V-5B-Turbo), distilled (LTX-Video "
+                      "0.9.7/0.9.8 distilled: 8 steps, no guidance). Other flags override it."),
     click.option("--seed", type=click.IntRange(0, SEED_MAX), default=None,
                  help="Random seed, 0 to 2**64-1 (default: random, recorded in the file)."),
     click.option("--motion", type=click.FloatRange(0.25, 2.0), default=1.0, show_default=True,
                  help="Experimental motion amplitude (PainterI2V; Wan2.1-I2V/FLF2V, Wan2.2-A14B): >1 livelier."),
     click.option("--fps", type=FiniteFloat(min=0, min_open=True), default=None,
-                 help="Playback rate of the output (default: the model's, or the input clip's)."),
+                 help="Frame rate of the output (default: the model's, or the input clip's); LTX-Video also "
+                      "conditions on it."),
+    click.option("--decode-timestep", type=FiniteFloat(min=0), default=None,
+                 help="LTX-Video 0.9.1+: the VAE decoder's timestep (default 0.05)."),
+    click.option("--decode-noise-scale", type=FiniteFloat(0, 1), default=None,
+                 help="LTX-Video 0.9.1+: noise mixed into the latents before decoding (default 0.025)."),
+    click.option("--image-cond-noise-scale", type=FiniteFloat(min=0), default=None,
+                 help="LTX-Video 0.9.5+: noise added to the held photo latents each step (default 0.15)."),
     click.option("--crop", callback=_crop, default=None, metavar="X,Y,W,H",
                  help="Use only this rectangle of the photo(s) (pixels, after --rotate)."),
     click.option("--rotate", type=click.Choice([str(r) for r in ROTATIONS]), default="0",
@@ -164,7 +172,8 @@ def size_options(command: Callable) -> Callable:
 
 
 SETTINGS = ("negative_prompt", "num_inference_steps", "guidance_scale", "guidance_scale_2", "flow_shift", "seed",
-            "scheduler", "sigmas", "preset", "cache", "cache_threshold")  # fmt: skip
+            "scheduler", "sigmas", "preset", "cache", "cache_threshold", "fps", "decode_timestep",
+            "decode_noise_scale", "image_cond_noise_scale")  # fmt: skip
 
 
 def settings_of(options: dict) -> dict:
@@ -242,13 +251,15 @@ def execute(options: dict, read_inputs: Callable[[], Callable], *, default_stem:
     loras = collect_loras(options["lora"], options["lora_high"], options["lora_low"])
     pipe = load_pipeline(options["model"], dtype=options["dtype"], vae_dtype=options["vae_dtype"],
                          quantize=int(quantize) if quantize else None, parallel=group, loras=loras)  # fmt: skip
+    if preview is not None and not pipe.has_preview:
+        raise click.UsageError(f"--preview: no latent preview is known for {pipe.variant.name} models")
     request = prepare(pipe)  # every setting is checked here, before a model loads
     if options["dry_run"]:
         s = request.settings
         echo(f"{pipe.variant.name}: {s.width}x{s.height}, {s.num_frames} frames, {s.num_inference_steps} steps "
              f"({_sampler(s)}), guidance {s.guidance_scale:g}, shift {s.flow_shift:g}"
              + (f", cache {s.cache.name} {s.cache.threshold:g}" if s.cache else ""))  # fmt: skip
-        for r in pipe.loras.records():
+        for r in pipe.loras.records() if pipe.loras is not None else []:
             echo(f"lora: {r['name']} x{r['strength']:g}" + (f" ({r['expert']} expert)" if r["expert"] else ""))
         echo(f"output: {output}")
         echo(pipe.plan_request(request).summary())
@@ -261,9 +272,6 @@ def execute(options: dict, read_inputs: Callable[[], Callable], *, default_stem:
             progress.close()
     if not group.decodes():
         return
-    if options["fps"] is not None:
-        video.fps = options["fps"]
-        video.metadata["fps"] = options["fps"]
     replacing = os.path.lexists(output)
     path = video.save(output, overwrite=overwrite)
     if replacing:

@@ -1,4 +1,4 @@
-"""mlx-i2v: image-to-video diffusion (the Wan family) in MLX.
+"""mlx-i2v: image-to-video diffusion (the Wan and LTX-Video families) in MLX.
 
 Public API::
 
@@ -15,7 +15,7 @@ from .clips import Clip, load_clip
 from .errors import GenerationCancelled, InvalidInputError, MlxI2VError, ModelNotFoundError, WeightLoadError
 from .loading import load_pipeline
 from .lora import LoRA
-from .pipeline import WanPipeline
+from .pipeline import Pipeline, WanPipeline
 from .video import Video
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load_pipeline",
     "LoRA",
+    "Pipeline",
     "WanPipeline",
     "Video",
     "Clip",

@@ -27,6 +27,10 @@ class Keyframes:
 
     head: np.ndarray
     tail: np.ndarray | None = None
+    # How the frames are held where the conditioning has the knobs (LTX-Video 0.9.5+, :class:`FrameConditions`):
+    # their strength in (0, 1] and the scale of the noise added to fully held latents each step.
+    strength: float = 1.0
+    noise_scale: float = 0.0
 
 
 @dataclass
@@ -44,22 +48,46 @@ class Conditioning(Protocol):
     requires_image: bool
     # Whether ``motion`` (see :func:`mlx_i2v.motion.amplify_motion`) means something for this strategy.
     supports_motion: bool
-    # Clip frames an extension conditions on by default (see ``WanPipeline.extend``).
+    # Clip frames an extension conditions on by default (see ``Pipeline.extend``).
     extend_context: int
+    # Whether ``strength`` (without a clip to restyle) sets how strongly the photo is held.
+    takes_strength: bool
 
     def prepare(
-        self, vae, keyframes: Keyframes, num_frames: int, latent_shape: tuple[int, ...], motion: float = 1.0
+        self, vae, keyframes: Keyframes, num_frames: int, latent_shape: tuple[int, ...], motion: float = 1.0,
+        seed: int = 0,
     ) -> ConditionState:
-        """Encode the keyframes once. ``latent_shape`` is the noise shape (1, T, h, w, C)."""
+        """Encode the keyframes once. ``latent_shape`` is the noise shape (1, T, h, w, C); ``seed`` seeds
+        any draws the strategy makes during the loop."""
+        ...
+
+    def start(self, latents: mx.array, state: ConditionState | None) -> mx.array:
+        """The latents the loop starts from, given the initial ones (noise, or a restyle's noised clip)."""
         ...
 
     def model_input(self, latents: mx.array, state: ConditionState | None, t: float) -> tuple[mx.array, mx.array]:
         """The transformer input for this step and its timestep: (B,) or per token (B, L)."""
         ...
 
+    def step(self, sampler, velocity: mx.array, t: float, latents: mx.array, x: mx.array, timestep: mx.array,
+             state: ConditionState | None) -> mx.array:  # fmt: skip
+        """The latents after this step, from the guided ``velocity`` (1, T, h, w, C), the latents, and the
+        step's ``model_input`` (``x``, ``timestep``)."""
+        ...
+
     def finalize(self, latents: mx.array, state: ConditionState | None) -> mx.array:
         """The latents to decode after the last step."""
         ...
+
+
+class PlainSteps:
+    """The loop as most strategies run it: from the initial latents, one sampler step on the latents."""
+
+    def start(self, latents, state):
+        return latents
+
+    def step(self, sampler, velocity, t, latents, x, timestep, state):
+        return sampler.step(velocity, t, latents)
 
 
 def encode_raw(vae, video: np.ndarray) -> mx.array:
@@ -75,10 +103,12 @@ def encode_mode(vae, video: np.ndarray) -> mx.array:
 
 
 @dataclass(frozen=True)
-class FirstFrameLatent:
+class FirstFrameLatent(PlainSteps):
     """Wan2.2-TI2V-5B: the encoded photo *is* the first latent frame. Every step it overwrites frame 0
     and that frame's tokens get timestep 0, so the model treats it as clean (diffusers ``expand_timesteps``).
-    Without an image the same model generates from text alone.
+    Without an image the same model generates from text alone. LTX-Video's ``LTXImageToVideoPipeline``
+    (0.9.0/0.9.1) conditions the same way, per token (patch 1x1): ``t * (1 - mask)`` with the mask 1 on
+    latent frame 0, whose scheduler step it skips (here: stepped, then overwritten, the same numbers).
 
     A head of c = 4(k-1)+1 frames (extending a clip) fills the first k latent frames the same way: all
     k are clean and held at timestep 0 (ComfyUI's ``Wan22ImageToVideoLatent`` with several start frames).
@@ -88,8 +118,9 @@ class FirstFrameLatent:
     requires_image: bool = False
     supports_motion: bool = False  # the photo enters clean; there are no condition latents to extrapolate
     extend_context: int = 5  # two latent frames: the motion of the clip's last four frames carries over
+    takes_strength: bool = False
 
-    def prepare(self, vae, keyframes, num_frames, latent_shape, motion=1.0):
+    def prepare(self, vae, keyframes, num_frames, latent_shape, motion=1.0, seed=0):
         if keyframes.tail is not None:
             raise ValueError("FirstFrameLatent has no last-frame input")
         cond = encode_mode(vae, keyframes.head)  # (1, k, h, w, z)
@@ -120,7 +151,7 @@ class FirstFrameLatent:
 
 
 @dataclass(frozen=True)
-class ChannelConcat:
+class ChannelConcat(PlainSteps):
     """Wan2.1 I2V/FLF2V and Wan2.2-I2V-A14B: the transformer sees 36 channels, the noisy latent (16) next
     to a 4-channel frame mask and the encoded clip [photo, zero frames..., (last photo)] (16).
 
@@ -134,8 +165,9 @@ class ChannelConcat:
     requires_image: bool = True
     supports_motion: bool = True
     extend_context: int = 1  # the last frame: the mask these models were trained with
+    takes_strength: bool = False
 
-    def prepare(self, vae, keyframes, num_frames, latent_shape, motion=1.0):
+    def prepare(self, vae, keyframes, num_frames, latent_shape, motion=1.0, seed=0):
         _, latent_frames, h, w, _ = latent_shape
         head = keyframes.head
         clip = np.zeros((num_frames, *head.shape[1:]), np.float32)
@@ -158,3 +190,107 @@ class ChannelConcat:
 
     def finalize(self, latents, state):
         return latents
+
+
+@dataclass
+class HeldFrames(ConditionState):
+    """:class:`FrameConditions`' state. ``latent`` (1, k, h, w, C): the encoded, normalised photo;
+    ``keyframe`` (1, 1, h, w, C): the last photo's latent, already mixed with noise by its strength, an
+    extra latent frame after the clip's ``clip_frames``; ``mask`` (1, T', h, w, 1): each latent
+    position's conditioning strength (0 where free), T' = clip_frames (+ 1 with a keyframe)."""
+
+    mask: mx.array | None = None
+    clip_frames: int = 0
+    keyframe: mx.array | None = None
+    noise_scale: float = 0.0
+    seed: int = 0
+    initial: mx.array | None = None  # the starting latents, set by ``start``
+
+
+def keyframe_noise(seed: int, shape: tuple[int, ...]) -> mx.array:
+    """The noise a keyframe's latent (1, 1, h, w, C) is mixed with by its strength, drawn from the seed in
+    diffusers' (1, C, 1, h, w) order."""
+    b, f, h, w, c = shape
+    key = mx.random.split(mx.random.key(seed), 3)[2]  # apart from the decode's two (ltx_family.decode_noises)
+    return mx.random.normal((b, c, f, h, w), key=key).transpose(0, 2, 3, 4, 1)
+
+
+def conditioning_noise(seed: int, t: float, shape: tuple[int, ...]) -> mx.array:
+    """The noise a step at timestep ``t`` adds to fully held latents: standard normal of ``shape`` (1, T, h, w,
+    C), drawn from the seed and the step's timestep in the order of diffusers' packed tokens (B, T*h*w, C),
+    which is this channels-last order."""
+    key = mx.random.key((seed * 1_000_003 + round(t * 1000)) % 2**63)
+    return mx.random.normal(shape, key=key)
+
+
+@dataclass(frozen=True)
+class FrameConditions:
+    """LTX-Video 0.9.5+ as diffusers' ``LTXConditionPipeline`` conditions on an image at frame 0.
+
+    * start: latent frame 0 is ``lerp(noise, photo, strength)``; its tokens' mask is the strength.
+    * each step: tokens held at full strength get ``photo + noise_scale * noise * (t / 1000)**2``
+      (``image_cond_noise_scale``, fresh noise each step); the timestep per token is
+      ``min(t, (1 - mask) * 1000)``.
+    * the step: the per-token Euler step of ``-velocity`` (the scheduler's per-token branch steps by
+      ``sigma_token - sigma_next``, the opposite sign), kept only for tokens with ``t / 1000 - 1e-6 <
+      1 - mask``: the others stay frozen.
+    * a last photo (``Keyframes.tail``) is a keyframe at the clip's last frame: its latent, mixed with noise
+      by the strength, becomes an extra latent frame after the clip's (diffusers' extra condition tokens,
+      whose positions the transformer pass gives the last frame's index) held the same way, and dropped
+      at the end.
+
+    Without an image the same model generates from text alone (one timestep per sample).
+    """
+
+    requires_image: bool = False
+    supports_motion: bool = False
+    extend_context: int = 1
+    takes_strength: bool = True
+
+    def prepare(self, vae, keyframes, num_frames, latent_shape, motion=1.0, seed=0):
+        cond = encode_mode(vae, keyframes.head)  # (1, k, h, w, C)
+        _, frames, h, w, _ = latent_shape
+        strength = keyframes.strength
+        keyframe = None
+        if keyframes.tail is not None:
+            keyframe = encode_mode(vae, keyframes.tail[None])
+            noise = keyframe_noise(seed, keyframe.shape)
+            keyframe = noise + strength * (keyframe - noise)  # torch.lerp
+        held = np.zeros((1, frames + (keyframe is not None), 1, 1, 1), np.float32)
+        held[:, : cond.shape[1]] = strength
+        held[:, frames:] = strength
+        mask = mx.broadcast_to(mx.array(held), (1, held.shape[1], h, w, 1))
+        return HeldFrames(latent=cond, mask=mask, clip_frames=frames, keyframe=keyframe,
+                          noise_scale=keyframes.noise_scale, seed=seed)  # fmt: skip
+
+    def start(self, latents, state):
+        if state is None:
+            return latents
+        k = state.latent.shape[1]
+        head = latents[:, :k] + state.mask[:, :k] * (state.latent - latents[:, :k])  # torch.lerp
+        extra = [] if state.keyframe is None else [state.keyframe.astype(latents.dtype)]
+        state.initial = mx.concatenate([head, latents[:, k:], *extra], axis=1)
+        return state.initial
+
+    def model_input(self, latents, state, t):
+        batch = latents.shape[0]
+        if state is None:
+            return latents, mx.full((batch,), t, dtype=mx.float32)
+        x = latents
+        if state.noise_scale > 0:
+            noise = conditioning_noise(state.seed, t, latents.shape)
+            noised = state.initial + state.noise_scale * noise * (t / 1000.0) ** 2
+            x = mx.where(state.mask > 1.0 - 1e-6, noised, latents)
+        timestep = mx.minimum(mx.array(t, mx.float32), (1 - state.mask[..., 0]) * 1000.0)
+        return x, timestep.reshape(batch, -1)
+
+    def step(self, sampler, velocity, t, latents, x, timestep, state):
+        if state is None:  # still the per-token step, as diffusers runs it without conditions
+            return sampler.step(-velocity, t, latents, per_token_timesteps=mx.full(latents.shape[:-1], float(t)))
+        per_token = timestep[:1].reshape(x.shape[:-1])
+        stepped = sampler.step(-velocity, t, x, per_token_timesteps=per_token)
+        denoise = (1.0 - state.mask) > float(t) / 1000.0 - 1e-6
+        return mx.where(denoise, stepped, x)
+
+    def finalize(self, latents, state):
+        return latents if state is None else latents[:, : state.clip_frames]

@@ -135,7 +135,8 @@ class Denoiser:
             sampler: a scheduler whose ``set_timesteps`` has been called.
             latents: (1, T, h, w, C) float32, at the noise level of ``sampler.sigmas[start]``.
             state: what the conditioning prepared (None without an image).
-            text: per branch, the (1, L, text_dim) prompt embeddings (see :meth:`branches_needed`).
+            text: per branch, the (1, L, text_dim) prompt embeddings, or a tuple of arrays with one row
+                (LTX-Video's :class:`~mlx_i2v.family.MaskedText`) (see :meth:`branches_needed`).
             image_tokens: (N, L_img, image_dim) CLIP tokens of one row, or None.
             scales: the guidance scale of each expert (one entry per expert).
             start: the first schedule entry to run (restyle starts partway).
@@ -154,6 +155,7 @@ class Denoiser:
         experts = [self.experts.index_for(float(t)) for t in timesteps[start:]]
         spans = _expert_spans(experts, start)
         context: tuple[int, tuple[str, ...], list] | None = None  # (expert, branches, cross-attention K/V)
+        latents = self.conditioning.start(latents, state)
         for number, index in enumerate(range(start, len(timesteps)), 1):
             t = timesteps[index]
             expert = experts[number - 1]
@@ -171,12 +173,12 @@ class Denoiser:
             )
             x, timestep = self.conditioning.model_input(latents, state, float(t))
             rows = len(branches)
-            x = mx.broadcast_to(x, (rows, *x.shape[1:])).astype(self.dtype)
-            timestep = mx.broadcast_to(timestep, (rows, *timestep.shape[1:]))
-            out = self.forward(model, x, timestep, context[2], branches, step).astype(mx.float32)
+            x_rows = mx.broadcast_to(x, (rows, *x.shape[1:])).astype(self.dtype)
+            t_rows = mx.broadcast_to(timestep, (rows, *timestep.shape[1:]))
+            out = self.forward(model, x_rows, t_rows, context[2], branches, step).astype(mx.float32)
             velocity = self.guidance.combine(out, scale)
             x0 = latents - step.sigma * velocity
-            latents = sampler.step(velocity, t, latents)
+            latents = self.conditioning.step(sampler, velocity, t, latents, x, timestep, state)
             mx.eval(latents)
             if observe is not None:
                 observe(step, latents, x0)
@@ -185,13 +187,29 @@ class Denoiser:
     def _context(
         self, model: Any, text: Mapping[str, mx.array], image_tokens: mx.array | None, branches: tuple[str, ...]
     ) -> list:
-        rows = mx.concatenate([text[b] for b in branches], axis=0).astype(self.dtype)
-        image = None
+        rows = stack_rows([text[b] for b in branches])
+        # A tuple of text fields (LTX-Video's states and mask) is the model's embed_context arguments.
+        args = tuple(rows) if isinstance(rows, tuple) else (rows,)
         if image_tokens is not None:
-            image = mx.concatenate([image_tokens] * len(branches), axis=0).astype(self.dtype)
-        kv = model.cross_attention_cache(model.embed_context(rows, image))
+            args += (mx.concatenate([image_tokens] * len(branches), axis=0).astype(self.dtype),)
+        kv = model.cross_attention_cache(model.embed_context(*args))
         mx.eval(kv)
         return kv
+
+
+def take_rows(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a text batch: an array (B, ...) or a tuple of them (e.g.
+    :class:`~mlx_i2v.family.MaskedText`), sliced alike."""
+    if isinstance(batch, tuple):
+        return type(batch)(*(field[start:stop] for field in batch))
+    return batch[start:stop]
+
+
+def stack_rows(rows: Sequence[Any]) -> Any:
+    """Concatenate text rows (arrays, or tuples of arrays field by field) along the batch axis."""
+    if isinstance(rows[0], tuple):
+        return type(rows[0])(*(mx.concatenate(list(fields), axis=0) for fields in zip(*rows)))
+    return mx.concatenate(list(rows), axis=0)
 
 
 def _expert_spans(experts: list[int], start: int) -> list[tuple[int, int]]:

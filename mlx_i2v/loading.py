@@ -1,4 +1,8 @@
-"""``load_pipeline``: from a model name to a ready :class:`~mlx_i2v.pipeline.WanPipeline`."""
+"""``load_pipeline``: from a model name to a ready :class:`~mlx_i2v.pipeline.Pipeline`.
+
+The family is told from the checkpoint: a ``model_index.json`` whose ``_class_name`` starts with "LTX" is
+LTX-Video (:mod:`mlx_i2v.ltx_family`), anything else Wan (:mod:`mlx_i2v.variants`). Each family's loader
+below gathers its components (loaded lazily, each in its stage) into the one pipeline."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
+from .errors import InvalidInputError
 from .experts import Experts
 from .lora.formats import read_lora
 from .lora.manager import TransformerLoras
@@ -19,7 +24,13 @@ from .models.umt5 import load_umt5
 from .models.wan.transformer import load_wan_transformer
 from .models.wan.vae import load_wan_vae
 from .parallel import Parallel, join
-from .pipeline import ImageEncoder, WanPipeline
+from .ltx_family import ltx_samplers, ltx_variant
+from .ltx_planner import LTXDims
+from .models.ltx.transformer import load_ltx_transformer
+from .models.ltx.vae import load_ltx_vae
+from .models.tokenizer import T5Tokenizer
+from .models.umt5 import load_t5
+from .pipeline import ImageEncoder, Pipeline
 from .planner import ModelDims
 from .quantize import Quantization, QuantizationConfig
 from .resident import Resident
@@ -42,8 +53,8 @@ def load_pipeline(
     keep_experts_resident: bool = False,
     parallel: str | Parallel = "auto",
     loras: Sequence[LoRA | tuple] | None = None,
-) -> WanPipeline:
-    """Load a Wan image-to-video pipeline.
+) -> Pipeline:
+    """Load an image-to-video pipeline: Wan or LTX-Video, as the checkpoint says.
 
     Nothing large is read yet: the configs are parsed and every weight file is checked to be complete;
     each model is loaded when its stage of a generation starts.
@@ -72,7 +83,8 @@ def load_pipeline(
         loras: LoRAs to apply, each a :class:`~mlx_i2v.lora.LoRA` or ``(path, strength)`` or
             ``(path, strength, expert)`` with expert "high" or "low" (Wan2.2-A14B; omitted: both experts,
             or the only transformer). Every file is checked against the transformer's shapes now; change
-            the set later with :meth:`WanPipeline.set_loras`.
+            the set later with :meth:`Pipeline.set_loras`. Wan only, as are ``parallel`` ranks:
+            LTX-Video refuses both.
     """
     from .cache import cached_conversion
     from .convert.source import MLX_KEY
@@ -88,6 +100,13 @@ def load_pipeline(
     model_dir = resolve_model(model)
     if is_hub_id(model):
         model_dir = cached_conversion(str(model), model_dir, dtype_name(compute_dtype), quantization)
+    if str(read_config(model_dir, "model_index.json").get("_class_name", "")).startswith("LTX"):
+        if loras:
+            raise InvalidInputError("LoRAs are not supported on LTX-Video models yet")
+        if parallel.size > 1:
+            raise InvalidInputError("parallel ranks are not supported on LTX-Video models yet; run one process")
+        return _load_ltx(model_dir, str(model), compute_dtype, image_dtype, quantization, scheduler, keep_resident,
+                         parallel)  # fmt: skip
     variant = load_variant(model_dir, str(model))
     log.info("using %s from %s (%s, VAE %s)", variant.name, model_dir, dtype_name(compute_dtype), dtype_name(image_dtype))
 
@@ -114,7 +133,7 @@ def load_pipeline(
             lambda: ImageEncoder(processor, load_clip_vision(model_dir / "image_encoder", image_dtype)),
             keep_resident,
         )
-    return WanPipeline(
+    return Pipeline(
         variant=variant,
         model_name=str(model),
         dims=ModelDims.from_model_dir(model_dir),
@@ -136,6 +155,47 @@ def load_pipeline(
         ),
         samplers=samplers,
         image_encoder=image_encoder,
+        parallel=parallel,
+    )
+
+
+def _load_ltx(
+    model_dir: Path,
+    name: str,
+    dtype: mx.Dtype,
+    vae_dtype: mx.Dtype,
+    quantization: QuantizationConfig | None,
+    scheduler: str | None,
+    keep_resident: bool,
+    parallel: Parallel,
+) -> Pipeline:
+    """An LTX-Video pipeline: T5 encoder, transformer, VAE halves (optional ``latent_upsampler/`` unused)."""
+    variant = ltx_variant(read_config(model_dir, "model_index.json"), model_dir)
+    log.info("using %s from %s (%s, VAE %s)", variant.name, model_dir, dtype_name(dtype), dtype_name(vae_dtype))
+    for component in ("text_encoder", "vae", "transformer"):
+        read_config(model_dir / component)
+        check_safetensors(model_dir / component)
+    samplers = ltx_samplers(read_config(model_dir / "scheduler", "scheduler_config.json"), scheduler, variant)
+    transformer_q = quantization.transformer if quantization is not None else None
+    text_q = quantization.text_encoder if quantization is not None else None
+    folder = model_dir / "transformer"
+    return Pipeline(
+        variant=variant,
+        model_name=name,
+        dims=LTXDims.from_model_dir(model_dir),
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        quantize_bits=_quantized_bits(model_dir, quantization),
+        tokenizer=T5Tokenizer.from_folder(model_dir / "tokenizer"),
+        text_encoder=Resident("text_encoder", lambda: load_t5(model_dir / "text_encoder", dtype, quantize=text_q),
+                              keep_resident),  # fmt: skip
+        experts=Experts(loaders=[lambda: load_ltx_transformer(folder, dtype, quantize=transformer_q)],
+                        keep_between_calls=keep_resident),  # fmt: skip
+        vae_encoder=Resident("vae encoder", lambda: load_ltx_vae(model_dir / "vae", vae_dtype, "encoder"),
+                             keep_resident),  # fmt: skip
+        vae_decoder=Resident("vae decoder", lambda: load_ltx_vae(model_dir / "vae", vae_dtype, "decoder"),
+                             keep_resident),  # fmt: skip
+        samplers=samplers,
         parallel=parallel,
     )
 

@@ -1,4 +1,5 @@
-"""One image-to-video pipeline for every Wan variant; the variant supplies conditioning and defaults."""
+"""One image-to-video pipeline for every model family and variant: the variant supplies its conditioning,
+defaults and family strategies (:mod:`mlx_i2v.family`), the pipeline orchestrates."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from PIL import Image
 from . import validation
 from .clips import ClipInput, load_clip
 from .conditioning import ConditionState, Keyframes, encode_mode
-from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward
+from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward, take_rows
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
 from .extend import (
@@ -35,14 +36,11 @@ from .image import ImageInput, ImageOptions, LoadReport, fit_to_frame, load_imag
 from .lora.manager import TransformerLoras
 from .models.wan.clip import CLIPVisionTower
 from .models.wan.clip_preprocess import CLIPImageProcessor
-from .models.tokenizer import UMT5Tokenizer
-from .models.umt5 import UMT5Encoder, encode_prompts
-from .models.wan.vae import AutoencoderKLWan
-from .models.wan.vae_tiling import Tiling, tiled_decode_frames
+from .models.wan.vae_tiling import Tiling
 from .motion import check_motion
 from .parallel import Parallel
-from .planner import GROUP_SIZE, ModelDims, Plan, check_fits, latent_grid, plan_generation
-from .preview import LATENT_RGB, Preview
+from .planner import GROUP_SIZE, ModelDims, Plan, check_fits, latent_grid
+from .preview import Preview
 from .request import Request, close_loop, keep_frames
 from .resident import Resident
 from .restyle import DEFAULT_STRENGTH, check_strength, clip_frames, restyle_start
@@ -54,9 +52,6 @@ from .variants import Variant
 from .video import Video
 
 log = logging.getLogger(__name__)
-
-TEXT_TOKENS = 512  # Wan always pads prompts to 512 tokens (see wan.md §0.1-0.2)
-TEMPORAL_STRIDE = 4
 
 # on_step(step, total, timestep) or on_step(step, total, timestep, preview); False cancels.
 StepCallback = Callable[..., "bool | None"]
@@ -80,6 +75,11 @@ class Settings:
     sigmas: tuple[float, ...] | None  # its explicit grid, unshifted; None for its own
     preset: str | None  # the few-step recipe that filled the defaults
     cache: CacheMethod | None = None  # the step cache's method, None without one
+    # The timestep-conditioned VAE decode (LTX-Video 0.9.1+); None for models without one.
+    decode_timestep: float | None = None
+    decode_noise_scale: float | None = None
+    # The noise added to fully held latents each step (LTX-Video 0.9.5+); None for models without it.
+    image_cond_noise_scale: float | None = None
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _one_call_at_a_time(method: Callable) -> Callable:
     and ``extend`` hold it from reading the inputs through the ``run`` they make."""
 
     @functools.wraps(method)
-    def wrapper(self: WanPipeline, *args, **kwargs):
+    def wrapper(self: Pipeline, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
 
@@ -117,8 +117,8 @@ def _one_call_at_a_time(method: Callable) -> Callable:
 
 
 @dataclass
-class WanPipeline:
-    """Photo + prompt -> :class:`Video`. Build it with :func:`load_pipeline`.
+class Pipeline:
+    """Photo + prompt -> :class:`Video`, for every family (Wan, LTX-Video). Build it with :func:`load_pipeline`.
 
     Components are loaded when their stage starts and released when it ends (text encoder, CLIP, VAE,
     transformer experts), so only one large model is in memory at a time; ``keep_resident`` keeps them.
@@ -129,20 +129,25 @@ class WanPipeline:
 
     variant: Variant
     model_name: str
-    dims: ModelDims
+    dims: ModelDims | Any  # the family's configs as the planner reads them (ModelDims, LTXDims)
     dtype: mx.Dtype  # the transformer's and the text encoder's compute dtype
     vae_dtype: mx.Dtype  # the VAE's and CLIP's (float32 by default, as diffusers' docs run them)
     quantize_bits: int | None
-    tokenizer: UMT5Tokenizer
-    text_encoder: Resident[UMT5Encoder]
+    tokenizer: Any  # the family's tokenizer (UMT5Tokenizer, T5Tokenizer)
+    text_encoder: Resident[Any]
     experts: Experts
-    vae_encoder: Resident[AutoencoderKLWan]  # the VAE without its decoder, for the photo
-    vae_decoder: Resident[AutoencoderKLWan]  # the VAE without its encoder, for the result
+    vae_encoder: Resident[Any]  # the VAE without its decoder, for the photo
+    vae_decoder: Resident[Any]  # the VAE without its encoder, for the result
     samplers: Samplers
     image_encoder: Resident[ImageEncoder] | None = None
     loras: TransformerLoras | None = None
     parallel: Parallel = field(default_factory=Parallel)  # this process's share of each generation
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
+
+    @property
+    def has_preview(self) -> bool:
+        """Whether step previews can be drawn (a latent-to-RGB map is known for this VAE)."""
+        return self.variant.family.preview_projection(self.dims.latent_channels) is not None
 
     def set_loras(self, loras) -> None:
         """Change the LoRAs or their strengths without reloading the base model (same forms as
@@ -174,8 +179,7 @@ class WanPipeline:
         shards of a sequence-parallel run (the plan is then one rank's)."""
         if encode_frames is None:
             encode_frames = num_frames if self.variant.conditioning.requires_image else 1
-        return plan_generation(
-            self.dims,
+        return self.dims.plan(
             height=height,
             width=width,
             num_frames=num_frames,
@@ -269,6 +273,10 @@ class WanPipeline:
         scheduler: str | None = None,
         sigmas: list[float] | None = None,
         preset: str | None = None,
+        fps: float | None = None,
+        decode_timestep: float | None = None,
+        decode_noise_scale: float | None = None,
+        image_cond_noise_scale: float | None = None,
     ) -> Video:
         """Generate a clip that starts from ``image``, or restyle ``video``.
 
@@ -283,7 +291,8 @@ class WanPipeline:
                 pass): it is encoded, noised to the first kept step and denoised over the last
                 ``int(num_inference_steps * strength)`` steps (diffusers' ``WanVideoToVideoPipeline``).
                 Its size and (4k+1 of its) frames are the defaults of ``height``, ``width``, ``num_frames``.
-            strength: how much of the schedule a restyle reruns, in (0, 1] (default 0.6).
+            strength: how much of the schedule a restyle reruns, in (0, 1] (default 0.6); on LTX-Video 0.9.5+
+                without ``video``, how strongly the photo holds latent frame 0 (default 1: kept exactly).
             loop: end the clip on its first frame (first-last-frame models and Wan2.2-I2V-A14B); the
                 final frame, a copy of the first, is dropped so that the clip plays seamlessly in a loop.
             motion: experimental motion amplitude (PainterI2V, :mod:`mlx_i2v.motion`), in [0.25, 2];
@@ -316,7 +325,14 @@ class WanPipeline:
                 takes a grid), the recipe's timesteps / 1000 for DMD. See :mod:`mlx_i2v.sampling`.
             preset: a few-step recipe whose settings fill what is not given: ``"lightning"`` (lightx2v and
                 Wan2.2-Lightning: 4 Euler steps, shift 5, no guidance), ``"dmd"`` (FastWan2.2-TI2V-5B) or
-                ``"turbo"`` (Wan2.2-TI2V-5B-Turbo).
+                ``"turbo"`` (Wan2.2-TI2V-5B-Turbo); on LTX-Video, ``"distilled"``.
+            fps: the clip's frame rate (default: the model's). LTX-Video also conditions on it (it enters the
+                RoPE positions, diffusers' ``frame_rate``); for Wan it is only the playback rate.
+            decode_timestep, decode_noise_scale: LTX-Video 0.9.1+ (timestep-conditioned VAE): the decoder's
+                timestep and how much noise is mixed into the latents before decoding (default: the
+                official configs' 0.05 and 0.025; diffusers' names). Refused on models without such a VAE.
+            image_cond_noise_scale: LTX-Video 0.9.5+: the scale of the noise added to the fully held photo
+                latents each step, times (t / 1000)^2 (default 0.15, diffusers' ``LTXConditionPipeline``).
 
         Returns:
             A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1]
@@ -333,7 +349,8 @@ class WanPipeline:
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, crop=crop, rotate=rotate,
             fit=fit, background=background, cache=cache, cache_threshold=cache_threshold, scheduler=scheduler,
-            sigmas=sigmas, preset=preset,
+            sigmas=sigmas, preset=preset, fps=fps, decode_timestep=decode_timestep,
+            decode_noise_scale=decode_noise_scale, image_cond_noise_scale=image_cond_noise_scale,
         )  # fmt: skip
         return self.run(request, prompt, latents=latents, on_step=on_step)
 
@@ -396,19 +413,28 @@ class WanPipeline:
         here with one line."""
         tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
         options = _image_options(settings)
+        self._check_features(restyle=video is not None, loop=bool(loop), motion=motion != 1.0,
+                             last_image=last_image is not None)  # fmt: skip
         motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
         last_image = self._check_loop(loop, last_image)
         if video is not None:
             request = self._prepare_restyle(image, video, strength, loop, motion, last_image, options, report, settings)
-        elif strength is not None:
-            raise InvalidInputError("strength applies to a restyle: pass the clip as video=")
+        elif strength is not None and not self.variant.conditioning.takes_strength:
+            raise InvalidInputError("strength applies to a restyle (pass the clip as video=) or to the photo of "
+                                    "LTX-Video 0.9.5+ models")  # fmt: skip
         else:
             sources = (image, image if loop else last_image)
             photos = self._photos(*sources, options, report)
             s = self._settings(photos, **settings)
-            request = Request(s, photos, self._keyframes(sources, photos, s, options, report), motion,
-                              finish=close_loop if loop else keep_frames,
-                              details={"mode": "generate", "loop": loop, "motion": motion})  # fmt: skip
+            keyframes = self._keyframes(sources, photos, s, options, report)
+            details = {"mode": "generate", "loop": loop, "motion": motion}
+            if self.variant.conditioning.takes_strength:  # how the photo is held (LTX-Video 0.9.5+)
+                strength = 1.0 if strength is None else check_strength(strength)
+                details["strength"] = strength
+                if keyframes is not None:
+                    keyframes = replace(keyframes, strength=strength, noise_scale=s.image_cond_noise_scale)
+            request = Request(s, photos, keyframes, motion, finish=close_loop if loop else keep_frames,
+                              details=details)  # fmt: skip
         return self._complete(request, image, last_image, options, report, seed, tic)
 
     def prepare_extend(
@@ -425,6 +451,7 @@ class WanPipeline:
         """Resolve the inputs and settings of an :meth:`extend` into a :class:`Request` (loading no model)."""
         tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
         options = _image_options(settings)
+        self._check_features(extend=True, motion=motion != 1.0, last_image=last_image is not None)
         motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
         colour_match = check_colour_match(colour_match)
         clip = load_clip(video)
@@ -433,7 +460,7 @@ class WanPipeline:
         new = new_frame_count(num_frames)
         photos = self._photos(ClipFrame(clip.image(clip.num_frames - c)), last_image, options, report)
         s = self._settings(photos, height=height, width=width, num_frames=c + new, **settings)
-        s = replace(s, fps=clip.fps or s.fps)
+        s = replace(s, fps=clip.fps or s.fps) if settings.get("fps") is None else s
         tail = self._fit(photos[1], s, options, report) if len(photos) > 1 else None
         keyframes = Keyframes(clip.model_frames(width, height, slice(-c, None)), tail)
         details = {"mode": "extend", "source": clip.name, "source_frames": clip.num_frames, "context_frames": c,
@@ -458,7 +485,7 @@ class WanPipeline:
         if settings.get("height") is None and settings.get("width") is None:
             settings["height"], settings["width"] = clip.size
         s = self._settings(photos, reference=clip.image(0), num_frames=frames, **settings)
-        s = replace(s, fps=clip.fps or s.fps)
+        s = replace(s, fps=clip.fps or s.fps) if settings.get("fps") is None else s
         start = restyle_start(s.num_inference_steps, strength)
         details = {"mode": "restyle", "source": clip.name, "strength": strength,
                    "steps_run": s.num_inference_steps - start, "loop": loop, "motion": motion}  # fmt: skip
@@ -466,6 +493,12 @@ class WanPipeline:
         keyframes = self._keyframes((first, last_image), photos, s, options, report)
         return Request(s, photos, keyframes, motion, source=source, start=start,
                        finish=close_loop if loop else keep_frames, details=details)  # fmt: skip
+
+    def _check_features(self, **used: bool) -> None:
+        """Refuse, with one line, what this model's family does not have (see :data:`~mlx_i2v.family.FEATURES`)."""
+        for feature, is_used in used.items():
+            if is_used:
+                self.variant.family.require(feature)
 
     def _complete(self, request: Request, image, last_image, options: ImageOptions, report: LoadReport, seed,
                   tic: float) -> Request:  # fmt: skip
@@ -523,7 +556,7 @@ class WanPipeline:
         # With other ranks: stop here unless they were all asked the same, and use one seed.
         s.seed = self.parallel.agree(self._handshake(prompt, request, latents), s.seed)
         scales = self._scales(s)
-        step_cache = StepCache(s.cache)
+        step_cache = StepCache(s.cache, plain=self.variant.family.forward(self.dims, s))
         denoiser = self.denoiser(scales, step_cache)
         branches = denoiser.branches_needed(scales)
         plan = self.plan_request(request)
@@ -536,7 +569,7 @@ class WanPipeline:
         with _timed(timings, "text"):
             prompts = {COND: prompt, UNCOND: s.negative_prompt}
             text = self.encode_text([prompts[b] for b in branches], names=[PROMPT_NAMES[b] for b in branches])
-            text = {b: text[i : i + 1] for i, b in enumerate(branches)}
+            text = {b: take_rows(text, i, i + 1) for i, b in enumerate(branches)}
             image_tokens = self.encode_image_tokens(request.photos)
         with _timed(timings, "image", request.read_seconds):
             state, source = self.encode_inputs(request, noise.shape)
@@ -553,7 +586,7 @@ class WanPipeline:
                 self.experts.done()
         with _timed(timings, "decode"):
             if self.parallel.decodes():
-                frames = request.finish(self.decode(final, tiling=plan.vae_tiling))
+                frames = request.finish(self.decode(final, s, tiling=plan.vae_tiling))
             else:  # rank 0 decodes; the other ranks' part is done
                 frames = np.zeros((0, s.height, s.width, 3), np.float32)
 
@@ -613,14 +646,15 @@ class WanPipeline:
 
     # --- stages -------------------------------------------------------------------------------------
 
-    def encode_text(self, prompts: list[str], names: Sequence[str] | None = None) -> mx.array:
-        """Prompts -> (len(prompts), 512, text_dim) embeddings, cut to their length and zero-padded.
-        A prompt longer than the window is cut with a warning that uses its name in ``names``."""
-        ids, mask = self.tokenizer(prompts, max_length=TEXT_TOKENS, names=names)
-        embeds = encode_prompts(self.text_encoder.get(), mx.array(ids), mx.array(mask), max_length=TEXT_TOKENS)
-        mx.eval(embeds)
+    def encode_text(self, prompts: list[str], names: Sequence[str] | None = None) -> Any:
+        """Prompts -> their text rows as the variant encodes them (:attr:`Variant.prompts`): Wan's
+        (len(prompts), 512, text_dim) embeddings cut to their length and zero-padded, or LTX-Video's
+        :class:`~mlx_i2v.family.MaskedText`. A prompt longer than the window is cut with a warning that uses
+        its name in ``names``."""
+        rows = self.variant.prompts(self.tokenizer, self.text_encoder.get(), prompts, names)
+        mx.eval(rows)
         self.text_encoder.release()
-        return embeds
+        return rows
 
     def denoiser(self, scales: Sequence[float] = (1.0,), forward: Forward = plain_forward) -> Denoiser:
         """The denoising loop with this pipeline's experts, conditioning and compute dtype, and this
@@ -641,7 +675,8 @@ class WanPipeline:
         state = source = None
         if request.keyframes is not None:
             num_frames = request.settings.num_frames
-            state = self.variant.conditioning.prepare(vae, request.keyframes, num_frames, latent_shape, request.motion)
+            state = self.variant.conditioning.prepare(vae, request.keyframes, num_frames, latent_shape, request.motion,
+                                                      seed=request.settings.seed)  # fmt: skip
             mx.eval(state.latent)
         if request.source is not None:
             source = encode_mode(vae, request.source)
@@ -651,7 +686,7 @@ class WanPipeline:
 
     def _previewer(self, state: ConditionState | None) -> Callable[[mx.array], Preview]:
         """Builds each step's :class:`Preview` (lazily: nothing is computed unless the callback asks)."""
-        projection = LATENT_RGB[self.dims.vae.z_dim]
+        projection = self.variant.family.preview_projection(self.dims.latent_channels)
         conditioning = self.variant.conditioning
         return lambda x0: Preview(x0, projection, lambda latents: conditioning.finalize(latents, state))
 
@@ -670,15 +705,14 @@ class WanPipeline:
         self.image_encoder.release()
         return tokens
 
-    def decode(self, latents: mx.array, tiling: Tiling | None = None) -> np.ndarray:
-        """Normalised latents (1, T, h, w, C) -> frames (4T-3, H, W, 3) float32 in [0, 1], streamed one
-        latent frame at a time so memory does not grow with the clip length; spatially tiled when
-        ``tiling`` is given (the plan asks for it when one frame does not fit the memory budget)."""
+    def decode(self, latents: mx.array, settings: Settings, tiling: Tiling | None = None) -> np.ndarray:
+        """Normalised latents (1, T, h, w, C) -> frames (stride * (T-1) + 1, H, W, 3) float32 in [0, 1], as
+        the family decodes them (:attr:`Family.decode`): Wan streams one latent frame at a time so memory
+        does not grow with the clip length, spatially tiled when ``tiling`` is given (the plan asks for it
+        when one frame does not fit the memory budget); LTX-Video decodes at the settings' decode timestep."""
         vae = self.vae_decoder.get()
-        z = vae.denormalize_latents(latents.astype(mx.float32))
-        stream = tiled_decode_frames(vae, z, tiling) if tiling is not None else vae.decode_frames(z)
         chunks = []
-        for chunk in stream:
+        for chunk in self.variant.family.decode(vae, latents, settings, tiling):
             chunk = mx.clip(chunk.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
             mx.eval(chunk)
             chunks.append(np.array(chunk[0]))
@@ -732,8 +766,13 @@ class WanPipeline:
         scheduler: str | None = None,
         sigmas: list[float] | None = None,
         preset: str | None = None,
+        fps: float | None = None,
+        decode_timestep: float | None = None,
+        decode_noise_scale: float | None = None,
+        image_cond_noise_scale: float | None = None,
     ) -> Settings:
         """``reference``: the picture whose aspect ratio sets an unset side (default: the first photo)."""
+        self._check_features(cache=cache is not None, flow_shift=flow_shift is not None)
         sampling = choose_sampling(
             self.variant, self.samplers.default, preset=preset, scheduler=scheduler, sigmas=sigmas,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -763,20 +802,41 @@ class WanPipeline:
         seed = secrets.randbits(31) if seed is None else validation.seed(seed)
         negative_prompt = validation.text("negative_prompt", _or(negative_prompt, d.negative_prompt))
         method = resolve_cache(cache, cache_threshold, self.variant.name, has_image=bool(photos))
-        return Settings(height, width, num_frames, steps, guidance, guidance_2, shift, seed, negative_prompt, d.fps,
-                        scheduler=sampling.scheduler, sigmas=sampling.sigmas, preset=sampling.preset, cache=method)
+        fps = validation.number("fps", _or(fps, d.fps), inclusive=False)
+        decode = self._optional_settings(decode_timestep=decode_timestep, decode_noise_scale=decode_noise_scale,
+                                         image_cond_noise_scale=image_cond_noise_scale)  # fmt: skip
+        return Settings(height, width, num_frames, steps, guidance, guidance_2, shift, seed, negative_prompt, fps,
+                        scheduler=sampling.scheduler, sigmas=sampling.sigmas, preset=sampling.preset, cache=method,
+                        **decode)  # fmt: skip
+
+    def _optional_settings(self, **given: float | None) -> dict[str, float]:
+        """Settings only some variants have (their defaults are None elsewhere): given, else the variant's
+        default; refused where the variant has none."""
+        settings = {}
+        for name, value in given.items():
+            default = getattr(self.variant.defaults, name)
+            if default is None:
+                if value is not None:
+                    raise InvalidInputError(f"{name} does not apply to {self.variant.name}")
+                continue
+            settings[name] = validation.number(name, _or(value, default))
+        if settings.get("decode_noise_scale", 0.0) > 1:
+            raise InvalidInputError(f"decode_noise_scale must lie in [0, 1], got {settings['decode_noise_scale']:g}")
+        return settings
 
     def sampler(self, settings: Settings) -> Any:
         """The sampler of a generation with these settings, its schedule set (``timesteps``, ``sigmas``)."""
+        tokens = self.dims.tokens(settings.height, settings.width, settings.num_frames)
         return self._sampler(settings.scheduler, settings.num_inference_steps, settings.flow_shift, settings.sigmas,
-                             settings.preset, seed=settings.seed)  # fmt: skip
+                             settings.preset, seed=settings.seed, image_seq_len=tokens)  # fmt: skip
 
     def _sampler(
-        self, name: str, steps: int, shift: float, sigmas: tuple[float, ...] | None, preset: str | None, *, seed: int
-    ) -> Any:
+        self, name: str, steps: int, shift: float, sigmas: tuple[float, ...] | None, preset: str | None, *, seed: int,
+        image_seq_len: int = 0,
+    ) -> Any:  # fmt: skip
         """The sampler ``name`` with its schedule set (see :class:`~mlx_i2v.sampling.Samplers`)."""
         return self.samplers.build(name, num_inference_steps=steps, flow_shift=shift, sigmas=sigmas, preset=preset,
-                                   seed=seed)  # fmt: skip
+                                   seed=seed, image_seq_len=image_seq_len)  # fmt: skip
 
     def _size(self, photo: Image.Image | None, height: int | None, width: int | None) -> tuple[int, int]:
         d = self.variant.defaults
@@ -795,17 +855,15 @@ class WanPipeline:
             log.warning("size %dx%d is not a multiple of %d; using %dx%d", width, height, m, rounded[1], rounded[0])
         return rounded
 
-    @staticmethod
-    def _round_frames(num_frames: int) -> int:
-        rounded = round((num_frames - 1) / TEMPORAL_STRIDE) * TEMPORAL_STRIDE + 1
+    def _round_frames(self, num_frames: int) -> int:
+        family = self.variant.family
+        rounded = family.round_frames(num_frames)
         if rounded != num_frames:
-            log.warning("num_frames %d is not 4k+1; using %d", num_frames, rounded)
+            log.warning("num_frames %d is not %dk+1; using %d", num_frames, family.frame_stride, rounded)
         return rounded
 
     def _latent_shape(self, s: Settings) -> tuple[int, int, int, int, int]:
-        stride = self.dims.vae.scale_factor_spatial
-        frames = (s.num_frames - 1) // TEMPORAL_STRIDE + 1
-        return (1, frames, s.height // stride, s.width // stride, self.dims.vae.z_dim)
+        return self.dims.latent_shape(s.height, s.width, s.num_frames)
 
     @staticmethod
     def _initial_noise(shape: tuple[int, ...], seed: int, latents: np.ndarray | None) -> mx.array:
@@ -824,6 +882,8 @@ class WanPipeline:
             noise = mx.random.normal((b, c, t, h, w), key=mx.random.key(seed))
         return noise.transpose(0, 2, 3, 4, 1)
 
+
+WanPipeline = Pipeline  # the name before LTX-Video joined
 
 PROMPT_NAMES = {COND: "prompt", UNCOND: "negative prompt"}  # how warnings name them
 # Details of a request that name files, which may differ between hosts holding the same inputs: not

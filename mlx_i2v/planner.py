@@ -127,6 +127,49 @@ class ModelDims:
                     f"table has {limits.positions} positions per axis of the token grid)"
                 )
 
+    # --- what the planner asks of a family's dims (see :func:`plan_generation`) ---
+
+    frame_stride = LATENT_FRAME_STRIDE
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.z_dim
+
+    @property
+    def tilings(self) -> tuple[Tiling, ...]:
+        """The VAE decode/encode tilings to try, largest first, when the untiled pass does not fit."""
+        return TILINGS
+
+    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, int, int, int, int]:
+        """The latents (1, T, h, w, C) of a video."""
+        return (1, *latent_grid(self.vae, height, width, num_frames), self.vae.z_dim)
+
+    def tokens(self, height: int, width: int, num_frames: int) -> int:
+        """Transformer tokens of a video."""
+        frames, h, w = latent_grid(self.vae, height, width, num_frames)
+        pt, ph, pw = self.transformer.patch_size
+        return (frames // pt) * (h // ph) * (w // pw)
+
+    def weights(self, dtype: mx.Dtype, quantize: int | None, vae_dtype: mx.Dtype) -> dict[str, int]:
+        """See :func:`weight_bytes`."""
+        return weight_bytes(self, dtype, quantize, vae_dtype)
+
+    def text_activations(self, batch: int, dtype: mx.Dtype) -> int:
+        return text_activations(self.text_encoder, batch, dtype)
+
+    def decode_activations(self, height: int, width: int, num_frames: int, dtype: mx.Dtype, tiling: Tiling | None,
+                           budget: int) -> int:  # fmt: skip
+        _, h, w = latent_grid(self.vae, height, width, num_frames)
+        return vae_decode_activations(self.vae, (h, w), dtype, tiling, budget)
+
+    def encode_activations(self, height: int, width: int, frames: int, dtype: mx.Dtype, tiling: Tiling | None,
+                           budget: int) -> int:  # fmt: skip
+        return vae_encode_activations(self.vae, height, width, frames, dtype, tiling, budget)
+
+    def plan(self, **kwargs) -> Plan:
+        """:func:`plan_generation` for these dims."""
+        return plan_generation(self, **kwargs)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -230,7 +273,7 @@ def check_fits(plan: Plan) -> None:
 
 
 def _tiling_text(tiling: Tiling | None) -> str:
-    return "untiled" if tiling is None else f"tiles {tiling.size} px, stride {tiling.stride} px"
+    return "untiled" if tiling is None else tiling.describe()
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
@@ -450,7 +493,7 @@ def plan_generation(
     dims.check_request(height=height, width=width, num_frames=num_frames)
     budget = memory_budget() if budget is None else budget
     batch = 2 if guidance else 1
-    weights = dict(weight_bytes(dims, dtype, quantize, vae_dtype))  # a copy: weight_bytes is cached
+    weights = dict(dims.weights(dtype, quantize, vae_dtype))  # a copy: the weights are cached
     weights["transformer"] += lora_bytes
     everything = weights["text_encoder"] + weights["transformer"] + weights["vae_encoder"] + weights["vae_decoder"]
     resident = {
@@ -458,34 +501,31 @@ def plan_generation(
         for name in ("text_encoder", "vae_encoder", "transformer", "vae_decoder")
     }
 
-    frames_lat, h_lat, w_lat = latent_grid(dims.vae, height, width, num_frames)
-    pt, ph, pw = dims.transformer.patch_size
-    tokens = (frames_lat // pt) * (h_lat // ph) * (w_lat // pw)
+    tokens = dims.tokens(height, width, num_frames)
     # The steel kernel serves head dims 64/80/128 (every Wan transformer has 128).
     fused = backend == "metal" and dims.transformer.attention_head_dim in (64, 80, 128)
     denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget, shards)
     denoise += batch * -(-tokens // shards) * dims.transformer.inner_dim * cache_bytes
 
-    tiling = None
-    decode = vae_decode_activations(dims.vae, (h_lat, w_lat), vae_dtype, None, budget)
-    if resident["vae_decoder"] + decode > budget:
-        for candidate in TILINGS:
-            tiling = candidate
-            decode = vae_decode_activations(dims.vae, (h_lat, w_lat), vae_dtype, candidate, budget)
-            if resident["vae_decoder"] + decode <= budget:
-                break
+    def vae_pass(stage: str, activations) -> tuple[Tiling | None, int]:
+        """The untiled pass, else the largest tiling whose peak fits (the smallest if none does)."""
+        tiling, peak = None, activations(None)
+        if resident[stage] + peak > budget:
+            for tiling in dims.tilings:
+                peak = activations(tiling)
+                if resident[stage] + peak <= budget:
+                    break
+        return tiling, peak
 
-    encode_tiling = None
-    encode = vae_encode_activations(dims.vae, height, width, encode_frames, vae_dtype, None, budget)
-    if resident["vae_encoder"] + encode > budget:
-        for candidate in TILINGS:
-            encode_tiling = candidate
-            encode = vae_encode_activations(dims.vae, height, width, encode_frames, vae_dtype, candidate, budget)
-            if resident["vae_encoder"] + encode <= budget:
-                break
+    tiling, decode = vae_pass(
+        "vae_decoder", lambda t: dims.decode_activations(height, width, num_frames, vae_dtype, t, budget)
+    )
+    encode_tiling, encode = vae_pass(
+        "vae_encoder", lambda t: dims.encode_activations(height, width, encode_frames, vae_dtype, t, budget)
+    )
 
     stages = [
-        Stage("text", resident["text_encoder"], text_activations(dims.text_encoder, batch, dtype)),
+        Stage("text", resident["text_encoder"], dims.text_activations(batch, dtype)),
         Stage("vae_encode", resident["vae_encoder"], encode),
         Stage("denoise", resident["transformer"], denoise),
         Stage("vae_decode", resident["vae_decoder"], decode),
@@ -512,14 +552,14 @@ def _suggestions(dims: ModelDims, plan: Plan, encode_frames: int, staged: bool) 
             shards=plan.shards, lora_bytes=plan.lora_bytes,
         )  # fmt: skip
         args.update(changes)
-        return plan_generation(dims, **args)  # type: ignore[arg-type]
+        return dims.plan(**args)
 
     out = []
     if plan.quantize != 4 and replan(quantize=4).fits():
         out.append("--quantize 4")
     if plan.vae_dtype.size > plan.dtype.size and replan(vae_dtype=plan.dtype).fits():
         out.append(f"--vae-dtype {_dtype_name(plan.dtype)}")
-    for frames in range(plan.num_frames - 4, 0, -4):
+    for frames in range(plan.num_frames - dims.frame_stride, 0, -dims.frame_stride):
         if replan(num_frames=frames, encode_frames=min(encode_frames, frames)).fits():
             out.append(f"--frames {frames}")
             break

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .errors import InvalidInputError
 from .outputs import staged_output
 
 # fmt: off
@@ -72,7 +73,7 @@ class Preview:
             prediction, not the photo).
     """
 
-    def __init__(self, latents: mx.array, projection: LatentRGB, restore: Callable[[mx.array], mx.array]):
+    def __init__(self, latents: mx.array, projection: LatentRGB | None, restore: Callable[[mx.array], mx.array]):
         self.latents = latents
         self._projection = projection
         self._restore = restore  # puts given frames (the photo, an extension's context) back in place
@@ -85,6 +86,8 @@ class Preview:
     def frames(self, indices: list[int] | None = None) -> np.ndarray:
         """The latent frames ``indices`` (default: all) as uint8 RGB (n, h, w, 3), at the latent size,
         with the given frames (the photo) shown as they will be decoded."""
+        if self._projection is None:
+            raise InvalidInputError(f"no latent-to-RGB preview is known for {self.latents.shape[-1]}-channel latents")
         x = self._restore(self.latents)[0]
         if indices is not None:
             x = x[mx.array(indices)]

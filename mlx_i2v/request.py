@@ -1,5 +1,5 @@
 """A generation with its inputs read and settings resolved: what differs between generate, restyle,
-extend and loop, as data for the one run (see :meth:`mlx_i2v.pipeline.WanPipeline.run`)."""
+extend and loop, as data for the one run (see :meth:`mlx_i2v.pipeline.Pipeline.run`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def close_loop(frames: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Request:
-    """One generation, nothing loaded yet (built by ``WanPipeline.prepare`` / ``prepare_extend``)."""
+    """One generation, nothing loaded yet (built by ``Pipeline.prepare`` / ``prepare_extend``)."""
 
     settings: Settings
     photos: list[Image.Image]  # what CLIP sees, as given (Wan2.1 variants)

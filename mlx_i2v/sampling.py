@@ -60,6 +60,9 @@ DMD_TABLE_SHIFT = FASTWAN_TI2V_5B.shift
 LIGHTNING_VARIANTS = tuple(v.name for v in (I2V_14B_480P, I2V_14B_720P, FLF2V_14B, I2V_A14B))
 
 
+LTX_DISTILLED_SIGMAS = tuple(t / 1000 for t in (1000, 993, 987, 981, 975, 909, 725, 0.03))
+
+
 @dataclass(frozen=True)
 class Preset:
     """A released few-step recipe as defaults.
@@ -73,6 +76,7 @@ class Preset:
         distilled_for: the variants with a released checkpoint or LoRA for the recipe.
         only_those: refuse the preset on other variants (else a logged notice).
         dmd_table: the DMD sampler's lookup table (see :mod:`mlx_i2v.dmd`).
+        family: the model family it is made for (refused on the others).
     """
 
     name: str
@@ -83,6 +87,7 @@ class Preset:
     distilled_for: tuple[str, ...]
     only_those: bool
     dmd_table: str | None = None
+    family: str = "Wan"
 
 
 PRESETS: dict[str, Preset] = {
@@ -97,6 +102,10 @@ PRESETS: dict[str, Preset] = {
                distilled_for=(TI2V_5B.name,), only_those=True, dmd_table=FASTWAN_TI2V_5B.table),
         Preset(name="turbo", scheduler="dmd", sigmas=_grid(TURBO_TI2V_5B), guidance_scale=1.0, flow_shift=None,
                distilled_for=(TI2V_5B.name,), only_those=True, dmd_table=TURBO_TI2V_5B.table),
+        # LTX-Video 0.9.7/0.9.8 distilled (diffusers' LTX docs): timesteps [1000, 993, 987, 981, 975, 909, 725,
+        # 0.03] as LTXConditionPipeline takes them, no guidance; the decode timestep 0.05 is the LTX default.
+        Preset(name="distilled", scheduler="euler", sigmas=LTX_DISTILLED_SIGMAS, guidance_scale=1.0, flow_shift=None,
+               distilled_for=("ltx-video-condition",), only_those=False, family="LTX-Video"),
     )
 }  # fmt: skip
 
@@ -134,7 +143,7 @@ def choose_sampling(
     unknown name, a preset made for other checkpoints (DMD), sigmas or a shift the sampler cannot use, or a
     step count that disagrees with the grid.
     """
-    p = _preset(preset, variant.name)
+    p = _preset(preset, variant)
     name = scheduler if scheduler is not None else (p.scheduler if p else None)
     if name is None:
         name = default_scheduler if sigmas is None or SAMPLERS[default_scheduler].takes_sigmas else "euler"
@@ -184,12 +193,15 @@ def check_sigmas(sigmas: Any) -> tuple[float, ...]:
     return grid
 
 
-def _preset(name: str | None, variant: str) -> Preset | None:
+def _preset(name: str | None, model: Variant) -> Preset | None:
     if name is None:
         return None
     if name not in PRESETS:
         raise InvalidInputError(f"unknown preset {name!r} (expected one of {', '.join(PRESETS)})")
     p = PRESETS[name]
+    variant = model.name
+    if model.family.name != p.family:
+        raise InvalidInputError(f"the {name} preset is for {p.family} models, not {variant}")
     if variant not in p.distilled_for:
         made_for = ", ".join(p.distilled_for)
         if p.only_those:
@@ -234,9 +246,12 @@ class Samplers:
         sigmas: tuple[float, ...] | None,
         preset: str | None,
         seed: int,
+        image_seq_len: int = 0,
     ) -> Sampler:
         """The sampler ``name`` with its schedule set: ``num_inference_steps`` steps, or the ``sigmas`` grid,
-        shifted by ``flow_shift`` (for DMD, the lookup table's shift); DMD's re-noising is seeded with ``seed``."""
+        shifted by ``flow_shift`` (for DMD, the lookup table's shift); DMD's re-noising is seeded with ``seed``.
+        ``image_seq_len`` (the transformer's tokens) is for schedules that shift with it (LTX-Video's
+        :class:`~mlx_i2v.ltx_family.LTXSamplers`); Wan's do not."""
         n_train = self.num_train_timesteps
         if name == "dmd":
             table = PRESETS[preset].dmd_table if preset and PRESETS[preset].dmd_table else FASTWAN_TI2V_5B.table

@@ -8,13 +8,19 @@ model's name and falls back to 480P.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from . import validation
 from .conditioning import ChannelConcat, Conditioning, FirstFrameLatent
+from .denoise import plain_forward
 from .errors import InvalidInputError, WeightLoadError
+from .family import Family, PaddedPrompts, PromptEncoder
+from .models.wan.vae_tiling import tiled_decode_frames
+from .preview import LATENT_RGB
 from .weights import read_config
 
 # Wan's own default negative prompt (wan/configs/shared_config.py `sample_neg_prompt`); the original
@@ -45,6 +51,11 @@ class Defaults:
     sizes: tuple[tuple[int, int], ...]  # (height, width) choices; the one closest to the image's aspect wins
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     guidance_scale_2: float | None = None  # the low-noise expert's guidance (two-expert models only)
+    # The timestep-conditioned decoder's timestep and noise (LTX-Video 0.9.1+); None: no such decoder.
+    decode_timestep: float | None = None
+    decode_noise_scale: float | None = None
+    # The noise added to fully held conditioning latents each step (LTX-Video 0.9.5+); None: not taken.
+    image_cond_noise_scale: float | None = None
 
     def __post_init__(self) -> None:
         """Checked, because a converted model's defaults are a JSON file a user may edit."""
@@ -54,8 +65,9 @@ class Defaults:
         validation.number("flow_shift", self.flow_shift, inclusive=False)
         validation.number("fps", self.fps, inclusive=False)
         validation.text("negative_prompt", self.negative_prompt)
-        if self.guidance_scale_2 is not None:
-            validation.number("guidance_scale_2", self.guidance_scale_2)
+        for name in ("guidance_scale_2", "decode_timestep", "decode_noise_scale", "image_cond_noise_scale"):
+            if getattr(self, name) is not None:
+                validation.number(name, getattr(self, name))
         if not self.sizes or not all(isinstance(hw, tuple) and len(hw) == 2 for hw in self.sizes):
             raise InvalidInputError(f"sizes must be a list of [height, width] pairs, got {self.sizes!r}")
         for h, w in self.sizes:
@@ -67,9 +79,20 @@ class Defaults:
         return min(self.sizes, key=lambda hw: abs(hw[1] / hw[0] - aspect))
 
 
+def decode_wan(vae, latents: mx.array, settings, tiling) -> Any:
+    """The Wan VAEs' decode: normalised latents (1, T, h, w, C) -> chunks of frames, streamed one latent
+    frame at a time (spatially tiled when ``tiling`` is given)."""
+    z = vae.denormalize_latents(latents.astype(mx.float32))
+    return tiled_decode_frames(vae, z, tiling) if tiling is not None else vae.decode_frames(z)
+
+
+WAN = Family(name="Wan", frame_stride=4, forward=lambda dims, settings: plain_forward, decode=decode_wan,
+             latent_rgb=tuple(LATENT_RGB.items()))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One member of the Wan family: its name, conditioning strategy, components and defaults."""
+    """One member of a model family: its name, conditioning strategy, components and defaults."""
 
     name: str
     conditioning: Conditioning
@@ -81,6 +104,8 @@ class Variant:
     # what closes a loop.
     accepts_last_image: bool = False
     two_experts: bool = False  # Wan2.2-A14B: high-noise and low-noise transformers
+    family: Family = WAN
+    prompts: PromptEncoder = field(default_factory=PaddedPrompts)  # how prompts become text rows
 
 
 TI2V_5B = Variant(

@@ -24,3 +24,11 @@ def tiny_i2v_dirs(tmp_path_factory) -> dict[str, Path]:
 
     names = {"i2v": "Wan2.1-I2V-14B-480P-tiny", "flf2v": "Wan2.1-FLF2V-14B-720P-tiny", "a14b": "Wan2.2-I2V-A14B-tiny"}
     return {k: build_tiny_i2v(tmp_path_factory.mktemp("models") / name, k) for k, name in names.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx_condition_dir(tmp_path_factory) -> Path:
+    """A tiny LTX-Video 0.9.5+ checkpoint (``LTXConditionPipeline``)."""
+    from ref_ltx_pipeline import build_tiny_ltx
+
+    return build_tiny_ltx(tmp_path_factory.mktemp("ltx_condition_tiny"), "0.9.5", "LTXConditionPipeline")

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Protocol
 import mlx.core as mx
 import numpy as np
 
-from ..denoise import StepInfo, plain_forward
+from ..denoise import Forward, StepInfo, plain_forward
 from ..models.wan.transformer import CrossKV, PassTokens, WanTransformer3DModel
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class StepCache:
     """
 
     method: CacheMethod | None = None
+    plain: Forward = plain_forward  # the family's pass, run whole when there is no method
     decisions: list[Decision] = field(default_factory=list)
     _branches: dict[str, _Branch] = field(default_factory=dict, repr=False)
     _expert: int | None = field(default=None, repr=False)
@@ -107,7 +108,7 @@ class StepCache:
         cross-attention K/V -> velocity (B, T, h, w, C_out)."""
         if self.method is None:
             self.decisions += [Decision(step.index, b, True) for b in branches]
-            return plain_forward(model, x, timestep, context, branches, step)
+            return self.plain(model, x, timestep, context, branches, step)
         if step.expert != self._expert:
             self._branches.clear()
             self._expert = step.expert

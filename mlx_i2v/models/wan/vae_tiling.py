@@ -38,6 +38,10 @@ class Tiling:
         if not 0 < self.stride <= self.size:
             raise ValueError(f"tile stride must be in (0, size], got size {self.size}, stride {self.stride}")
 
+    def describe(self) -> str:
+        """As a plan summary shows it."""
+        return f"tiles {self.size} px, stride {self.stride} px"
+
 
 def _weights(extent: int) -> tuple[mx.array, mx.array]:
     """float32 ramps (1 - y/e, y/e) for y < e, rounded from float64 as PyTorch rounds Python floats."""
