@@ -317,3 +317,21 @@ def test_single_file_conversion_without_torch(diffusers_dirs, converted, tmp_pat
     fresh = load_component(TRANSFORMER, converted("0.9.5") / "transformer", mx.float32)
     assert quantize_transformer(fresh, 4, 32)
     _assert_same_parameters(load_component(TRANSFORMER, out / "transformer", mx.float32), fresh, "transformer")
+
+
+def test_converted_ltx_directory_generates_the_frames_of_its_source(tiny_ltx_condition_dir, tmp_path):
+    """The converter's output and the pipeline's loader agree: a converted LTXConditionPipeline directory
+    loads through ``load_pipeline`` as LTX-Video and gives the source directory's frames exactly."""
+    import numpy as np
+    from PIL import Image
+
+    from mlx_i2v import load_pipeline
+    from mlx_i2v.convert import convert_model
+
+    convert_model(tiny_ltx_condition_dir, tmp_path / "out", dtype="float32")
+    photo = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
+    call = dict(height=64, width=96, num_frames=9, num_inference_steps=2, seed=1)
+    source = load_pipeline(tiny_ltx_condition_dir, dtype="float32")(photo, "a fox", **call)
+    converted = load_pipeline(tmp_path / "out", dtype="float32")(photo, "a fox", **call)
+    assert converted.metadata["variant"] == source.metadata["variant"]
+    np.testing.assert_array_equal(np.asarray(converted.frames), np.asarray(source.frames))
