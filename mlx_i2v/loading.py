@@ -83,8 +83,8 @@ def load_pipeline(
         loras: LoRAs to apply, each a :class:`~mlx_i2v.lora.LoRA` or ``(path, strength)`` or
             ``(path, strength, expert)`` with expert "high" or "low" (Wan2.2-A14B; omitted: both experts,
             or the only transformer). Every file is checked against the transformer's shapes now; change
-            the set later with :meth:`Pipeline.set_loras`. Wan only, as are ``parallel`` ranks:
-            LTX-Video refuses both.
+            the set later with :meth:`Pipeline.set_loras`. (``parallel`` ranks are Wan only: LTX-Video
+            refuses them.)
     """
     from .cache import cached_conversion
     from .convert.source import MLX_KEY
@@ -101,12 +101,10 @@ def load_pipeline(
     if is_hub_id(model):
         model_dir = cached_conversion(str(model), model_dir, dtype_name(compute_dtype), quantization)
     if str(read_config(model_dir, "model_index.json").get("_class_name", "")).startswith("LTX"):
-        if loras:
-            raise InvalidInputError("LoRAs are not supported on LTX-Video models yet")
         if parallel.size > 1:
             raise InvalidInputError("parallel ranks are not supported on LTX-Video models yet; run one process")
         return _load_ltx(model_dir, str(model), compute_dtype, image_dtype, quantization, scheduler, keep_resident,
-                         parallel)  # fmt: skip
+                         parallel, loras)  # fmt: skip
     variant = load_variant(model_dir, str(model))
     log.info("using %s from %s (%s, VAE %s)", variant.name, model_dir, dtype_name(compute_dtype), dtype_name(image_dtype))
 
@@ -168,8 +166,10 @@ def _load_ltx(
     scheduler: str | None,
     keep_resident: bool,
     parallel: Parallel,
+    loras: Sequence[LoRA | tuple] | None,
 ) -> Pipeline:
-    """An LTX-Video pipeline: T5 encoder, transformer, VAE halves (optional ``latent_upsampler/`` unused)."""
+    """An LTX-Video pipeline: T5 encoder, transformer (with its LoRAs), VAE halves (optional
+    ``latent_upsampler/`` unused)."""
     variant = ltx_variant(read_config(model_dir, "model_index.json"), model_dir)
     log.info("using %s from %s (%s, VAE %s)", variant.name, model_dir, dtype_name(dtype), dtype_name(vae_dtype))
     for component in ("text_encoder", "vae", "transformer"):
@@ -178,7 +178,12 @@ def _load_ltx(
     samplers = ltx_samplers(read_config(model_dir / "scheduler", "scheduler_config.json"), scheduler, variant)
     transformer_q = quantization.transformer if quantization is not None else None
     text_q = quantization.text_encoder if quantization is not None else None
+    from .convert.source import MLX_KEY
+
     folder = model_dir / "transformer"
+    index = read_config(model_dir, "model_index.json")
+    lora_state = TransformerLoras([read_config(folder)], dtype, [folder], baked=index.get(MLX_KEY, {}).get("loras", []))
+    lora_state.set(loras, {})
     return Pipeline(
         variant=variant,
         model_name=name,
@@ -189,8 +194,9 @@ def _load_ltx(
         tokenizer=T5Tokenizer.from_folder(model_dir / "tokenizer"),
         text_encoder=Resident("text_encoder", lambda: load_t5(model_dir / "text_encoder", dtype, quantize=text_q),
                               keep_resident),  # fmt: skip
-        experts=Experts(loaders=[lambda: load_ltx_transformer(folder, dtype, quantize=transformer_q)],
+        experts=Experts(loaders=[lambda: lora_state.apply(0, load_ltx_transformer(folder, dtype, quantize=transformer_q))],
                         keep_between_calls=keep_resident),  # fmt: skip
+        loras=lora_state,
         vae_encoder=Resident("vae encoder", lambda: load_ltx_vae(model_dir / "vae", vae_dtype, "encoder"),
                              keep_resident),  # fmt: skip
         vae_decoder=Resident("vae decoder", lambda: load_ltx_vae(model_dir / "vae", vae_dtype, "decoder"),

@@ -44,7 +44,7 @@ LTX_DEFAULTS = Defaults(
 LTX_CONDITION_DEFAULTS = replace(LTX_DEFAULTS, image_cond_noise_scale=0.15)
 
 # What the pipeline has for Wan that LTX-Video does not have yet.
-LTX_UNSUPPORTED = frozenset({"restyle", "extend", "loop", "motion", "cache", "loras", "parallel", "flow_shift"})
+LTX_UNSUPPORTED = frozenset({"restyle", "extend", "loop", "motion", "cache", "parallel", "flow_shift"})
 
 
 @dataclass(frozen=True)

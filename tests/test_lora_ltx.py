@@ -194,3 +194,28 @@ def test_wan_lora_on_ltx_is_refused(transformer_dir, tmp_path):
     })  # fmt: skip
     with pytest.raises(InvalidInputError, match="blocks.0.self_attn.q"):
         TransformerLoras([read_config(transformer_dir)]).validate([LoRA(wan)])
+
+
+def test_pipeline_with_a_lora_equals_the_baked_conversion_and_set_loras_restores(tmp_path):
+    """A LoRA given to ``load_pipeline`` on an LTX-Video model gives the frames of the same LoRA baked in
+    by ``convert --lora`` (held against diffusers' fused weights above); ``set_loras([])`` gives the base
+    model's frames back exactly."""
+    from PIL import Image
+    from ref_ltx_convert import build_ltx_dir
+
+    from mlx_i2v import load_pipeline
+
+    source = build_ltx_dir(tmp_path / "ltx", "0.9.5")
+    lora = peft_file(tmp_path / "peft.safetensors", _layers(_state(source / "transformer"), BLOCK_LINEARS, 5), 4.0)
+    baked = convert_model(source, tmp_path / "mlx", dtype="float32", loras=[(lora, 0.7)])
+    photo = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
+    call = dict(height=64, width=96, num_frames=9, num_inference_steps=2, seed=1)
+
+    pipe = load_pipeline(source, dtype="float32", loras=[(lora, 0.7)])
+    with_lora = np.asarray(pipe(photo, "a fox", **call).frames, np.float32)
+    want = np.asarray(load_pipeline(baked, dtype="float32")(photo, "a fox", **call).frames, np.float32)
+    assert np.abs(with_lora - want).max() < 1e-5
+    pipe.set_loras([])
+    base = np.asarray(pipe(photo, "a fox", **call).frames, np.float32)
+    np.testing.assert_array_equal(base, np.asarray(load_pipeline(source, dtype="float32")(photo, "a fox", **call).frames, np.float32))
+    assert np.abs(base - with_lora).max() > 1e-3  # the LoRA changed the clip
