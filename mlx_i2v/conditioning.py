@@ -13,6 +13,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from .models.ltx.vae import sample_posterior
 from .motion import amplify_motion
 
 
@@ -102,6 +103,25 @@ def encode_mode(vae, video: np.ndarray) -> mx.array:
     return vae.normalize_latents(encode_raw(vae, video))
 
 
+def posterior_noise(seed: int, index: int, shape: tuple[int, ...]) -> mx.array:
+    """The standard-normal noise that samples the posterior of the ``index``-th image a generation encodes
+    (0: the photo, 1: a last photo), for latents of ``shape`` (1, T, h, w, C), drawn from the seed in
+    diffusers' (1, C, T, h, w) order."""
+    b, t, h, w, c = shape
+    key = mx.random.split(mx.random.key(seed), 5)[3 + index]  # apart from keyframe_noise's and the decode's
+    return mx.random.normal((b, c, t, h, w), key=key).transpose(0, 2, 3, 4, 1)
+
+
+def encode_sample(vae, video: np.ndarray, seed: int, index: int = 0) -> mx.array:
+    """(T, H, W, 3) in [-1, 1] -> normalised posterior sample (1, T', h, w, z), as diffusers'
+    ``retrieve_latents(..., generator)`` (its default ``sample_mode="sample"``) followed by ``(z - mean) / std``,
+    with the noise of :func:`posterior_noise`."""
+    mean, logvar = vae.encode(mx.array(video)[None])
+    mean, logvar = mean.astype(mx.float32), logvar.astype(mx.float32)
+    noise = posterior_noise(seed, index, mean.shape)
+    return vae.normalize_latents(sample_posterior(mean, logvar, noise))
+
+
 @dataclass(frozen=True)
 class FirstFrameLatent(PlainSteps):
     """Wan2.2-TI2V-5B: the encoded photo *is* the first latent frame. Every step it overwrites frame 0
@@ -112,9 +132,13 @@ class FirstFrameLatent(PlainSteps):
 
     A head of c = 4(k-1)+1 frames (extending a clip) fills the first k latent frames the same way: all
     k are clean and held at timestep 0 (ComfyUI's ``Wan22ImageToVideoLatent`` with several start frames).
+
+    The photo's latent is the VAE posterior's mode (Wan: ``sample_mode="argmax"``), or with
+    ``sample_posterior`` a sample of it (LTX-Video: ``retrieve_latents``' default, see :func:`encode_sample`).
     """
 
     patch_hw: tuple[int, int] = (2, 2)
+    sample_posterior: bool = False
     requires_image: bool = False
     supports_motion: bool = False  # the photo enters clean; there are no condition latents to extrapolate
     extend_context: int = 5  # two latent frames: the motion of the clip's last four frames carries over
@@ -123,7 +147,8 @@ class FirstFrameLatent(PlainSteps):
     def prepare(self, vae, keyframes, num_frames, latent_shape, motion=1.0, seed=0):
         if keyframes.tail is not None:
             raise ValueError("FirstFrameLatent has no last-frame input")
-        cond = encode_mode(vae, keyframes.head)  # (1, k, h, w, z)
+        head = keyframes.head
+        cond = encode_sample(vae, head, seed) if self.sample_posterior else encode_mode(vae, head)  # (1, k, h, w, z)
         _, _, h, w, _ = latent_shape
         per_frame = (h // self.patch_hw[0]) * (w // self.patch_hw[1])
         return ConditionState(latent=cond, frozen_tokens=cond.shape[1] * per_frame)
@@ -239,6 +264,9 @@ class FrameConditions:
       whose positions the transformer pass gives the last frame's index) held the same way, and dropped
       at the end.
 
+    Every image's latent is a sample of the VAE posterior, as diffusers encodes each condition
+    (:func:`encode_sample`: the photo's noise is draw 0, a last photo's draw 1).
+
     Without an image the same model generates from text alone (one timestep per sample).
     """
 
@@ -248,12 +276,12 @@ class FrameConditions:
     takes_strength: bool = True
 
     def prepare(self, vae, keyframes, num_frames, latent_shape, motion=1.0, seed=0):
-        cond = encode_mode(vae, keyframes.head)  # (1, k, h, w, C)
+        cond = encode_sample(vae, keyframes.head, seed)  # (1, k, h, w, C)
         _, frames, h, w, _ = latent_shape
         strength = keyframes.strength
         keyframe = None
         if keyframes.tail is not None:
-            keyframe = encode_mode(vae, keyframes.tail[None])
+            keyframe = encode_sample(vae, keyframes.tail[None], seed, index=1)
             noise = keyframe_noise(seed, keyframe.shape)
             keyframe = noise + strength * (keyframe - noise)  # torch.lerp
         held = np.zeros((1, frames + (keyframe is not None), 1, 1, 1), np.float32)

@@ -130,8 +130,8 @@ LTX_CONDITION = Family(name="LTX-Video", frame_stride=8, forward=_forward(True),
 
 # 0.9.0 / 0.9.1 checkpoints (diffusers' LTXPipeline and LTXImageToVideoPipeline).
 LTX_VIDEO = Variant(
-    name="ltx-video", conditioning=FirstFrameLatent(patch_hw=(1, 1)), defaults=LTX_DEFAULTS, size_multiple=32,
-    family=LTX_IMAGE_TO_VIDEO, prompts=MaskedPrompts(LTX_PROMPTS),
+    name="ltx-video", conditioning=FirstFrameLatent(patch_hw=(1, 1), sample_posterior=True), defaults=LTX_DEFAULTS,
+    size_multiple=32, family=LTX_IMAGE_TO_VIDEO, prompts=MaskedPrompts(LTX_PROMPTS),
 )  # fmt: skip
 
 # 0.9.5+ checkpoints (diffusers' LTXConditionPipeline).

@@ -2,9 +2,9 @@
 T5 encoder and tokenizer (ref_t5), VAE of one generation (ref_ltx_vae), transformer (ref_ltx_transformer)
 and the scheduler config of that generation (diffusers ``scripts/convert_ltx_to_diffusers.py``).
 
-The VAE's posterior is made (nearly) deterministic: the pipelines *sample* the encoded image
-(``retrieve_latents``' default), ours takes its mean; with the log-variance channel at -30 (the clamp) the
-sample is the mean plus ``3e-7 * noise``, so the two agree to well below the tolerance.
+The VAE is an ordinary random-weight one: its posterior's standard deviation is of order one, so the
+pipelines' posterior *sample* of each encoded image differs from its mean, and the parity tests give both
+sides the same posterior noise.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, LTXConditionPipeline, LTXImageToVideoPipeline
 from ref_ltx_transformer import TINY, build_transformer
 from ref_ltx_vae import build_tiny_ltx_vae
@@ -34,25 +33,15 @@ def ltx_scheduler(version: str) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False)
 
 
-@torch.no_grad()
-def make_posterior_deterministic(vae: torch.nn.Module) -> None:
-    """Log-variance channel (the encoder's last output channel) at -30 for every input."""
-    conv = vae.encoder.conv_out.conv
-    conv.weight[-1] = 0.0
-    conv.bias[-1] = -30.0
-
-
 def build_tiny_ltx(path: str | Path, version: str, pipeline: str = "LTXImageToVideoPipeline") -> Path:
     """A tiny LTX-Video checkpoint with a ``version`` VAE ("0.9.0", "0.9.1", "0.9.5"), saved by ``pipeline``
     (its ``model_index.json`` ``_class_name``). Returns the folder."""
     path = Path(path)
     parts = path / "_parts"
     build_t5_tokenizer(parts / "tokenizer")
-    vae = build_tiny_ltx_vae(None, version, seed=4)
-    make_posterior_deterministic(vae)
     pipe = PIPELINES[pipeline](
         scheduler=ltx_scheduler(version),
-        vae=vae,
+        vae=build_tiny_ltx_vae(None, version, seed=4),
         text_encoder=build_t5_encoder(None, TINY_T5_CONFIG, seed=3),
         tokenizer=AutoTokenizer.from_pretrained(parts / "tokenizer"),
         transformer=build_transformer(None, PIPELINE_TRANSFORMER, seed=5),

@@ -3,7 +3,9 @@
 the family boundary (what LTX refuses, before loading), and the memory plan.
 
 Every random draw is given to both sides: the initial noise (our ``latents=``; diffusers' module-level
-``randn_tensor`` replaced by one that returns it), the noise mixed into the latents before a
+``randn_tensor`` replaced by one that returns it), the noise that samples each encoded image's VAE posterior
+(diffusers' ``DiagonalGaussianDistribution.sample``, whose ``randn_tensor`` is replaced by the same queue, in
+diffusers' draw order; our ``posterior_noise`` replaced by the same tensors), the noise mixed into the latents before a
 timestep-conditioned decode (diffusers draws it from the pipeline's generator; ours from the seed, replaced
 here by the same tensor), the 0.9.1 decoder's injected noise (torch's global generator on both sides) and
 ``LTXConditionPipeline``'s per-step noise on the held image latents (``randn_tensor`` on its side, our
@@ -17,6 +19,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from diffusers.models.autoencoders import vae as diffusers_vae
 from diffusers.pipelines.ltx import pipeline_ltx, pipeline_ltx_condition, pipeline_ltx_image2video
 from diffusers import AutoencoderKLLTXVideo, LTXConditionPipeline, LTXImageToVideoPipeline, LTXPipeline
 from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
@@ -39,6 +42,7 @@ from ref_ltx_pipeline import build_tiny_ltx
 
 HEIGHT, WIDTH, FRAMES = 64, 96, 17  # latents (3, 2, 3): 18 tokens
 LATENT = (1, 16, 3, 2, 3)  # diffusers' (B, C, F, h, w)
+IMAGE_LATENT = (1, 16, 1, 2, 3)  # one encoded image
 TORCH_SEED = 11  # the decoder's injected noise (torch's global generator)
 PROMPT, NEGATIVE = "a red fox runs through snow", "blurry, static"
 
@@ -79,12 +83,28 @@ def _same_decode_noise(monkeypatch, mix: np.ndarray) -> None:
                         lambda shape, seed: (mix_ours, lambda s: mx.array(torch.randn(s).numpy())))  # fmt: skip
 
 
+def _same_posterior_noise(monkeypatch, *draws: np.ndarray) -> None:
+    """Our posterior draws: ``draws[index]`` (diffusers' layout) for the ``index``-th encoded image."""
+    ours = [mx.array(d.transpose(0, 2, 3, 4, 1)) for d in draws]
+
+    def posterior_noise(seed, index, shape):
+        assert tuple(ours[index].shape) == tuple(shape)
+        return ours[index]
+
+    monkeypatch.setattr(conditioning, "posterior_noise", posterior_noise)
+
+
 def _reference(cls, folder, monkeypatch, module, draws, **kwargs) -> np.ndarray:
-    monkeypatch.setattr(module, "randn_tensor", FixedNoise(*draws))
+    """diffusers' frames, its ``randn_tensor`` draws (the pipeline's and the posterior samples') taken from
+    ``draws`` in order."""
+    fixed = FixedNoise(*draws)
+    monkeypatch.setattr(module, "randn_tensor", fixed)
+    monkeypatch.setattr(diffusers_vae, "randn_tensor", fixed)
     ref = cls.from_pretrained(folder, dtype=torch.float32)
     torch.manual_seed(TORCH_SEED)
     with torch.no_grad():
         out = ref(output_type="np", **kwargs).frames
+    assert not fixed.queue  # every draw given was taken
     return np.asarray(out[0], dtype=np.float32)
 
 
@@ -94,19 +114,25 @@ COMMON = dict(negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_frames=F
 
 def test_image_to_video_matches_diffusers(i2v, monkeypatch):
     version, folder, pipe = i2v
-    noise = _noise(0)
-    # diffusers' generator draws the image's posterior sample (1, C, 1, h, w), then the decode noise.
-    generator = torch.Generator().manual_seed(5)
-    torch.randn((1, 16, 1, 2, 3), generator=generator)
-    mix = torch.randn(LATENT, generator=generator).numpy()
-    expected = _reference(LTXImageToVideoPipeline, folder, monkeypatch, pipeline_ltx_image2video, [noise],
+    posterior, noise = _noise(9, IMAGE_LATENT), _noise(0)
+    # diffusers draws the photo's posterior sample, then the initial noise (both ``randn_tensor``); its
+    # decode noise comes from the generator (``torch.randn``), the first draw since the others are given.
+    mix = torch.randn(LATENT, generator=torch.Generator().manual_seed(5)).numpy()
+    expected = _reference(LTXImageToVideoPipeline, folder, monkeypatch, pipeline_ltx_image2video, [posterior, noise],
                           image=_photo(), prompt=PROMPT, frame_rate=24, generator=torch.Generator().manual_seed(5),
                           **COMMON)  # fmt: skip
     _same_decode_noise(monkeypatch, mix)
+    _same_posterior_noise(monkeypatch, posterior)
     torch.manual_seed(TORCH_SEED)
     video = pipe(_photo(), PROMPT, latents=noise, fps=24, **COMMON)
     assert video.frames.shape == expected.shape == (FRAMES, HEIGHT, WIDTH, 3)
     assert np.abs(video.frames - expected).max() < 2e-3
+    # The posterior sample matters: the posterior mean (zero noise) misses diffusers' frames.
+    _same_posterior_noise(monkeypatch, np.zeros(IMAGE_LATENT, np.float32))
+    torch.manual_seed(TORCH_SEED)
+    mean = pipe(_photo(), PROMPT, latents=noise, fps=24, **COMMON)
+    assert np.abs(mean.frames - expected).max() > 1e-2
+    _same_posterior_noise(monkeypatch, posterior)
     assert video.fps == 24 and video.metadata["decode_timestep"] == 0.05
     # The clip moves away from the photo, and the frame rate conditions the model.
     assert np.abs(video.frames[-1] - video.frames[0]).max() > 1e-2
@@ -118,7 +144,8 @@ def test_image_to_video_matches_diffusers(i2v, monkeypatch):
 def test_text_to_video_matches_diffusers(i2v, monkeypatch):
     version, folder, pipe = i2v
     noise, mix = _noise(1), _noise(2)
-    expected = _reference(LTXPipeline, folder, monkeypatch, pipeline_ltx, [noise, mix], prompt=PROMPT, **COMMON)
+    draws = [noise] if version == "0.9.0" else [noise, mix]  # the 0.9.0 decoder takes no timestep: no mix
+    expected = _reference(LTXPipeline, folder, monkeypatch, pipeline_ltx, draws, prompt=PROMPT, **COMMON)
     _same_decode_noise(monkeypatch, mix)
     torch.manual_seed(TORCH_SEED)
     video = pipe(None, PROMPT, latents=noise, **COMMON)
@@ -203,13 +230,14 @@ def condition(tiny_ltx_condition_dir):
 def test_condition_image_matches_diffusers(condition, monkeypatch, strength, noise_scale):
     """Frame 0 held fully with per-step noise, or at strength 0.6 (frozen tokens until t < 400)."""
     folder, pipe = condition
-    noise, mix = _noise(3), _noise(4)
+    noise, posterior, mix = _noise(3), _noise(12, IMAGE_LATENT), _noise(4)
     step_noises = [_noise(10 + i, (1, 18, 16)) for i in range(3)] if noise_scale else []
-    expected = _reference(LTXConditionPipeline, folder, monkeypatch, pipeline_ltx_condition, [noise, *step_noises, mix],
-                          image=_photo(), prompt=PROMPT, frame_rate=24, strength=strength,
-                          image_cond_noise_scale=noise_scale, generator=torch.Generator().manual_seed(5),
-                          **COMMON)  # fmt: skip
+    expected = _reference(LTXConditionPipeline, folder, monkeypatch, pipeline_ltx_condition,
+                          [noise, posterior, *step_noises, mix], image=_photo(), prompt=PROMPT, frame_rate=24,
+                          strength=strength, image_cond_noise_scale=noise_scale,
+                          generator=torch.Generator().manual_seed(5), **COMMON)  # fmt: skip
     _same_decode_noise(monkeypatch, mix)
+    _same_posterior_noise(monkeypatch, posterior)
     queue = [mx.array(n.reshape(1, 3, 2, 3, 16)) for n in step_noises]
     monkeypatch.setattr(conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
     torch.manual_seed(TORCH_SEED)
@@ -248,13 +276,14 @@ DISTILLED_TIMESTEPS = [1000, 993, 987, 981, 975, 909, 725, 0.03]
 
 def test_distilled_preset_matches_diffusers_given_its_timesteps(condition, monkeypatch):
     folder, pipe = condition
-    noise, mix = _noise(7), _noise(8)
+    noise, posterior, mix = _noise(7), _noise(13, IMAGE_LATENT), _noise(8)
     size = dict(height=HEIGHT, width=WIDTH, num_frames=FRAMES, image_cond_noise_scale=0.0)
-    expected = _reference(LTXConditionPipeline, folder, monkeypatch, pipeline_ltx_condition, [noise, mix],
+    expected = _reference(LTXConditionPipeline, folder, monkeypatch, pipeline_ltx_condition, [noise, posterior, mix],
                           image=_photo(), prompt=PROMPT, timesteps=DISTILLED_TIMESTEPS, guidance_scale=1.0,
                           decode_timestep=0.05, decode_noise_scale=0.025, generator=torch.Generator().manual_seed(5),
                           **size)  # fmt: skip
     _same_decode_noise(monkeypatch, mix)
+    _same_posterior_noise(monkeypatch, posterior)
     passes = []
     video = pipe(_photo(), PROMPT, preset="distilled", latents=noise, on_step=lambda *a: passes.append(a[2]), **size)
     assert np.abs(video.frames - expected).max() < 2e-3
@@ -280,15 +309,18 @@ def test_last_image_keyframe_matches_diffusers(condition, monkeypatch):
     diffusers 0.42.1 keeps only the first of ``image=[...]`` when no video list is given."""
     folder, pipe = condition
     last = _photo().transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    noise, key_noise, mix = _noise(20), _noise(21, (1, 16, 1, 2, 3)), _noise(22)
+    noise, key_noise, mix = _noise(20), _noise(21, IMAGE_LATENT), _noise(22)
+    posteriors = _noise(26, IMAGE_LATENT), _noise(27, IMAGE_LATENT)  # the first photo's, the last photo's
     step_noises = [_noise(23 + i, (1, 6 + 18, 16)) for i in range(3)]  # keyframe tokens first
+    # diffusers' draw order: initial noise, then per condition its posterior sample (and a keyframe's noise).
     expected = _reference(LTXConditionPipeline, folder, monkeypatch, pipeline_ltx_condition,
-                          [noise, key_noise, *step_noises, mix],
+                          [noise, posteriors[0], posteriors[1], key_noise, *step_noises, mix],
                           conditions=[LTXVideoCondition(image=_photo(), frame_index=0),
                                       LTXVideoCondition(image=last, frame_index=FRAMES - 1)],
                           prompt=PROMPT, image_cond_noise_scale=0.15, generator=torch.Generator().manual_seed(5),
                           **COMMON)  # fmt: skip
     _same_decode_noise(monkeypatch, mix)
+    _same_posterior_noise(monkeypatch, *posteriors)
     key_noise_ours = mx.array(key_noise.transpose(0, 2, 3, 4, 1))
     monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, shape: key_noise_ours)
     queue = [mx.array(np.concatenate([n[:, 6:], n[:, :6]], axis=1).reshape(1, 4, 2, 3, 16)) for n in step_noises]
