@@ -366,3 +366,16 @@ def test_tiled_decode_is_diffusers_tiled_decode(condition, monkeypatch):
     assert np.abs(ours - expected).max() < 2e-4
     untiled = pipe.decode(mx.array(z.transpose(0, 2, 3, 4, 1)), settings)
     assert np.abs(untiled - ours).max() > 1e-4  # the tiles really were used
+
+
+def test_posterior_noise_is_the_seeds_own_draw_per_image():
+    """Each encoded image gets its own standard-normal draw, reproducible from the seed and apart from the
+    keyframe's and the decode's; drawn in diffusers' (1, C, T, h, w) order, returned channels-last."""
+    shape = (1, 1, 2, 3, 16)
+    head, tail = (np.array(conditioning.posterior_noise(3, i, shape)) for i in (0, 1))
+    assert head.shape == shape and np.array_equal(head, np.array(conditioning.posterior_noise(3, 0, shape)))
+    others = [tail, np.array(conditioning.posterior_noise(4, 0, shape)),
+              np.array(conditioning.keyframe_noise(3, shape)), np.array(ltx_family.decode_noises(shape, 3)[0])]
+    assert all(np.abs(head - other).max() > 0.1 for other in others)
+    key = mx.random.split(mx.random.key(3), 5)[3]
+    np.testing.assert_array_equal(head, np.array(mx.random.normal((1, 16, 1, 2, 3), key=key)).transpose(0, 2, 3, 4, 1))
