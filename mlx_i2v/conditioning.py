@@ -13,7 +13,6 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from .models.ltx.vae import sample_posterior
 from .motion import amplify_motion
 
 
@@ -119,7 +118,7 @@ def encode_sample(vae, video: np.ndarray, seed: int, index: int = 0) -> mx.array
     mean, logvar = vae.encode(mx.array(video)[None])
     mean, logvar = mean.astype(mx.float32), logvar.astype(mx.float32)
     noise = posterior_noise(seed, index, mean.shape)
-    return vae.normalize_latents(sample_posterior(mean, logvar, noise))
+    return vae.normalize_latents(mean + mx.exp(0.5 * logvar) * noise)  # diffusers' latent_dist.sample()
 
 
 @dataclass(frozen=True)
