@@ -289,12 +289,8 @@ def diffusers_ltx(job: dict[str, Any], device: str, dtype: Any) -> tuple[type, d
 
     draws = FixedDraws([np.load(job["noise"]), *np.load(job["step_noise"]), np.load(job["decode_noise"])])
     pipeline_ltx_condition.randn_tensor = draws
-    settings = job["ltx"]
-    kwargs = dict(
-        frame_rate=settings["fps"], strength=settings["strength"], image_cond_noise_scale=settings["image_cond_noise_scale"],
-        decode_timestep=settings["decode_timestep"], decode_noise_scale=settings["decode_noise_scale"],
-        generator=torch.Generator(device).manual_seed(0),
-    )  # fmt: skip
+    kwargs = {k: v for k, v in job["ltx"].items() if k != "fps"}  # diffusers' names but for the frame rate
+    kwargs.update(frame_rate=job["ltx"]["fps"], generator=torch.Generator(device).manual_seed(0))
     return LTXConditionPipeline, kwargs, draws.check_used
 
 
@@ -712,8 +708,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, help="5 (Wan), 3 (LTX)")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (30 in TI2V-5B, 28 in LTX 2B)")
     parser.add_argument("--text-layers", type=int, default=1, help="UMT5 / T5 layers (24 in umt5-xxl and t5-v1_1-xxl)")
-    parser.add_argument("--text-vocab", type=int, default=512, help="text embedding rows (256384 in umt5-xxl, 32128 in T5)")
-    parser.add_argument("--vae", choices=list(VAE_WIDTHS), default="full", help="Wan: the real Wan2.2 VAE or an eighth of its widths")
+    parser.add_argument("--text-vocab", type=int, default=512, help="embedding rows (256384 in umt5-xxl, 32128 in T5)")
+    parser.add_argument("--vae", choices=list(VAE_WIDTHS), default="full", help="Wan: the real VAE or an eighth of it")
     parser.add_argument("--matmul-repeats", type=int, default=3, help="Wan: timings of each denoise matmul (0: skip)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--torch-device", default="auto", help="cpu, cuda, mps or auto")
