@@ -1,4 +1,5 @@
-"""diffusers (PyTorch) vs mlx-i2v on the same Wan2.2-TI2V-5B-width job, on this machine, in one run.
+"""diffusers (PyTorch) vs mlx-i2v on the same Wan2.2-TI2V-5B-width (or LTX-Video-2B-width) job, on this
+machine, in one run.
 
 Both frameworks get the same random-weight pipeline (saved once with diffusers' ``save_pretrained``), the
 same photo, prompts, size, frames, steps, guidance and initial noise. Each runs in its own fresh
@@ -15,14 +16,26 @@ one of the same architecture (base 20, decoder base 32: 11.4 M parameters), so t
 dominates the job. ``--layers 30 --text-layers 24 --text-vocab 256384`` is the full model, for a GPU or
 a Mac.
 
+``--family ltx`` runs LTX-Video image-to-video through ``LTXConditionPipeline`` (the 0.9.5+ pipeline) instead:
+the 2B transformer widths (32 heads x 64 = 2048, cross-attention 2048, caption channels 4096, FFN 8192,
+diffusers' defaults) with ``--layers`` (2 of 28) blocks, T5 v1.1-XXL widths (4096, 64 heads, FFN 10240)
+with ``--text-layers`` (1 of 24) layer and a ``--text-vocab`` (512) row table, and the real 0.9.5 VAE
+(encoder 694 M + decoder 553 M parameters). Its pipeline draws random numbers of its own besides the
+initial noise: the conditioning noise on the held image latents at every step, and the noise mixed into
+the latents before the timestep-conditioned decode. Both sides are given the same draws (diffusers'
+``randn_tensor`` replaced by one that returns them; mlx-i2v's ``conditioning_noise`` and ``decode_noises``
+likewise), as ``tests/test_ltx_pipeline.py`` does. The VAE's posterior is made deterministic as in the
+tests (log-variance at the clamp, -30), since diffusers samples it and mlx-i2v takes its mean.
+
 Each side also times its denoise stage's matmuls alone (``matmuls.py``: the same products at the job's
-shapes, back to back), so the report says how far each framework's denoise stage is from its matmuls.
+shapes, back to back; Wan only), so the report says how far each framework's denoise stage is from its matmuls.
 
 Usage::
 
     python benchmarks/compare_diffusers.py                 # 256x384 (HxW), 41 frames, 2 steps, CFG 5
     python benchmarks/compare_diffusers.py --vae small     # the same with a narrow VAE: denoise dominates
     python benchmarks/compare_diffusers.py --cache-dir /tmp/wan-bench --no-readme
+    python benchmarks/compare_diffusers.py --family ltx --json benchmarks/results_ltx.json  # 33 frames, CFG 3
 
 On Linux, MLX's CPU wheel ships a slow reference BLAS; the MLX subprocess gets Debian's OpenBLAS with
 ``LD_PRELOAD`` (``--blas``), while PyTorch keeps the MKL it is built with (no preload: it has its own).
@@ -38,6 +51,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -85,10 +99,38 @@ def wan22_vae_config(size: str = "full") -> dict[str, Any]:
     )  # fmt: skip
 
 
+# LTX-Video 2B transformer widths: diffusers' ``LTXVideoTransformer3DModel`` defaults (ltx.md §1.2), written
+# out; the FFN is its default 4 x 2048. The block count (28 in 2B) comes from --layers.
+LTX_2B_TRANSFORMER = dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=64,
+    cross_attention_dim=2048, caption_channels=4096, qk_norm="rms_norm_across_heads",
+)  # fmt: skip
+# google/t5-v1_1-xxl encoder widths (ltx.md §1.2); layers and vocabulary come from the command line.
+T5_XXL = dict(
+    d_model=4096, d_kv=64, d_ff=10240, num_heads=64, relative_attention_num_buckets=32,
+    relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+)  # fmt: skip
+# The 0.9.5 VAE (also 0.9.6-0.9.8's): diffusers ``scripts/convert_ltx_to_diffusers.py::get_vae_config("0.9.5")``.
+LTX095_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=128, block_out_channels=(128, 256, 512, 1024, 2048),
+    down_block_types=("LTXVideo095DownBlock3D",) * 4, decoder_block_out_channels=(256, 512, 1024),
+    layers_per_block=(4, 6, 6, 2, 2), decoder_layers_per_block=(5, 5, 5, 5),
+    spatio_temporal_scaling=(True, True, True, True), decoder_spatio_temporal_scaling=(True, True, True),
+    decoder_inject_noise=(False, False, False, False),
+    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"), upsample_residual=(True, True, True),
+    upsample_factor=(2, 2, 2), timestep_conditioning=True, patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6,
+    scaling_factor=1.0, encoder_causal=True, decoder_causal=False, spatial_compression_ratio=32,
+    temporal_compression_ratio=8,
+)  # fmt: skip
+# LTXConditionPipeline settings of the LTX job: the photo held at frame 0 at full strength with the default
+# conditioning noise, and the official configs' decode timestep and noise (README "LTX-Video").
+LTX_SETTINGS = dict(fps=25.0, strength=1.0, image_cond_noise_scale=0.15, decode_timestep=0.05, decode_noise_scale=0.025)
+
+
 # --- workers (each runs in its own process) ----------------------------------------------------------
 
 
-def build_model(model_dir: Path, layers: int, text_layers: int, text_vocab: int, vae_size: str) -> None:
+def build_wan_model(model_dir: Path, layers: int, text_layers: int, text_vocab: int, vae_size: str) -> None:
     """Save the random-weight TI2V-5B-width pipeline as ``WanPipeline(expand_timesteps=True)``, the layout
     of Wan-AI/Wan2.2-TI2V-5B-Diffusers, reusing the tests' seeded builders."""
     import shutil
@@ -101,7 +143,7 @@ def build_model(model_dir: Path, layers: int, text_layers: int, text_vocab: int,
     from ref_text import build_text_encoder, build_tiny_tokenizer
     from ref_transformer import build_transformer
 
-    parts = model_dir.with_name(model_dir.name + ".parts")
+    parts = _parts(model_dir)
     shutil.rmtree(parts, ignore_errors=True)
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**wan22_vae_config(vae_size)).eval()
@@ -115,11 +157,60 @@ def build_model(model_dir: Path, layers: int, text_layers: int, text_vocab: int,
         boundary_ratio=None,
         expand_timesteps=True,
     )
+    _save(pipe, model_dir)
+
+
+def build_ltx_model(model_dir: Path, layers: int, text_layers: int, text_vocab: int, vae_size: str) -> None:
+    """Save the random-weight LTX-Video-2B-width pipeline as ``LTXConditionPipeline`` with the 0.9.5 VAE (the
+    layout of Lightricks/LTX-Video-0.9.5), reusing the tests' seeded builders; the VAE's posterior is made
+    deterministic as the tests make it (``ref_ltx_pipeline.make_posterior_deterministic``)."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKLLTXVideo, LTXConditionPipeline
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ref_ltx_pipeline import ltx_scheduler, make_posterior_deterministic
+    from ref_ltx_transformer import build_transformer
+    from ref_ltx_vae import randomize_
+    from ref_t5 import build_t5_encoder, build_t5_tokenizer
+
+    shutil.rmtree(_parts(model_dir), ignore_errors=True)
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTXVideo(**LTX095_VAE).eval()
+    randomize_(vae, seed=0)  # latent statistics, norms and biases away from their constant defaults
+    make_posterior_deterministic(vae)
+    _say(f"VAE: encoder {_millions(vae.encoder)} M, decoder {_millions(vae.decoder)} M parameters")
+    pipe = LTXConditionPipeline(
+        scheduler=ltx_scheduler("0.9.5"),
+        vae=vae,
+        text_encoder=build_t5_encoder(None, dict(T5_XXL, vocab_size=text_vocab, num_layers=text_layers)),
+        tokenizer=AutoTokenizer.from_pretrained(build_t5_tokenizer(_parts(model_dir) / "tokenizer")),
+        transformer=build_transformer(None, dict(LTX_2B_TRANSFORMER, num_layers=layers)),
+    )
+    _save(pipe, model_dir)
+
+
+def _millions(module: Any) -> int:
+    return round(sum(p.numel() for p in module.parameters()) / 1e6)
+
+
+def _parts(model_dir: Path) -> Path:
+    """Where a build keeps the files its components are made from (tokenizers)."""
+    return model_dir.with_name(model_dir.name + ".parts")
+
+
+def _save(pipe: Any, model_dir: Path) -> None:
+    """Save ``pipe`` with ``save_pretrained`` by way of a temporary folder (a half-written model is never
+    mistaken for a cached one), and remove the build's parts."""
+    import shutil
+
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    shutil.rmtree(parts)
-    tmp.rename(model_dir)  # a half-written model is never mistaken for a cached one
+    shutil.rmtree(_parts(model_dir), ignore_errors=True)
+    tmp.rename(model_dir)
 
 
 def _peak_rss_gb() -> float:
@@ -158,17 +249,62 @@ def _denoise_matmuls(job: dict[str, Any], context_once: bool) -> list:
     return denoise_matmuls(config, latent_shape=latent, rows=rows, steps=job["steps"], context_once=context_once)
 
 
-def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
-    """diffusers' ``WanImageToVideoPipeline`` with its components timed: stage boundaries are the end of
-    the last text-encoder call, the end of ``vae.encode`` and the start of ``vae.decode``."""
+class FixedDraws:
+    """Stands in for diffusers' ``randn_tensor`` in a pipeline module: returns the given arrays in order,
+    checking each one's shape, so that diffusers' own draws are the ones mlx-i2v is given."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.queue = list(arrays)
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
+        import torch
+
+        array = self.queue.pop(0)
+        if tuple(array.shape) != tuple(shape):
+            raise RuntimeError(f"diffusers drew {tuple(shape)}, the next given draw is {array.shape}")
+        return torch.from_numpy(array.copy()).to(device=device, dtype=dtype or torch.float32)
+
+    def check_used(self) -> None:
+        if self.queue:
+            raise RuntimeError(f"diffusers left {len(self.queue)} of the given draws unused")
+
+
+def diffusers_wan(job: dict[str, Any], device: str, dtype: Any) -> tuple[type, dict[str, Any], Callable]:
+    """``WanImageToVideoPipeline`` and its call's own arguments: the initial noise as ``latents``."""
     import torch
     from diffusers import WanImageToVideoPipeline
+
+    latents = torch.from_numpy(np.load(job["noise"])).to(device, dtype)
+    return WanImageToVideoPipeline, dict(latents=latents, max_sequence_length=512), lambda: None
+
+
+def diffusers_ltx(job: dict[str, Any], device: str, dtype: Any) -> tuple[type, dict[str, Any], Callable]:
+    """``LTXConditionPipeline`` with the photo at frame 0. It ignores ``latents`` at full denoise strength and
+    draws its noises with ``randn_tensor``: the initial noise, one conditioning noise per step, the decode's
+    noise, in that order; they are replaced by the job's. Its generator only samples the (deterministic)
+    posterior."""
+    import torch
+    from diffusers import LTXConditionPipeline
+    from diffusers.pipelines.ltx import pipeline_ltx_condition
+
+    draws = FixedDraws([np.load(job["noise"]), *np.load(job["step_noise"]), np.load(job["decode_noise"])])
+    pipeline_ltx_condition.randn_tensor = draws
+    kwargs = {k: v for k, v in job["ltx"].items() if k != "fps"}  # diffusers' names but for the frame rate
+    kwargs.update(frame_rate=job["ltx"]["fps"], generator=torch.Generator(device).manual_seed(0))
+    return LTXConditionPipeline, kwargs, draws.check_used
+
+
+def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The family's diffusers pipeline with its components timed: stage boundaries are the end of the last
+    text-encoder call, the end of ``vae.encode`` and the start of ``vae.decode``."""
+    import torch
     from PIL import Image
 
     device = job["torch_device"]
     dtype = getattr(torch, job["dtype"])
+    pipeline_class, family_kwargs, check = FAMILIES[job["family"]].diffusers(job, device, dtype)
     tic = time.perf_counter()
-    pipe = WanImageToVideoPipeline.from_pretrained(job["model_dir"], torch_dtype=dtype).to(device)
+    pipe = pipeline_class.from_pretrained(job["model_dir"], torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - tic
     rss_after_load = _peak_rss_gb()
@@ -200,7 +336,6 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
     pipe.vae.decode = timed("decode", pipe.vae.decode)
     pipe.vae.decoder.forward = timed("decoder chunk", pipe.vae.decoder.forward)  # one per latent frame
 
-    latents = torch.from_numpy(np.load(job["noise"])).to(device, dtype)
     load_before = os.getloadavg()
     start, cpu_start = time.perf_counter(), _cpu_s()
     with torch.no_grad():
@@ -208,10 +343,11 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
             image=Image.open(job["photo"]).convert("RGB"), prompt=job["prompt"],
             negative_prompt=job["negative_prompt"], height=job["height"], width=job["width"],
             num_frames=job["frames"], num_inference_steps=job["steps"], guidance_scale=job["guidance"],
-            latents=latents, output_type="np", max_sequence_length=512,
+            output_type="np", **family_kwargs,
         ).frames[0]  # fmt: skip
     sync()
     end, cpu = time.perf_counter(), _cpu_s() - cpu_start
+    check()
     text_end = max(e for n, _, e in events if n == "text")
     encode_end = max(e for n, _, e in events if n == "encode")
     decode_start = min(s for n, s, _ in events if n == "decode")
@@ -242,13 +378,42 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
     }
 
 
+def mlx_wan(job: dict[str, Any]) -> tuple[dict[str, Any], Callable]:
+    """The Wan call's own arguments: the initial noise as ``latents``."""
+    return dict(latents=np.load(job["noise"])), lambda: None
+
+
+def mlx_ltx(job: dict[str, Any]) -> tuple[dict[str, Any], Callable]:
+    """The LTX call's own arguments, with diffusers' draws given: the initial noise as ``latents``, the
+    per-step conditioning noises and the decode's noise in place of those drawn from the seed."""
+    import mlx.core as mx
+
+    from mlx_i2v import conditioning, ltx_family
+
+    noise = np.load(job["noise"])  # (1, C, T, h, w)
+    _, channels, frames, h, w = noise.shape
+    steps = [mx.array(n.reshape(1, frames, h, w, channels)) for n in np.load(job["step_noise"])]  # from (1, L, C)
+    conditioning.conditioning_noise = lambda seed, t, shape: steps.pop(0)
+    mix = mx.array(np.load(job["decode_noise"]).transpose(0, 2, 3, 4, 1))
+    seeded = ltx_family.decode_noises
+    ltx_family.decode_noises = lambda shape, seed: (mix, seeded(shape, seed)[1])  # (0.9.5 injects no noise)
+
+    def check() -> None:
+        if steps:
+            raise RuntimeError(f"mlx-i2v left {len(steps)} of the conditioning noises unused")
+
+    return dict(latents=noise, **job["ltx"]), check
+
+
 def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
-    """mlx-i2v's ``WanPipeline`` with its own per-stage timings (``Video.stats``)."""
+    """mlx-i2v's pipeline with its own per-stage timings (``Video.stats``); fails if anything imported
+    torch."""
     import mlx.core as mx
     from PIL import Image
 
     from mlx_i2v import load_pipeline
 
+    family_kwargs, check = FAMILIES[job["family"]].mlx(job)
     tic = time.perf_counter()
     pipe = load_pipeline(job["model_dir"], dtype=job["dtype"])
     load_s = time.perf_counter() - tic
@@ -259,10 +424,13 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
     video = pipe(
         Image.open(job["photo"]).convert("RGB"), job["prompt"], negative_prompt=job["negative_prompt"],
         height=job["height"], width=job["width"], num_frames=job["frames"], num_inference_steps=job["steps"],
-        guidance_scale=job["guidance"], latents=np.load(job["noise"]),
+        guidance_scale=job["guidance"], **family_kwargs,
         on_step=lambda step, total, t: _say(f"step {step}/{total} at {time.perf_counter() - start:.1f}s"),
     )  # fmt: skip
     end, cpu = time.perf_counter(), _cpu_s() - cpu_start
+    check()
+    if "torch" in sys.modules:
+        raise RuntimeError("the mlx-i2v worker imported torch")
     np.save(out / "frames_mlx.npy", video.frames)
     peak_rss, mlx_peak = _peak_rss_gb(), mx.get_peak_memory() / 1e9  # before the matmul timing
     matmul = None
@@ -331,19 +499,26 @@ def _torch_device(name: str) -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def _inputs(work: Path, height: int, width: int, frames: int) -> tuple[Path, Path]:
-    """A smooth synthetic photo at exactly the frame size (so neither side resizes it) and the initial
-    noise in diffusers' (1, 48, T, H/16, W/16) layout."""
+def _inputs(work: Path, family: "BenchFamily", height: int, width: int, frames: int, steps: int) -> dict[str, str]:
+    """A smooth synthetic photo at exactly the frame size (so neither side resizes it), the initial noise in
+    diffusers' (1, C, T, h, w) latent layout and, for LTX, the pipeline's other draws: one conditioning noise
+    per step in its packed (1, T*h*w, C) token layout and the decode's noise, (1, C, T, h, w)."""
     from PIL import Image
 
     y, x = np.mgrid[0:height, 0:width]
     rgb = np.stack([x * 255 / width, y * 255 / height, 128 + 127 * np.sin((x + y) / 17)], axis=-1)
     photo = work / "photo.png"
     Image.fromarray(rgb.astype(np.uint8)).save(photo)
-    shape = (1, 48, (frames - 1) // 4 + 1, height // 16, width // 16)
-    noise = work / "noise.npy"
-    np.save(noise, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
-    return photo, noise
+    temporal, spatial = family.strides
+    c, t, h, w = family.latent_channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
+    shapes = {"noise": (1, c, t, h, w)}
+    if family.draws_noise:
+        shapes.update(step_noise=(steps, 1, t * h * w, c), decode_noise=(1, c, t, h, w))
+    paths = {"photo": str(photo)}
+    for seed, (name, shape) in enumerate(shapes.items()):
+        paths[name] = str(work / f"{name}.npy")
+        np.save(paths[name], np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+    return paths
 
 
 def compare(results: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -401,8 +576,7 @@ def markdown(report: dict[str, Any]) -> str:
 - Software: {mach['os']}, Python {mach['python']}; mlx {mach['mlx']} on `{m['device']}` with BLAS
   `{report['mlx_blas'] or 'as shipped'}`; torch {mach['torch']} on `{job['torch_device']}` ({d['threads']} threads{', ' + mach['cuda'] if mach.get('cuda') else ''});
   diffusers {mach['diffusers']}; transformers {mach['transformers']}; {job['dtype']} on both sides.
-- Model: TI2V-5B widths with {job['layers']} transformer blocks, {job['text_layers']} UMT5 layer(s) (vocabulary
-  {job['text_vocab']}), {VAE_NAMES[job.get('vae', 'full')]}.
+- Model: {FAMILIES[job.get('family', 'wan')].describe(job)}
 - Job: height {job['height']} x width {job['width']}, {job['frames']} frames, {job['steps']} steps, guidance
   {job['guidance']:g} (CFG: batch of 2); {c['frames_shape'][0]} frames out.
 - 1-minute load average before -> after each run (other work on the machine inflates wall times, not
@@ -469,19 +643,74 @@ def write_readme(section: str, marker: str, end: str = RESULTS_END) -> None:
     README.write_text(text)
 
 
+@dataclass(frozen=True)
+class BenchFamily:
+    """What a model family brings to the comparison; the rest of the script is the same for both."""
+
+    frames: int  # default frame count and guidance
+    guidance: float
+    latent_channels: int
+    strides: tuple[int, int]  # the VAE's (temporal, spatial) compression
+    draws_noise: bool  # the pipeline draws noise beyond the initial latents (given to both sides)
+    matmuls: bool  # matmuls.py knows its transformer
+    build: Callable[..., None]
+    diffusers: Callable[..., tuple[type, dict[str, Any], Callable]]
+    mlx: Callable[..., tuple[dict[str, Any], Callable]]
+    model_name: Callable[[argparse.Namespace], str]  # the cached model folder's name
+    tag: Callable[[argparse.Namespace], str]  # appended to run folders and README markers
+    describe: Callable[[dict[str, Any]], str]  # the README's "Model:" line
+
+
+def _vae_tag(args: argparse.Namespace) -> str:
+    return "" if args.vae == "full" else f"-vae{args.vae}"
+
+
+def _describe_wan(job: dict[str, Any]) -> str:
+    return f"""TI2V-5B widths with {job['layers']} transformer blocks, {job['text_layers']} UMT5 layer(s) (vocabulary
+  {job['text_vocab']}), {VAE_NAMES[job.get('vae', 'full')]}."""
+
+
+def _describe_ltx(job: dict[str, Any]) -> str:
+    s = job["ltx"]
+    return f"""LTX-Video 2B widths (32 heads x 64, cross-attention 2048, caption channels 4096, FFN 8192) with
+  {job['layers']} transformer blocks (of 28), T5 v1.1-XXL widths with {job['text_layers']} layer(s) (vocabulary
+  {job['text_vocab']}), the real 0.9.5 VAE (encoder 694 M + decoder 553 M parameters), image to video through
+  `LTXConditionPipeline` on both sides: the photo at frame 0 with strength {s['strength']:g} and conditioning
+  noise {s['image_cond_noise_scale']:g}, frame rate {s['fps']:g}, decode timestep {s['decode_timestep']:g} and
+  noise {s['decode_noise_scale']:g}; every random draw (initial, per-step conditioning and decode noise) given
+  to both sides, the VAE posterior deterministic (log-variance -30)."""
+
+
+FAMILIES = {
+    "wan": BenchFamily(
+        frames=41, guidance=5.0, latent_channels=48, strides=(4, 16), draws_noise=False, matmuls=True,
+        build=build_wan_model, diffusers=diffusers_wan, mlx=mlx_wan,
+        model_name=lambda a: f"ti2v5b-widths-l{a.layers}-t{a.text_layers}-v{a.text_vocab}{_vae_tag(a)}",
+        tag=_vae_tag, describe=_describe_wan,
+    ),
+    "ltx": BenchFamily(
+        frames=33, guidance=3.0, latent_channels=128, strides=(8, 32), draws_noise=True, matmuls=False,
+        build=build_ltx_model, diffusers=diffusers_ltx, mlx=mlx_ltx,
+        model_name=lambda a: f"ltx2b-widths-l{a.layers}-t{a.text_layers}-v{a.text_vocab}-vae095",
+        tag=lambda a: "-ltx", describe=_describe_ltx,
+    ),
+}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=list(FAMILIES), default="wan", help="Wan2.2-TI2V-5B or LTX-Video 2B widths")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "mlx-i2v-bench")
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=384)
-    parser.add_argument("--frames", type=int, default=41)
+    parser.add_argument("--frames", type=int, help="41 (Wan), 33 (LTX)")
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--layers", type=int, default=2, help="transformer blocks (30 in TI2V-5B)")
-    parser.add_argument("--text-layers", type=int, default=1, help="UMT5 layers (24 in umt5-xxl)")
-    parser.add_argument("--text-vocab", type=int, default=512, help="UMT5 embedding rows (256384 in umt5-xxl)")
-    parser.add_argument("--vae", choices=list(VAE_WIDTHS), default="full", help="the real Wan2.2 VAE or an eighth of its widths")
-    parser.add_argument("--matmul-repeats", type=int, default=3, help="timings of each denoise matmul (0: skip)")
+    parser.add_argument("--guidance", type=float, help="5 (Wan), 3 (LTX)")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks (30 in TI2V-5B, 28 in LTX 2B)")
+    parser.add_argument("--text-layers", type=int, default=1, help="UMT5 / T5 layers (24 in umt5-xxl and t5-v1_1-xxl)")
+    parser.add_argument("--text-vocab", type=int, default=512, help="embedding rows (256384 in umt5-xxl, 32128 in T5)")
+    parser.add_argument("--vae", choices=list(VAE_WIDTHS), default="full", help="Wan: the real VAE or an eighth of it")
+    parser.add_argument("--matmul-repeats", type=int, default=3, help="Wan: timings of each denoise matmul (0: skip)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--torch-device", default="auto", help="cpu, cuda, mps or auto")
     parser.add_argument("--blas", default=DEFAULT_BLAS, help="library preloaded for MLX on Linux ('' for none)")
@@ -492,9 +721,12 @@ def main() -> None:
     parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    family = FAMILIES[args.family]
+    if args.family != "wan" and args.vae != "full":
+        parser.error("--vae applies to the Wan job only")
 
     if args.worker == "build":
-        build_model(args.model_dir, args.layers, args.text_layers, args.text_vocab, args.vae)
+        family.build(args.model_dir, args.layers, args.text_layers, args.text_vocab, args.vae)
         return
     if args.worker is not None:
         job = json.loads(args.job.read_text())
@@ -503,25 +735,29 @@ def main() -> None:
         (out / f"result_{args.worker}.json").write_text(json.dumps(result, indent=2))
         return
 
-    vae_tag = "" if args.vae == "full" else f"-vae{args.vae}"
-    model_dir = args.cache_dir / f"ti2v5b-widths-l{args.layers}-t{args.text_layers}-v{args.text_vocab}{vae_tag}"
-    work = args.cache_dir / f"run-{args.height}x{args.width}x{args.frames}-s{args.steps}-{args.dtype}{vae_tag}"
+    frames = args.frames or family.frames
+    guidance = family.guidance if args.guidance is None else args.guidance
+    tag = family.tag(args)
+    model_dir = args.cache_dir / family.model_name(args)
+    work = args.cache_dir / f"run-{args.height}x{args.width}x{frames}-s{args.steps}-{args.dtype}{tag}"
     work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if not model_dir.exists():
         print(f"building {model_dir.name} ...", flush=True)
-        _child(["--worker", "build", "--model-dir", str(model_dir), "--layers", str(args.layers),
-                "--text-layers", str(args.text_layers), "--text-vocab", str(args.text_vocab), "--vae", args.vae],
-               env, work / "build.log")  # fmt: skip
-    photo, noise = _inputs(work, args.height, args.width, args.frames)
+        _child(["--worker", "build", "--family", args.family, "--model-dir", str(model_dir), "--layers",
+                str(args.layers), "--text-layers", str(args.text_layers), "--text-vocab", str(args.text_vocab),
+                "--vae", args.vae], env, work / "build.log")  # fmt: skip
     job = {
-        "model_dir": str(model_dir), "photo": str(photo), "noise": str(noise), "prompt": PROMPT,
-        "negative_prompt": NEGATIVE_PROMPT, "height": args.height, "width": args.width, "frames": args.frames,
-        "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype,
+        "family": args.family, "model_dir": str(model_dir),
+        **_inputs(work, family, args.height, args.width, frames, args.steps), "prompt": PROMPT,
+        "negative_prompt": NEGATIVE_PROMPT, "height": args.height, "width": args.width, "frames": frames,
+        "steps": args.steps, "guidance": guidance, "dtype": args.dtype,
         "torch_device": _torch_device(args.torch_device), "layers": args.layers,
         "text_layers": args.text_layers, "text_vocab": args.text_vocab, "vae": args.vae,
-        "matmul_repeats": args.matmul_repeats,
+        "matmul_repeats": args.matmul_repeats if family.matmuls else 0,
     }  # fmt: skip
+    if args.family == "ltx":
+        job["ltx"] = LTX_SETTINGS
     job_file = work / "job.json"
     job_file.write_text(json.dumps(job, indent=2))
 
@@ -536,7 +772,8 @@ def main() -> None:
     comparison = compare(results, work)
     mach = machine()
     key = re.sub(r"[^a-z0-9]+", "-", f"{mach.get('cpu', '')}-{mach['cores']}c-{job['torch_device']}-"
-                 f"{args.height}x{args.width}x{args.frames}-s{args.steps}-l{args.layers}-{args.dtype}{vae_tag}".lower())  # fmt: skip
+                 f"{args.height}x{args.width}x{frames}-s{args.steps}-l{args.layers}-{args.dtype}{tag}".lower())  # fmt: skip
+    over_matmuls = comparison["denoise_over_matmuls"]["mlx"]
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "marker": f"<!-- bench:{key} -->",
@@ -551,7 +788,7 @@ def main() -> None:
             "plan": "plan_peak_gb" in results["mlx"]
             and abs(results["mlx"]["plan_peak_gb"] / results["mlx"]["mlx_peak_memory_gb"] - 1) <= 0.15,
             "denoise": comparison["ratio_stage_s"]["denoise"] <= 0.9,
-            "denoise_matmuls": (comparison["denoise_over_matmuls"]["mlx"] or float("inf")) <= 1.15,
+            "denoise_matmuls": None if over_matmuls is None else over_matmuls <= 1.15,  # None: not timed
         },
     }
     args.json.write_text(json.dumps(report, indent=2) + "\n")
