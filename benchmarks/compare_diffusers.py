@@ -163,8 +163,10 @@ def build_wan_model(model_dir: Path, layers: int, text_layers: int, text_vocab: 
 def make_posterior_deterministic(vae: Any) -> None:
     """The encoder's log-variance channel (its last output channel) at -30 for every input: the posterior's
     standard deviation becomes exp(-15) ~ 3e-7."""
+    import torch
+
     conv = vae.encoder.conv_out.conv
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         conv.weight[-1] = 0.0
         conv.bias[-1] = -30.0
 
