@@ -31,6 +31,7 @@ import mlx.nn as nn
 from ...components import ComponentType, load_component
 from ...errors import InvalidInputError, WeightLoadError
 from ...weights import IDENTITY, Rule, WeightMap, config_from_dict, conv_weight, flatten
+from ..vae_ops import patchify, unpatchify
 from .vae_blocks import (
     CausalConv3d,
     DownBlock3D,
@@ -175,20 +176,6 @@ def generation(cfg: LTXVAEConfig) -> str:
 
 
 # --- the model ----------------------------------------------------------------------------------------
-
-
-def patchify(x: mx.array, p: int) -> mx.array:
-    """(B, T, H, W, C) -> (B, T, H/p, W/p, C*p*p), channels ordered (c, p_w, p_h) like diffusers."""
-    b, t, h, w, c = x.shape
-    x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 6, 5, 3)
-    return x.reshape(b, t, h // p, w // p, c * p * p)
-
-
-def unpatchify(x: mx.array, p: int) -> mx.array:
-    """Inverse of :func:`patchify`: (B, T, h, w, C*p*p) -> (B, T, h*p, w*p, C)."""
-    b, t, h, w, cpp = x.shape
-    x = x.reshape(b, t, h, w, cpp // (p * p), p, p).transpose(0, 1, 2, 6, 3, 5, 4)
-    return x.reshape(b, t, h * p, w * p, cpp // (p * p))
 
 
 class Encoder(nn.Module):

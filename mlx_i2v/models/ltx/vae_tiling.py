@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-import numpy as np
 
+from ..vae_ops import blend, stitch
 from .vae import AutoencoderKLLTXVideo, noise_source
 from .vae_blocks import NoiseSource
 
@@ -53,51 +53,13 @@ class TemporalTiling:
             raise ValueError(f"tile stride must be in (0, frames], got {self}")
 
 
-def _ramps(extent: int) -> tuple[mx.array, mx.array]:
-    """float32 ramps (1 - y/e, y/e) for y < e, rounded from float64 as PyTorch rounds Python floats."""
-    y = np.arange(extent, dtype=np.float64) / extent
-    return mx.array((1 - y).astype(np.float32)), mx.array(y.astype(np.float32))
-
-
-def _blend(a: mx.array, b: mx.array, extent: int, axis: int) -> mx.array:
-    """diffusers' ``blend_t`` (axis 1), ``blend_v`` (axis 2) and ``blend_h`` (axis 3) on channels-last
-    (B, T, H, W, C): the first ``extent`` slices of ``b`` fade in from the last ones of ``a``."""
-    extent = min(a.shape[axis], b.shape[axis], extent)
-    if extent <= 0:
-        return b
-    wa, wb = _ramps(extent)
-    shape = [1] * b.ndim
-    shape[axis] = extent
-    a_end = mx.take(a, mx.arange(a.shape[axis] - extent, a.shape[axis]), axis=axis)
-    b_start = mx.take(b, mx.arange(extent), axis=axis)
-    b_rest = mx.take(b, mx.arange(extent, b.shape[axis]), axis=axis)
-    return mx.concatenate([a_end * wa.reshape(shape) + b_start * wb.reshape(shape), b_rest], axis=axis)
-
-
-def _stitch(tiles: list[list[mx.array]], blend: tuple[int, int], stride: tuple[int, int]) -> mx.array:
-    """Blend a grid of overlapping tiles (B, T, h, w, C) with their upper and left neighbours (already
-    blended, as diffusers' in-place version has them) and join their stride-sized corners."""
-    rows, previous = [], []
-    for i, row in enumerate(tiles):
-        blended: list[mx.array] = []
-        for j, tile in enumerate(row):
-            if i > 0:
-                tile = _blend(previous[j], tile, blend[0], axis=2)
-            if j > 0:
-                tile = _blend(blended[j - 1], tile, blend[1], axis=3)
-            blended.append(tile)
-        rows.append(mx.concatenate([t[:, :, : stride[0], : stride[1]] for t in blended], axis=3))
-        previous = blended
-    return mx.concatenate(rows, axis=2)
-
-
-def _chain(tiles: list[mx.array], blend: int, stride: int) -> mx.array:
+def _chain(tiles: list[mx.array], extent: int, stride: int) -> mx.array:
     """Blend a sequence of overlapping temporal tiles with their (blended) predecessors and join them:
     the first keeps ``stride + 1`` frames, the others ``stride``."""
     kept = [tiles[0][:, : stride + 1]]
     previous = tiles[0]
     for tile in tiles[1:]:
-        previous = _blend(previous, tile, blend, axis=1)
+        previous = blend(previous, tile, extent, axis=1)
         kept.append(previous[:, :stride])
     return mx.concatenate(kept, axis=1)
 
@@ -155,8 +117,8 @@ def _spatial_decode(
             row.append(vae.decoder(z[:, :, y : y + tile_h, x : x + tile_w], t, noise))
             mx.eval(row[-1])  # one tile's activations at a time
         tiles.append(row)
-    blend = (spatial.height - spatial.stride_height, spatial.width - spatial.stride_width)
-    out = _stitch(tiles, blend, (spatial.stride_height, spatial.stride_width))
+    extents = (spatial.height - spatial.stride_height, spatial.width - spatial.stride_width)
+    out = stitch(tiles, extents, (spatial.stride_height, spatial.stride_width))
     return out[:, :, : h * s, : w * s]
 
 
@@ -223,8 +185,8 @@ def _spatial_encode(vae: AutoencoderKLLTXVideo, x: mx.array, spatial: SpatialTil
             mx.eval(row[-1])
         tiles.append(row)
     stride = (spatial.stride_height // s, spatial.stride_width // s)
-    blend = (spatial.height // s - stride[0], spatial.width // s - stride[1])
-    return _stitch(tiles, blend, stride)[:, :, : h // s, : w // s]
+    extents = (spatial.height // s - stride[0], spatial.width // s - stride[1])
+    return stitch(tiles, extents, stride)[:, :, : h // s, : w // s]
 
 
 def _temporal_encode(

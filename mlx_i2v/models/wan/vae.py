@@ -26,6 +26,7 @@ from ...weights import (
     conv_weight,
     flatten,
 )
+from ..vae_ops import patchify, unpatchify
 from .vae_blocks import (
     CausalCache,
     CausalConv3d,
@@ -151,20 +152,6 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             x = block(x, cache, first_chunk)
         return cached_conv(self.conv_out, norm_silu(self.norm_out, x), cache)
-
-
-def patchify(x: mx.array, p: int) -> mx.array:
-    """(B, T, H, W, C) -> (B, T, H/p, W/p, C*p*p), channels ordered (c, p_w, p_h) like diffusers."""
-    b, t, h, w, c = x.shape
-    x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 6, 5, 3)
-    return x.reshape(b, t, h // p, w // p, c * p * p)
-
-
-def unpatchify(x: mx.array, p: int) -> mx.array:
-    """Inverse of :func:`patchify`: (B, T, h, w, C*p*p) -> (B, T, h*p, w*p, C)."""
-    b, t, h, w, cpp = x.shape
-    x = x.reshape(b, t, h, w, cpp // (p * p), p, p).transpose(0, 1, 2, 6, 3, 5, 4)
-    return x.reshape(b, t, h * p, w * p, cpp // (p * p))
 
 
 class AutoencoderKLWan(nn.Module):

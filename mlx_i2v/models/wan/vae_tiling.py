@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
-import numpy as np
 
-from .vae import AutoencoderKLWan, patchify, unpatchify
+from ..vae_ops import patchify, stitch, unpatchify
+from .vae import AutoencoderKLWan
 from .vae_blocks import CausalCache
 
 
@@ -41,48 +41,6 @@ class Tiling:
     def describe(self) -> str:
         """As a plan summary shows it."""
         return f"tiles {self.size} px, stride {self.stride} px"
-
-
-def _weights(extent: int) -> tuple[mx.array, mx.array]:
-    """float32 ramps (1 - y/e, y/e) for y < e, rounded from float64 as PyTorch rounds Python floats."""
-    y = np.arange(extent, dtype=np.float64) / extent
-    return mx.array((1 - y).astype(np.float32)), mx.array(y.astype(np.float32))
-
-
-def _blend(a: mx.array, b: mx.array, extent: int, axis: int) -> mx.array:
-    """diffusers' ``blend_v`` (axis 2) / ``blend_h`` (axis 3) on channels-last (B, T, H, W, C): the first
-    ``extent`` rows/columns of ``b`` fade in from the last ones of ``a``."""
-    extent = min(a.shape[axis], b.shape[axis], extent)
-    if extent <= 0:
-        return b
-    wa, wb = _weights(extent)
-    shape = [1] * b.ndim
-    shape[axis] = extent
-    wa, wb = wa.reshape(shape), wb.reshape(shape)
-    a_end = mx.take(a, mx.arange(a.shape[axis] - extent, a.shape[axis]), axis=axis)
-    b_start = mx.take(b, mx.arange(extent), axis=axis)
-    b_rest = mx.take(b, mx.arange(extent, b.shape[axis]), axis=axis)
-    return mx.concatenate([a_end * wa + b_start * wb, b_rest], axis=axis)
-
-
-def _stitch(tiles: list[list[mx.array]], blend: tuple[int, int], stride: tuple[int, int]) -> mx.array:
-    """Blend a grid of overlapping tiles (each (B, T, h, w, C)) and join their stride-sized corners.
-
-    Blending uses the already blended upper and left neighbours, as diffusers' in-place version does.
-    """
-    rows = []
-    previous_row: list[mx.array] = []
-    for i, row in enumerate(tiles):
-        blended: list[mx.array] = []
-        for j, tile in enumerate(row):
-            if i > 0:
-                tile = _blend(previous_row[j], tile, blend[0], axis=2)
-            if j > 0:
-                tile = _blend(blended[j - 1], tile, blend[1], axis=3)
-            blended.append(tile)
-        rows.append(mx.concatenate([t[:, :, : stride[0], : stride[1]] for t in blended], axis=3))
-        previous_row = blended
-    return mx.concatenate(rows, axis=2)
 
 
 def needs_decode_tiling(vae: AutoencoderKLWan, latent_hw: tuple[int, int], tiling: Tiling) -> bool:
@@ -125,7 +83,7 @@ def tiled_decode_frames(vae: AutoencoderKLWan, z: mx.array, tiling: Tiling = Til
                 mx.eval(out, caches[i][j].arrays())  # one tile at a time bounds the working set
                 row.append(out)
             tiles.append(row)
-        out = _stitch(tiles, (blend_px, blend_px), (stride_px, stride_px))[:, :, : h * s // p, : w * s // p]
+        out = stitch(tiles, (blend_px, blend_px), (stride_px, stride_px))[:, :, : h * s // p, : w * s // p]
         if cfg.patch_size is not None:
             out = unpatchify(out, p)
         out = mx.clip(out, -1.0, 1.0)
@@ -178,7 +136,7 @@ def tiled_encode(
                 mx.eval(out, caches[i][j].arrays())
                 row.append(out)
             tiles.append(row)
-        chunks.append(_stitch(tiles, (blend, blend), (stride_lat, stride_lat)))
+        chunks.append(stitch(tiles, (blend, blend), (stride_lat, stride_lat)))
         mx.eval(chunks[-1])
     enc = mx.concatenate(chunks, axis=1)[:, :, : height // ratio, : width // ratio]
     mean, logvar = mx.split(enc, 2, axis=-1)
