@@ -128,12 +128,14 @@ class TransformerLoras:
         at a time): the run-time factors of every delta on a weight the quantization recipe selects at
         ``group_size``, in ``dtype``. Float models merge instead and keep nothing."""
         per_expert = [0] * len(self.configs)
+        quantized: dict[int, set[str]] = {}  # per expert: the weights the recipe quantizes
         for a in self.active:
             for index in a.experts:
-                model = self.archs[index].build(self.configs[index])
-                quantized = {f"{p}.weight" for p in selected_layers(model, group_size)}
+                if index not in quantized:
+                    model = self.archs[index].build(self.configs[index])  # lazy: nothing is allocated
+                    quantized[index] = {f"{p}.weight" for p in selected_layers(model, group_size)}
                 for d in self._read(a.spec, index).deltas:
-                    if d.target not in quantized:
+                    if d.target not in quantized[index]:
                         continue
                     size = d.down.size + d.up.size if isinstance(d, LowRank) else d.tensor.size
                     per_expert[index] += size * dtype.size
