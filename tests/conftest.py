@@ -32,3 +32,15 @@ def tiny_ltx_condition_dir(tmp_path_factory) -> Path:
     from ref_ltx_pipeline import build_tiny_ltx
 
     return build_tiny_ltx(tmp_path_factory.mktemp("ltx_condition_tiny"), "0.9.5", "LTXConditionPipeline")
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory) -> Path:
+    """An 80x120 PNG with gradients in each channel, for the command-line tests."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    y, x = np.mgrid[0:80, 0:120]
+    Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(path)
+    return path

@@ -24,14 +24,6 @@ def _run(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Complete
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300, input=stdin)
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("photo") / "photo.png"
-    y, x = np.mgrid[0:80, 0:120]
-    Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(path)
-    return path
-
-
 def test_generate_writes_playable_mp4(tiny_ti2v_dir, photo, tmp_path):
     out = tmp_path / "clip.mp4"
     result = _run("generate", str(photo), "--prompt", "a fox", "--model", str(tiny_ti2v_dir), *GOOD,

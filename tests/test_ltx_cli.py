@@ -4,24 +4,13 @@ options refused on Wan and Wan-only options refused on LTX, each with one line a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import av
-import numpy as np
 import pytest
-from PIL import Image
 
 from test_cli import _run
 
 SMALL = ["--frames", "9", "--height", "64", "--width", "96", "--steps", "2", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("photo") / "photo.png"
-    y, x = np.mgrid[0:80, 0:120]
-    Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(path)
-    return path
 
 
 def test_generate_ltx_writes_playable_mp4(tiny_ltx_condition_dir, photo, tmp_path):

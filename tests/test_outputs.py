@@ -375,14 +375,6 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(EXE), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("photo") / "photo.png"
-    y, x = np.mgrid[0:80, 0:120]
-    Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(path)
-    return path
-
-
 def _generate(photo: Path, model: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return _run("generate", str(photo), "-p", "x", "--model", str(model), *GOOD, *args, cwd=cwd)
 
