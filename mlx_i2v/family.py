@@ -4,7 +4,7 @@ latents, how latents are decoded to frames, how many video frames a latent frame
 pipeline's optional features the family has.
 
 The families themselves are defined next to their variants: Wan in :mod:`mlx_i2v.variants`, LTX-Video in
-:mod:`mlx_i2v.ltx`.
+:mod:`mlx_i2v.ltx_family`.
 """
 
 from __future__ import annotations
