@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 TEXT_TOKENS = 512
-SCORE_BYTES_PER_CHUNK = 2 * 2**30
+# mlx_i2v.models.attention.CPU_WORKSPACE (64 MiB) holds two float32 copies of a chunk's scores.
+SCORE_BYTES_PER_CHUNK = 32 * 2**20
 
 
 @dataclass(frozen=True)

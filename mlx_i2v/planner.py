@@ -329,7 +329,8 @@ def latent_grid(vae: WanVAEConfig, height: int, width: int, num_frames: int) -> 
 
 
 def denoise_activations(
-    cfg: WanTransformerConfig, tokens: int, batch: int, dtype: mx.Dtype, fused: bool, budget: int, shards: int = 1
+    cfg: WanTransformerConfig, tokens: int, batch: int, dtype: mx.Dtype, fused: bool, budget: int, shards: int = 1,
+    cpu: bool = True,
 ) -> tuple[int, int | None]:
     """Activation peak of one transformer forward and the attention chunk it uses (None: unchunked).
 
@@ -337,7 +338,8 @@ def denoise_activations(
     (none with a fused kernel; else one chunk), the text cross-attention scores, FFN intermediate and
     activation, and a fixed part. With ``shards`` > 1 (sequence parallel) every per-token term covers
     this rank's shard, the attention keys span every token, and the gathered keys and values of the
-    whole sequence are held twice (as gathered, and in the attention's layout).
+    whole sequence are held twice (as gathered, and in the attention's layout). ``cpu``: chunked as on
+    the CPU (see :func:`~mlx_i2v.models.attention.attention_workspace`).
     """
     dim, heads = cfg.inner_dim, cfg.num_attention_heads
     local = math.ceil(tokens / shards)
@@ -346,7 +348,7 @@ def denoise_activations(
     self_scores = 0
     cross_scores = 0
     if not fused:
-        rows = query_chunk_size(batch, heads, local, tokens, attention_workspace(budget))
+        rows = query_chunk_size(batch, heads, local, tokens, attention_workspace(budget, cpu=cpu))
         chunk = rows if rows < local else None
         self_scores = batch * heads * rows * tokens * dtype.size
         cross_scores = batch * heads * local * TEXT_TOKENS * dtype.size
@@ -504,7 +506,7 @@ def plan_generation(
     tokens = dims.tokens(height, width, num_frames)
     # The steel kernel serves head dims 64/80/128 (every Wan transformer has 128).
     fused = backend == "metal" and dims.transformer.attention_head_dim in (64, 80, 128)
-    denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget, shards)
+    denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget, shards, backend == "cpu")
     denoise += batch * -(-tokens // shards) * dims.transformer.inner_dim * cache_bytes
 
     def vae_pass(stage: str, activations) -> tuple[Tiling | None, int]:

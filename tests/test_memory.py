@@ -99,7 +99,10 @@ def test_chunk_size_respects_the_workspace():
         assert chunk * per_query <= workspace < (chunk + 1) * per_query or chunk == 1
     assert attn.query_chunk_size(B, H, L, L, 1) == 1  # always progresses
     assert attn.query_chunk_size(1, 1, 10, 10, 10**12) == 10  # never more than the queries
-    assert attn.attention_workspace(8 * GB) == int(8 * GB * attn.ATTENTION_FRACTION)
+    assert attn.attention_workspace(8 * GB, cpu=False) == int(8 * GB * attn.ATTENTION_FRACTION)
+    # On the CPU small chunks are no slower, so the workspace stays small whatever the budget.
+    assert attn.attention_workspace(8 * GB, cpu=True) == attn.CPU_WORKSPACE
+    assert attn.attention_workspace(GB // 4, cpu=True) == GB // 4 * attn.ATTENTION_FRACTION
 
 
 def test_chunked_attention_peak_is_much_lower():
@@ -242,4 +245,5 @@ def test_plan_that_does_not_fit_says_what_would():
         planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.float32, quantize=4,
         backend="cpu", budget=16 * GB,
     )  # fmt: skip
-    assert cpu.attention_chunk == attn.query_chunk_size(2, 24, 27280, 27280, attn.attention_workspace(16 * GB))
+    chunk = attn.query_chunk_size(2, 24, 27280, 27280, attn.attention_workspace(16 * GB, cpu=True))
+    assert cpu.attention_chunk == chunk

@@ -31,6 +31,10 @@ from .elementwise import LOG2E, exp2_kernel, on_cpu, two_streams
 
 # Share of the memory budget one attention call may spend on its score matrix.
 ATTENTION_FRACTION = 1 / 8
+# On the CPU at most this much, whatever the budget: chunks this small are no slower there (a TI2V-5B
+# pass of 2 x 24 heads x 1056 tokens: 2.0 s in 64 MB chunks, 2.5 s unchunked, on 2 EPYC cores) and cut
+# the scores' 0.72 GB to 0.13 GB (benchmarks/README.md, "Attention chunks on the CPU").
+CPU_WORKSPACE = 64 * 2**20
 # Bytes reserved per score: the fallback keeps the scores and, when it cannot reuse their buffer for the
 # softmax, a second copy; counted in float32, the dtype the mask or a precise softmax may promote to.
 SCORE_BYTES = 2 * 4
@@ -55,9 +59,12 @@ def _on_cuda() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
 
 
-def attention_workspace(budget: int | None = None) -> int:
-    """Bytes one attention call may spend on scores: :data:`ATTENTION_FRACTION` of the budget."""
-    return int((memory_budget() if budget is None else budget) * ATTENTION_FRACTION)
+def attention_workspace(budget: int | None = None, *, cpu: bool | None = None) -> int:
+    """Bytes one attention call may spend on scores: :data:`ATTENTION_FRACTION` of the budget (default:
+    this process's), and on the CPU (``cpu``, default: whether MLX computes there) at most
+    :data:`CPU_WORKSPACE`."""
+    workspace = int((memory_budget() if budget is None else budget) * ATTENTION_FRACTION)
+    return min(workspace, CPU_WORKSPACE) if (on_cpu() if cpu is None else cpu) else workspace
 
 
 def query_chunk_size(batch: int, heads: int, q_len: int, k_len: int, workspace: int) -> int:
