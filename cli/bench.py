@@ -74,15 +74,15 @@ def _report(pipe, video, load_s: float, step_ends: list[float]) -> dict[str, Any
     """The figures of one run, from the pipeline's own stage timings and the per-step callbacks."""
     from dataclasses import replace
 
-    from mlx_i2v.flops import DiTShape, context_flops, forward_flops, step_flops, video_tokens
+    from mlx_i2v.flops import context_flops, forward_flops, step_flops
 
     m = video.metadata
     seconds = {"load": load_s, **video.stats["seconds"]}
     steps = m["num_inference_steps"]
     cfg = m["guidance_scale"] > 1.0 or (m.get("guidance_scale_2") or 0.0) > 1.0
-    shape = DiTShape.from_config(pipe.dims.transformer)
-    tokens = video_tokens(m["height"], m["width"], m["num_frames"],
-                          spatial_stride=pipe.dims.vae.scale_factor_spatial, patch_size=shape.patch_size)  # fmt: skip
+    text_tokens = pipe.variant.prompts.max_length
+    shape = pipe.dims.flop_shape(text_tokens)
+    tokens = pipe.dims.tokens(m["height"], m["width"], m["num_frames"])
     passes = 2 if cfg else 1
     denoise_s = seconds["denoise"]
     # on_step fires as each step ends and the stage ends just after the last one, so the first step's time
@@ -92,7 +92,7 @@ def _report(pipe, video, load_s: float, step_ends: list[float]) -> dict[str, Any
     counted = video.stats["transformer_passes"]
     skipped_pass = forward_flops(replace(shape, num_layers=counted["probe_blocks"]), tokens)
     flops = counted["computed"] * forward_flops(shape, tokens) + counted["skipped"] * skipped_pass
-    flops += context_flops(shape, passes)
+    flops += context_flops(shape, passes, text_tokens=text_tokens)
     return {
         "model": m["model"],
         "variant": m["variant"],

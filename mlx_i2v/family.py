@@ -48,7 +48,10 @@ class MaskedText(NamedTuple):
 
 
 class PromptEncoder(Protocol):
-    """Prompts -> the text rows the transformer's ``embed_context`` takes (one row per prompt)."""
+    """Prompts -> the text rows the transformer's ``embed_context`` takes (one row per prompt), each of
+    ``max_length`` tokens."""
+
+    max_length: int
 
     def __call__(self, tokenizer: Any, encoder: Any, prompts: list[str], names: Sequence[str] | None) -> Any:
         """``names`` label prompts in truncation warnings. Returns an array (B, L, D) or :class:`MaskedText`."""
@@ -74,8 +77,13 @@ class MaskedPrompts:
 
     encoding: MaskedPromptEncoding
 
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt row."""
+        return self.encoding.max_length
+
     def __call__(self, tokenizer, encoder, prompts, names):
-        ids, mask = tokenizer(prompts, max_length=self.encoding.max_length, names=names)
+        ids, mask = tokenizer(prompts, max_length=self.max_length, names=names)
         states, mask = encode_masked_prompts(encoder, ids, mask, mask_encoder=self.encoding.mask_encoder)
         return MaskedText(states, mask)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .flops import DiTShape, ltx_shape
 from .models.ltx.transformer import LTXTransformerConfig, LTXVideoTransformer3DModel
 from .models.ltx.vae import AutoencoderKLLTXVideo, LTXVAEConfig
 from .models.ltx.vae_memory import decode_activation_bytes, encode_activation_bytes
@@ -93,6 +94,11 @@ class LTXDims:
         _, t, h, w, _ = self.latent_shape(height, width, num_frames)
         p, pt = self.transformer.patch_size, self.transformer.patch_size_t
         return (t // pt) * (h // p) * (w // p)
+
+    def flop_shape(self, text_tokens: int) -> DiTShape:
+        """The transformer's cost dimensions (:mod:`mlx_i2v.flops`), attending to ``text_tokens`` caption
+        tokens (the pipeline's ``max_sequence_length``: 128 or 256)."""
+        return ltx_shape(self.transformer, context_tokens=text_tokens)
 
     def weights(self, dtype: mx.Dtype, quantize: int | None, vae_dtype: mx.Dtype) -> dict[str, int]:
         """Resident bytes of the transformer, the VAE's halves and the T5 encoder."""

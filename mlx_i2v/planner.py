@@ -34,6 +34,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import InvalidInputError
+from .flops import DiTShape
 from .memory import GB, memory_budget
 from .models.attention import attention_workspace, query_chunk_size
 from .models.conv import compute_dtype, conv_plan, conv_workspace
@@ -149,6 +150,11 @@ class ModelDims:
         frames, h, w = latent_grid(self.vae, height, width, num_frames)
         pt, ph, pw = self.transformer.patch_size
         return (frames // pt) * (h // ph) * (w // pw)
+
+    def flop_shape(self, text_tokens: int) -> DiTShape:
+        """The transformer's cost dimensions (:mod:`mlx_i2v.flops`); Wan attends to all ``text_tokens``
+        (its 512) and to the CLIP tokens of the I2V models."""
+        return DiTShape.from_config(self.transformer)
 
     def weights(self, dtype: mx.Dtype, quantize: int | None, vae_dtype: mx.Dtype) -> dict[str, int]:
         """See :func:`weight_bytes`."""

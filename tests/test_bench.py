@@ -78,3 +78,21 @@ def test_skipped_passes_are_reported_and_not_counted_as_work(tiny_ti2v_dir):
     shape = DiTShape.from_config(read_config(tiny_ti2v_dir / "transformer"))
     flops = forward_flops(shape, 18) + forward_flops(replace(shape, num_layers=1), 18) + context_flops(shape, 1)
     assert report["tflop"] == pytest.approx(flops / 1e12)
+
+
+def test_ltx_throughput_counts_its_own_tokens_and_caption(tiny_ltx_condition_dir):
+    """LTX-Video: tokens from its 32x32x8 latent grid, FLOPs from its shape with the 256 caption tokens of
+    LTXConditionPipeline."""
+    from mlx_i2v.flops import context_flops, ltx_shape, ltx_video_tokens, step_flops
+
+    result = _invoke("--model", str(tiny_ltx_condition_dir), "--size", "64x64", "--frames", "9", "--steps", "2",
+                     "--dtype", "float32", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    tokens = ltx_video_tokens(64, 64, 9)
+    assert report["dit_tokens"] == tokens == 2 * 2 * 2
+    shape = ltx_shape(read_config(tiny_ltx_condition_dir / "transformer"), context_tokens=256)
+    assert report["tflop_per_step"] == pytest.approx(step_flops(shape, tokens, cfg=report["cfg"]) / 1e12)
+    passes = 2 if report["cfg"] else 1
+    expected = 2 * step_flops(shape, tokens, cfg=report["cfg"]) + context_flops(shape, passes, text_tokens=256)
+    assert report["tflop"] == pytest.approx(expected / 1e12)
