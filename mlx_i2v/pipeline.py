@@ -556,7 +556,7 @@ class Pipeline:
         # With other ranks: stop here unless they were all asked the same, and use one seed.
         s.seed = self.parallel.agree(self._handshake(prompt, request, latents), s.seed)
         scales = self._scales(s)
-        step_cache = StepCache(s.cache, plain=self.variant.family.forward(self.dims, s))
+        step_cache = StepCache(s.cache, plain=self.variant.family.forward(self.dims, s, request.keyframes))
         denoiser = self.denoiser(scales, step_cache)
         branches = denoiser.branches_needed(scales)
         plan = self.plan_request(request)

@@ -322,7 +322,7 @@ def test_last_image_keyframe_matches_diffusers(condition, monkeypatch):
     _same_decode_noise(monkeypatch, mix)
     _same_posterior_noise(monkeypatch, *posteriors)
     key_noise_ours = mx.array(key_noise.transpose(0, 2, 3, 4, 1))
-    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, shape: key_noise_ours)
+    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, index, shape: key_noise_ours)
     queue = [mx.array(np.concatenate([n[:, 6:], n[:, :6]], axis=1).reshape(1, 4, 2, 3, 16)) for n in step_noises]
     monkeypatch.setattr(conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
     video = pipe(_photo(), PROMPT, last_image=last, latents=noise, image_cond_noise_scale=0.15, **COMMON)
@@ -369,13 +369,14 @@ def test_tiled_decode_is_diffusers_tiled_decode(condition, monkeypatch):
 
 
 def test_posterior_noise_is_the_seeds_own_draw_per_image():
-    """Each encoded image gets its own standard-normal draw, reproducible from the seed and apart from the
-    keyframe's and the decode's; drawn in diffusers' (1, C, T, h, w) order, returned channels-last."""
+    """Each encoded condition gets its own standard-normal draw, reproducible from the seed and apart from the
+    other conditions', the keyframes' noise and the decode's; drawn in diffusers' (1, C, T, h, w) order, returned channels-last."""
     shape = (1, 1, 2, 3, 16)
     head, tail = (np.array(conditioning.posterior_noise(3, i, shape)) for i in (0, 1))
     assert head.shape == shape and np.array_equal(head, np.array(conditioning.posterior_noise(3, 0, shape)))
     others = [tail, np.array(conditioning.posterior_noise(4, 0, shape)),
-              np.array(conditioning.keyframe_noise(3, shape)), np.array(ltx_family.decode_noises(shape, 3)[0])]
-    assert all(np.abs(head - other).max() > 0.1 for other in others)
-    key = mx.random.split(mx.random.key(3), 5)[3]
+              np.array(conditioning.keyframe_noise(3, 0, shape)), np.array(conditioning.keyframe_noise(3, 1, shape)),
+              np.array(conditioning.posterior_noise(3, 2, shape)), np.array(ltx_family.decode_noises(shape, 3)[0])]
+    assert all(np.abs(a - b).max() > 0.1 for i, a in enumerate([head, *others]) for b in others[i:])
+    key = mx.random.split(mx.random.split(mx.random.key(3), 5)[3], 1)[0]
     np.testing.assert_array_equal(head, np.array(mx.random.normal((1, 16, 1, 2, 3), key=key)).transpose(0, 2, 3, 4, 1))
