@@ -333,9 +333,9 @@ class FrameConditions:
         blends, extras, extra_held = [], [], []
         for i, condition in enumerate(keyframes.conditions(num_frames)):
             latent = encode_sample(vae, condition.frames, seed, index=i)  # (1, n, h, w, C)
-            first, prefix = 0, 0
+            first, prefix = 0, extra_latent_frames(condition, stride)
             if condition.index > 0:
-                first, prefix = condition.index // stride + PREFIX_LATENT_FRAMES, extra_latent_frames(condition, stride)
+                first = condition.index // stride + PREFIX_LATENT_FRAMES
             if latent.shape[1] > prefix:
                 blends.append((first, latent[:, prefix:], condition.strength))
                 held[first : first + latent.shape[1] - prefix] = condition.strength

@@ -48,7 +48,8 @@ def new_frame_count(num_frames: int, stride: int = TEMPORAL_STRIDE) -> int:
         raise InvalidInputError(f"num_frames (new frames) must be a positive integer, got {num_frames!r}")
     rounded = max(stride, round(num_frames / stride) * stride)
     if rounded != num_frames:
-        log.warning("extending by %d frames: new frames come in multiples of %d; using %d", num_frames, stride, rounded)
+        log.warning("extending by %d frames: new frames come in multiples of %d; using %d", num_frames, stride,
+                    rounded)  # fmt: skip
     return rounded
 
 

@@ -39,7 +39,7 @@ def check_keyframes(keyframes: Sequence[KeyframeInput] | None) -> list[KeyframeR
     if keyframes is None:
         return []
     if isinstance(keyframes, (str, bytes, np.ndarray)) or not isinstance(keyframes, Sequence):
-        raise InvalidInputError(f"keyframes must be a list of (image, frame_index[, strength]), got {keyframes!r:.80}")
+        raise InvalidInputError(f"keyframes must be a list of (image, frame_index[, strength]), got {keyframes!r:.60}")
     return [_check_entry(i, entry) for i, entry in enumerate(keyframes)]
 
 

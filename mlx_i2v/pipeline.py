@@ -353,8 +353,8 @@ class Pipeline:
             InvalidInputError: for any argument of the wrong type or out of range, before any model loads.
         """
         request = self.prepare(
-            image, video=video, strength=strength, loop=loop, motion=motion, last_image=last_image, keyframes=keyframes,
-            negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+            image, video=video, strength=strength, loop=loop, motion=motion, last_image=last_image,
+            keyframes=keyframes, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, crop=crop, rotate=rotate,
             fit=fit, background=background, cache=cache, cache_threshold=cache_threshold, scheduler=scheduler,
@@ -576,7 +576,7 @@ class Pipeline:
         if not self.variant.accepts_last_image:
             raise InvalidInputError(
                 f"{self.variant.name} has no last-frame input, so it cannot close a loop; "
-                "use Wan2.1-FLF2V or Wan2.2-I2V-A14B"
+                "use Wan2.1-FLF2V, Wan2.2-I2V-A14B or LTX-Video 0.9.5+"
             )
         if last_image is not None:
             raise InvalidInputError("a loop ends on its first frame; last_image does not apply")

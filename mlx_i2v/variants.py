@@ -87,7 +87,8 @@ def decode_wan(vae, latents: mx.array, settings, tiling) -> Any:
 
 
 WAN = Family(name="Wan", frame_stride=4, forward=lambda dims, settings, keyframes=None: plain_forward,
-             decode=decode_wan, unsupported=frozenset({"keyframes"}), latent_rgb=tuple(LATENT_RGB.items()))  # fmt: skip
+             decode=decode_wan, unsupported=frozenset({"keyframes"}),
+             latent_rgb=tuple(LATENT_RGB.items()))  # fmt: skip
 
 
 @dataclass(frozen=True)

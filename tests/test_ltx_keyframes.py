@@ -10,6 +10,9 @@ condition tokens first: reordered here to our clip-then-extras order), and the d
 
 from __future__ import annotations
 
+import json
+
+import av
 import numpy as np
 import pytest
 import torch
@@ -122,8 +125,8 @@ def test_clip_keyframe_at_a_middle_frame_matches_diffusers(pipe, tiny_ltx_condit
     as a :class:`Video` of 20 frames, it is cut to the 17 that fit (``trim_conditioning_sequence``)."""
     frames, clip = 25, moving_clip(20, seed=5)
     draws = Draws(60, 4, [(1, 0), (3, 2)])
-    conditions = [LTXVideoCondition(image=_photo(), frame_index=0),
-                  LTXVideoCondition(video=[Image.fromarray(f) for f in clip], frame_index=8, strength=0.9)]  # fmt: skip
+    keyframe = LTXVideoCondition(video=[Image.fromarray(f) for f in clip], frame_index=8, strength=0.9)
+    conditions = [LTXVideoCondition(image=_photo(), frame_index=0), keyframe]
     kwargs = dict(COMMON, num_frames=frames)
     expected = _diffusers(tiny_ltx_condition_dir, monkeypatch, draws, conditions=conditions, **kwargs)
     draws.install(monkeypatch)
@@ -194,3 +197,24 @@ def test_extend_and_keyframe_rules(pipe, tiny_ti2v_dir):
     wan = load_pipeline(tiny_ti2v_dir, dtype="float32")
     with pytest.raises(InvalidInputError, match=r"keyframes at other frames \(keyframes=\): not supported on Wan"):
         wan.prepare(_photo(), keyframes=[(_photo(), 8)])
+
+
+def test_cli_keyframe(tiny_ltx_condition_dir, photo, tmp_path):
+    """``--keyframe PATH@FRAME[:STRENGTH]`` on ``generate``: the clip and its metadata; an index outside the
+    clip is one line, before any model loads, and writes nothing."""
+    from test_cli import _run
+    from test_ltx_cli import SMALL
+
+    out = tmp_path / "clip.mp4"
+    result = _run("generate", str(photo), "-p", "a fox", "--model", str(tiny_ltx_condition_dir), *SMALL,
+                  "--keyframe", f"{photo}@5:0.7", "--output", str(out), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 9
+        assert json.loads(c.metadata["comment"])["keyframes"] == [[5, 0.7]]
+    bad = tmp_path / "bad.mp4"
+    result = _run("generate", str(photo), "-p", "a fox", "--model", str(tiny_ltx_condition_dir), *SMALL,
+                  "--keyframe", f"{photo}@9", "--output", str(bad), cwd=tmp_path)  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "outside the 9-frame clip" in lines[0], result.stderr
+    assert not bad.exists()
