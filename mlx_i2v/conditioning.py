@@ -346,6 +346,7 @@ class FrameConditions:
         held = np.concatenate([held, np.asarray(extra_held, np.float32)])
         mask = mx.broadcast_to(mx.array(held)[None, :, None, None, None], (1, len(held), h, w, 1))
         extra = mx.concatenate(extras, axis=1) if extras else mx.zeros((1, 0, h, w, latent_shape[-1]))
+        mx.eval(extra, mask, *(latent for _, latent, _ in blends))  # now, while the VAE is loaded
         return HeldFrames(latent=extra, mask=mask, blends=tuple(blends), clip_frames=frames,
                           noise_scale=keyframes.noise_scale, seed=seed)  # fmt: skip
 
