@@ -43,13 +43,15 @@ def restyle(clip: Path, strength, image, num_frames, height, width, **options) -
 @click.command()
 @_CLIP
 @click.option("--frames", "num_frames", type=click.IntRange(min=1), required=True,
-              help="New frames to add (a multiple of 4).")
+              help="New frames to add (a multiple of 4; of 8 on LTX-Video).")
 @click.option("--context", type=click.IntRange(min=1), default=None,
-              help="Last frames of the clip the model sees, 4k+1 (default: 5 on TI2V-5B, 1 otherwise).")
+              help="Last frames of the clip the model sees, 4k+1 (default: 5 on TI2V-5B, 1 on the other Wan "
+                   "models); 8k+1 on LTX-Video 0.9.5+ (default 9).")
 @click.option("--color-match", "colour_match", type=click.FloatRange(0, 1), default=DEFAULT_COLOUR_MATCH,
               show_default=True, help="Match the new frames' colour statistics to the clip's end (0 = off).")
 @click.option("--last-image", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where the continuation ends (required by Wan2.1-FLF2V; optional on Wan2.2-A14B).")
+              help="Where the continuation ends (required by Wan2.1-FLF2V; optional on Wan2.2-A14B and LTX-Video "
+                   "0.9.5+).")
 @common_options
 def extend(clip: Path, num_frames, context, colour_match, last_image, **options) -> None:
     """Continue CLIP by --frames new frames; writes the original clip followed by them."""

@@ -17,20 +17,39 @@ from .motion import amplify_motion
 
 
 @dataclass(frozen=True)
+class Keyframe:
+    """Frames the clip is held to from pixel frame ``index`` on (LTX-Video 0.9.5+, :class:`FrameConditions`):
+    ``frames`` (c, H, W, 3) float32 in [-1, 1], one image (c = 1) or c = 8k+1 frames of a clip; ``strength``
+    in (0, 1]: diffusers' ``LTXVideoCondition(image|video, frame_index, strength)``."""
+
+    frames: np.ndarray
+    index: int
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
 class Keyframes:
     """The frames a clip is held to, float32 in [-1, 1] at the video size.
 
     ``head`` (c, H, W, 3) opens the clip: the photo (c = 1), or the last c frames of a clip being
-    extended (c = 4k+1, so that they fill whole latent frames). ``tail`` (H, W, 3), if given, closes it
-    (first-last-frame models; a loop's tail is its head).
+    extended (c = 4k+1 on Wan, 8k+1 on LTX-Video, so that they fill whole latent frames). ``tail`` (H, W, 3),
+    if given, closes it (first-last-frame models; a loop's tail is its head). ``others``: keyframes at
+    other frame indices (LTX-Video 0.9.5+).
     """
 
     head: np.ndarray
     tail: np.ndarray | None = None
     # How the frames are held where the conditioning has the knobs (LTX-Video 0.9.5+, :class:`FrameConditions`):
-    # their strength in (0, 1] and the scale of the noise added to fully held latents each step.
+    # the head's and tail's strength in (0, 1] and the scale of the noise added to fully held latents each step.
     strength: float = 1.0
     noise_scale: float = 0.0
+    others: tuple[Keyframe, ...] = ()
+
+    def conditions(self, num_frames: int) -> list[Keyframe]:
+        """Every frame condition of a ``num_frames`` clip in diffusers' ``conditions`` order: the head at
+        frame 0, the other keyframes as given, the tail at the last frame."""
+        tail = [] if self.tail is None else [Keyframe(self.tail[None], num_frames - 1, self.strength)]
+        return [Keyframe(self.head, 0, self.strength), *self.others, *tail]
 
 
 @dataclass
@@ -102,13 +121,20 @@ def encode_mode(vae, video: np.ndarray) -> mx.array:
     return vae.normalize_latents(encode_raw(vae, video))
 
 
+def condition_key(seed: int, draw: int, index: int) -> mx.array:
+    """The random key of the ``index``-th frame condition's ``draw`` (0: its VAE posterior sample, 1: the
+    noise a keyframe's latent is mixed with), from the generation's seed: each its own, apart from the
+    decode's two (:func:`~mlx_i2v.ltx_family.decode_noises`)."""
+    family = mx.random.split(mx.random.key(seed), 5)[3 + draw]
+    return mx.random.split(family, index + 1)[index]
+
+
 def posterior_noise(seed: int, index: int, shape: tuple[int, ...]) -> mx.array:
-    """The standard-normal noise that samples the posterior of the ``index``-th image a generation encodes
-    (0: the photo, 1: a last photo), for latents of ``shape`` (1, T, h, w, C), drawn from the seed in
-    diffusers' (1, C, T, h, w) order."""
+    """The standard-normal noise that samples the posterior of the ``index``-th image (or clip) a generation
+    encodes (in :meth:`Keyframes.conditions` order: 0 is the photo), for latents of ``shape`` (1, T, h, w, C),
+    drawn from the seed in diffusers' (1, C, T, h, w) order."""
     b, t, h, w, c = shape
-    key = mx.random.split(mx.random.key(seed), 5)[3 + index]  # apart from keyframe_noise's and the decode's
-    return mx.random.normal((b, c, t, h, w), key=key).transpose(0, 2, 3, 4, 1)
+    return mx.random.normal((b, c, t, h, w), key=condition_key(seed, 0, index)).transpose(0, 2, 3, 4, 1)
 
 
 def encode_sample(vae, video: np.ndarray, seed: int, index: int = 0) -> mx.array:
@@ -218,25 +244,42 @@ class ChannelConcat(PlainSteps):
 
 @dataclass
 class HeldFrames(ConditionState):
-    """:class:`FrameConditions`' state. ``latent`` (1, k, h, w, C): the encoded, normalised photo;
-    ``keyframe`` (1, 1, h, w, C): the last photo's latent, already mixed with noise by its strength, an
-    extra latent frame after the clip's ``clip_frames``; ``mask`` (1, T', h, w, 1): each latent
-    position's conditioning strength (0 where free), T' = clip_frames (+ 1 with a keyframe)."""
+    """:class:`FrameConditions`' state. ``latent`` (1, E, h, w, C): the keyframes' extra latent frames, already
+    mixed with noise by their strength (E may be 0); ``blends``: (first latent frame, latents (1, n, h, w, C),
+    strength) that ``start`` lerps into the clip's latents, in order; ``mask`` (1, T + E, h, w, 1): each latent
+    position's conditioning strength (0 where free), the clip's ``clip_frames`` then the extra frames."""
 
     mask: mx.array | None = None
+    blends: tuple[tuple[int, mx.array, float], ...] = ()
     clip_frames: int = 0
-    keyframe: mx.array | None = None
     noise_scale: float = 0.0
     seed: int = 0
     initial: mx.array | None = None  # the starting latents, set by ``start``
 
 
-def keyframe_noise(seed: int, shape: tuple[int, ...]) -> mx.array:
-    """The noise a keyframe's latent (1, 1, h, w, C) is mixed with by its strength, drawn from the seed in
-    diffusers' (1, C, 1, h, w) order."""
+# Latent frames of a multi-frame condition at frame_index > 0 that become extra tokens (diffusers'
+# ``num_prefix_latent_frames``); the rest are blended into the clip's latents.
+PREFIX_LATENT_FRAMES = 2
+
+
+def latent_frame_count(frames: int, stride: int) -> int:
+    """Latent frames of ``frames`` = stride * k + 1 video frames (the causal VAE's first is one frame)."""
+    return (frames - 1) // stride + 1
+
+
+def extra_latent_frames(condition: Keyframe, stride: int) -> int:
+    """Latent frames a condition adds after the clip's as extra tokens: none at frame 0 (blended into the
+    clip's first latent frames), an image's one, a clip's first ``PREFIX_LATENT_FRAMES`` elsewhere."""
+    if condition.index == 0:
+        return 0
+    return min(latent_frame_count(len(condition.frames), stride), PREFIX_LATENT_FRAMES)
+
+
+def keyframe_noise(seed: int, index: int, shape: tuple[int, ...]) -> mx.array:
+    """The noise the ``index``-th condition's extra latents (1, n, h, w, C) are mixed with by its strength,
+    drawn from the seed in diffusers' (1, C, n, h, w) order."""
     b, f, h, w, c = shape
-    key = mx.random.split(mx.random.key(seed), 3)[2]  # apart from the decode's two (ltx_family.decode_noises)
-    return mx.random.normal((b, c, f, h, w), key=key).transpose(0, 2, 3, 4, 1)
+    return mx.random.normal((b, c, f, h, w), key=condition_key(seed, 1, index)).transpose(0, 2, 3, 4, 1)
 
 
 def conditioning_noise(seed: int, t: float, shape: tuple[int, ...]) -> mx.array:
@@ -247,56 +290,74 @@ def conditioning_noise(seed: int, t: float, shape: tuple[int, ...]) -> mx.array:
     return mx.random.normal(shape, key=key)
 
 
+def _lerp(start: mx.array, end: mx.array, weight: float) -> mx.array:
+    return start + weight * (end - start)  # torch.lerp
+
+
 @dataclass(frozen=True)
 class FrameConditions:
-    """LTX-Video 0.9.5+ as diffusers' ``LTXConditionPipeline`` conditions on an image at frame 0.
+    """LTX-Video 0.9.5+ as diffusers' ``LTXConditionPipeline`` conditions on images and clips at frame indices
+    (``prepare_latents``; :meth:`Keyframes.conditions` lists them, each a :class:`Keyframe`).
 
-    * start: latent frame 0 is ``lerp(noise, photo, strength)``; its tokens' mask is the strength.
-    * each step: tokens held at full strength get ``photo + noise_scale * noise * (t / 1000)**2``
+    * a condition at frame 0 (the photo, an extension's context clip) is encoded into n latent frames that
+      are lerped into the clip's first n at start (``lerp(noise, latent, strength)``); their mask is the
+      strength.
+    * a condition at frame index i > 0 (a keyframe, a last photo) becomes extra latent frames after the
+      clip's (diffusers' extra condition tokens, placed first in its sequence), positioned at pixel frame i
+      (:class:`~mlx_i2v.ltx_family.LTXForward`): an image's latent, or a clip's first two latent frames, mixed
+      with noise by the strength; a clip's later latent frames are lerped into the clip's latents from
+      latent frame ``i // stride + 2`` on. Extra frames are dropped at the end.
+    * each step: positions held at full strength get ``initial + noise_scale * noise * (t / 1000)**2``
       (``image_cond_noise_scale``, fresh noise each step); the timestep per token is
       ``min(t, (1 - mask) * 1000)``.
     * the step: the per-token Euler step of ``-velocity`` (the scheduler's per-token branch steps by
       ``sigma_token - sigma_next``, the opposite sign), kept only for tokens with ``t / 1000 - 1e-6 <
       1 - mask``: the others stay frozen.
-    * a last photo (``Keyframes.tail``) is a keyframe at the clip's last frame: its latent, mixed with noise
-      by the strength, becomes an extra latent frame after the clip's (diffusers' extra condition tokens,
-      whose positions the transformer pass gives the last frame's index) held the same way, and dropped
-      at the end.
 
-    Every image's latent is a sample of the VAE posterior, as diffusers encodes each condition
-    (:func:`encode_sample`: the photo's noise is draw 0, a last photo's draw 1).
+    Every condition's latent is a sample of the VAE posterior, as diffusers encodes each condition
+    (:func:`encode_sample`, draw ``index`` of the condition's place in the list).
 
     Without an image the same model generates from text alone (one timestep per sample).
     """
 
     requires_image: bool = False
     supports_motion: bool = False
-    extend_context: int = 1
+    # Two latent frames (diffusers requires 8k+1 frames): the motion of the clip's last eight frames carries over.
+    extend_context: int = 9
     takes_strength: bool = True
 
     def prepare(self, vae, keyframes, num_frames, latent_shape, motion=1.0, seed=0):
-        cond = encode_sample(vae, keyframes.head, seed)  # (1, k, h, w, C)
         _, frames, h, w, _ = latent_shape
-        strength = keyframes.strength
-        keyframe = None
-        if keyframes.tail is not None:
-            keyframe = encode_sample(vae, keyframes.tail[None], seed, index=1)
-            noise = keyframe_noise(seed, keyframe.shape)
-            keyframe = noise + strength * (keyframe - noise)  # torch.lerp
-        held = np.zeros((1, frames + (keyframe is not None), 1, 1, 1), np.float32)
-        held[:, : cond.shape[1]] = strength
-        held[:, frames:] = strength
-        mask = mx.broadcast_to(mx.array(held), (1, held.shape[1], h, w, 1))
-        return HeldFrames(latent=cond, mask=mask, clip_frames=frames, keyframe=keyframe,
+        stride = vae.config.temporal_ratio
+        held = np.zeros(frames, np.float32)
+        blends, extras, extra_held = [], [], []
+        for i, condition in enumerate(keyframes.conditions(num_frames)):
+            latent = encode_sample(vae, condition.frames, seed, index=i)  # (1, n, h, w, C)
+            first, prefix = 0, extra_latent_frames(condition, stride)
+            if condition.index > 0:
+                first = condition.index // stride + PREFIX_LATENT_FRAMES
+            if latent.shape[1] > prefix:
+                blends.append((first, latent[:, prefix:], condition.strength))
+                held[first : first + latent.shape[1] - prefix] = condition.strength
+            if prefix:
+                noise = keyframe_noise(seed, i, latent[:, :prefix].shape)
+                extras.append(_lerp(noise, latent[:, :prefix], condition.strength))
+                extra_held += [condition.strength] * prefix
+        held = np.concatenate([held, np.asarray(extra_held, np.float32)])
+        mask = mx.broadcast_to(mx.array(held)[None, :, None, None, None], (1, len(held), h, w, 1))
+        extra = mx.concatenate(extras, axis=1) if extras else mx.zeros((1, 0, h, w, latent_shape[-1]))
+        mx.eval(extra, mask, *(latent for _, latent, _ in blends))  # now, while the VAE is loaded
+        return HeldFrames(latent=extra, mask=mask, blends=tuple(blends), clip_frames=frames,
                           noise_scale=keyframes.noise_scale, seed=seed)  # fmt: skip
 
     def start(self, latents, state):
         if state is None:
             return latents
-        k = state.latent.shape[1]
-        head = latents[:, :k] + state.mask[:, :k] * (state.latent - latents[:, :k])  # torch.lerp
-        extra = [] if state.keyframe is None else [state.keyframe.astype(latents.dtype)]
-        state.initial = mx.concatenate([head, latents[:, k:], *extra], axis=1)
+        for first, latent, strength in state.blends:
+            end = first + latent.shape[1]
+            blended = _lerp(latents[:, first:end], latent.astype(latents.dtype), strength)
+            latents = mx.concatenate([latents[:, :first], blended, latents[:, end:]], axis=1)
+        state.initial = mx.concatenate([latents, state.latent.astype(latents.dtype)], axis=1)
         return state.initial
 
     def model_input(self, latents, state, t):

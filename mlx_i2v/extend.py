@@ -3,9 +3,9 @@
 original clip, carried over unchanged, followed by the new frames, so nothing is duplicated or dropped
 at the seam.
 
-Window arithmetic: the VAE encodes frame 0 alone and then 4 frames per latent frame, so a context of
-c = 4(k-1)+1 frames fills k latent frames exactly, and the new frames come in multiples of 4:
-``window = c + new``, a valid 4m+1 frame count.
+Window arithmetic: the VAE encodes frame 0 alone and then s frames per latent frame (the family's frame
+stride: 4 for Wan, 8 for LTX-Video), so a context of c = s(k-1)+1 frames fills k latent frames exactly, and
+the new frames come in multiples of s: ``window = c + new``, a valid sm+1 frame count.
 """
 
 from __future__ import annotations
@@ -25,28 +25,31 @@ TEMPORAL_STRIDE = 4
 DEFAULT_COLOUR_MATCH = 1.0
 
 
-def context_frames(requested: int | None, default: int, available: int) -> int:
-    """How many of the clip's last frames the model sees: ``requested`` (must be 4k+1), else the
-    variant's ``default``, reduced to what a shorter clip has (with a notice)."""
+def context_frames(requested: int | None, default: int, available: int, stride: int = TEMPORAL_STRIDE) -> int:
+    """How many of the clip's last frames the model sees: ``requested`` (must be ``stride * k + 1``), else
+    the variant's ``default``, reduced to what a shorter clip has (with a notice)."""
     if requested is not None:
-        if not _positive_int(requested) or (requested - 1) % TEMPORAL_STRIDE:
-            raise InvalidInputError(f"context must be 1, 5, 9, ... (4k+1) frames, got {requested}")
+        if not _positive_int(requested) or (requested - 1) % stride:
+            raise InvalidInputError(
+                f"context must be 1, {stride + 1}, {2 * stride + 1}, ... ({stride}k+1) frames, got {requested}"
+            )
         if requested > available:
             raise InvalidInputError(f"context of {requested} frames is longer than the clip ({available} frames)")
         return int(requested)
-    context = min(default, (available - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE + 1)
+    context = min(default, (available - 1) // stride * stride + 1)
     if context != default:
         log.warning("the clip has %d frames; conditioning on its last %d instead of %d", available, context, default)
     return context
 
 
-def new_frame_count(num_frames: int) -> int:
-    """New frames rounded to a multiple of 4 (at least 4), with a notice when rounded."""
+def new_frame_count(num_frames: int, stride: int = TEMPORAL_STRIDE) -> int:
+    """New frames rounded to a multiple of ``stride`` (at least one), with a notice when rounded."""
     if not _positive_int(num_frames):
         raise InvalidInputError(f"num_frames (new frames) must be a positive integer, got {num_frames!r}")
-    rounded = max(TEMPORAL_STRIDE, round(num_frames / TEMPORAL_STRIDE) * TEMPORAL_STRIDE)
+    rounded = max(stride, round(num_frames / stride) * stride)
     if rounded != num_frames:
-        log.warning("extending by %d frames: new frames come in fours; using %d", num_frames, rounded)
+        log.warning("extending by %d frames: new frames come in multiples of %d; using %d", num_frames, stride,
+                    rounded)  # fmt: skip
     return rounded
 
 

@@ -32,6 +32,7 @@ FEATURES = {
     "parallel": "parallel ranks",
     "flow_shift": "flow_shift (the schedule shifts with the sequence length)",
     "last_image": "a last image (last_image=)",
+    "keyframes": "keyframes at other frames (keyframes=)",
 }
 
 
@@ -99,8 +100,8 @@ class Family:
     Attributes:
         name: as error messages name it ("Wan", "LTX-Video").
         frame_stride: video frames per latent frame after the first (clips are ``stride * k + 1`` frames).
-        forward: ``forward(dims, settings)``: the transformer pass of a generation with these settings
-            (a :class:`~mlx_i2v.denoise.Forward`).
+        forward: ``forward(dims, settings, keyframes=None)``: the transformer pass of a generation with these
+            settings and :class:`~mlx_i2v.conditioning.Keyframes` (a :class:`~mlx_i2v.denoise.Forward`).
         decode: see :data:`LatentDecoder`.
         unsupported: the :data:`FEATURES` it does not have (refused with one line, before loading).
         latent_rgb: (latent channels, :class:`~mlx_i2v.preview.LatentRGB`) pairs for step previews, per VAE.
@@ -108,7 +109,7 @@ class Family:
 
     name: str
     frame_stride: int
-    forward: Callable[[Any, "Settings"], "Forward"]
+    forward: Callable[..., "Forward"]
     decode: LatentDecoder
     unsupported: frozenset[str] = frozenset()
     latent_rgb: tuple[tuple[int, Any], ...] = ()

@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .conditioning import FirstFrameLatent, FrameConditions
+from .conditioning import FirstFrameLatent, FrameConditions, Keyframes, extra_latent_frames
 from .errors import InvalidInputError
 from .family import Family, MaskedPrompts
 from .ltx_schedules import calculate_shift, default_sigmas, linear_quadratic_schedule, retrieve_timesteps
@@ -44,7 +44,9 @@ LTX_DEFAULTS = Defaults(
 LTX_CONDITION_DEFAULTS = replace(LTX_DEFAULTS, image_cond_noise_scale=0.15)
 
 # What the pipeline has for Wan that LTX-Video does not have yet.
-LTX_UNSUPPORTED = frozenset({"restyle", "extend", "loop", "motion", "cache", "parallel", "flow_shift"})
+LTX_UNSUPPORTED = frozenset({"restyle", "motion", "cache", "parallel", "flow_shift"})
+# What the 0.9.0 / 0.9.1 pipelines (one image at latent frame 0) do not have on top of that.
+LTX_IMAGE_TO_VIDEO_UNSUPPORTED = LTX_UNSUPPORTED | {"last_image", "keyframes", "extend", "loop"}
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,16 @@ class LTXForward:
     Positions: the latent grid scaled by ``(temporal ratio / fps, spatial ratio, spatial ratio)``
     (``LTXPipeline`` / ``LTXImageToVideoPipeline``), or, with ``pixel_coords`` set, pixel-space coordinates
     (``LTXConditionPipeline``: frame ``max(0, 8k - 7) / fps``, rows and columns times 32). Latent frames
-    beyond the clip's ``latent_frames`` are a keyframe's (:class:`~mlx_i2v.conditioning.FrameConditions`),
-    placed at pixel frame ``keyframe_index`` (the clip's last)."""
+    beyond the clip's ``latent_frames`` are keyframes' (:class:`~mlx_i2v.conditioning.FrameConditions`):
+    ``extras`` lists, in order, how many latent frames each keyframe has and the pixel frame index it is
+    placed at (diffusers' ``_scale_video_ids(..., frame_index)``)."""
 
     frame_rate: float
     temporal_ratio: int
     spatial_ratio: int
     pixel_coords: bool = False
     latent_frames: int = 0
-    keyframe_index: int = 0
+    extras: tuple[tuple[int, int], ...] = ()
 
     def __call__(self, model, x, timestep, context, branches, step):
         cfg = model.config
@@ -73,10 +76,8 @@ class LTXForward:
         if self.pixel_coords:
             scales = dict(frame_rate=self.frame_rate, spatial_scale=self.spatial_ratio,
                           temporal_scale=self.temporal_ratio, patch_size=cfg.patch_size, patch_size_t=cfg.patch_size_t)
-            clip = min(frames, self.latent_frames)
-            coords = [pixel_coords(clip, h, w, **scales)]
-            if frames > clip:
-                coords.append(pixel_coords(frames - clip, h, w, frame_index=self.keyframe_index, **scales))
+            coords = [pixel_coords(min(frames, self.latent_frames), h, w, **scales)]
+            coords += [pixel_coords(n, h, w, frame_index=index, **scales) for n, index in self.extras]
             rope = model.rope_tables(video_coords=np.concatenate(coords))
         else:
             scale = (self.temporal_ratio / self.frame_rate, self.spatial_ratio, self.spatial_ratio)
@@ -86,11 +87,13 @@ class LTXForward:
 
 
 def _forward(pixel: bool):
-    def forward(dims, settings) -> LTXForward:
+    def forward(dims, settings, keyframes: Keyframes | None = None) -> LTXForward:
         vae = dims.vae
         frames = dims.latent_shape(settings.height, settings.width, settings.num_frames)[1]
+        conditions = [] if keyframes is None else keyframes.conditions(settings.num_frames)
+        extras = tuple((n, c.index) for c in conditions if (n := extra_latent_frames(c, vae.temporal_ratio)))
         return LTXForward(settings.fps, vae.temporal_ratio, vae.spatial_ratio, pixel_coords=pixel,
-                          latent_frames=frames, keyframe_index=settings.num_frames - 1)  # fmt: skip
+                          latent_frames=frames, extras=extras)  # fmt: skip
 
     return forward
 
@@ -124,7 +127,7 @@ def decode_ltx(vae, latents: mx.array, settings, tiling) -> Any:
 
 
 LTX_IMAGE_TO_VIDEO = Family(name="LTX-Video", frame_stride=8, forward=_forward(False), decode=decode_ltx,
-                            unsupported=LTX_UNSUPPORTED | {"last_image"})  # fmt: skip
+                            unsupported=LTX_IMAGE_TO_VIDEO_UNSUPPORTED)  # fmt: skip
 LTX_CONDITION = Family(name="LTX-Video", frame_stride=8, forward=_forward(True), decode=decode_ltx,
                        unsupported=LTX_UNSUPPORTED)  # fmt: skip
 

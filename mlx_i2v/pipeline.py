@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from . import validation
-from .clips import ClipInput, load_clip
-from .conditioning import ConditionState, Keyframes, encode_mode
+from .clips import Clip, ClipInput, load_clip
+from .conditioning import ConditionState, Keyframe, Keyframes, encode_mode
 from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward, take_rows
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
@@ -33,6 +33,7 @@ from .extend import (
     new_frame_count,
 )
 from .image import ImageInput, ImageOptions, LoadReport, fit_to_frame, load_image, to_model_range
+from .keyframes import KeyframeInput, KeyframeRequest, check_frame_index, check_keyframes, clip_keyframe_frames
 from .lora.manager import TransformerLoras
 from .models.wan.clip import CLIPVisionTower
 from .models.wan.clip_preprocess import CLIPImageProcessor
@@ -263,6 +264,7 @@ class Pipeline:
         seed: int | None = None,
         latents: np.ndarray | None = None,
         last_image: ImageInput | None = None,
+        keyframes: Sequence[KeyframeInput] | None = None,
         on_step: StepCallback | None = None,
         crop: tuple[int, int, int, int] | None = None,
         rotate: int = 0,
@@ -293,7 +295,7 @@ class Pipeline:
                 Its size and (4k+1 of its) frames are the defaults of ``height``, ``width``, ``num_frames``.
             strength: how much of the schedule a restyle reruns, in (0, 1] (default 0.6); on LTX-Video 0.9.5+
                 without ``video``, how strongly the photo holds latent frame 0 (default 1: kept exactly).
-            loop: end the clip on its first frame (first-last-frame models and Wan2.2-I2V-A14B); the
+            loop: end the clip on its first frame (first-last-frame models, Wan2.2-I2V-A14B, LTX-Video 0.9.5+); the
                 final frame, a copy of the first, is dropped so that the clip plays seamlessly in a loop.
             motion: experimental motion amplitude (PainterI2V, :mod:`mlx_i2v.motion`), in [0.25, 2];
                 1 is off. Channel-concat models only (Wan2.1-I2V/FLF2V, Wan2.2-I2V-A14B).
@@ -305,7 +307,14 @@ class Pipeline:
             seed: for the initial noise, an int in [0, 2**64 - 1] (default: random); ``latents`` overrides
                 it with explicit noise, a float array in diffusers' layout (1, C, T, H/stride, W/stride), to
                 reproduce a diffusers run.
-            last_image: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V; optional on A14B).
+            last_image: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V; optional on A14B and
+                LTX-Video 0.9.5+, where it is a keyframe at the last frame).
+            keyframes: LTX-Video 0.9.5+: frames the clip is held to at other frame indices, a list of
+                ``(image, frame_index)`` or ``(image, frame_index, strength)`` (default strength: ``strength``'s);
+                the image as ``image`` takes it (prepared with the same ``crop``, ``rotate``, ``fit``), or a
+                :class:`Video` / :class:`~mlx_i2v.clips.Clip` whose frames from ``frame_index`` on are held
+                (8k+1 of them, cut to the clip). ``frame_index`` in [1, num_frames - 1], any frame (the
+                positions are pixel frames, diffusers' ``LTXVideoCondition(frame_index=...)``).
             on_step: ``on_step(step, total, timestep)`` after every denoising step, or
                 ``on_step(step, total, timestep, preview)`` with a :class:`~mlx_i2v.preview.Preview` of the
                 predicted clean clip (computed only if asked); returning False stops the generation by
@@ -345,7 +354,7 @@ class Pipeline:
         """
         request = self.prepare(
             image, video=video, strength=strength, loop=loop, motion=motion, last_image=last_image,
-            negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+            keyframes=keyframes, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, crop=crop, rotate=rotate,
             fit=fit, background=background, cache=cache, cache_threshold=cache_threshold, scheduler=scheduler,
@@ -374,13 +383,15 @@ class Pipeline:
         Args:
             video: the clip to continue (see :func:`~mlx_i2v.clips.load_clip`); its frame size must be a
                 multiple of the variant's (16, or 32 for TI2V-5B), as the new frames are generated at it.
-            num_frames: new frames, rounded to a multiple of 4.
+            num_frames: new frames, rounded to a multiple of 4 (8 on LTX-Video).
             context: how many of the clip's last frames the model is given, 4k+1 (default: 5 for TI2V-5B,
                 held as clean latent frames; 1 for the channel-concat models, their trained first-frame
-                mask; more makes a pixel-mask prefix).
+                mask; more makes a pixel-mask prefix). LTX-Video 0.9.5+: 8k+1 (diffusers requires it), default
+                9, a video condition at frame 0 (two latent frames, held at strength 1).
             colour_match: 0-1, how far the new frames' Lab mean and spread are moved to the context's
                 (:mod:`mlx_i2v.colour`); 0 is off.
-            last_image: where the continuation should end (Wan2.1-FLF2V, which requires it; optional on A14B).
+            last_image: where the continuation should end (Wan2.1-FLF2V, which requires it; optional on A14B and
+                LTX-Video 0.9.5+).
             latents: the noise of the generated window (context + new frames), as in ``__call__``.
             settings: the other keyword arguments of ``__call__`` (``negative_prompt``,
                 ``num_inference_steps``, ``guidance_scale``, ``guidance_scale_2``, ``flow_shift``, ``seed``,
@@ -406,6 +417,7 @@ class Pipeline:
         loop: bool = False,
         motion: float = 1.0,
         last_image: ImageInput | None = None,
+        keyframes: Sequence[KeyframeInput] | None = None,
         **settings,
     ) -> Request:
         """Resolve the inputs and settings of a ``__call__`` (same arguments, without prompt, latents and
@@ -414,7 +426,10 @@ class Pipeline:
         tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
         options = _image_options(settings)
         self._check_features(restyle=video is not None, loop=bool(loop), motion=motion != 1.0,
-                             last_image=last_image is not None)  # fmt: skip
+                             last_image=last_image is not None, keyframes=keyframes is not None)  # fmt: skip
+        others = check_keyframes(keyframes)
+        if others and image is None:
+            raise InvalidInputError("keyframes need an image for the first frame too")
         motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
         last_image = self._check_loop(loop, last_image)
         if video is not None:
@@ -426,14 +441,17 @@ class Pipeline:
             sources = (image, image if loop else last_image)
             photos = self._photos(*sources, options, report)
             s = self._settings(photos, **settings)
-            keyframes = self._keyframes(sources, photos, s, options, report)
+            held = self._keyframes(sources, photos, s, options, report)
             details = {"mode": "generate", "loop": loop, "motion": motion}
             if self.variant.conditioning.takes_strength:  # how the photo is held (LTX-Video 0.9.5+)
                 strength = 1.0 if strength is None else check_strength(strength)
                 details["strength"] = strength
-                if keyframes is not None:
-                    keyframes = replace(keyframes, strength=strength, noise_scale=s.image_cond_noise_scale)
-            request = Request(s, photos, keyframes, motion, finish=close_loop if loop else keep_frames,
+                if held is not None:
+                    held = replace(held, strength=strength, noise_scale=s.image_cond_noise_scale,
+                                   others=self._other_keyframes(others, s, strength, options, report))  # fmt: skip
+                if others:
+                    details["keyframes"] = [[k.index, k.strength] for k in held.others]
+            request = Request(s, photos, held, motion, finish=close_loop if loop else keep_frames,
                               details=details)  # fmt: skip
         return self._complete(request, image, last_image, options, report, seed, tic)
 
@@ -456,13 +474,16 @@ class Pipeline:
         colour_match = check_colour_match(colour_match)
         clip = load_clip(video)
         height, width = check_clip_fits(clip, self.variant.size_multiple, self.variant.name)
-        c = context_frames(context, self.variant.conditioning.extend_context, clip.num_frames)
-        new = new_frame_count(num_frames)
+        stride = self.variant.family.frame_stride
+        c = context_frames(context, self.variant.conditioning.extend_context, clip.num_frames, stride)
+        new = new_frame_count(num_frames, stride)
         photos = self._photos(ClipFrame(clip.image(clip.num_frames - c)), last_image, options, report)
         s = self._settings(photos, height=height, width=width, num_frames=c + new, **settings)
         s = replace(s, fps=clip.fps or s.fps) if settings.get("fps") is None else s
         tail = self._fit(photos[1], s, options, report) if len(photos) > 1 else None
         keyframes = Keyframes(clip.model_frames(width, height, slice(-c, None)), tail)
+        if self.variant.conditioning.takes_strength:  # LTX-Video 0.9.5+: held fully, noised as a photo is
+            keyframes = replace(keyframes, noise_scale=s.image_cond_noise_scale)
         details = {"mode": "extend", "source": clip.name, "source_frames": clip.num_frames, "context_frames": c,
                    "new_frames": new, "colour_match": colour_match, "motion": motion}  # fmt: skip
         request = Request(s, photos, keyframes, motion, finish=Continuation(clip, c, colour_match), details=details)
@@ -524,6 +545,25 @@ class Pipeline:
                   for source, photo in zip(given, photos)]  # fmt: skip
         return Keyframes(frames[0][None], frames[1] if len(frames) > 1 else None)
 
+    def _other_keyframes(self, others: list[KeyframeRequest], s: Settings, strength: float, options: ImageOptions,
+                         report: LoadReport) -> tuple[Keyframe, ...]:  # fmt: skip
+        """The keyframes at other frame indices, their index checked against the clip: an image prepared and
+        fitted as the photo is, a clip's frames as :func:`~mlx_i2v.keyframes.clip_keyframe_frames` trims them;
+        with their own strength, else ``strength``."""
+        held = []
+        for k in others:
+            check_frame_index(k.index, s.num_frames)
+            if isinstance(k.source, Clip):
+                stride = self.variant.family.frame_stride
+                frames = clip_keyframe_frames(k.source, k.index, s.num_frames, s.width, s.height, stride)
+            else:
+                seen = len(report.notices)
+                frames = self._fit(load_image(k.source, options, report), s, options, report)[None]
+                for notice in report.notices[seen:]:
+                    log.warning("%s", notice)
+            held.append(Keyframe(frames, k.index, strength if k.strength is None else k.strength))
+        return tuple(held)
+
     @staticmethod
     def _fit(photo: Image.Image, s: Settings, options: ImageOptions, report: LoadReport) -> np.ndarray:
         return to_model_range(fit_to_frame(photo, s.width, s.height, options.fit, options.background, report))
@@ -536,7 +576,7 @@ class Pipeline:
         if not self.variant.accepts_last_image:
             raise InvalidInputError(
                 f"{self.variant.name} has no last-frame input, so it cannot close a loop; "
-                "use Wan2.1-FLF2V or Wan2.2-I2V-A14B"
+                "use Wan2.1-FLF2V, Wan2.2-I2V-A14B or LTX-Video 0.9.5+"
             )
         if last_image is not None:
             raise InvalidInputError("a loop ends on its first frame; last_image does not apply")
@@ -556,7 +596,7 @@ class Pipeline:
         # With other ranks: stop here unless they were all asked the same, and use one seed.
         s.seed = self.parallel.agree(self._handshake(prompt, request, latents), s.seed)
         scales = self._scales(s)
-        step_cache = StepCache(s.cache, plain=self.variant.family.forward(self.dims, s))
+        step_cache = StepCache(s.cache, plain=self.variant.family.forward(self.dims, s, request.keyframes))
         denoiser = self.denoiser(scales, step_cache)
         branches = denoiser.branches_needed(scales)
         plan = self.plan_request(request)
@@ -627,7 +667,7 @@ class Pipeline:
             "seed": "random" if request.random_seed else s.seed,
             "prompt": prompt,
             "photos": b"".join(np.asarray(p).tobytes() for p in request.photos),
-            "keyframes": b"" if k is None else k.head.tobytes() + (b"" if k.tail is None else k.tail.tobytes()),
+            "keyframes": b"" if k is None else b"".join(f.frames.tobytes() for f in k.conditions(s.num_frames)),
             "source": b"" if request.source is None else request.source.tobytes(),
             "mode": {n: v for n, v in request.details.items() if n not in LOCAL_DETAILS},
             "latents": b"" if latents is None else np.asarray(latents, np.float32).tobytes(),

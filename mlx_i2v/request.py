@@ -43,8 +43,10 @@ class Request:
     read_seconds: float = 0.0  # time spent reading the inputs
 
     def encode_frames(self, conditioning: Conditioning) -> int:
-        """Video frames the VAE encodes: the restyled clip or the conditioning's clip (all frames for
-        channel-concat models, the given head for TI2V-5B)."""
+        """Video frames the VAE encodes at once: the restyled clip or the conditioning's clip (all frames for
+        channel-concat models, the given head for TI2V-5B, the longest frame condition for LTX-Video)."""
         if self.source is not None or conditioning.requires_image:
             return self.settings.num_frames
-        return 1 if self.keyframes is None else len(self.keyframes.head)
+        if self.keyframes is None:
+            return 1
+        return max(len(k.frames) for k in self.keyframes.conditions(self.settings.num_frames))

@@ -86,7 +86,8 @@ def decode_wan(vae, latents: mx.array, settings, tiling) -> Any:
     return tiled_decode_frames(vae, z, tiling) if tiling is not None else vae.decode_frames(z)
 
 
-WAN = Family(name="Wan", frame_stride=4, forward=lambda dims, settings: plain_forward, decode=decode_wan,
+WAN = Family(name="Wan", frame_stride=4, forward=lambda dims, settings, keyframes=None: plain_forward,
+             decode=decode_wan, unsupported=frozenset({"keyframes"}),
              latent_rgb=tuple(LATENT_RGB.items()))  # fmt: skip
 
 

@@ -180,6 +180,7 @@ def test_defaults_and_rounding(i2v, caplog):
         (dict(cache="magcache"), "step caching"),
         (dict(flow_shift=3.0), "flow_shift"),
         (dict(last_image=_photo()), "last image"),
+        (dict(keyframes=[(_photo(), 8)]), "keyframes at other frames"),
         (dict(scheduler="unipc"), "euler"),
         (dict(decode_noise_scale=2.0), "decode_noise_scale"),
         (dict(fps=0), "fps"),
@@ -190,6 +191,13 @@ def test_what_ltx_refuses_before_loading(i2v, kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         pipe(_photo(), PROMPT, **kwargs)
     assert not pipe.text_encoder.loaded and not pipe.vae_encoder.loaded and not pipe.experts.loaded()
+
+
+def test_ltx_image_to_video_does_not_extend(i2v):
+    """0.9.0 / 0.9.1 hold one image at latent frame 0: extension is the 0.9.5+ models'
+    (tests/test_ltx_keyframes.py)."""
+    with pytest.raises(InvalidInputError, match="extending a clip: not supported on LTX-Video"):
+        i2v[2].prepare_extend(np.zeros((9, 64, 96, 3), np.uint8), num_frames=8)
 
 
 def test_loader_tells_the_family_and_refuses_wan_only_options(i2v, tiny_ti2v_dir):
@@ -322,7 +330,7 @@ def test_last_image_keyframe_matches_diffusers(condition, monkeypatch):
     _same_decode_noise(monkeypatch, mix)
     _same_posterior_noise(monkeypatch, *posteriors)
     key_noise_ours = mx.array(key_noise.transpose(0, 2, 3, 4, 1))
-    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, shape: key_noise_ours)
+    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, index, shape: key_noise_ours)
     queue = [mx.array(np.concatenate([n[:, 6:], n[:, :6]], axis=1).reshape(1, 4, 2, 3, 16)) for n in step_noises]
     monkeypatch.setattr(conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
     video = pipe(_photo(), PROMPT, last_image=last, latents=noise, image_cond_noise_scale=0.15, **COMMON)
@@ -369,13 +377,15 @@ def test_tiled_decode_is_diffusers_tiled_decode(condition, monkeypatch):
 
 
 def test_posterior_noise_is_the_seeds_own_draw_per_image():
-    """Each encoded image gets its own standard-normal draw, reproducible from the seed and apart from the
-    keyframe's and the decode's; drawn in diffusers' (1, C, T, h, w) order, returned channels-last."""
+    """Each encoded condition gets its own standard-normal draw, reproducible from the seed and apart from the
+    other conditions', the keyframes' noise and the decode's; drawn in diffusers' (1, C, T, h, w) order,
+    returned channels-last."""
     shape = (1, 1, 2, 3, 16)
     head, tail = (np.array(conditioning.posterior_noise(3, i, shape)) for i in (0, 1))
     assert head.shape == shape and np.array_equal(head, np.array(conditioning.posterior_noise(3, 0, shape)))
     others = [tail, np.array(conditioning.posterior_noise(4, 0, shape)),
-              np.array(conditioning.keyframe_noise(3, shape)), np.array(ltx_family.decode_noises(shape, 3)[0])]
-    assert all(np.abs(head - other).max() > 0.1 for other in others)
-    key = mx.random.split(mx.random.key(3), 5)[3]
+              np.array(conditioning.keyframe_noise(3, 0, shape)), np.array(conditioning.keyframe_noise(3, 1, shape)),
+              np.array(conditioning.posterior_noise(3, 2, shape)), np.array(ltx_family.decode_noises(shape, 3)[0])]
+    assert all(np.abs(a - b).max() > 0.1 for i, a in enumerate([head, *others]) for b in others[i:])
+    key = mx.random.split(mx.random.split(mx.random.key(3), 5)[3], 1)[0]
     np.testing.assert_array_equal(head, np.array(mx.random.normal((1, 16, 1, 2, 3), key=key)).transpose(0, 2, 3, 4, 1))
