@@ -469,6 +469,7 @@ class Pipeline:
         """Resolve the inputs and settings of an :meth:`extend` into a :class:`Request` (loading no model)."""
         tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
         options = _image_options(settings)
+        _check_known("extend", settings, self._settings, exclude=("photos", "reference", "height", "width", "num_frames"))
         self._check_features(extend=True, motion=motion != 1.0, last_image=last_image is not None)
         motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
         colour_match = check_colour_match(colour_match)
@@ -940,6 +941,15 @@ def _image_options(kwargs: dict) -> ImageOptions:
     """Pop ``__call__``'s image keyword arguments from ``kwargs`` as :class:`ImageOptions`."""
     names = ("crop", "rotate", "fit", "background")
     return ImageOptions(**{n: kwargs.pop(n) for n in names if n in kwargs})
+
+
+def _check_known(call: str, kwargs: dict[str, Any], accepts: Callable, exclude: Sequence[str] = ()) -> None:
+    """A keyword argument ``call`` passes on to ``accepts`` that ``accepts`` does not take (or takes only from
+    ``call`` itself) is a TypeError naming ``call``, as Python names a function's own unknown arguments."""
+    known = set(inspect.signature(accepts).parameters) - set(exclude)
+    for name in kwargs:
+        if name not in known:
+            raise TypeError(f"{call}() got an unexpected keyword argument {name!r}")
 
 
 def _check_on_step(on_step: object) -> None:

@@ -96,3 +96,11 @@ def test_extend_inputs(ti2v, tiny_i2v_dirs, caplog):
 def test_bad_extend_inputs(ti2v, clip, kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         ti2v.prepare_extend(clip, **{"num_frames": 4, **kwargs})
+
+
+@pytest.mark.parametrize("name", ["strength", "height", "no_such_setting"])
+def test_arguments_extend_does_not_take_are_named(ti2v, name):
+    """A call's argument extend has no use for (the size is the clip's; a strength is restyle's) is refused
+    with extend's name, not a private function's."""
+    with pytest.raises(TypeError, match=rf"^extend\(\) got an unexpected keyword argument '{name}'$"):
+        ti2v.prepare_extend(moving_clip(9), num_frames=4, **{name: 1})
