@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from .errors import InvalidInputError
 from .experts import Experts
+from .families.wan.planner import ModelDims
 from .lora.formats import read_lora
 from .lora.manager import TransformerLoras
 from .lora.spec import LoRA, as_loras
@@ -31,7 +32,6 @@ from .models.ltx.vae import load_ltx_vae
 from .models.tokenizer import T5Tokenizer
 from .models.umt5 import load_t5
 from .pipeline import ImageEncoder, Pipeline
-from .planner import ModelDims
 from .quantize import Quantization, QuantizationConfig
 from .resident import Resident
 from .runtime import default_vae_dtype, dtype_name, keep_freed_memory, resolve_dtype

@@ -39,7 +39,7 @@ from .models.wan.clip_preprocess import CLIPImageProcessor
 from .models.wan.vae_tiling import Tiling
 from .motion import check_motion
 from .parallel import Parallel
-from .planner import GROUP_SIZE, ModelDims, Plan, check_fits, latent_grid
+from .planner import GROUP_SIZE, FamilyDims, Plan, check_fits
 from .preview import Preview
 from .request import Request, close_loop, keep_frames
 from .resident import Resident
@@ -129,7 +129,7 @@ class Pipeline:
 
     variant: Variant
     model_name: str
-    dims: ModelDims | Any  # the family's configs as the planner reads them (ModelDims, LTXDims)
+    dims: FamilyDims  # the family's configs as the planner reads them (Wan's ModelDims, LTXDims)
     dtype: mx.Dtype  # the transformer's and the text encoder's compute dtype
     vae_dtype: mx.Dtype  # the VAE's and CLIP's (float32 by default, as diffusers' docs run them)
     quantize_bits: int | None
@@ -220,7 +220,7 @@ class Pipeline:
                          guidance=guidance, encode_frames=encode_frames, cache=settings.cache,
                          shards=self.parallel.layout(scales).sequence)  # fmt: skip
         if self.parallel.size > 1:
-            grid = latent_grid(self.dims.vae, settings.height, settings.width, settings.num_frames)
+            grid = self._latent_shape(settings)[1:4]
             plan.parallel = self.parallel.summary(scales, self.dims.transformer, grid, self.dtype)
         return plan
 
