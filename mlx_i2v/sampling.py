@@ -28,7 +28,8 @@ from .dmd import FASTWAN_TI2V_5B, TURBO_TI2V_5B, DMDRecipe, DMDScheduler
 from .errors import InvalidInputError
 from .schedulers import FlowMatchEulerDiscreteScheduler, FlowUniPCMultistepScheduler, scheduler_by_name
 from .schedulers import scheduler_from_config
-from .variants import FLF2V_14B, I2V_14B_480P, I2V_14B_720P, I2V_A14B, TI2V_5B, Variant
+from .families.wan.variants import FLF2V_14B, I2V_14B_480P, I2V_14B_720P, I2V_A14B, TI2V_5B
+from .variants import Variant
 
 log = logging.getLogger(__name__)
 
