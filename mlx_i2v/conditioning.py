@@ -192,7 +192,7 @@ def keyframe_noise(seed: int, shape: tuple[int, ...]) -> mx.array:
     """The noise a keyframe's latent (1, 1, h, w, C) is mixed with by its strength, drawn from the seed in
     diffusers' (1, C, 1, h, w) order."""
     b, f, h, w, c = shape
-    key = mx.random.split(mx.random.key(seed), 3)[2]  # apart from the decode's two (ltx_family.decode_noises)
+    key = mx.random.split(mx.random.key(seed), 3)[2]  # apart from the decode's two (ltx variants.decode_noises)
     return mx.random.normal((b, c, f, h, w), key=key).transpose(0, 2, 3, 4, 1)
 
 

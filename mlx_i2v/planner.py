@@ -20,9 +20,9 @@ Residency follows the pipeline: by default (``staged``) each model is in memory 
 them stay resident throughout.
 
 What differs between families is their memory model, a :class:`FamilyDims` built from a checkpoint's
-configs: Wan's in :mod:`mlx_i2v.families.wan.planner`, LTX-Video's in :mod:`mlx_i2v.ltx_planner`. This
-module is the shared core: the plan, the weight count, the transformer's and the text encoder's
-activations, and the search for a VAE tiling that fits.
+configs: Wan's in :mod:`mlx_i2v.families.wan.planner`, LTX-Video's in
+:mod:`mlx_i2v.families.ltx.planner`. This module is the shared core: the plan, the weight count, the
+transformer's and the text encoder's activations, and the search for a VAE tiling that fits.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ class TransformerDims(Protocol):
 
 class FamilyDims(Protocol):
     """A family's memory model of one checkpoint (Wan: :class:`~mlx_i2v.families.wan.planner.ModelDims`,
-    LTX-Video: :class:`~mlx_i2v.ltx_planner.LTXDims`): what :func:`plan_generation` asks of it. Sizes
-    are the (rounded) request's; ``tiling`` is one of ``tilings`` or None (untiled); byte counts."""
+    LTX-Video: :class:`~mlx_i2v.families.ltx.planner.LTXDims`): what :func:`plan_generation` asks of it.
+    Sizes are the (rounded) request's; ``tiling`` is one of ``tilings`` or None (untiled); byte counts."""
 
     transformer: TransformerDims
     frame_stride: int  # video frames per latent frame after the first

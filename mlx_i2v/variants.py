@@ -1,6 +1,6 @@
 """What a variant is: one member of a model family, as data (its conditioning strategy, defaults and
 family strategies). The variants themselves live with their family: Wan's in
-:mod:`mlx_i2v.families.wan.variants`, LTX-Video's in :mod:`mlx_i2v.ltx_family`.
+:mod:`mlx_i2v.families.wan.variants`, LTX-Video's in :mod:`mlx_i2v.families.ltx.variants`.
 """
 
 from __future__ import annotations

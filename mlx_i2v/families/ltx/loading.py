@@ -8,8 +8,6 @@ import logging
 from ...errors import InvalidInputError
 from ...experts import Experts
 from ...load_options import LoadOptions
-from ...ltx_family import ltx_samplers, ltx_variant
-from ...ltx_planner import LTXDims
 from ...models.ltx.transformer import load_ltx_transformer
 from ...models.ltx.vae import load_ltx_vae
 from ...models.tokenizer import T5Tokenizer
@@ -17,6 +15,8 @@ from ...models.umt5 import load_t5
 from ...pipeline import Pipeline
 from ...runtime import dtype_name
 from ...weights import read_config
+from .planner import LTXDims
+from .variants import ltx_samplers, ltx_variant
 
 log = logging.getLogger(__name__)
 
