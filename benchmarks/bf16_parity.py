@@ -38,7 +38,7 @@ from mlx_i2v import load_pipeline  # noqa: E402
 from mlx_i2v.models.wan.clip import load_clip_vision  # noqa: E402
 from mlx_i2v.models.umt5 import load_umt5  # noqa: E402
 from mlx_i2v.models.wan.vae import load_wan_vae  # noqa: E402
-from mlx_i2v.pipeline import ImageEncoder  # noqa: E402
+from mlx_i2v.families.wan.loading import ImageEncoder  # noqa: E402
 from mlx_i2v.resident import Resident  # noqa: E402
 
 VARIANTS = ("ti2v", "i2v", "flf2v", "a14b")

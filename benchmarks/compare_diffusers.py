@@ -400,7 +400,8 @@ def mlx_ltx(job: dict[str, Any]) -> tuple[dict[str, Any], Callable]:
     per-step conditioning noises and the decode's noise in place of those drawn from the seed."""
     import mlx.core as mx
 
-    from mlx_i2v import conditioning, ltx_family
+    from mlx_i2v import conditioning
+    from mlx_i2v.families.ltx import variants as ltx_family
 
     noise = np.load(job["noise"])  # (1, C, T, h, w)
     _, channels, frames, h, w = noise.shape

@@ -53,7 +53,7 @@ MODES = {  # name -> (ranks, parallel mode)
 
 def real_sizes() -> list[dict[str, Any]]:
     from mlx_i2v.models.wan.transformer import WanTransformerConfig
-    from mlx_i2v.planner import TI2V_5B_TRANSFORMER
+    from mlx_i2v.families.wan.planner import TI2V_5B_TRANSFORMER
 
     wan14b = WanTransformerConfig(in_channels=36, out_channels=16)  # diffusers' defaults are the 14B widths
     return [
@@ -101,7 +101,7 @@ def rank_job(job: dict[str, Any]) -> None:
     from mlx_i2v.experts import Experts
     from mlx_i2v.models.wan.transformer import WanTransformer3DModel
     from mlx_i2v.parallel import join
-    from mlx_i2v.planner import TI2V_5B_TRANSFORMER
+    from mlx_i2v.families.wan.planner import TI2V_5B_TRANSFORMER
     from mlx_i2v.schedulers import FlowUniPCMultistepScheduler
 
     parallel = join(job["parallel"])
@@ -172,7 +172,7 @@ def measure(layers: int, latent: tuple[int, int, int], steps: int, max_ranks: in
 
     from mlx_i2v.parallel import choose_layout
     from mlx_i2v.parallel.traffic import step_bytes
-    from mlx_i2v.planner import TI2V_5B_TRANSFORMER
+    from mlx_i2v.families.wan.planner import TI2V_5B_TRANSFORMER
 
     config = dataclasses.replace(TI2V_5B_TRANSFORMER, num_layers=layers)
     job = {"layers": layers, "latent": list(latent), "steps": steps}

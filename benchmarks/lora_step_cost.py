@@ -34,7 +34,7 @@ from mlx.utils import tree_unflatten
 
 from mlx_i2v.lora import LoRALinear
 from mlx_i2v.models.wan.transformer import WanRotaryPosEmbed, WanTransformerBlock, WanTransformerConfig
-from mlx_i2v.planner import TI2V_5B_TRANSFORMER
+from mlx_i2v.families.wan.planner import TI2V_5B_TRANSFORMER
 from mlx_i2v.runtime import keep_freed_memory
 
 PER_STEP_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",

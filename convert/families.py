@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from mlx_i2v.components import ComponentType
 from mlx_i2v.errors import InvalidInputError
+from mlx_i2v.families.wan.variants import detect_variant
 from mlx_i2v.models import umt5
 from mlx_i2v.models.ltx import latent_upsampler as ltx_upsampler
 from mlx_i2v.models.ltx import transformer as ltx_transformer
@@ -21,7 +22,7 @@ from mlx_i2v.models.wan import clip as wan_clip
 from mlx_i2v.models.wan import transformer as wan_transformer
 from mlx_i2v.models.wan import vae as wan_vae
 from mlx_i2v.quantize import Quantization, QuantizationConfig
-from mlx_i2v.variants import Variant, detect_variant
+from mlx_i2v.variants import Variant
 from mlx_i2v.weights import config_from_dict, read_config
 
 from .plan import defaults_dict

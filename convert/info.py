@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import mlx.core as mx
 
 from mlx_i2v.errors import InvalidInputError
-from mlx_i2v.variants import VARIANTS
+from mlx_i2v.families.wan.variants import VARIANTS
 from mlx_i2v.weights import read_config, read_safetensors
 
 from .api import components

@@ -30,6 +30,7 @@ import mlx.nn as nn
 
 from mlx_i2v.components import ComponentType
 from mlx_i2v.errors import WeightLoadError
+from mlx_i2v.families.wan.variants import detect_variant
 from mlx_i2v.models import umt5
 from mlx_i2v.models.wan import clip
 from mlx_i2v.models.wan import transformer as wan_transformer
@@ -37,7 +38,7 @@ from mlx_i2v.models.wan import vae as wan_vae
 from mlx_i2v.models.wan.clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mlx_i2v.pth import read_pth
 from mlx_i2v.quantize import Quantization, QuantizationConfig
-from mlx_i2v.variants import Variant, detect_variant
+from mlx_i2v.variants import Variant
 from mlx_i2v.weights import WeightMap, load_strict, read_config, read_safetensors
 
 from . import infer
@@ -205,7 +206,7 @@ def load_mapped(
 
 
 def _detect_variant(index: Mapping[str, Any], transformer_config: Mapping[str, Any], name: str) -> Variant:
-    """The variant by the loader's own rules (:func:`~mlx_i2v.variants.detect_variant`), which read a
+    """The variant by the loader's own rules (:func:`~mlx_i2v.families.wan.variants.detect_variant`), which read a
     directory: give it the two files it looks at."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)

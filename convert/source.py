@@ -128,7 +128,7 @@ def local_source(source: str | Path) -> Source:
 
 
 def _label(path: Path) -> str:
-    """The name a local directory goes by for :func:`~mlx_i2v.variants.detect_variant`'s 480P/720P rule:
+    """The name a local directory goes by for :func:`~mlx_i2v.families.wan.variants.detect_variant`'s 480P/720P rule:
     its own name or, for a Hub cache snapshot (``models--Org--Name/snapshots/<commit>``), the repository
     folder's; never the whole path, whose other parts have nothing to say about the model."""
     path = path.resolve()

@@ -1,5 +1,6 @@
 """How a variant puts the photo (or a clip's frames) into the latent video: small strategies the pipeline
-calls each step.
+calls each step. The strategies more than one family uses are here; one family's own live with it
+(Wan's channel concatenation in :mod:`mlx_i2v.families.wan.conditioning`).
 
 All latents are channels-last ``(B, T, h, w, C)`` and normalised with the VAE's per-channel statistics.
 Frames arrive as float32 ``(H, W, 3)`` arrays in [-1, 1] at the video size, gathered in :class:`Keyframes`.
@@ -12,8 +13,6 @@ from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
-
-from .motion import amplify_motion
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ def encode_mode(vae, video: np.ndarray) -> mx.array:
 def condition_key(seed: int, draw: int, index: int) -> mx.array:
     """The random key of the ``index``-th frame condition's ``draw`` (0: its VAE posterior sample, 1: the
     noise a keyframe's latent is mixed with), from the generation's seed: each its own, apart from the
-    decode's two (:func:`~mlx_i2v.ltx_family.decode_noises`)."""
+    decode's two (:func:`~mlx_i2v.families.ltx.variants.decode_noises`)."""
     family = mx.random.split(mx.random.key(seed), 5)[3 + draw]
     return mx.random.split(family, index + 1)[index]
 
@@ -200,48 +199,6 @@ class FirstFrameLatent(PlainSteps):
         return mx.concatenate([cond, latents[:, cond.shape[1] :]], axis=1)
 
 
-@dataclass(frozen=True)
-class ChannelConcat(PlainSteps):
-    """Wan2.1 I2V/FLF2V and Wan2.2-I2V-A14B: the transformer sees 36 channels, the noisy latent (16) next
-    to a 4-channel frame mask and the encoded clip [photo, zero frames..., (last photo)] (16).
-
-    The mask marks which video frames are given. The first frame is repeated 4 times so that 4k+1 video
-    frames fold into k+1 latent frames of 4 mask channels each (diffusers ``prepare_latents``). A head of
-    several frames (extending a clip) is given the same way, a pixel-mask prefix (diffusers
-    ``WanAnimatePipeline.prepare_prev_segment_cond_latents``, ComfyUI ``WanImageToVideo``).
-    """
-
-    temporal_stride: int = 4
-    requires_image: bool = True
-    supports_motion: bool = True
-    extend_context: int = 1  # the last frame: the mask these models were trained with
-    takes_strength: bool = False
-
-    def prepare(self, vae, keyframes, num_frames, latent_shape, motion=1.0, seed=0):
-        _, latent_frames, h, w, _ = latent_shape
-        head = keyframes.head
-        clip = np.zeros((num_frames, *head.shape[1:]), np.float32)
-        given = np.zeros(num_frames, np.float32)
-        clip[: len(head)], given[: len(head)] = head, 1.0
-        if keyframes.tail is not None:  # first-last-frame: the last photo closes the clip
-            clip[-1], given[-1] = keyframes.tail, 1.0
-        folded = np.concatenate([np.repeat(given[:1], self.temporal_stride), given[1:]])
-        mask = folded.reshape(latent_frames, self.temporal_stride)  # (T, 4): channel c of latent frame t
-        latent = encode_raw(vae, clip)  # (1, T, h, w, z)
-        if motion != 1.0:
-            latent = amplify_motion(latent, motion, free=mask.max(axis=1) == 0)
-        latent = vae.normalize_latents(latent)
-        mask = mx.broadcast_to(mx.array(mask)[None, :, None, None, :], (1, latent_frames, h, w, self.temporal_stride))
-        return ConditionState(latent=mx.concatenate([mask, latent], axis=-1))
-
-    def model_input(self, latents, state, t):
-        cond = mx.broadcast_to(state.latent, (latents.shape[0], *state.latent.shape[1:])).astype(latents.dtype)
-        return mx.concatenate([latents, cond], axis=-1), mx.full((latents.shape[0],), t, dtype=mx.float32)
-
-    def finalize(self, latents, state):
-        return latents
-
-
 @dataclass
 class HeldFrames(ConditionState):
     """:class:`FrameConditions`' state. ``latent`` (1, E, h, w, C): the keyframes' extra latent frames, already
@@ -304,7 +261,7 @@ class FrameConditions:
       strength.
     * a condition at frame index i > 0 (a keyframe, a last photo) becomes extra latent frames after the
       clip's (diffusers' extra condition tokens, placed first in its sequence), positioned at pixel frame i
-      (:class:`~mlx_i2v.ltx_family.LTXForward`): an image's latent, or a clip's first two latent frames, mixed
+      (:class:`~mlx_i2v.families.ltx.variants.LTXForward`): an image's latent, or a clip's first two latent frames, mixed
       with noise by the strength; a clip's later latent frames are lerped into the clip's latents from
       latent frame ``i // stride + 2`` on. Extra frames are dropped at the end.
     * each step: positions held at full strength get ``initial + noise_scale * noise * (t / 1000)**2``

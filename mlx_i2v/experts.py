@@ -1,4 +1,5 @@
-"""The denoiser(s): one transformer, or Wan2.2-A14B's two experts switched at a boundary timestep."""
+"""The denoiser(s) of every family: one transformer, or two experts switched at a boundary timestep
+(Wan2.2-A14B)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .models.wan.transformer import WanTransformer3DModel
+import mlx.nn as nn
+
 from .resident import free_memory
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[], WanTransformer3DModel]
+Loader = Callable[[], nn.Module]
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Experts:
     boundary: float | None = None
     keep_resident: bool = False
     keep_between_calls: bool = False
-    _resident: dict[int, WanTransformer3DModel] = field(default_factory=dict, repr=False)
+    _resident: dict[int, nn.Module] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.loaders) > 1 and self.boundary is None:
@@ -39,7 +41,7 @@ class Experts:
         """Which expert denoises timestep ``t``."""
         return 0 if self.boundary is None or t >= self.boundary else 1
 
-    def get(self, index: int) -> WanTransformer3DModel:
+    def get(self, index: int) -> nn.Module:
         """The expert ``index``, loading it (and first releasing the other, unless kept resident)."""
         if index not in self._resident:
             if not self.keep_resident:
@@ -52,7 +54,7 @@ class Experts:
         """Indices of the experts currently in memory."""
         return sorted(self._resident)
 
-    def loaded(self) -> dict[int, WanTransformer3DModel]:
+    def loaded(self) -> dict[int, nn.Module]:
         """The experts currently in memory, by index."""
         return dict(self._resident)
 

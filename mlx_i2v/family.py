@@ -3,8 +3,8 @@ strategies: how prompts become the transformer's text context, how a transformer
 latents, how latents are decoded to frames, how many video frames a latent frame holds, and which of the
 pipeline's optional features the family has.
 
-The families themselves are defined next to their variants: Wan in :mod:`mlx_i2v.variants`, LTX-Video in
-:mod:`mlx_i2v.ltx_family`.
+The families themselves are defined next to their variants (:mod:`mlx_i2v.families`): Wan in
+:mod:`mlx_i2v.families.wan.variants`, LTX-Video in :mod:`mlx_i2v.families.ltx.variants`.
 """
 
 from __future__ import annotations

@@ -35,12 +35,9 @@ from .extend import (
 from .image import ImageInput, ImageOptions, LoadReport, fit_to_frame, load_image, to_model_range
 from .keyframes import KeyframeInput, KeyframeRequest, check_frame_index, check_keyframes, clip_keyframe_frames
 from .lora.manager import TransformerLoras
-from .models.wan.clip import CLIPVisionTower
-from .models.wan.clip_preprocess import CLIPImageProcessor
-from .models.wan.vae_tiling import Tiling
 from .motion import check_motion
 from .parallel import Parallel
-from .planner import GROUP_SIZE, ModelDims, Plan, check_fits, latent_grid
+from .planner import GROUP_SIZE, FamilyDims, Plan, VAETiling, check_fits
 from .preview import Preview
 from .request import Request, close_loop, keep_frames
 from .resident import Resident
@@ -83,18 +80,6 @@ class Settings:
     image_cond_noise_scale: float | None = None
 
 
-@dataclass
-class ImageEncoder:
-    """CLIP ViT-H/14 image tokens for Wan2.1 I2V/FLF2V: penultimate hidden states of the original photo(s)."""
-
-    processor: CLIPImageProcessor
-    tower: CLIPVisionTower
-
-    def __call__(self, images: list[Image.Image]) -> mx.array:
-        """N photos -> (N, 257, 1280) tokens (for ViT-H/14 at 224 px)."""
-        return self.tower(mx.array(self.processor(images)))
-
-
 @dataclass(frozen=True)
 class ClipFrame:
     """A frame of the input clip standing in for a photo (a restyle's first or last frame, an extension's
@@ -130,7 +115,7 @@ class Pipeline:
 
     variant: Variant
     model_name: str
-    dims: ModelDims | Any  # the family's configs as the planner reads them (ModelDims, LTXDims)
+    dims: FamilyDims  # the family's configs as the planner reads them (Wan's ModelDims, LTXDims)
     dtype: mx.Dtype  # the transformer's and the text encoder's compute dtype
     vae_dtype: mx.Dtype  # the VAE's and CLIP's (float32 by default, as diffusers' docs run them)
     quantize_bits: int | None
@@ -140,7 +125,8 @@ class Pipeline:
     vae_encoder: Resident[Any]  # the VAE without its decoder, for the photo
     vae_decoder: Resident[Any]  # the VAE without its encoder, for the result
     samplers: Samplers
-    image_encoder: Resident[ImageEncoder] | None = None
+    # Photos -> image tokens (N, L_img, dim) for variants that attend to them (Wan2.1's CLIP encoder).
+    image_encoder: Resident[Callable[[list[Image.Image]], mx.array]] | None = None
     loras: TransformerLoras | None = None
     parallel: Parallel = field(default_factory=Parallel)  # this process's share of each generation
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
@@ -221,7 +207,7 @@ class Pipeline:
                          guidance=guidance, encode_frames=encode_frames, cache=settings.cache,
                          shards=self.parallel.layout(scales).sequence)  # fmt: skip
         if self.parallel.size > 1:
-            grid = latent_grid(self.dims.vae, settings.height, settings.width, settings.num_frames)
+            grid = self._latent_shape(settings)[1:4]
             plan.parallel = self.parallel.summary(scales, self.dims.transformer, grid, self.dtype)
         return plan
 
@@ -746,7 +732,7 @@ class Pipeline:
         self.image_encoder.release()
         return tokens
 
-    def decode(self, latents: mx.array, settings: Settings, tiling: Tiling | None = None) -> np.ndarray:
+    def decode(self, latents: mx.array, settings: Settings, tiling: VAETiling | None = None) -> np.ndarray:
         """Normalised latents (1, T, h, w, C) -> frames (stride * (T-1) + 1, H, W, 3) float32 in [0, 1], as
         the family decodes them (:attr:`Family.decode`): Wan streams one latent frame at a time so memory
         does not grow with the clip length, spatially tiled when ``tiling`` is given (the plan asks for it

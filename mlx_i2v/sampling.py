@@ -28,7 +28,8 @@ from .dmd import FASTWAN_TI2V_5B, TURBO_TI2V_5B, DMDRecipe, DMDScheduler
 from .errors import InvalidInputError
 from .schedulers import FlowMatchEulerDiscreteScheduler, FlowUniPCMultistepScheduler, scheduler_by_name
 from .schedulers import scheduler_from_config
-from .variants import FLF2V_14B, I2V_14B_480P, I2V_14B_720P, I2V_A14B, TI2V_5B, Variant
+from .families.wan.variants import FLF2V_14B, I2V_14B_480P, I2V_14B_720P, I2V_A14B, TI2V_5B
+from .variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class Samplers:
         """The sampler ``name`` with its schedule set: ``num_inference_steps`` steps, or the ``sigmas`` grid,
         shifted by ``flow_shift`` (for DMD, the lookup table's shift); DMD's re-noising is seeded with ``seed``.
         ``image_seq_len`` (the transformer's tokens) is for schedules that shift with it (LTX-Video's
-        :class:`~mlx_i2v.ltx_family.LTXSamplers`); Wan's do not."""
+        :class:`~mlx_i2v.families.ltx.variants.LTXSamplers`); Wan's do not."""
         n_train = self.num_train_timesteps
         if name == "dmd":
             table = PRESETS[preset].dmd_table if preset and PRESETS[preset].dmd_table else FASTWAN_TI2V_5B.table

@@ -19,7 +19,7 @@ count that works, where they are not.
 * :class:`FlowMatchEulerDiscreteScheduler` is diffusers' ``FlowMatchEulerDiscreteScheduler``:
   ``x_next = x + (sigma_next - sigma) * v``, on its default grid or explicit sigma/timestep grids (the
   few-step distillations, LTX-Video), with static or dynamic shifting and per-token timesteps (LTX-Video's
-  condition pipeline). The LTX pipelines' grid helpers are in :mod:`mlx_i2v.ltx_schedules`; the
+  condition pipeline). The LTX pipelines' grid helpers are in :mod:`mlx_i2v.families.ltx.schedules`; the
   stochastic few-step DMD sampler, driven the same way, is :mod:`mlx_i2v.dmd`.
 
 The noise schedule and every scalar coefficient are computed in numpy with the dtypes the torch reference
@@ -590,7 +590,7 @@ class FlowMatchEulerDiscreteScheduler(FlowSchedule):
         shift: Static shift ``s`` of ``sigma -> s * sigma / (1 + (s - 1) * sigma)``.
         use_dynamic_shifting: Shift by ``mu`` (:meth:`set_timesteps`) instead of ``shift``.
         base_shift, max_shift, base_image_seq_len, max_image_seq_len: What the pipelines feed
-            :func:`mlx_i2v.ltx_schedules.calculate_shift` to get ``mu``; the scheduler does not read them.
+            :func:`mlx_i2v.families.ltx.schedules.calculate_shift` to get ``mu``; the scheduler does not read them.
         shift_terminal: Stretch the shifted sigmas so that the last is this value (LTX 0.9.0/0.9.1: 0.1).
         time_shift_type: Dynamic shift ``"exponential"`` (``e^mu / (e^mu + 1/sigma - 1)``) or
             ``"linear"`` (``mu / (mu + 1/sigma - 1)``).

@@ -166,14 +166,15 @@ def test_vae_dtype_is_validated_loaded_recorded_and_planned(model_dirs):
 
 def test_planner_suggests_a_bfloat16_vae_when_that_alone_fits():
     from mlx_i2v import planner
+    from mlx_i2v.families.wan import planner as wan_planner
     from mlx_i2v.memory import GB
 
     # Wan2.2-TI2V-5B at 4 bits, 1280x704, 121 frames: the float32 VAE's decode (~15.4 GB) is the peak.
     request = dict(height=704, width=1280, num_frames=121, dtype=mx.bfloat16, quantize=4, backend="metal",
                    budget=14 * GB)  # fmt: skip
-    plan = planner.plan_generation(planner.TI2V_5B, **request)
+    plan = planner.plan_generation(wan_planner.TI2V_5B, **request)
     assert plan.vae_dtype == mx.float32 and not plan.fits()
-    assert planner.plan_generation(planner.TI2V_5B, vae_dtype=mx.bfloat16, **request).fits()
+    assert planner.plan_generation(wan_planner.TI2V_5B, vae_dtype=mx.bfloat16, **request).fits()
     assert "--vae-dtype bfloat16" in plan.suggestions
 
 

@@ -39,7 +39,7 @@ from mlx_i2v.errors import InvalidInputError, UnsafeCheckpointError, WeightLoadE
 from mlx_i2v.models.umt5 import TEXT_ENCODER
 from mlx_i2v.models.wan.transformer import TRANSFORMER
 from mlx_i2v.quantize import quantize_text_encoder, quantize_transformer
-from mlx_i2v.variants import I2V_14B_480P
+from mlx_i2v.families.wan.variants import I2V_14B_480P
 from mlx_i2v.weights import read_config, read_safetensors
 
 HEIGHT, WIDTH, FRAMES = 64, 96, 9

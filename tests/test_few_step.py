@@ -244,7 +244,7 @@ def test_cli_preset_runs_and_is_recorded(tiny_ti2v_dir, tiny_i2v_dirs, photo_fil
 )
 def test_cli_bad_sampling_is_one_line_before_any_model_loads(tiny_ti2v_dir, tiny_i2v_dirs, photo_file, tmp_path,
                                                             monkeypatch, model, args, message):  # fmt: skip
-    import mlx_i2v.loading as loading
+    import mlx_i2v.families.wan.loading as loading
 
     for loader in ("load_umt5", "load_wan_transformer", "load_wan_vae", "load_clip_vision"):
         monkeypatch.setattr(loading, loader, lambda *a, **k: pytest.fail("a model was loaded"))

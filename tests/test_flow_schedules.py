@@ -16,7 +16,7 @@ from diffusers.pipelines.ltx.pipeline_ltx import retrieve_timesteps as ref_retri
 from diffusers.pipelines.ltx.pipeline_ltx_condition import linear_quadratic_schedule as ref_linear_quadratic
 
 from mlx_i2v.errors import InvalidInputError
-from mlx_i2v.ltx_schedules import (
+from mlx_i2v.families.ltx.schedules import (
     calculate_shift,
     default_sigmas,
     linear_quadratic_schedule,

@@ -116,7 +116,7 @@ def test_steps_the_scheduler_cannot_run_are_refused_with_the_limit(ti2v):
 
 
 def test_hand_edited_defaults_are_a_load_error(tiny_ti2v_dir, tmp_path):
-    from mlx_i2v.variants import load_variant
+    from mlx_i2v.families.wan.variants import load_variant
 
     model = tmp_path / "edited"
     shutil.copytree(tiny_ti2v_dir, model)

@@ -159,7 +159,7 @@ def test_non_resident_expert_picks_up_the_new_set(tiny_ti2v_dir, ti2v_loras):
     ],
 )
 def test_bad_loras_fail_before_any_weights_load(loras, message, tiny_ti2v_dir, ti2v_loras, tmp_path, monkeypatch):
-    import mlx_i2v.loading as loading
+    import mlx_i2v.families.wan.loading as loading
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lora.safetensors").write_bytes(ti2v_loras[1].read_bytes())

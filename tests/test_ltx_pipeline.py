@@ -29,9 +29,10 @@ from PIL import Image
 import mlx.core as mx
 
 from mlx_i2v import Pipeline, load_pipeline
-from mlx_i2v import conditioning, ltx_family
+from mlx_i2v import conditioning
+from mlx_i2v.families.ltx import variants as ltx_family
 from mlx_i2v.errors import InvalidInputError
-from mlx_i2v.ltx_planner import LTXTiling
+from mlx_i2v.families.ltx.planner import LTXTiling
 from mlx_i2v.models.ltx.vae import GENERATION_CONFIGS, LTXVAEConfig
 from mlx_i2v.weights import config_from_dict
 from mlx_i2v.models.ltx.vae_tiling import SpatialTiling

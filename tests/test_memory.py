@@ -9,6 +9,7 @@ import torch
 
 import mlx.core as mx
 from mlx_i2v import planner
+from mlx_i2v.families.wan import planner as wan_planner
 from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.memory import ENV_VAR, GB, memory_budget, set_memory_limit
 from mlx_i2v.models import attention as attn
@@ -201,7 +202,7 @@ def test_planner_matches_measured_vae_decode_peak(tiny_vaes):
 
     measured, _ = measure_peak(decode)
     weights = planner.module_weight_bytes(ours, mx.float32)
-    estimate = weights + planner.vae_decode_activations(cfg, z.shape[2:4], mx.float32, None, memory_budget())
+    estimate = weights + wan_planner.vae_decode_activations(cfg, z.shape[2:4], mx.float32, None, memory_budget())
     assert abs(estimate - measured) / measured < PLANNER_TOL, (estimate, measured)
 
 
@@ -211,13 +212,13 @@ def test_planner_matches_measured_vae_encode_peak(tiny_vaes):
     mx.eval(video)
     measured, _ = measure_peak(lambda: ours.encode(video)[0])
     weights = planner.module_weight_bytes(ours, mx.float32)
-    estimate = weights + planner.vae_encode_activations(ours.config, 192, 320, 1, mx.float32, None, memory_budget())
+    estimate = weights + wan_planner.vae_encode_activations(ours.config, 192, 320, 1, mx.float32, None, memory_budget())
     assert abs(estimate - measured) / measured < PLANNER_TOL, (estimate, measured)
 
 
 def test_ti2v_5b_4bit_720p_121_frames_plans_within_16gb():
     plan = planner.plan_generation(
-        planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.bfloat16, quantize=4,
+        wan_planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.bfloat16, quantize=4,
         backend="metal", budget=16 * GB,
     )  # fmt: skip
     assert plan.tokens == 27280
@@ -233,7 +234,7 @@ def test_ti2v_5b_4bit_720p_121_frames_plans_within_16gb():
 
 def test_plan_that_does_not_fit_says_what_would():
     plan = planner.plan_generation(
-        planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.bfloat16, backend="metal",
+        wan_planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.bfloat16, backend="metal",
         budget=16 * GB,
     )  # fmt: skip
     assert not plan.fits()
@@ -242,7 +243,7 @@ def test_plan_that_does_not_fit_says_what_would():
         planner.check_fits(plan)
     # On the CPU attention is chunked to the budget, and the planner knows the chunk.
     cpu = planner.plan_generation(
-        planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.float32, quantize=4,
+        wan_planner.TI2V_5B, height=704, width=1280, num_frames=121, dtype=mx.float32, quantize=4,
         backend="cpu", budget=16 * GB,
     )  # fmt: skip
     chunk = attn.query_chunk_size(2, 24, 27280, 27280, attn.attention_workspace(16 * GB, cpu=True))

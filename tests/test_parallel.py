@@ -26,7 +26,7 @@ from mlx_i2v.parallel.comm import partition
 from mlx_i2v.parallel.handshake import digest
 from mlx_i2v.parallel.sequence import TokenShard
 from mlx_i2v.parallel.traffic import step_bytes
-from mlx_i2v.planner import latent_grid
+from mlx_i2v.families.wan.planner import latent_grid
 from parallel_ranks import free_ports, python, run_ranks, start_ranks, wait_ranks
 from parallel_worker import photo
 

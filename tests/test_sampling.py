@@ -17,7 +17,7 @@ from mlx_i2v.experts import Experts
 from mlx_i2v.sampling import Samplers, choose_sampling
 from mlx_i2v.schedulers import FlowMatchEulerDiscreteScheduler as OurEuler
 from mlx_i2v.schedulers import FlowUniPCMultistepScheduler
-from mlx_i2v.variants import I2V_14B_480P, I2V_A14B, TI2V_5B
+from mlx_i2v.families.wan.variants import I2V_14B_480P, I2V_A14B, TI2V_5B
 
 UNIPC_CONFIG = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
                 "use_flow_sigmas": True, "flow_shift": 3.0, "solver_order": 3}  # fmt: skip

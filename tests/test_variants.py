@@ -61,7 +61,7 @@ def test_matches_diffusers(variant, tiny_i2v_dirs):
 
 
 def test_variants_are_detected_with_their_defaults(tiny_i2v_dirs):
-    from mlx_i2v.variants import detect_variant
+    from mlx_i2v.families.wan.variants import detect_variant
 
     names = {k: detect_variant(d, d.name).name for k, d in tiny_i2v_dirs.items()}
     assert names == {"i2v": "wan2.1-i2v-14b-480p", "flf2v": "wan2.1-flf2v-14b-720p", "a14b": "wan2.2-i2v-a14b"}

@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from ..denoise import BatchedGuidance, Forward, Guidance, plain_forward
 from ..errors import InvalidInputError, ParallelError
-from ..models.wan.transformer import WanTransformerConfig
+from ..seams import PatchedConfig
 from .comm import DEFAULT_TIMEOUT, Comm, Subgroup, Traffic, partition
 from .guidance import SplitGuidance
 from .handshake import agree
@@ -109,7 +109,7 @@ class Parallel:
         return {**self.describe(scales), "rank": self.rank, **traffic}
 
     def summary(
-        self, scales: Sequence[float], config: WanTransformerConfig, latent: tuple[int, int, int], dtype: mx.Dtype
+        self, scales: Sequence[float], config: PatchedConfig, latent: tuple[int, int, int], dtype: mx.Dtype
     ) -> str:
         """One line for a plan: the layout, and what each rank receives per step (see
         :mod:`~mlx_i2v.parallel.traffic`) for a transformer ``config`` on a (T, h, w) ``latent`` grid."""

@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..denoise import Forward, StepInfo, plain_forward
-from ..models.wan.transformer import PassTokens
+from ..seams import PassTokens, SeamedTransformer
 from .comm import Comm, Subgroup
 
 
@@ -54,11 +54,12 @@ class TokenShard:
 
 
 class ShardedTransformer:
-    """A Wan transformer that runs on one token shard: the model's own ``embed`` / ``run_blocks`` /
-    ``head`` seams with the tokens cut after ``embed``, the keys and values gathered in every
-    self-attention and the output gathered after the head. Everything else is the model's."""
+    """A transformer that runs on one token shard: the model's own ``embed`` / ``run_blocks`` / ``head``
+    seams (:class:`~mlx_i2v.seams.SeamedTransformer`) with the tokens cut after ``embed``, the keys and
+    values gathered in every self-attention and the output gathered after the head. Everything else is
+    the model's."""
 
-    def __init__(self, model: Any, group: Subgroup, comm: Comm):
+    def __init__(self, model: SeamedTransformer, group: Subgroup, comm: Comm):
         self._model = model
         self._group = group
         self._comm = comm

@@ -19,14 +19,14 @@ import math
 
 import mlx.core as mx
 
-from ..models.wan.transformer import WanTransformerConfig
+from ..seams import PatchedConfig
 from .layout import Layout
 
 FLOAT32 = 4
 
 
 def step_bytes(
-    config: WanTransformerConfig, latent: tuple[int, int, int], layout: Layout, guided: bool, dtype: mx.Dtype
+    config: PatchedConfig, latent: tuple[int, int, int], layout: Layout, guided: bool, dtype: mx.Dtype
 ) -> dict[str, int]:
     """Bytes one rank receives in one denoising step, by kind ("keys/values", "output", "guidance").
 

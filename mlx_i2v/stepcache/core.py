@@ -1,6 +1,6 @@
 """The residual step cache: a :class:`~mlx_i2v.denoise.Forward` that lets a pass skip its transformer blocks.
 
-A pass runs ``embed`` -> blocks -> ``head`` (:class:`~mlx_i2v.models.wan.transformer.WanTransformer3DModel`).
+A pass runs ``embed`` -> blocks -> ``head`` (the transformer's seams, :class:`~mlx_i2v.seams.SeamedTransformer`).
 A *method* (:mod:`mlx_i2v.stepcache.methods`) may ask for its first ``probe_blocks`` blocks to run always
 and then decides, per prompt branch, whether the remaining blocks run. When they do, the cache keeps what
 they added (``out - probe_out``, the residual); when they do not, it adds the last residual kept to this
@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..denoise import Forward, StepInfo, plain_forward
-from ..models.wan.transformer import CrossKV, PassTokens, WanTransformer3DModel
+from ..seams import PassTokens, Rows, SeamedTransformer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Probe:
 
     step: StepInfo
     branch: str
-    model: WanTransformer3DModel
+    model: SeamedTransformer
     timestep: np.ndarray
     block_input: mx.array
     probe_output: mx.array
@@ -105,7 +105,8 @@ class StepCache:
         self, model: Any, x: mx.array, timestep: mx.array, context: list, branches: tuple[str, ...], step: StepInfo
     ) -> mx.array:
         """x (B, T, h, w, C_in), one row per branch; timestep (B,) or (B, L); context the rows'
-        cross-attention K/V -> velocity (B, T, h, w, C_out)."""
+        cross-attention K/V -> velocity (B, T, h, w, C_out). With a ``method`` the model must open the
+        seams of a pass (:class:`~mlx_i2v.seams.SeamedTransformer`); without one, any family's runs."""
         if self.method is None:
             self.decisions += [Decision(step.index, b, True) for b in branches]
             return self.plain(model, x, timestep, context, branches, step)
@@ -131,7 +132,7 @@ class StepCache:
         return model.head(mx.concatenate(rows, axis=0), tokens)
 
     def _decide(
-        self, model: Any, block_input: mx.array, probed: mx.array, times: np.ndarray, row: int, branch: str,
+        self, model: SeamedTransformer, block_input: mx.array, probed: mx.array, times: np.ndarray, row: int, branch: str,
         step: StepInfo,
     ) -> bool:  # fmt: skip
         cached = self._branches.get(branch)
@@ -168,7 +169,7 @@ def kept_bytes(method: CacheMethod | None, dtype: mx.Dtype) -> int:
 
 
 def _remaining_blocks(
-    model: Any, probed: mx.array, tokens: PassTokens, context: list, compute: list[bool], first: int
+    model: SeamedTransformer, probed: mx.array, tokens: PassTokens, context: list, compute: list[bool], first: int
 ) -> list[mx.array | None]:
     """Blocks ``first``.. on the rows that compute, each (1, L, dim) (None for a row that skips). When all
     compute they run as the whole batch, which is the plain pass's arithmetic exactly."""
@@ -188,11 +189,8 @@ def _remaining_blocks(
 
 def _rows(value: Any, picked: mx.array) -> Any:
     """The rows ``picked`` of a pass's per-row inputs: its tokens or its cross-attention context."""
-    if isinstance(value, PassTokens):
-        return value._replace(x=value.x[picked], time_index=value.time_index[picked])
-    if isinstance(value, CrossKV):
-        image = None if value.image is None else tuple(a[picked] for a in value.image)
-        return CrossKV(value.k[picked], value.v[picked], image)
+    if isinstance(value, Rows):
+        return value.take_rows(picked)
     if isinstance(value, list):
         return [_rows(v, picked) for v in value]
     return value[picked]  # a context array (B, L_ctx, dim)

@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Mapping, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +24,7 @@ import numpy as np
 from ...components import ComponentType, load_component
 from ...errors import WeightLoadError
 from ...quantize import Quantization, quantize_transformer
+from ...seams import GatherKV
 from ...weights import (
     IDENTITY,
     Rule,
@@ -129,17 +130,17 @@ class WanRotaryPosEmbed:
         return self._cache[grid]
 
 
-# Self-attention over a token shard: this shard's keys and values (B, heads, L_shard, D) -> the whole
-# sequence's (B, heads, L, D), in token order.
-GatherKV = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
-
-
 class CrossKV(NamedTuple):
     """Projected keys and values (B, heads, L, D) of a context, and of its image tokens (Wan2.1 I2V)."""
 
     k: mx.array
     v: mx.array
     image: tuple[mx.array, mx.array] | None = None
+
+    def take_rows(self, picked: mx.array) -> CrossKV:
+        """The rows ``picked`` of the batch (a step cache's computing branches)."""
+        image = None if self.image is None else tuple(a[picked] for a in self.image)
+        return CrossKV(self.k[picked], self.v[picked], image)
 
 
 class WanAttention(nn.Module):
@@ -346,7 +347,8 @@ class WanTimeTextImageEmbedding(nn.Module):
 
 
 class PassTokens(NamedTuple):
-    """One pass's embedded input: what every block needs besides the context.
+    """One pass's embedded input: what every block needs besides the context (the
+    :class:`~mlx_i2v.seams.PassTokens` of Wan's seams).
 
     Attributes:
         x: (B, L, dim) patch tokens in (f, h, w) order.
@@ -366,6 +368,10 @@ class PassTokens(NamedTuple):
     time_proj: mx.array
     rope: tuple[mx.array, mx.array]
     gather_kv: GatherKV | None = None
+
+    def take_rows(self, picked: mx.array) -> PassTokens:
+        """The rows ``picked`` of the batch (a step cache's computing branches)."""
+        return self._replace(x=self.x[picked], time_index=self.time_index[picked])
 
 
 class WanTransformer3DModel(nn.Module):

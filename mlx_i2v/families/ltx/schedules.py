@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .schedulers import FlowMatchEulerDiscreteScheduler, _check_count, _check_number
+from ...errors import InvalidInputError
+from ...schedulers import FlowMatchEulerDiscreteScheduler, _check_count, _check_number
 
 
 def calculate_shift(

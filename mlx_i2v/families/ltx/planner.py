@@ -18,14 +18,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .flops import DiTShape, ltx_shape
-from .models.ltx.transformer import LTXTransformerConfig, LTXVideoTransformer3DModel
-from .models.ltx.vae import AutoencoderKLLTXVideo, LTXVAEConfig
-from .models.ltx.vae_memory import decode_activation_bytes, encode_activation_bytes
-from .models.ltx.vae_tiling import SpatialTiling, TemporalTiling
-from .models.umt5 import T5Encoder, UMT5Config
-from .planner import TEXT_ENCODER_BITS, Plan, module_weight_bytes, plan_generation, text_activations
-from .weights import config_from_dict, read_config
+from ...flops import DiTShape, ltx_shape
+from ...models.ltx.transformer import LTXTransformerConfig, LTXVideoTransformer3DModel
+from ...models.ltx.vae import AutoencoderKLLTXVideo, LTXVAEConfig
+from ...models.ltx.vae_memory import decode_activation_bytes, encode_activation_bytes
+from ...models.ltx.vae_tiling import SpatialTiling, TemporalTiling
+from ...models.umt5 import T5Encoder, UMT5Config
+from ...planner import TEXT_ENCODER_BITS, Plan, module_weight_bytes, plan_generation, text_activations
+from ...weights import config_from_dict, read_config
 
 
 @dataclass(frozen=True)

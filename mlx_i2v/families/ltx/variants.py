@@ -20,17 +20,17 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .conditioning import FirstFrameLatent, FrameConditions, Keyframes, extra_latent_frames
-from .errors import InvalidInputError
-from .family import Family, MaskedPrompts
-from .ltx_schedules import calculate_shift, default_sigmas, linear_quadratic_schedule, retrieve_timesteps
-from .models.ltx.transformer import pack_latents, pixel_coords, unpack_latents
-from .models.ltx.vae import noise_source
-from .models.ltx.vae_tiling import tiled_decode
-from .models.umt5 import LTX_CONDITION_PROMPTS, LTX_PROMPTS
-from .sampling import Samplers
-from .schedulers import FlowMatchEulerDiscreteScheduler
-from .variants import Defaults, Variant
+from ...conditioning import FirstFrameLatent, FrameConditions, Keyframes, extra_latent_frames
+from ...errors import InvalidInputError
+from ...family import Family, MaskedPrompts
+from ...models.ltx.transformer import pack_latents, pixel_coords, unpack_latents
+from ...models.ltx.vae import noise_source
+from ...models.ltx.vae_tiling import tiled_decode
+from ...models.umt5 import LTX_CONDITION_PROMPTS, LTX_PROMPTS
+from ...sampling import Samplers
+from ...schedulers import FlowMatchEulerDiscreteScheduler
+from ...variants import Defaults, Variant
+from .schedules import calculate_shift, default_sigmas, linear_quadratic_schedule, retrieve_timesteps
 
 # ``LTXPipeline.__call__`` defaults (512x704, 161 frames at 25 fps, 50 steps, guidance 3); the decode
 # timestep and noise of the official configs (``LV/configs/ltxv-*.yaml``: 0.05 and 0.025), which only a
@@ -111,8 +111,8 @@ def decode_noises(shape: tuple[int, ...], seed: int) -> tuple[mx.array, Any]:
 def decode_ltx(vae, latents: mx.array, settings, tiling) -> Any:
     """The LTX pipelines' decode: denormalise; for a timestep-conditioned VAE (0.9.1+), mix in noise,
     ``(1 - s) * z + s * noise`` with ``s = decode_noise_scale`` (default: the decode timestep), and decode at
-    ``decode_timestep``, tiled as ``tiling`` (an :class:`~mlx_i2v.ltx_planner.LTXTiling`) says when the plan
-    asks for it. Yields the whole clip as one chunk (1, F, H, W, 3)."""
+    ``decode_timestep``, tiled as ``tiling`` (an :class:`~mlx_i2v.families.ltx.planner.LTXTiling`) says when
+    the plan asks for it. Yields the whole clip as one chunk (1, F, H, W, 3)."""
     z = vae.denormalize_latents(latents.astype(mx.float32))
     timestep, inject = None, None
     if vae.config.timestep_conditioning:
@@ -153,7 +153,7 @@ LTX_VARIANTS = {v.name: v for v in (LTX_VIDEO, LTX_VIDEO_CONDITION)}
 
 def ltx_variant(index: dict[str, Any], model_dir: Any) -> Variant:
     """The variant of an LTX checkpoint from its ``model_index.json``."""
-    from .errors import WeightLoadError
+    from ...errors import WeightLoadError
 
     name = index.get("_class_name")
     if name not in PIPELINE_VARIANTS:
