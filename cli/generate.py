@@ -22,18 +22,28 @@ from .options import check_photos, common_options, execute, settings_of, size_op
                    "final frame is dropped.")
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="LTX-Video 0.9.5+: how strongly the photo holds the first frame (default 1).")
+@click.option("--upscale", type=click.Path(path_type=Path), default=None,
+              help="LTX-Video 0.9.5+: generate at 2/3 of the size, upsample the latents x2 with this latent "
+                   "upsampler (latent_upsampler/ folder or ltxv-spatial-upscaler-*.safetensors) and refine them "
+                   "(4 steps), then resize to the size asked for.")
+@click.option("--upscale-tone-map", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="With --upscale: tone-map compression of the upsampled latents (0.6 for the 0.9.8 upscaler).")
 @common_options
-def generate(image: Path, num_frames, height, width, last_image, loop, strength, **options) -> None:
+def generate(image: Path, num_frames, height, width, last_image, loop, strength, upscale, upscale_tone_map,
+             **options) -> None:
     """Generate a video that starts from IMAGE.
 
     Under `mlx.launch` every rank runs this same command: rank 0 writes the output and prints, the other
     ranks print only errors."""
 
     def read_inputs():
+        from mlx_i2v.upscale import Upscale
+
         check_photos(options, image, last_image)
+        recipe = None if upscale is None else Upscale(upscale, tone_map_compression_ratio=upscale_tone_map)
         return lambda pipe: pipe.prepare(
             image, last_image=last_image, loop=loop, motion=options["motion"], strength=strength, height=height,
-            width=width, num_frames=num_frames, **settings_of(options),
+            width=width, num_frames=num_frames, upscale=recipe, **settings_of(options),
         )  # fmt: skip
 
     execute(options, read_inputs, default_stem=image.stem, inputs=[image, last_image])

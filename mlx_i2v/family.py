@@ -32,6 +32,7 @@ FEATURES = {
     "parallel": "parallel ranks",
     "flow_shift": "flow_shift (the schedule shifts with the sequence length)",
     "last_image": "a last image (last_image=)",
+    "upscale": "the upsample-and-refine recipe (upscale=)",
 }
 
 

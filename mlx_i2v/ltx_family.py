@@ -44,7 +44,7 @@ LTX_DEFAULTS = Defaults(
 LTX_CONDITION_DEFAULTS = replace(LTX_DEFAULTS, image_cond_noise_scale=0.15)
 
 # What the pipeline has for Wan that LTX-Video does not have yet.
-LTX_UNSUPPORTED = frozenset({"restyle", "extend", "loop", "motion", "cache", "parallel", "flow_shift"})
+LTX_UNSUPPORTED = frozenset({"extend", "loop", "motion", "cache", "parallel", "flow_shift"})
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def decode_ltx(vae, latents: mx.array, settings, tiling) -> Any:
 
 
 LTX_IMAGE_TO_VIDEO = Family(name="LTX-Video", frame_stride=8, forward=_forward(False), decode=decode_ltx,
-                            unsupported=LTX_UNSUPPORTED | {"last_image"})  # fmt: skip
+                            unsupported=LTX_UNSUPPORTED | {"last_image", "restyle", "upscale"})  # fmt: skip
 LTX_CONDITION = Family(name="LTX-Video", frame_stride=8, forward=_forward(True), decode=decode_ltx,
                        unsupported=LTX_UNSUPPORTED)  # fmt: skip
 

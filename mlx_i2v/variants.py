@@ -87,7 +87,7 @@ def decode_wan(vae, latents: mx.array, settings, tiling) -> Any:
 
 
 WAN = Family(name="Wan", frame_stride=4, forward=lambda dims, settings: plain_forward, decode=decode_wan,
-             latent_rgb=tuple(LATENT_RGB.items()))  # fmt: skip
+             unsupported=frozenset({"upscale"}), latent_rgb=tuple(LATENT_RGB.items()))  # fmt: skip
 
 
 @dataclass(frozen=True)
