@@ -48,10 +48,13 @@ log = logging.getLogger(__name__)
 
 # The refine pass of diffusers' distilled recipe: 4 of these 5 timesteps run (denoise_strength 0.999).
 REFINE_TIMESTEPS = (1000.0, 909.0, 725.0, 421.0, 0.0)
-# Activation peak of the upsampler as a multiple of its largest tensor (mid channels at the 2x size): the
-# upsampling conv's output, its pixel-shuffled copy and a residual block's two intermediates. First
-# principles, checked against MLX 0.32 CPU peaks of the real-size model (mid 512, 4 blocks).
-UPSAMPLE_COPIES = 4
+# Activation peak of the upsampler: this many of its largest tensor (mid channels at the 2x size: the
+# upsampling conv's output, its pixel-shuffled copy, a residual block's intermediates), the largest conv's
+# workspace and a fixed part. Against MLX 0.32 CPU peaks of the real-size model (mid 512, 4 blocks) on base
+# latent grids (3, 8, 11), (16, 10, 14) and (13, 16, 24): 147, 326 and 557 MB measured, 159, 439 and 719
+# MB planned (on the safe side).
+UPSAMPLE_COPIES = 6
+UPSAMPLE_FIXED = 50 * 10**6
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,7 @@ class UpscalePass:
         workspace = _largest_conv_workspace(
             [(t, h, w, mid, 4 * mid), (t, 2 * h, 2 * w, mid, mid)], compute_dtype(dtype).size, budget
         )
-        return Stage("upsample", transformer_weights + weights, UPSAMPLE_COPIES * largest + workspace)
+        return Stage("upsample", transformer_weights + weights, UPSAMPLE_COPIES * largest + workspace + UPSAMPLE_FIXED)
 
     def describe(self, base: tuple[int, int]) -> dict[str, Any]:
         """The metadata entry (sizes as width x height)."""
