@@ -100,7 +100,8 @@ def as_upscale(value: Any, latent_channels: int) -> tuple[Upscale, LTXLatentUpsa
     """
     recipe = value if isinstance(value, Upscale) else Upscale(value)
     if not isinstance(recipe.upsampler, (str, Path, LTXLatentUpsamplerModel)):
-        raise InvalidInputError(f"upscale must be a latent upsampler path or model, got {type(recipe.upsampler).__name__}")
+        kind = type(recipe.upsampler).__name__
+        raise InvalidInputError(f"upscale must be a latent upsampler path or model, got {kind}")
     config = recipe.config()
     if config.temporal_upsample or not config.spatial_upsample:
         raise InvalidInputError(f"upscale: {recipe.name()} upsamples in time; the refine recipe needs a spatial x2 "

@@ -96,12 +96,13 @@ def test_upscale_recipe_matches_diffusers(setup, monkeypatch, tone_map):
 
     _same_decode_noise(monkeypatch, mix)
     _same_posterior_noise_by_shape(monkeypatch, posterior, posterior_2x)
-    monkeypatch.setattr(pipeline_module, "refine_noise", lambda shape, seed: mx.array(noise_2x.transpose(0, 2, 3, 4, 1)))
+    noise_2x_ours = mx.array(noise_2x.transpose(0, 2, 3, 4, 1))
+    monkeypatch.setattr(pipeline_module, "refine_noise", lambda shape, seed: noise_2x_ours)
     steps = []
     torch.manual_seed(TORCH_SEED)
+    recipe = Upscale(up_folder, tone_map_compression_ratio=tone_map)
     video = pipe(photo, PROMPT, negative_prompt=NEGATIVE, height=64, width=128, num_frames=FRAMES, preset="distilled",
-                 latents=noise, image_cond_noise_scale=0.0, upscale=Upscale(up_folder, tone_map_compression_ratio=tone_map),
-                 on_step=lambda *a: steps.append(a[:3]))  # fmt: skip
+                 latents=noise, image_cond_noise_scale=0.0, upscale=recipe, on_step=lambda *a: steps.append(a[:3]))
     assert video.frames.shape == expected.shape == (FRAMES, 64, 128, 3)
     assert np.abs(video.frames - expected).max() < 2e-3
     # one count over both passes: 8 base steps, then the refine's 909, 725, 421, 0
@@ -186,21 +187,18 @@ def test_restyle_takes_8k_plus_1_frames_on_ltx(setup, caplog):
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "kwargs,recipe,message",
     [
-        (dict(height=32, width=64), "too small to upscale"),
-        (dict(video=np.zeros((9, 64, 96, 3), np.uint8)), "not to a restyle"),
-        (dict(upscale="missing/upsampler"), "no such latent upsampler"),
-        (dict(upscale=Upscale("UP", denoise_strength=0.1)), "runs no step"),
-        (dict(upscale=Upscale("UP", tone_map_compression_ratio=2)), "tone_map_compression_ratio must lie in"),
+        (dict(height=32, width=64), {}, "too small to upscale"),
+        (dict(video=np.zeros((9, 64, 96, 3), np.uint8)), {}, "not to a restyle"),
+        (dict(upscale="missing/upsampler"), {}, "no such latent upsampler"),
+        ({}, dict(denoise_strength=0.1), "runs no step"),
+        ({}, dict(tone_map_compression_ratio=2), "tone_map_compression_ratio must lie in"),
     ],
 )
-def test_bad_upscales_are_refused_before_loading(setup, kwargs, message):
+def test_bad_upscales_are_refused_before_loading(setup, kwargs, recipe, message):
     _, pipe, up_folder, _ = setup
-    if isinstance(kwargs.get("upscale"), Upscale):
-        kwargs["upscale"] = Upscale(up_folder, **{k: v for k, v in vars(kwargs["upscale"]).items()
-                                                  if k in ("denoise_strength", "tone_map_compression_ratio")})
-    kwargs.setdefault("upscale", up_folder)
+    kwargs.setdefault("upscale", Upscale(up_folder, **recipe))
     with pytest.raises(InvalidInputError, match=message):
         pipe.resolve_settings(_photo(64, 96), num_frames=9, **kwargs)
     assert not pipe.experts.loaded() and not pipe.vae_encoder.loaded
