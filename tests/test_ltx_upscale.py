@@ -21,6 +21,7 @@ from diffusers import LTXConditionPipeline, LTXLatentUpsamplePipeline
 from diffusers.models.autoencoders import vae as diffusers_vae
 from diffusers.pipelines.ltx import pipeline_ltx_condition
 from diffusers.pipelines.ltx.modeling_latent_upsampler import LTXLatentUpsamplerModel as RefUpsampler
+from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
 from mlx.utils import tree_flatten
 from PIL import Image
 from test_cli import _run
@@ -63,24 +64,34 @@ def setup(tiny_ltx_condition_dir, tmp_path_factory):
 
 
 def _same_posterior_noise_by_shape(monkeypatch, *draws: np.ndarray) -> None:
-    """Our posterior draws for an encoded image, picked by its latent shape (the base and refine passes
-    each encode the photo at their own size)."""
-    ours = {d.shape[3:]: mx.array(d.transpose(0, 2, 3, 4, 1)) for d in draws}
-    monkeypatch.setattr(conditioning, "posterior_noise", lambda seed, index, shape: ours[tuple(shape[2:4])])
+    """Our posterior draws: ``draws`` (diffusers' layout) in order of image index, for each size (the base
+    and refine passes each encode the photos at their own size)."""
+    ours: dict = {}
+    for d in draws:
+        by_size = ours.setdefault(d.shape[3:], [])
+        by_size.append(mx.array(d.transpose(0, 2, 3, 4, 1)))
+    monkeypatch.setattr(conditioning, "posterior_noise", lambda seed, index, shape: ours[tuple(shape[2:4])][index])
 
 
-@pytest.mark.parametrize("tone_map", [0.0, 0.6])
-def test_upscale_recipe_matches_diffusers(setup, monkeypatch, tone_map):
-    """64x128 asked: base pass at 32x64 (2/3, rounded down to 32), upsampled to and refined at 64x128."""
+@pytest.mark.parametrize("inputs,tone_map", [("photo", 0.0), ("photo", 0.6), ("text", 0.0), ("photo+last", 0.0)])
+def test_upscale_recipe_matches_diffusers(setup, monkeypatch, inputs, tone_map):
+    """64x128 asked: base pass at 32x64 (2/3, rounded down to 32), upsampled to and refined at 64x128; from
+    a photo, from text alone (the docs' example), and with a last-frame keyframe."""
     folder, pipe, up_folder, ref_up = setup
-    photo = _photo(64, 128)
+    photo, last = _photo(64, 128), _photo(64, 128).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     base_shape, refine_shape = (1, 16, 3, 1, 2), (1, 16, 3, 2, 4)
-    noise, posterior = _noise(30, base_shape), _noise(31, (1, 16, 1, 1, 2))
-    noise_2x, posterior_2x, mix = _noise(32, refine_shape), _noise(33, (1, 16, 1, 2, 4)), _noise(34, refine_shape)
-    common = dict(image=photo, prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=FRAMES, guidance_scale=1.0,
-                  image_cond_noise_scale=0.0, decode_timestep=0.05, decode_noise_scale=0.025)  # fmt: skip
+    images = {"photo": 1, "text": 0, "photo+last": 2}[inputs]
+    noise, noise_2x, mix = _noise(30, base_shape), _noise(32, refine_shape), _noise(34, refine_shape)
+    posteriors = [_noise(35 + i, (1, 16, 1, 1, 2)) for i in range(images)]
+    posteriors_2x = [_noise(37 + i, (1, 16, 1, 2, 4)) for i in range(images)]
+    keys = [_noise(39, (1, 16, 1, 1, 2)), _noise(40, (1, 16, 1, 2, 4))] if images == 2 else []
+    conditions = {0: {}, 1: dict(image=photo),
+                  2: dict(conditions=[LTXVideoCondition(image=photo, frame_index=0),
+                                      LTXVideoCondition(image=last, frame_index=FRAMES - 1)])}[images]  # fmt: skip
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=FRAMES, guidance_scale=1.0,
+                  image_cond_noise_scale=0.0, decode_timestep=0.05, decode_noise_scale=0.025, **conditions)  # fmt: skip
 
-    fixed = FixedNoise(noise, posterior, noise_2x, posterior_2x, mix)
+    fixed = FixedNoise(noise, *posteriors, *keys[:1], noise_2x, *posteriors_2x, *keys[1:], mix)
     monkeypatch.setattr(pipeline_ltx_condition, "randn_tensor", fixed)
     monkeypatch.setattr(diffusers_vae, "randn_tensor", fixed)
     ref = LTXConditionPipeline.from_pretrained(folder, dtype=torch.float32)
@@ -95,14 +106,17 @@ def test_upscale_recipe_matches_diffusers(setup, monkeypatch, tone_map):
     assert not fixed.queue
 
     _same_decode_noise(monkeypatch, mix)
-    _same_posterior_noise_by_shape(monkeypatch, posterior, posterior_2x)
+    _same_posterior_noise_by_shape(monkeypatch, *posteriors, *posteriors_2x)
+    keys_ours = {k.shape[3:]: mx.array(k.transpose(0, 2, 3, 4, 1)) for k in keys}
+    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, shape: keys_ours[tuple(shape[2:4])])
     noise_2x_ours = mx.array(noise_2x.transpose(0, 2, 3, 4, 1))
     monkeypatch.setattr(pipeline_module, "refine_noise", lambda shape, seed: noise_2x_ours)
     steps = []
     torch.manual_seed(TORCH_SEED)
     recipe = Upscale(up_folder, tone_map_compression_ratio=tone_map)
-    video = pipe(photo, PROMPT, negative_prompt=NEGATIVE, height=64, width=128, num_frames=FRAMES, preset="distilled",
-                 latents=noise, image_cond_noise_scale=0.0, upscale=recipe, on_step=lambda *a: steps.append(a[:3]))
+    video = pipe(photo if images else None, PROMPT, last_image=last if images == 2 else None,
+                 negative_prompt=NEGATIVE, height=64, width=128, num_frames=FRAMES, preset="distilled", latents=noise,
+                 image_cond_noise_scale=0.0, upscale=recipe, on_step=lambda *a: steps.append(a[:3]))  # fmt: skip
     assert video.frames.shape == expected.shape == (FRAMES, 64, 128, 3)
     assert np.abs(video.frames - expected).max() < 2e-3
     # one count over both passes: 8 base steps, then the refine's 909, 725, 421, 0
