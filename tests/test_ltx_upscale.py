@@ -31,7 +31,8 @@ from mlx_i2v import conditioning, load_pipeline
 from mlx_i2v import pipeline as pipeline_module
 from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.models.ltx.latent_upsampler import load_ltx_latent_upsampler, upsampler_source
-from mlx_i2v.upscale import Upscale, base_size, resize_frames
+from mlx_i2v import Upscale
+from mlx_i2v.upscale import base_size, resize_frames
 
 FRAMES = 17  # 3 latent frames
 DISTILLED = [1000, 993, 987, 981, 975, 909, 725, 0.03]
@@ -288,3 +289,17 @@ def test_cli_upscale_writes_the_size_asked_for(setup, photo, tmp_path):
                "--output", str(tmp_path / "bad.mp4"), cwd=tmp_path)  # fmt: skip
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
     assert "not an LTX-Video latent upsampler" in bad.stderr and not (tmp_path / "bad.mp4").exists()
+
+
+def test_cli_restyles_on_ltx(setup, tmp_path):
+    folder, pipe, _, _ = setup
+    clip = tmp_path / "clip.mp4"
+    pipe(None, "x", height=64, width=96, num_frames=9, num_inference_steps=1, seed=2).save(clip)
+    out = tmp_path / "restyled.mp4"
+    result = _run("restyle", str(clip), "-p", "a fox", "--model", str(folder), "--strength", "0.5", "--steps", "4",
+                  "--output", str(out), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with av.open(str(out)) as c:
+        meta = json.loads(c.metadata["comment"])
+        assert len(list(c.decode(video=0))) == 9
+    assert (meta["mode"], meta["strength"], meta["steps_run"], meta["num_frames"]) == ("restyle", 0.5, 2, 9)
