@@ -618,26 +618,19 @@ class Pipeline:
         up = request.upscale
         steps = s.num_inference_steps - request.start
         total = steps + (0 if up is None else up.refine.settings.num_inference_steps - up.refine.start)
+        context = (text, image_tokens, scales)
         try:
             with _timed(timings, "denoise"):
-                sampler = self.sampler(s)
-                # A restyle starts from the clip noised to the sigma of its first step, in this sampler's schedule.
-                initial = noise if source is None else add_noise(source, noise, float(sampler.sigmas[request.start]))
                 observe = _observer(on_step, self._previewer(state), total=total)
-                final = denoiser(
-                    sampler, initial, state, text, image_tokens, scales, start=request.start, observe=observe
-                )
+                final = self._denoise(denoiser, s, request.start, source, noise, state, context, observe)
             if up is not None:  # the transformer stays loaded for the refine pass
                 with _timed(timings, "upsample"):
-                    latents_2x = up.upsample(final)
+                    upsampled = up.upsample(final)
                 s = up.refine.settings
                 with _timed(timings, "refine"):
-                    sampler = self.sampler(s)
-                    initial = add_noise(latents_2x, refine_noise(latents_2x.shape, s.seed),
-                                        float(sampler.sigmas[up.refine.start]))  # fmt: skip
                     observe = _observer(on_step, self._previewer(up.state), offset=steps, total=total)
-                    final = denoiser(sampler, initial, up.state, text, image_tokens, scales, start=up.refine.start,
-                                     observe=observe)  # fmt: skip
+                    noise = refine_noise(upsampled.shape, s.seed)
+                    final = self._denoise(denoiser, s, up.refine.start, upsampled, noise, up.state, context, observe)
         finally:
             self.experts.done()
         finish = request.finish if up is None else lambda frames: request.finish(up.finish(frames))
@@ -657,6 +650,16 @@ class Pipeline:
             metadata["parallel"] = self.parallel.describe(scales)
             stats["parallel"] = self.parallel.stats(scales)
         return Video(frames=frames, fps=s.fps, metadata=metadata, stats=stats)
+
+    def _denoise(self, denoiser: Denoiser, s: Settings, start: int, clean: mx.array | None, noise: mx.array,
+                 state: ConditionState | None, context: tuple, observe) -> mx.array:  # fmt: skip
+        """One pass of the loop over the schedule of ``s`` from entry ``start``: from ``noise``, or from
+        ``clean`` latents (a restyle's clip, an upscale's upsampled latents) noised to the sigma of that
+        entry in this sampler's schedule. ``context``: (text, image tokens, guidance scales)."""
+        sampler = self.sampler(s)
+        initial = noise if clean is None else add_noise(clean, noise, float(sampler.sigmas[start]))
+        text, image_tokens, scales = context
+        return denoiser(sampler, initial, state, text, image_tokens, scales, start=start, observe=observe)
 
     def _metadata(self, request: Request, prompt: str) -> dict[str, Any]:
         s = request.settings
