@@ -217,6 +217,10 @@ class Pipeline:
         plan = self.plan_settings(up.refine.settings, encode_frames=up.refine.encode_frames(self.variant.conditioning))
         grid = self._latent_shape(request.settings)[1:4]
         plan.stages.insert(-1, up.stage(plan.stage("denoise").weights, grid, self.vae_dtype, plan.budget))
+        if not plan.fits():  # sizes suggested for the refine pass would read as output sizes: none of them
+            plan.suggestions = [x for x in plan.suggestions if not x.startswith("--width")]
+            if self.plan_settings(request.settings).fits():
+                plan.suggestions.append("no --upscale")
         return plan
 
     def plan_settings(self, settings: Settings, encode_frames: int | None = None) -> Plan:

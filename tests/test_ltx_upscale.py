@@ -269,6 +269,29 @@ def test_plan_counts_the_refine_pass_and_the_upsampler(setup):
     assert plan.peak >= max(s.peak for s in plain.stages)
 
 
+def test_plan_suggestions_of_an_upscale(setup, monkeypatch):
+    """Sizes the planner suggests for the refine pass would read as output sizes: dropped; without the
+    upscale the request fits (here: an upsample stage beyond the budget), so that is suggested."""
+    from mlx_i2v import planner
+    from mlx_i2v.planner import Stage
+
+    _, pipe, up_folder, _ = setup
+    request = pipe.prepare(_photo(512, 704), num_frames=17, upscale=up_folder)
+    for budget in range(50 * 10**6, 500 * 10**6, 10**7):  # one where the refine pass gets a size suggestion
+        monkeypatch.setattr(planner, "memory_budget", lambda: budget)
+        if any(x.startswith("--width") for x in pipe.plan_settings(request.upscale.refine.settings).suggestions):
+            break
+    else:
+        pytest.fail("no budget gives the refine pass a size suggestion")
+    plan = pipe.plan_request(request)
+    assert not plan.fits() and not any(x.startswith("--width") for x in plan.suggestions)
+    assert ("no --upscale" in plan.suggestions) == pipe.plan_settings(request.settings).fits()
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline_module.UpscalePass, "stage", lambda self, *a: Stage("upsample", 10**15, 0))
+    plan = pipe.plan_request(request)
+    assert not plan.fits() and plan.suggestions == ["no --upscale"]
+
+
 def test_cli_upscale_writes_the_size_asked_for(setup, photo, tmp_path):
     folder, _, up_folder, _ = setup
     out = tmp_path / "clip.mp4"
