@@ -64,7 +64,8 @@ class Upscale:
     Attributes:
         upsampler: a ``latent_upsampler/`` folder (or a diffusers upsample-pipeline folder holding one), an
             original ``ltxv-spatial-upscaler-*.safetensors`` file, or a loaded model (spatial x2 only).
-        adain_factor: how far the upsampled latents take the base latents' per-channel statistics, 0-1.
+        adain_factor: how far the upsampled latents take the base latents' per-channel statistics (0: not
+            at all, 1: fully; diffusers allows -10 to 10).
         tone_map_compression_ratio: 0 (off) to 1; 0.6 for the 0.9.8 upscaler.
         timesteps: the refine pass's schedule, from 1000 down.
         denoise_strength: the part of it run: the last ``int(len(timesteps) * denoise_strength)`` entries.
@@ -115,7 +116,12 @@ def as_upscale(value: Any, latent_channels: int) -> tuple[Upscale, LTXLatentUpsa
                                    ("downscale", recipe.downscale, 0.0, 1.0)):  # fmt: skip
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
             raise InvalidInputError(f"upscale {name} must lie in [{low:g}, {high:g}], got {value!r}")
-    steps = np.asarray(recipe.timesteps, dtype=np.float64)
+    if recipe.downscale == 0:
+        raise InvalidInputError("upscale downscale must be more than 0")
+    try:
+        steps = np.asarray(recipe.timesteps, dtype=np.float64)
+    except (TypeError, ValueError):
+        steps = np.zeros((0, 0))
     if steps.ndim != 1 or len(steps) < 1 or not np.all(np.isfinite(steps)) or np.any(np.diff(steps) > 0):
         raise InvalidInputError(f"upscale timesteps must be a decreasing list, got {recipe.timesteps!r}")
     return recipe, config

@@ -209,6 +209,8 @@ def test_restyle_takes_8k_plus_1_frames_on_ltx(setup, caplog):
         (dict(upscale="missing/upsampler"), {}, "no such latent upsampler"),
         ({}, dict(denoise_strength=0.1), "runs no step"),
         ({}, dict(tone_map_compression_ratio=2), "tone_map_compression_ratio must lie in"),
+        ({}, dict(timesteps=(1000, "x")), "timesteps must be a decreasing list"),
+        ({}, dict(timesteps=(500, 900, 0)), "timesteps must be a decreasing list"),
     ],
 )
 def test_bad_upscales_are_refused_before_loading(setup, kwargs, recipe, message):
