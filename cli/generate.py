@@ -43,19 +43,29 @@ class KeyframeParam(click.ParamType):
 @click.option("--keyframe", "keyframes", type=KeyframeParam(), multiple=True,
               help="LTX-Video 0.9.5+: hold frame FRAME to the image at PATH, at STRENGTH in (0, 1] (default: "
                    "--strength's); repeatable.")
+@click.option("--upscale", type=click.Path(path_type=Path), default=None,
+              help="LTX-Video 0.9.5+: generate at 2/3 of the size, upsample the latents x2 with this latent "
+                   "upsampler (latent_upsampler/ folder or ltxv-spatial-upscaler-*.safetensors) and refine them "
+                   "(4 steps), then resize to the size asked for.")
+@click.option("--upscale-tone-map", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="With --upscale: tone-map compression of the upsampled latents (0.6 for the 0.9.8 upscaler).")
 @common_options
-def generate(image: Path, num_frames, height, width, last_image, loop, strength, keyframes, **options) -> None:
+def generate(image: Path, num_frames, height, width, last_image, loop, strength, keyframes, upscale,
+             upscale_tone_map, **options) -> None:
     """Generate a video that starts from IMAGE.
 
     Under `mlx.launch` every rank runs this same command: rank 0 writes the output and prints, the other
     ranks print only errors."""
 
     def read_inputs():
+        from mlx_i2v.upscale import Upscale
+
         check_photos(options, image, last_image, *(path for path, _, _ in keyframes))
         held = [(path, frame) if s is None else (path, frame, s) for path, frame, s in keyframes] or None
+        recipe = None if upscale is None else Upscale(upscale, tone_map_compression_ratio=upscale_tone_map)
         return lambda pipe: pipe.prepare(
             image, last_image=last_image, keyframes=held, loop=loop, motion=options["motion"], strength=strength,
-            height=height, width=width, num_frames=num_frames, **settings_of(options),
+            height=height, width=width, num_frames=num_frames, upscale=recipe, **settings_of(options),
         )  # fmt: skip
 
     inputs = [image, last_image, *(path for path, _, _ in keyframes)]

@@ -259,6 +259,11 @@ def execute(options: dict, read_inputs: Callable[[], Callable], *, default_stem:
         echo(f"{pipe.variant.name}: {s.width}x{s.height}, {s.num_frames} frames, {s.num_inference_steps} steps "
              f"({_sampler(s)}), guidance {s.guidance_scale:g}, shift {s.flow_shift:g}"
              + (f", cache {s.cache.name} {s.cache.threshold:g}" if s.cache else ""))  # fmt: skip
+        if "upscale" in request.details:
+            u, d = request.details["upscale"], request.details
+            echo(f"upscale: {u['base_size'][0]}x{u['base_size'][1]} -> {u['upsampler']} -> refine at "
+                 f"{u['refine_size'][0]}x{u['refine_size'][1]} ({u['steps_run']} steps), resized to "
+                 f"{d['width']}x{d['height']}")  # fmt: skip
         for r in pipe.loras.records() if pipe.loras is not None else []:
             echo(f"lora: {r['name']} x{r['strength']:g}" + (f" ({r['expert']} expert)" if r["expert"] else ""))
         echo(f"output: {output}")

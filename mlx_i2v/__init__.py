@@ -16,6 +16,7 @@ from .errors import GenerationCancelled, InvalidInputError, MlxI2VError, ModelNo
 from .loading import load_pipeline
 from .lora import LoRA
 from .pipeline import Pipeline, WanPipeline
+from .upscale import Upscale
 from .video import Video
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "LoRA",
     "Pipeline",
     "WanPipeline",
+    "Upscale",
     "Video",
     "Clip",
     "load_clip",

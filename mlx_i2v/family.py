@@ -33,6 +33,7 @@ FEATURES = {
     "flow_shift": "flow_shift (the schedule shifts with the sequence length)",
     "last_image": "a last image (last_image=)",
     "keyframes": "keyframes at other frames (keyframes=)",
+    "upscale": "the upsample-and-refine recipe (upscale=)",
 }
 
 

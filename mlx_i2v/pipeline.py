@@ -46,6 +46,7 @@ from .runtime import dtype_name
 from .sampling import Samplers, choose_sampling
 from .schedulers import add_noise
 from .stepcache import CacheMethod, StepCache, kept_bytes, resolve_cache
+from .upscale import Upscale, UpscalePass, as_upscale, base_size, refine_noise
 from .variants import Variant
 from .video import Video
 
@@ -195,8 +196,19 @@ class Pipeline:
         return request.settings, self.plan_request(request)
 
     def plan_request(self, request: Request) -> Plan:
-        """The plan of this process for a prepared request: what ``--dry-run`` shows."""
-        return self.plan_settings(request.settings, encode_frames=request.encode_frames(self.variant.conditioning))
+        """The plan of this process for a prepared request: what ``--dry-run`` shows. An upscale's is the refine
+        pass's (at twice the base size, where the peak is) with the upsample stage added."""
+        up = request.upscale
+        if up is None:
+            return self.plan_settings(request.settings, encode_frames=request.encode_frames(self.variant.conditioning))
+        plan = self.plan_settings(up.refine.settings, encode_frames=up.refine.encode_frames(self.variant.conditioning))
+        grid = self._latent_shape(request.settings)[1:4]
+        plan.stages.insert(-1, up.stage(plan.stage("denoise").weights, grid, self.vae_dtype, plan.budget))
+        if not plan.fits():  # sizes suggested for the refine pass would read as output sizes: none of them
+            plan.suggestions = [x for x in plan.suggestions if not x.startswith("--width")]
+            if self.plan_settings(request.settings).fits():
+                plan.suggestions.append("no --upscale")
+        return plan
 
     def plan_settings(self, settings: Settings, encode_frames: int | None = None) -> Plan:
         """The plan of this process for resolved settings: with both guidance branches in its batch
@@ -265,6 +277,7 @@ class Pipeline:
         decode_timestep: float | None = None,
         decode_noise_scale: float | None = None,
         image_cond_noise_scale: float | None = None,
+        upscale: str | Path | Upscale | Any | None = None,
     ) -> Video:
         """Generate a clip that starts from ``image``, or restyle ``video``.
 
@@ -328,6 +341,11 @@ class Pipeline:
                 official configs' 0.05 and 0.025; diffusers' names). Refused on models without such a VAE.
             image_cond_noise_scale: LTX-Video 0.9.5+: the scale of the noise added to the fully held photo
                 latents each step, times (t / 1000)^2 (default 0.15, diffusers' ``LTXConditionPipeline``).
+            upscale: LTX-Video 0.9.5+: generate at 2/3 of the size, upsample the latents x2 and refine them
+                (see :mod:`mlx_i2v.upscale`): a latent upsampler (``latent_upsampler/`` folder, original
+                ``ltxv-spatial-upscaler-*.safetensors`` file or loaded model) or an
+                :class:`~mlx_i2v.upscale.Upscale` recipe. The settings are the base pass's; ``on_step`` counts
+                the steps of both passes.
 
         Returns:
             A :class:`Video` with ``frames`` (num_frames, height, width, 3) float32 in [0, 1]
@@ -345,7 +363,7 @@ class Pipeline:
             guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, seed=seed, crop=crop, rotate=rotate,
             fit=fit, background=background, cache=cache, cache_threshold=cache_threshold, scheduler=scheduler,
             sigmas=sigmas, preset=preset, fps=fps, decode_timestep=decode_timestep,
-            decode_noise_scale=decode_noise_scale, image_cond_noise_scale=image_cond_noise_scale,
+            decode_noise_scale=decode_noise_scale, image_cond_noise_scale=image_cond_noise_scale, upscale=upscale,
         )  # fmt: skip
         return self.run(request, prompt, latents=latents, on_step=on_step)
 
@@ -404,6 +422,7 @@ class Pipeline:
         motion: float = 1.0,
         last_image: ImageInput | None = None,
         keyframes: Sequence[KeyframeInput] | None = None,
+        upscale: str | Path | Upscale | Any | None = None,
         **settings,
     ) -> Request:
         """Resolve the inputs and settings of a ``__call__`` (same arguments, without prompt, latents and
@@ -412,10 +431,16 @@ class Pipeline:
         tic, report, seed = time.perf_counter(), LoadReport(), settings.get("seed")
         options = _image_options(settings)
         self._check_features(restyle=video is not None, loop=bool(loop), motion=motion != 1.0,
-                             last_image=last_image is not None, keyframes=keyframes is not None)  # fmt: skip
+                             last_image=last_image is not None, keyframes=keyframes is not None,
+                             upscale=upscale is not None)  # fmt: skip
         others = check_keyframes(keyframes)
         if others and image is None:
             raise InvalidInputError("keyframes need an image for the first frame too")
+        if upscale is not None and video is not None:
+            raise InvalidInputError("upscale applies to a generation, not to a restyle (video=)")
+        if upscale is not None and others:
+            raise InvalidInputError("upscale with keyframes= is not supported yet (a last_image= is)")
+        recipe, upsampler = (None, None) if upscale is None else as_upscale(upscale, self.dims.latent_channels)
         motion = check_motion(motion, self.variant.name, self.variant.conditioning.supports_motion)
         last_image = self._check_loop(loop, last_image)
         if video is not None:
@@ -426,7 +451,10 @@ class Pipeline:
         else:
             sources = (image, image if loop else last_image)
             photos = self._photos(*sources, options, report)
-            s = self._settings(photos, **settings)
+            s = asked = self._settings(photos, **settings)
+            if recipe is not None:  # the base pass at a fraction of the size asked for
+                height, width = base_size(s.height, s.width, recipe.downscale, self.variant.size_multiple)
+                s = replace(s, height=height, width=width)
             held = self._keyframes(sources, photos, s, options, report)
             details = {"mode": "generate", "loop": loop, "motion": motion}
             if self.variant.conditioning.takes_strength:  # how the photo is held (LTX-Video 0.9.5+)
@@ -439,7 +467,26 @@ class Pipeline:
                     details["keyframes"] = [[k.index, k.strength] for k in held.others]
             request = Request(s, photos, held, motion, finish=close_loop if loop else keep_frames,
                               details=details)  # fmt: skip
+            if recipe is not None:
+                request.upscale = self._upscale_pass(recipe, upsampler, request, sources, options, report, asked)
         return self._complete(request, image, last_image, options, report, seed, tic)
+
+    def _upscale_pass(self, recipe: Upscale, config, request: Request, sources: Sequence, options: ImageOptions,
+                      report: LoadReport, asked: Settings) -> UpscalePass:  # fmt: skip
+        """The refine pass of an upscale: at twice the base size, on the recipe's schedule from its
+        ``denoise_strength``, holding the photos (refitted to that size) as the base pass holds them."""
+        s = request.settings
+        refine = replace(s, height=2 * s.height, width=2 * s.width, num_inference_steps=len(recipe.timesteps),
+                         scheduler="euler", sigmas=tuple(t / 1000 for t in recipe.timesteps), preset=None)  # fmt: skip
+        keyframes = self._keyframes(sources, request.photos, refine, options, report)
+        if keyframes is not None:
+            keyframes = replace(keyframes, strength=request.keyframes.strength,
+                                noise_scale=request.keyframes.noise_scale)  # fmt: skip
+        start = restyle_start(refine.num_inference_steps, recipe.denoise_strength)
+        up = UpscalePass.build(recipe, config, Request(refine, request.photos, keyframes, request.motion, start=start),
+                               asked.height, asked.width, self.vae_dtype)  # fmt: skip
+        request.details.update(height=asked.height, width=asked.width, upscale=up.describe((s.height, s.width)))
+        return up
 
     def prepare_extend(
         self,
@@ -482,7 +529,7 @@ class Pipeline:
         num_frames = settings.pop("num_frames", None)
         if num_frames is not None:
             num_frames = self._round_frames(validation.integer("num_frames", num_frames, minimum=1))
-        frames = clip_frames(clip, num_frames)
+        frames = clip_frames(clip, num_frames, self.variant.family.frame_stride)
         conditioning = self.variant.conditioning
         first = image if image is not None else ClipFrame(clip.image(0)) if conditioning.requires_image else None
         if loop:
@@ -499,6 +546,8 @@ class Pipeline:
                    "steps_run": s.num_inference_steps - start, "loop": loop, "motion": motion}  # fmt: skip
         source = clip.model_frames(s.width, s.height, slice(frames))
         keyframes = self._keyframes((first, last_image), photos, s, options, report)
+        if keyframes is not None and conditioning.takes_strength:  # LTX-Video 0.9.5+: the photo held fully
+            keyframes = replace(keyframes, noise_scale=s.image_cond_noise_scale)
         return Request(s, photos, keyframes, motion, source=source, start=start,
                        finish=close_loop if loop else keep_frames, details=details)  # fmt: skip
 
@@ -600,20 +649,28 @@ class Pipeline:
             image_tokens = self.encode_image_tokens(request.photos)
         with _timed(timings, "image", request.read_seconds):
             state, source = self.encode_inputs(request, noise.shape)
-        with _timed(timings, "denoise"):
-            sampler = self.sampler(s)
-            # A restyle starts from the clip noised to the sigma of its first step, in this sampler's schedule.
-            initial = noise if source is None else add_noise(source, noise, float(sampler.sigmas[request.start]))
-            observe = _observer(on_step, self._previewer(state))
-            try:
-                final = denoiser(
-                    sampler, initial, state, text, image_tokens, scales, start=request.start, observe=observe
-                )
-            finally:
-                self.experts.done()
+        up = request.upscale
+        steps = s.num_inference_steps - request.start
+        total = steps + (0 if up is None else up.refine.settings.num_inference_steps - up.refine.start)
+        context = (text, image_tokens, scales)
+        try:
+            with _timed(timings, "denoise"):
+                observe = _observer(on_step, self._previewer(state), total=total)
+                final = self._denoise(denoiser, s, request.start, source, noise, state, context, observe)
+            if up is not None:  # the transformer stays loaded for the refine pass
+                with _timed(timings, "upsample"):
+                    upsampled = up.upsample(final)
+                s = up.refine.settings
+                with _timed(timings, "refine"):
+                    observe = _observer(on_step, self._previewer(up.state), offset=steps, total=total)
+                    noise = refine_noise(upsampled.shape, s.seed)
+                    final = self._denoise(denoiser, s, up.refine.start, upsampled, noise, up.state, context, observe)
+        finally:
+            self.experts.done()
+        finish = request.finish if up is None else lambda frames: request.finish(up.finish(frames))
         with _timed(timings, "decode"):
             if self.parallel.decodes():
-                frames = request.finish(self.decode(final, s, tiling=plan.vae_tiling))
+                frames = finish(self.decode(final, s, tiling=plan.vae_tiling))
             else:  # rank 0 decodes; the other ranks' part is done
                 frames = np.zeros((0, s.height, s.width, 3), np.float32)
 
@@ -627,6 +684,16 @@ class Pipeline:
             metadata["parallel"] = self.parallel.describe(scales)
             stats["parallel"] = self.parallel.stats(scales)
         return Video(frames=frames, fps=s.fps, metadata=metadata, stats=stats)
+
+    def _denoise(self, denoiser: Denoiser, s: Settings, start: int, clean: mx.array | None, noise: mx.array,
+                 state: ConditionState | None, context: tuple, observe) -> mx.array:  # fmt: skip
+        """One pass of the loop over the schedule of ``s`` from entry ``start``: from ``noise``, or from
+        ``clean`` latents (a restyle's clip, an upscale's upsampled latents) noised to the sigma of that
+        entry in this sampler's schedule. ``context``: (text, image tokens, guidance scales)."""
+        sampler = self.sampler(s)
+        initial = noise if clean is None else add_noise(clean, noise, float(sampler.sigmas[start]))
+        text, image_tokens, scales = context
+        return denoiser(sampler, initial, state, text, image_tokens, scales, start=start, observe=observe)
 
     def _metadata(self, request: Request, prompt: str) -> dict[str, Any]:
         s = request.settings
@@ -696,7 +763,7 @@ class Pipeline:
     ) -> tuple[ConditionState | None, mx.array | None]:
         """VAE-encode what the request conditions on (its keyframes) and, for a restyle, the clip to
         noise: (condition state or None, normalised clip latents (1, T, h, w, C) or None)."""
-        if request.keyframes is None and request.source is None:
+        if request.keyframes is None and request.source is None and request.upscale is None:
             return None, None
         vae = self.vae_encoder.get()
         state = source = None
@@ -708,6 +775,8 @@ class Pipeline:
         if request.source is not None:
             source = encode_mode(vae, request.source)
             mx.eval(source)
+        if request.upscale is not None:  # the refine pass's photos, and the statistics the upsampler needs
+            request.upscale.encode(vae, self.variant.conditioning, self._latent_shape(request.upscale.refine.settings))
         self.vae_encoder.release()
         return state, source
 
@@ -943,17 +1012,20 @@ def _check_on_step(on_step: object) -> None:
         raise InvalidInputError(f"on_step must be callable or None, got {type(on_step).__name__}")
 
 
-def _observer(on_step: StepCallback | None, previewer: Callable[[mx.array], Preview]):
+def _observer(on_step: StepCallback | None, previewer: Callable[[mx.array], Preview], offset: int = 0,
+              total: int | None = None):  # fmt: skip
     """The loop's per-step observer for a user's ``on_step``: a callback that takes a fourth argument gets
-    the step's :class:`Preview`; returning False cancels the generation."""
+    the step's :class:`Preview`; returning False cancels the generation. A pass that follows ``offset``
+    steps of another (an upscale's refine) counts on from them, out of ``total`` for all passes."""
     if on_step is None:
         return None
     with_preview = _takes_four_arguments(on_step)
 
     def observe(step: StepInfo, latents: mx.array, x0: mx.array) -> None:
         extra = (previewer(x0),) if with_preview else ()
-        if on_step(step.number, step.total, step.timestep, *extra) is False:
-            raise GenerationCancelled(f"cancelled after step {step.number} of {step.total}")
+        number, of = step.number + offset, total or step.total
+        if on_step(number, of, step.timestep, *extra) is False:
+            raise GenerationCancelled(f"cancelled after step {number} of {of}")
 
     return observe
 

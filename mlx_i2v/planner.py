@@ -41,6 +41,7 @@ from .errors import InvalidInputError
 from .flops import DiTShape
 from .memory import GB, memory_budget
 from .models.attention import attention_workspace, query_chunk_size
+from .models.conv import conv_plan, conv_workspace
 from .models.umt5 import UMT5Config
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,18 @@ def module_weight_bytes(
 
 
 # --- activations --------------------------------------------------------------------------------------
+
+
+def largest_conv_workspace(
+    convs: list[tuple[int, int, int, int, int]], itemsize: int, budget: int, time_taps: int = 3
+) -> int:
+    """The largest transient workspace among (time_taps, 3, 3) convolutions given as (frames, h, w, c_in,
+    c_out), each computed as :func:`~mlx_i2v.models.conv.conv3d` would for this budget."""
+    workspace = conv_workspace(budget)
+    return max(
+        conv_plan(frames, time_taps, h, w, c_in, c_out, itemsize, workspace, h % 2 == 0 and w % 2 == 0)[2]
+        for frames, h, w, c_in, c_out in convs
+    )
 
 
 def denoise_activations(

@@ -48,13 +48,13 @@ def restyle_start(num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - run
 
 
-def clip_frames(clip: Clip, num_frames: int | None) -> int:
-    """The frames of ``clip`` a restyle uses: the first 4k+1 (diffusers drops the rest, ``(F-1)//4*4+1``),
-    or the first ``num_frames`` (already rounded to 4k+1)."""
-    usable = (clip.num_frames - 1) // TEMPORAL_STRIDE * TEMPORAL_STRIDE + 1
+def clip_frames(clip: Clip, num_frames: int | None, stride: int = TEMPORAL_STRIDE) -> int:
+    """The frames of ``clip`` a restyle uses: the first ``stride``k+1 (diffusers drops the rest,
+    ``(F-1)//4*4+1`` for Wan; 8k+1 for LTX-Video), or the first ``num_frames`` (already rounded)."""
+    usable = (clip.num_frames - 1) // stride * stride + 1
     if num_frames is None:
         if usable != clip.num_frames:
-            log.warning("the clip has %d frames, not 4k+1; restyling the first %d", clip.num_frames, usable)
+            log.warning("the clip has %d frames, not %dk+1; restyling the first %d", clip.num_frames, stride, usable)
         return usable
     if num_frames > clip.num_frames:
         raise InvalidInputError(f"num_frames {num_frames} is more than the clip has ({clip.num_frames})")

@@ -44,9 +44,9 @@ LTX_DEFAULTS = Defaults(
 LTX_CONDITION_DEFAULTS = replace(LTX_DEFAULTS, image_cond_noise_scale=0.15)
 
 # What the pipeline has for Wan that LTX-Video does not have yet.
-LTX_UNSUPPORTED = frozenset({"restyle", "motion", "cache", "parallel", "flow_shift"})
-# What the 0.9.0 / 0.9.1 pipelines (one image at latent frame 0) do not have on top of that.
-LTX_IMAGE_TO_VIDEO_UNSUPPORTED = LTX_UNSUPPORTED | {"last_image", "keyframes", "extend", "loop"}
+LTX_UNSUPPORTED = frozenset({"motion", "cache", "parallel", "flow_shift"})
+# What the 0.9.0 / 0.9.1 pipelines (one image at latent frame 0, no denoise_strength) do not have on top of that.
+LTX_IMAGE_TO_VIDEO_UNSUPPORTED = LTX_UNSUPPORTED | {"last_image", "keyframes", "extend", "loop", "restyle", "upscale"}
 
 
 @dataclass(frozen=True)

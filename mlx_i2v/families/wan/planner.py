@@ -19,12 +19,19 @@ import mlx.core as mx
 
 from ...errors import InvalidInputError
 from ...flops import DiTShape
-from ...models.conv import compute_dtype, conv_plan, conv_workspace
+from ...models.conv import compute_dtype
 from ...models.umt5 import UMT5Config, UMT5Encoder
 from ...models.wan.transformer import KEEP_FLOAT32, WanTransformer3DModel, WanTransformerConfig
 from ...models.wan.vae import AutoencoderKLWan, WanVAEConfig
 from ...models.wan.vae_tiling import Tiling
-from ...planner import TEXT_ENCODER_BITS, Plan, module_weight_bytes, plan_generation, text_activations
+from ...planner import (
+    TEXT_ENCODER_BITS,
+    Plan,
+    largest_conv_workspace,
+    module_weight_bytes,
+    plan_generation,
+    text_activations,
+)
 from ...weights import config_from_dict, read_config
 
 LATENT_FRAME_STRIDE = 4  # video frames per latent frame after the first
@@ -199,18 +206,6 @@ def _decoder_dims(cfg: WanVAEConfig) -> list[int]:
     return [base * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
 
 
-def _largest_conv_workspace(
-    convs: list[tuple[int, int, int, int, int]], itemsize: int, budget: int, time_taps: int = 3
-) -> int:
-    """The largest transient workspace among (time_taps, 3, 3) convolutions given as (frames, h, w, c_in,
-    c_out), each computed as :func:`~mlx_i2v.models.conv.conv3d` would for this budget."""
-    workspace = conv_workspace(budget)
-    return max(
-        conv_plan(frames, time_taps, h, w, c_in, c_out, itemsize, workspace, h % 2 == 0 and w % 2 == 0)[2]
-        for frames, h, w, c_in, c_out in convs
-    )
-
-
 def vae_decode_activations(
     cfg: WanVAEConfig, latent_hw: tuple[int, int], dtype: mx.Dtype, tiling: Tiling | None, budget: int
 ) -> int:
@@ -233,7 +228,7 @@ def vae_decode_activations(
         frames *= 2 if i < len(cfg.temperal_downsample) and cfg.temperal_downsample[::-1][i] else 1
     last = 4 * (h * s // p) * (w * s // p) * dims[-1] * dtype.size
     frames_out = 4 * h * w * s * s * 3 * 4  # the yielded chunk, float32 after the pipeline's cast
-    workspace = _largest_conv_workspace(convs, compute_dtype(dtype).size, budget)
+    workspace = largest_conv_workspace(convs, compute_dtype(dtype).size, budget)
     return int(VAE_DECODE_ACTIVATION_COPIES * last) + workspace + caches + frames_out
 
 
@@ -252,5 +247,5 @@ def vae_encode_activations(
     convs = [(frames, h >> i, w >> i, c, c) for i, c in enumerate(dims[1:])]
     first = frames * h * w * cfg.base_dim * dtype.size
     # A single frame is one causal chunk: its convolutions skip the time taps over zero padding.
-    workspace = _largest_conv_workspace(convs, compute_dtype(dtype).size, budget, time_taps=1 if frames == 1 else 3)
+    workspace = largest_conv_workspace(convs, compute_dtype(dtype).size, budget, time_taps=1 if frames == 1 else 3)
     return int(VAE_ENCODE_ACTIVATION_COPIES * first) + workspace

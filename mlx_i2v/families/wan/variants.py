@@ -47,7 +47,7 @@ def decode_wan(vae, latents: mx.array, settings, tiling) -> Any:
 
 
 WAN = Family(name="Wan", frame_stride=4, forward=lambda dims, settings, keyframes=None: plain_forward,
-             decode=decode_wan, unsupported=frozenset({"keyframes"}),
+             decode=decode_wan, unsupported=frozenset({"keyframes", "upscale"}),
              latent_rgb=tuple(LATENT_RGB.items()))  # fmt: skip
 
 

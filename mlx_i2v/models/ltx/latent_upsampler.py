@@ -21,6 +21,7 @@ so :data:`DIFFUSERS_MAP` reads both layouts (the config is in that file's ``__me
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...components import ComponentType, load_component
-from ...errors import WeightLoadError
-from ...weights import IDENTITY, Rule, WeightMap, config_from_dict, conv_weight
+from ...errors import InvalidInputError, WeightLoadError
+from ...weights import (
+    IDENTITY,
+    Rule,
+    WeightMap,
+    config_from_dict,
+    conv_weight,
+    load_strict,
+    read_config,
+    safetensors_header,
+)
 from ..conv import conv3d
 
 log = logging.getLogger(__name__)
@@ -208,10 +218,67 @@ LATENT_UPSAMPLER = ComponentType(
 )
 
 
-def load_ltx_latent_upsampler(folder: str | Path, dtype: mx.Dtype) -> LTXLatentUpsamplerModel:
-    """Load a ``latent_upsampler/`` folder (config.json plus safetensors, diffusers or MLX layout).
+# Tensors every upsampler file has (how a single file is told from another checkpoint's).
+_REQUIRED = ("initial_conv.weight", "upsampler.0.weight", "final_conv.weight")
+
+
+def upsampler_source(path: str | Path) -> Path:
+    """The upsampler in ``path``: a ``latent_upsampler/`` folder (config.json + safetensors), a diffusers
+    upsample-pipeline folder holding one, or an original ``ltxv-spatial-upscaler-*.safetensors`` file.
 
     Raises:
+        InvalidInputError: nothing there, or something that is not a latent upsampler.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "latent_upsampler").is_dir():
+        path = path / "latent_upsampler"
+    if path.is_dir() and (path / "config.json").is_file():
+        if read_config(path).get("_class_name", "LTXLatentUpsamplerModel") == "LTXLatentUpsamplerModel":
+            return path
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            keys = safetensors_header(path)[1].keys()
+        except (OSError, WeightLoadError) as e:
+            raise InvalidInputError(f"{path}: unreadable safetensors ({e})") from None
+        if all(k in keys for k in _REQUIRED):
+            return path
+    if not path.exists():
+        raise InvalidInputError(f"{path}: no such latent upsampler")
+    raise InvalidInputError(f"{path} is not an LTX-Video latent upsampler (expected a latent_upsampler/ folder or "
+                            "an ltxv-spatial-upscaler-*.safetensors file)")  # fmt: skip
+
+
+def upsampler_config(path: str | Path) -> LTXLatentUpsamplerConfig:
+    """The config of the upsampler at ``path`` (see :func:`upsampler_source`), read without its weights:
+    a folder's config.json, or an original file's ``__metadata__["config"]`` (diffusers' defaults, the
+    released spatial upscalers' config, where the file has none)."""
+    source = upsampler_source(path)
+    if source.is_dir():
+        return config_from_dict(LTXLatentUpsamplerConfig, read_config(source))
+    metadata = safetensors_header(source)[1].get("__metadata__") or {}
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+    except ValueError as e:
+        raise WeightLoadError(f"{source}: unreadable config metadata ({e})") from None
+    return config_from_dict(LTXLatentUpsamplerConfig, config)
+
+
+def load_ltx_latent_upsampler(path: str | Path, dtype: mx.Dtype) -> LTXLatentUpsamplerModel:
+    """Load an upsampler (see :func:`upsampler_source`): a ``latent_upsampler/`` folder (config.json plus
+    safetensors, diffusers or MLX layout) or an original single ``.safetensors`` file (diffusers' names).
+
+    Raises:
+        InvalidInputError: ``path`` holds no latent upsampler.
         WeightLoadError: unreadable or unsupported config or weights; missing/unexpected/mis-shaped tensors.
     """
-    return load_component(LATENT_UPSAMPLER, folder, dtype)
+    source = upsampler_source(path)
+    if source.is_dir():
+        return load_component(LATENT_UPSAMPLER, source, dtype)
+    model = LTXLatentUpsamplerModel(upsampler_config(source))
+    try:
+        tensors = mx.load(str(source))
+    except Exception as e:  # mlx raises RuntimeError/ValueError with a C++ message
+        raise WeightLoadError(f"{source}: unreadable safetensors ({e})") from None
+    load_strict(model, DIFFUSERS_MAP.apply(tensors), dtype=dtype, what=source.name)
+    log.info("loaded latent upsampler from %s (%s)", source, dtype)
+    return model
