@@ -109,7 +109,7 @@ def test_upscale_recipe_matches_diffusers(setup, monkeypatch, inputs, tone_map):
     _same_decode_noise(monkeypatch, mix)
     _same_posterior_noise_by_shape(monkeypatch, *posteriors, *posteriors_2x)
     keys_ours = {k.shape[3:]: mx.array(k.transpose(0, 2, 3, 4, 1)) for k in keys}
-    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, shape: keys_ours[tuple(shape[2:4])])
+    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, index, shape: keys_ours[tuple(shape[2:4])])
     noise_2x_ours = mx.array(noise_2x.transpose(0, 2, 3, 4, 1))
     monkeypatch.setattr(pipeline_module, "refine_noise", lambda shape, seed: noise_2x_ours)
     steps = []
@@ -206,6 +206,7 @@ def test_restyle_takes_8k_plus_1_frames_on_ltx(setup, caplog):
     [
         (dict(height=32, width=64), {}, "too small to upscale"),
         (dict(video=np.zeros((9, 64, 96, 3), np.uint8)), {}, "not to a restyle"),
+        (dict(keyframes=[(np.zeros((64, 96, 3), np.uint8), 4)]), {}, "upscale with keyframes= is not supported"),
         (dict(upscale="missing/upsampler"), {}, "no such latent upsampler"),
         ({}, dict(denoise_strength=0.1), "runs no step"),
         ({}, dict(tone_map_compression_ratio=2), "tone_map_compression_ratio must lie in"),
