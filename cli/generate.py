@@ -58,7 +58,7 @@ def generate(image: Path, num_frames, height, width, last_image, loop, strength,
     ranks print only errors."""
 
     def read_inputs():
-        from mlx_i2v.upscale import Upscale
+        from mlx_i2v.families.ltx.upscale import Upscale
 
         check_photos(options, image, last_image, *(path for path, _, _ in keyframes))
         held = [(path, frame) if s is None else (path, frame, s) for path, frame, s in keyframes] or None

@@ -16,7 +16,7 @@ from .errors import GenerationCancelled, InvalidInputError, MlxI2VError, ModelNo
 from .loading import load_pipeline
 from .lora import LoRA
 from .pipeline import Pipeline, WanPipeline
-from .upscale import Upscale
+from .families.ltx.upscale import Upscale
 from .video import Video
 
 __version__ = "0.1.0"

@@ -46,7 +46,7 @@ from .runtime import dtype_name
 from .sampling import Samplers, choose_sampling
 from .schedulers import add_noise
 from .stepcache import CacheMethod, StepCache, kept_bytes, resolve_cache
-from .upscale import Upscale, UpscalePass, as_upscale, base_size, refine_noise
+from .families.ltx.upscale import Upscale, UpscalePass, as_upscale, base_size, refine_noise
 from .variants import Variant
 from .video import Video
 
@@ -342,9 +342,9 @@ class Pipeline:
             image_cond_noise_scale: LTX-Video 0.9.5+: the scale of the noise added to the fully held photo
                 latents each step, times (t / 1000)^2 (default 0.15, diffusers' ``LTXConditionPipeline``).
             upscale: LTX-Video 0.9.5+: generate at 2/3 of the size, upsample the latents x2 and refine them
-                (see :mod:`mlx_i2v.upscale`): a latent upsampler (``latent_upsampler/`` folder, original
+                (see :mod:`mlx_i2v.families.ltx.upscale`): a latent upsampler (``latent_upsampler/`` folder, original
                 ``ltxv-spatial-upscaler-*.safetensors`` file or loaded model) or an
-                :class:`~mlx_i2v.upscale.Upscale` recipe. The settings are the base pass's; ``on_step`` counts
+                :class:`~mlx_i2v.families.ltx.upscale.Upscale` recipe. The settings are the base pass's; ``on_step`` counts
                 the steps of both passes.
 
         Returns:

@@ -41,7 +41,7 @@ class Request:
     random_seed: bool = False  # the seed was drawn, not given (parallel ranks then take rank 0's)
     report: LoadReport = field(default_factory=LoadReport)  # what reading the photos cost (peak memory)
     read_seconds: float = 0.0  # time spent reading the inputs
-    upscale: Any = None  # LTX-Video's upsample-and-refine second stage (mlx_i2v.upscale.UpscalePass)
+    upscale: Any = None  # LTX-Video's upsample-and-refine second stage (mlx_i2v.families.ltx.upscale.UpscalePass)
 
     def encode_frames(self, conditioning: Conditioning) -> int:
         """Video frames the VAE encodes at once: the restyled clip or the conditioning's clip (all frames for

@@ -32,7 +32,7 @@ from mlx_i2v import pipeline as pipeline_module
 from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.models.ltx.latent_upsampler import load_ltx_latent_upsampler, upsampler_source
 from mlx_i2v import Upscale
-from mlx_i2v.upscale import base_size, resize_frames
+from mlx_i2v.families.ltx.upscale import base_size, resize_frames
 
 FRAMES = 17  # 3 latent frames
 DISTILLED = [1000, 993, 987, 981, 975, 909, 725, 0.03]

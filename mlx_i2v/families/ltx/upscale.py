@@ -27,10 +27,10 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .conditioning import ConditionState
-from .errors import InvalidInputError
-from .models.conv import compute_dtype
-from .models.ltx.latent_upsampler import (
+from ...conditioning import ConditionState
+from ...errors import InvalidInputError
+from ...models.conv import compute_dtype
+from ...models.ltx.latent_upsampler import (
     LTXLatentUpsamplerConfig,
     LTXLatentUpsamplerModel,
     adain_filter_latent,
@@ -38,11 +38,11 @@ from .models.ltx.latent_upsampler import (
     tone_map_latents,
     upsampler_config,
 )
-from .planner import Stage, largest_conv_workspace, module_weight_bytes
-from .resident import Resident
+from ...planner import Stage, largest_conv_workspace, module_weight_bytes
+from ...resident import Resident
 
 if TYPE_CHECKING:
-    from .request import Request
+    from ...request import Request
 
 log = logging.getLogger(__name__)
 
