@@ -19,11 +19,15 @@ at budgets of 2, 4 and 16 GB: on those 18 points decode estimates are within 0.9
 estimates within 0.92-1.08 of the measured peak. Outside the fit: tiled decodes 0.89-1.17; the
 0.9.0/0.9.1 decoders (narrowed 4x) 1.17-1.19 and encoders 1.02; the VAE narrowed 16x (narrower than any
 real one, where fixed-width layers weigh more) 0.74-0.77. Those ranges were measured when the Winograd
-kernel transform was an einsum (5.4 weight copies at one real-width point); it is now two matmuls over a
-transposed copy of the weights (1 + 4/3 + 16/9 copies), and ``KERNEL_TRANSFORM_COPIES`` was re-measured
-as 4.2 on the 0.9.5 VAE narrowed 4x at a 4 GB budget, where the transform is the decode's and the
-encode's peak (estimates 1.00 and 0.97 of the measured peaks; narrowed 8x: decode 0.90, tiled decode
-1.19, encode 0.81). Nothing was measured on Metal.
+kernel transform was an einsum (5.4 weight copies at one real-width point). Since then the kernels are
+stored tap-major and :func:`~mlx_i2v.models.conv.conv_plan` leaves Winograd for per-tap matmuls where the
+kernel transform would cost more than it saves (the widest convolutions on small latents), so the
+transform is only its two products; ``KERNEL_TRANSFORM_COPIES`` was re-measured as 3.3 on the real-width
+0.9.5 decoder (2x8x8 latents, 16 GB budget, where the transform is the peak: estimate 0.99 of it). The
+other constants were not refitted; with the peaks that change lowered, the estimates now run over
+rather than under: narrowed 4x at 4 GB, decode 1.16-1.19 and encode 1.01-1.02; narrowed 8x, decode
+1.04; the real-width decode of 2x4x4 latents 1.00 (its peak fell from 2468 to 108 MB). Nothing was
+measured on Metal.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ from .vae_tiling import SpatialTiling, TemporalTiling
 
 DECODE_COPIES, DECODE_WORKSPACE_SHARE = 6.5, 0.75
 ENCODE_COPIES, ENCODE_WORKSPACE_SHARE = 7.25, 0.6
-# The Winograd kernel transform holds about this many weight-sized buffers at once: the transposing copy
-# of the weights (LTX's are not stored tap-major) and the two products (4/3 and 16/9 of the weights).
-KERNEL_TRANSFORM_COPIES = 4.2
+# The Winograd kernel transform holds about this many weight-sized buffers at once: its two products (4/3
+# and 16/9 of the weights, which are stored tap-major, so there is no transposing copy), measured 3.3.
+KERNEL_TRANSFORM_COPIES = 3.3
 # Decoded tiles alive while they are blended, and the blended output, in multiples of the tiles' bytes.
 TILED_OUTPUT_COPIES = 1.6
 
