@@ -8,8 +8,9 @@ One VAE call peaks at ``max(copies * A + share * W, T)``:
 - ``W``, the largest workspace :func:`~mlx_i2v.models.conv.conv_plan` plans for one of its 3x3x3
   convolutions under the budget (Winograd or per-tap buffers, frames grouped to 1/16 of the budget);
 - ``T``, the Winograd kernel transform's intermediates for the widest convolution that runs by Winograd
-  (about :data:`KERNEL_TRANSFORM_COPIES` times its weights). It happens early (the decoder's first
-  upsampler, the encoder's middle), while the activations are still small, hence the maximum.
+  (about :data:`KERNEL_TRANSFORM_COPIES` times its weights; on small latents the widest ones run by
+  per-tap matmuls instead, see :func:`~mlx_i2v.models.conv.conv_cost`). It happens at low resolution,
+  while the activations are still small, hence the maximum.
 
 A tiled decode adds the decoded tiles, all kept for blending as in diffusers, and the blended output.
 
@@ -26,8 +27,10 @@ transform is only its two products; ``KERNEL_TRANSFORM_COPIES`` was re-measured 
 0.9.5 decoder (2x8x8 latents, 16 GB budget, where the transform is the peak: estimate 0.99 of it). The
 other constants were not refitted; with the peaks that change lowered, the estimates now run over
 rather than under: narrowed 4x at 4 GB, decode 1.16-1.19 and encode 1.01-1.02; narrowed 8x, decode
-1.04; the real-width decode of 2x4x4 latents 1.00 (its peak fell from 2468 to 108 MB). Nothing was
-measured on Metal.
+1.04; the real-width decode of 2x4x4 latents 1.00 (its peak fell from 2468 to 108 MB). The encode now
+lists every down stage's convolutions, since its widest kernel no longer sets ``T``; outside the fit the
+real-width encode of 9x128x128 is under-estimated (0.77: 90 of 117 MB, the transform of the 512-channel
+stage plus that convolution's workspace). Nothing was measured on Metal.
 """
 
 from __future__ import annotations
@@ -146,7 +149,16 @@ def encode_activation_bytes(
     p, widths = cfg.patch_size, cfg.block_out_channels
     h, w = height // p, width // p
     convs: list[Conv] = [(frames, h, w, cfg.in_channels * p * p, widths[0]), (frames, h, w, widths[0], widths[0])]
+    # Each down stage's convolutions at its input size, for the kernel transform of the widest one that
+    # runs by Winograd ("spatial", "temporal" or, as "conv" and "spatiotemporal", both halved after it).
+    stage = (frames, h, w)
+    for channels, scaling, kind in zip(widths, cfg.spatio_temporal_scaling, cfg.downsample_type):
+        convs.append((*stage, channels, channels))
+        if scaling:
+            t_s, h_s, w_s = stage
+            stage = (t_s if kind == "spatial" else 1 + (t_s - 1) // 2, h_s if kind == "temporal" else h_s // 2,
+                     w_s if kind == "temporal" else w_s // 2)  # fmt: skip
     convs.append((1 + (frames - 1) // cfg.temporal_ratio, height // cfg.spatial_ratio, width // cfg.spatial_ratio,
-                  widths[-1], widths[-1]))  # the middle, where the widest kernel transform happens  # fmt: skip
+                  widths[-1], widths[-1]))  # the middle: the widest kernels  # fmt: skip
     activation = frames * h * w * widths[0] * dtype.size
     return _call_peak(activation, convs, dtype.size, budget, ENCODE_COPIES, ENCODE_WORKSPACE_SHARE)
