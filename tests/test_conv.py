@@ -88,7 +88,8 @@ def test_plan_skips_winograd_where_its_kernel_transform_outweighs_the_products_s
     assert conv_plan(1, 3, 8, 12, 2048, 2048, 4, big)[0] == "taps"
     assert conv_plan(1, 3, 64, 96, 2048, 2048, 4, big)[0] == "winograd"
     assert conv_plan(5, 3, 8, 12, 1024, 1024, 4, big)[0] == "winograd"
-    for frames, h, w, c, o in [(1, 16, 24, 1024, 1024), (4, 64, 96, 512, 512), (4, 128, 192, 32, 32), (1, 16, 24, 128, 128)]:
+    wan = [(1, 16, 24, 1024, 1024), (4, 64, 96, 512, 512), (4, 128, 192, 32, 32), (1, 16, 24, 128, 128)]
+    for frames, h, w, c, o in wan:
         assert conv_plan(frames, 3, h, w, c, o, 4, big)[0] == "winograd", (h, w, c)
     # The cost grows with the work: more frames, wider channels.
     for method in ("winograd", "taps"):
