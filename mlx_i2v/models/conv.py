@@ -45,8 +45,8 @@ BYTE_FLOPS = 30
 # them, write 16/9 (_winograd_kernel's two matmuls with G over tap-major weights).
 KERNEL_TRANSFORM_PASSES = 1 + 4 / 3 + 4 / 3 + 16 / 9
 # Per-tap matmuls replace Winograd only when estimated at most this fraction of its cost: the estimates
-# are good to about 15 %, and at the near-ties measured (the Wan VAE's 1024-channel convolutions on one
-# 16x24 frame) Winograd was the faster.
+# are good to about 15 %, and at the near-tie measured (the Wan VAE's 1024-channel convolutions on one
+# 16x24 frame) the two traded places between runs, so the established method keeps it.
 TAPS_MARGIN = 0.85
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, 2015). B^T transforms 4-pixel input tiles, G the 3-tap kernels,
