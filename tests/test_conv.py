@@ -14,6 +14,7 @@ from mlx_i2v import runtime
 from mlx_i2v.models.conv import (
     conv3d,
     conv3d_by_taps,
+    conv_cost,
     conv_plan,
     tap_major,
     upsample2x_conv2d,
@@ -76,6 +77,34 @@ def test_winograd_falls_back_to_taps_when_one_frame_does_not_fit():
     winograd_frame = conv_plan(1, 3, 8, 12, 8, 8, 4, 1 << 40)[2]
     method, group, _ = conv_plan(4, 3, 8, 12, 8, 8, 4, winograd_frame - 1)
     assert (method, group) == ("taps", 4)  # per-tap buffers are smaller: all four frames fit
+
+
+def test_plan_skips_winograd_where_its_kernel_transform_outweighs_the_products_saved():
+    """The LTX encoder's 2048-channel convolutions on one 8x12 frame: transforming the 453 MB kernel
+    costs more than the products Winograd saves, so per-tap matmuls; the same kernel on larger or more
+    frames, and the Wan VAEs' convolutions (narrow or wide), stay Winograd."""
+    big = 1 << 40
+    assert conv_cost("winograd", 1, 3, 8, 12, 2048, 2048, 4) > conv_cost("taps", 1, 3, 8, 12, 2048, 2048, 4)
+    assert conv_plan(1, 3, 8, 12, 2048, 2048, 4, big)[0] == "taps"
+    assert conv_plan(1, 3, 64, 96, 2048, 2048, 4, big)[0] == "winograd"
+    assert conv_plan(5, 3, 8, 12, 1024, 1024, 4, big)[0] == "winograd"
+    wan = [(1, 16, 24, 1024, 1024), (4, 64, 96, 512, 512), (4, 128, 192, 32, 32), (1, 16, 24, 128, 128)]
+    for frames, h, w, c, o in wan:
+        assert conv_plan(frames, 3, h, w, c, o, 4, big)[0] == "winograd", (h, w, c)
+    # The cost grows with the work: more frames, wider channels.
+    for method in ("winograd", "taps"):
+        assert conv_cost(method, 2, 3, 16, 24, 64, 64, 4) > conv_cost(method, 1, 3, 16, 24, 64, 64, 4)
+        assert conv_cost(method, 1, 3, 16, 24, 128, 64, 4) > conv_cost(method, 1, 3, 16, 24, 64, 64, 4)
+
+
+def test_conv3d_by_the_plans_taps_equals_direct_convolution():
+    """A shape the plan computes by per-tap matmuls although Winograd's shape holds (wide channels on a
+    tiny frame; narrowed here to 256 channels on 2x2 frames): the same convolution."""
+    assert conv_plan(1, 3, 2, 2, 256, 256, 4, 1 << 40)[0] == "taps"
+    x = random((1, 3, 2, 2, 256), 18)
+    w = tap_major(random((256, 3, 3, 3, 256), 19) * 0.02)
+    b = random((256,), 20)
+    assert rel_err(conv3d(x, w, b, (1, 1)), torch_conv3d(x, w, b, (1, 1))) < TOL
 
 
 @pytest.mark.parametrize(

@@ -326,6 +326,32 @@ def test_half_loading(vaes, tmp_path):
         load_ltx_vae(path, half="both")
 
 
+def _copied_bytes_to_tap_major(weight: mx.array) -> int:
+    """Bytes allocated to lay ``weight`` out tap-major: 0 when it is stored so already."""
+    mx.synchronize()
+    before = mx.get_active_memory()
+    taps = mx.contiguous(weight.transpose(1, 2, 3, 4, 0))
+    mx.eval(taps)
+    grown = mx.get_active_memory() - before
+    del taps
+    return grown
+
+
+def test_kernels_are_stored_tap_major_however_loaded(vaes, tmp_path):
+    """Built, loaded from the diffusers layout or from the MLX layout (which the converter writes in
+    the standard order), every convolution kernel is stored tap-major: no run copies it."""
+    _, path, _, ours = vaes
+    standard = mx.random.normal((8, 3, 3, 3, 4))
+    mx.eval(standard)
+    assert _copied_bytes_to_tap_major(standard) >= standard.nbytes  # the probe does see a copy
+    mlx_dir = _mlx_layout(ours, path, tmp_path / "mlx")
+    for model in (ours, load_ltx_vae(mlx_dir), AutoencoderKLLTXVideo(ours.config)):
+        mx.eval(model.parameters())
+        kernels = [m.conv.weight for m in model.modules() if isinstance(m, vae_blocks.CausalConv3d)]
+        assert len(kernels) > 10
+        assert all(_copied_bytes_to_tap_major(k) == 0 for k in kernels)
+
+
 def test_configs_follow_diffusers_defaults(tmp_path):
     """A sparse config.json reads as diffusers reads it (its defaults are the 0.9.0 VAE)."""
     cfg = LTXVAEConfig()

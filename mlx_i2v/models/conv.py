@@ -6,8 +6,11 @@ one thread. Everything here is built from plain matmuls on views instead, channe
 
 - :func:`conv3d`: stride-1 3D convolutions, by :func:`winograd_conv3d` for (kt, 3, 3) kernels with
   spatial padding 1 (every residual-block conv): Winograd F(2x2, 3x3) in height and width, 16 products
-  per 2x2 output block instead of 36; otherwise by :func:`conv3d_by_taps`. Output frames are computed
-  in groups whose transient buffers fit :data:`CONV_FRACTION` of the memory budget.
+  per 2x2 output block instead of 36; otherwise by :func:`conv3d_by_taps`. Winograd is chosen where a
+  cost model of both (:func:`conv_cost`) says it is faster: on small frames with wide channels (the
+  LTX VAE at its latent resolution) transforming the kernels costs more than the multiplications it
+  saves. Output frames are computed in groups whose transient buffers fit :data:`CONV_FRACTION` of the
+  memory budget.
 - :func:`upsample2x_conv2d`: nearest 2x upsampling followed by a 3x3 conv, as four 2x2 convs of the
   source (2.25x fewer multiplications, no upsampled tensor).
 - :func:`conv3d_by_taps`: any stride-1 kernel, one matmul per kernel tap on a shifted view.
@@ -32,6 +35,19 @@ from .elementwise import two_streams
 # Share of the memory budget one convolution may spend on transient buffers (as attention does): output
 # frames are computed in groups that fit, and Winograd is used only where one frame fits.
 CONV_FRACTION = 1 / 16
+
+# The cost model behind :func:`conv_plan`, in FLOP-equivalents. A byte moved through memory costs as much
+# time as BYTE_FLOPS floating-point operations: measured on the CPU (MLX 0.32 with OpenBLAS, 2 cores),
+# large matmuls run at ~150 GFLOP/s and memory-bound passes at ~5 GB/s; Apple GPUs (~14 TFLOP/s against
+# ~400 GB/s on an M2 Max) have about the same ratio, so one constant serves every backend.
+BYTE_FLOPS = 30
+# The Winograd kernel transform's memory traffic in weight sizes: read the weights, write and read 4/3 of
+# them, write 16/9 (_winograd_kernel's two matmuls with G over tap-major weights).
+KERNEL_TRANSFORM_PASSES = 1 + 4 / 3 + 4 / 3 + 16 / 9
+# Per-tap matmuls replace Winograd only when estimated at most this fraction of its cost: the estimates
+# are good to about 15 %, and at the near-tie measured (the Wan VAE's 1024-channel convolutions on one
+# 16x24 frame) the two traded places between runs, so the established method keeps it.
+TAPS_MARGIN = 0.85
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, 2015). B^T transforms 4-pixel input tiles, G the 3-tap kernels,
 # A^T the 4 products back into 2 outputs; applied along height and width in turn.
@@ -110,17 +126,44 @@ def conv_plan(
 ) -> tuple[str, int, int]:
     """How :func:`conv3d` computes ``frames`` output frames of a (kt, 3, 3)-or-smaller kernel on (h, w)
     frames, C -> O channels: ("winograd" or "taps", output frames per group, transient bytes). Winograd
-    (when ``winograd``, its shape condition, holds) needs about 7 input and 7 output sizes plus the
-    transformed kernel; per-tap matmuls the padded input and about 3 outputs on the padded grid."""
+    is used when ``winograd`` (its shape condition) holds, one frame's buffers fit ``workspace`` and
+    :func:`conv_cost` does not rate per-tap matmuls clearly cheaper (:data:`TAPS_MARGIN`) for the whole
+    call. Winograd needs about 7 input and 7 output sizes plus the transformed kernel; per-tap matmuls
+    the padded input and about 3 outputs on the padded grid."""
     def winograd_bytes(n: int) -> int:
         return winograd_workspace(n, kt, h, w, c, o, itemsize)
 
     def taps_bytes(n: int) -> int:
         return itemsize * (h + 2) * (w + 2) * ((n + kt - 1) * c + 3 * n * o)
 
-    method, cost = ("winograd", winograd_bytes) if winograd and winograd_bytes(1) <= workspace else ("taps", taps_bytes)
+    taps_cheaper = conv_cost("taps", frames, kt, h, w, c, o, itemsize) < TAPS_MARGIN * conv_cost(
+        "winograd", frames, kt, h, w, c, o, itemsize
+    )
+    use_winograd = winograd and not taps_cheaper and winograd_bytes(1) <= workspace
+    method, cost = ("winograd", winograd_bytes) if use_winograd else ("taps", taps_bytes)
     group = max(1, min(frames, workspace // cost(1)))
     return method, group, cost(group)
+
+
+def conv_cost(method: str, frames: int, kt: int, h: int, w: int, c: int, o: int, itemsize: int) -> float:
+    """Estimated time of one stride-1 (kt, 3, 3) convolution of ``frames`` output frames of (h, w), C -> O
+    channels, by ``method``, in FLOP-equivalents (:data:`BYTE_FLOPS`): "taps", kt * 9 matmuls over the
+    padded grid's rows, each added into the output; "winograd", kt * 16 matmuls over the 2x2 tiles plus
+    the kernel transform (weights stored tap-major, :func:`tap_major`), paid once per call whatever the
+    frame count. Winograd's input and output transforms are left out: at every shape measured, narrow or
+    wide (benchmarks/README.md, "VAE convolutions"), Winograd without its kernel transform was at least as
+    fast as the per-tap matmuls, so they are covered by the products saved. What can outweigh that saving
+    is the kernel transform, on small frames with wide channels (the LTX VAE's latent resolution)."""
+    if method == "taps":
+        return _matmuls_cost(kt * 9, frames * (h + 2) * (w + 2), c, o, itemsize)
+    transform = BYTE_FLOPS * itemsize * KERNEL_TRANSFORM_PASSES * kt * 9 * c * o
+    return _matmuls_cost(kt * 16, frames * (h // 2) * (w // 2), c, o, itemsize) + transform
+
+
+def _matmuls_cost(count: int, m: int, k: int, n: int, itemsize: int) -> float:
+    """``count`` (m, k) @ (k, n) matmuls, each added into its (m, n) result: FLOPs plus the bytes read and
+    written, in FLOP-equivalents."""
+    return count * (2 * m * k * n + BYTE_FLOPS * itemsize * (m * k + k * n + 2 * m * n))
 
 
 def winograd_conv3d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:

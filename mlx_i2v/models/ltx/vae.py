@@ -31,6 +31,7 @@ import mlx.nn as nn
 from ...components import ComponentType, load_component
 from ...errors import InvalidInputError, WeightLoadError
 from ...weights import IDENTITY, Rule, WeightMap, config_from_dict, conv_weight, flatten
+from ..conv import tap_major
 from ..vae_ops import patchify, unpatchify
 from .vae_blocks import (
     CausalConv3d,
@@ -290,6 +291,25 @@ class AutoencoderKLLTXVideo(nn.Module):
         self.decoder = Decoder(config)
         self.latents_mean = mx.zeros((config.latent_channels,))
         self.latents_std = mx.ones((config.latent_channels,))
+        self.store_kernels_tap_major()
+
+    def load_weights(self, file_or_weights: Any, strict: bool = True) -> AutoencoderKLLTXVideo:
+        """``nn.Module.load_weights``, then every convolution kernel re-stored tap-major, whichever layout
+        it came in (diffusers' or the converter's). The copy is lazy: the loader's evaluation reads each
+        kernel once and writes it in that order, so no decode ever copies its weights (a transposing copy
+        of the 453 MB 2048-channel kernels took most of each Winograd convolution's time) and no
+        activation is alive when they are copied."""
+        super().load_weights(file_or_weights, strict=strict)
+        self.store_kernels_tap_major()
+        return self
+
+    def store_kernels_tap_major(self) -> None:
+        """Store every convolution kernel tap-major (:func:`~mlx_i2v.models.conv.tap_major`): same values
+        and shape, each tap's (C, O) matrix contiguous, as the per-tap matmuls and the Winograd kernel
+        transform read them."""
+        for module in self.modules():
+            if isinstance(module, CausalConv3d):
+                module.conv.weight = tap_major(module.conv.weight)
 
     # --- encoding ---
 

@@ -8,8 +8,9 @@ One VAE call peaks at ``max(copies * A + share * W, T)``:
 - ``W``, the largest workspace :func:`~mlx_i2v.models.conv.conv_plan` plans for one of its 3x3x3
   convolutions under the budget (Winograd or per-tap buffers, frames grouped to 1/16 of the budget);
 - ``T``, the Winograd kernel transform's intermediates for the widest convolution that runs by Winograd
-  (about :data:`KERNEL_TRANSFORM_COPIES` times its weights). It happens early (the decoder's first
-  upsampler, the encoder's middle), while the activations are still small, hence the maximum.
+  (about :data:`KERNEL_TRANSFORM_COPIES` times its weights; on small latents the widest ones run by
+  per-tap matmuls instead, see :func:`~mlx_i2v.models.conv.conv_cost`). It happens at low resolution,
+  while the activations are still small, hence the maximum.
 
 A tiled decode adds the decoded tiles, all kept for blending as in diffusers, and the blended output.
 
@@ -19,11 +20,17 @@ at budgets of 2, 4 and 16 GB: on those 18 points decode estimates are within 0.9
 estimates within 0.92-1.08 of the measured peak. Outside the fit: tiled decodes 0.89-1.17; the
 0.9.0/0.9.1 decoders (narrowed 4x) 1.17-1.19 and encoders 1.02; the VAE narrowed 16x (narrower than any
 real one, where fixed-width layers weigh more) 0.74-0.77. Those ranges were measured when the Winograd
-kernel transform was an einsum (5.4 weight copies at one real-width point); it is now two matmuls over a
-transposed copy of the weights (1 + 4/3 + 16/9 copies), and ``KERNEL_TRANSFORM_COPIES`` was re-measured
-as 4.2 on the 0.9.5 VAE narrowed 4x at a 4 GB budget, where the transform is the decode's and the
-encode's peak (estimates 1.00 and 0.97 of the measured peaks; narrowed 8x: decode 0.90, tiled decode
-1.19, encode 0.81). Nothing was measured on Metal.
+kernel transform was an einsum (5.4 weight copies at one real-width point). Since then the kernels are
+stored tap-major and :func:`~mlx_i2v.models.conv.conv_plan` leaves Winograd for per-tap matmuls where the
+kernel transform would cost more than it saves (the widest convolutions on small latents), so the
+transform is only its two products; ``KERNEL_TRANSFORM_COPIES`` was re-measured as 3.3 on the real-width
+0.9.5 decoder (2x8x8 latents, 16 GB budget, where the transform is the peak: estimate 0.99 of it). The
+other constants were not refitted; with the peaks that change lowered, the estimates now run over
+rather than under: narrowed 4x at 4 GB, decode 1.16-1.19 and encode 1.01-1.02; narrowed 8x, decode
+1.04; the real-width decode of 2x4x4 latents 1.00 (its peak fell from 2468 to 108 MB). The encode now
+lists every down stage's convolutions, since its widest kernel no longer sets ``T``; outside the fit the
+real-width encode of 9x128x128 is under-estimated (0.77: 90 of 117 MB, the transform of the 512-channel
+stage plus that convolution's workspace). Nothing was measured on Metal.
 """
 
 from __future__ import annotations
@@ -37,9 +44,9 @@ from .vae_tiling import SpatialTiling, TemporalTiling
 
 DECODE_COPIES, DECODE_WORKSPACE_SHARE = 6.5, 0.75
 ENCODE_COPIES, ENCODE_WORKSPACE_SHARE = 7.25, 0.6
-# The Winograd kernel transform holds about this many weight-sized buffers at once: the transposing copy
-# of the weights (LTX's are not stored tap-major) and the two products (4/3 and 16/9 of the weights).
-KERNEL_TRANSFORM_COPIES = 4.2
+# The Winograd kernel transform holds about this many weight-sized buffers at once: its two products (4/3
+# and 16/9 of the weights, which are stored tap-major, so there is no transposing copy), measured 3.3.
+KERNEL_TRANSFORM_COPIES = 3.3
 # Decoded tiles alive while they are blended, and the blended output, in multiples of the tiles' bytes.
 TILED_OUTPUT_COPIES = 1.6
 
@@ -142,7 +149,16 @@ def encode_activation_bytes(
     p, widths = cfg.patch_size, cfg.block_out_channels
     h, w = height // p, width // p
     convs: list[Conv] = [(frames, h, w, cfg.in_channels * p * p, widths[0]), (frames, h, w, widths[0], widths[0])]
+    # Each down stage's convolutions at its input size, for the kernel transform of the widest one that
+    # runs by Winograd ("spatial", "temporal" or, as "conv" and "spatiotemporal", both halved after it).
+    stage = (frames, h, w)
+    for channels, scaling, kind in zip(widths, cfg.spatio_temporal_scaling, cfg.downsample_type):
+        convs.append((*stage, channels, channels))
+        if scaling:
+            t_s, h_s, w_s = stage
+            stage = (t_s if kind == "spatial" else 1 + (t_s - 1) // 2, h_s if kind == "temporal" else h_s // 2,
+                     w_s if kind == "temporal" else w_s // 2)  # fmt: skip
     convs.append((1 + (frames - 1) // cfg.temporal_ratio, height // cfg.spatial_ratio, width // cfg.spatial_ratio,
-                  widths[-1], widths[-1]))  # the middle, where the widest kernel transform happens  # fmt: skip
+                  widths[-1], widths[-1]))  # the middle: the widest kernels  # fmt: skip
     activation = frames * h * w * widths[0] * dtype.size
     return _call_peak(activation, convs, dtype.size, budget, ENCODE_COPIES, ENCODE_WORKSPACE_SHARE)
