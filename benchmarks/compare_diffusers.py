@@ -400,13 +400,13 @@ def mlx_ltx(job: dict[str, Any]) -> tuple[dict[str, Any], Callable]:
     per-step conditioning noises and the decode's noise in place of those drawn from the seed."""
     import mlx.core as mx
 
-    from mlx_i2v import conditioning
+    from mlx_i2v.families.ltx import conditioning as ltx_conditioning
     from mlx_i2v.families.ltx import variants as ltx_family
 
     noise = np.load(job["noise"])  # (1, C, T, h, w)
     _, channels, frames, h, w = noise.shape
     steps = [mx.array(n.reshape(1, frames, h, w, channels)) for n in np.load(job["step_noise"])]  # from (1, L, C)
-    conditioning.conditioning_noise = lambda seed, t, shape: steps.pop(0)
+    ltx_conditioning.conditioning_noise = lambda seed, t, shape: steps.pop(0)
     mix = mx.array(np.load(job["decode_noise"]).transpose(0, 2, 3, 4, 1))
     seeded = ltx_family.decode_noises
     ltx_family.decode_noises = lambda shape, seed: (mix, seeded(shape, seed)[1])  # (0.9.5 injects no noise)

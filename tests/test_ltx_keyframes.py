@@ -27,6 +27,7 @@ import mlx.core as mx
 
 from mlx_i2v import Video, load_pipeline
 from mlx_i2v import conditioning
+from mlx_i2v.families.ltx import conditioning as ltx_conditioning
 from mlx_i2v.errors import InvalidInputError
 
 TOKENS_PER_FRAME = 6  # the tiny VAE's 2x3 latent grid at 64x96
@@ -87,8 +88,8 @@ class Draws:
         steps = [np.concatenate([n[:, self.extra_tokens :], n[:, : self.extra_tokens]], axis=1) for n in self.steps]
         self.step_queue = [mx.array(n.reshape(1, frames, HEIGHT // 32, WIDTH // 32, 16)) for n in steps]
         monkeypatch.setattr(conditioning, "posterior_noise", posterior_noise)
-        monkeypatch.setattr(conditioning, "keyframe_noise", keyframe_noise)
-        monkeypatch.setattr(conditioning, "conditioning_noise", lambda seed, t, shape: self.step_queue.pop(0))
+        monkeypatch.setattr(ltx_conditioning, "keyframe_noise", keyframe_noise)
+        monkeypatch.setattr(ltx_conditioning, "conditioning_noise", lambda seed, t, shape: self.step_queue.pop(0))
         _same_decode_noise(monkeypatch, self.mix)
 
 

@@ -30,6 +30,7 @@ import mlx.core as mx
 
 from mlx_i2v import Pipeline, load_pipeline
 from mlx_i2v import conditioning
+from mlx_i2v.families.ltx import conditioning as ltx_conditioning
 from mlx_i2v.families.ltx import variants as ltx_family
 from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.families.ltx.planner import LTXTiling
@@ -248,7 +249,7 @@ def test_condition_image_matches_diffusers(condition, monkeypatch, strength, noi
     _same_decode_noise(monkeypatch, mix)
     _same_posterior_noise(monkeypatch, posterior)
     queue = [mx.array(n.reshape(1, 3, 2, 3, 16)) for n in step_noises]
-    monkeypatch.setattr(conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
+    monkeypatch.setattr(ltx_conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
     torch.manual_seed(TORCH_SEED)
     video = pipe(_photo(), PROMPT, latents=noise, fps=24, strength=strength, image_cond_noise_scale=noise_scale,
                  **COMMON)  # fmt: skip
@@ -331,9 +332,9 @@ def test_last_image_keyframe_matches_diffusers(condition, monkeypatch):
     _same_decode_noise(monkeypatch, mix)
     _same_posterior_noise(monkeypatch, *posteriors)
     key_noise_ours = mx.array(key_noise.transpose(0, 2, 3, 4, 1))
-    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, index, shape: key_noise_ours)
+    monkeypatch.setattr(ltx_conditioning, "keyframe_noise", lambda seed, index, shape: key_noise_ours)
     queue = [mx.array(np.concatenate([n[:, 6:], n[:, :6]], axis=1).reshape(1, 4, 2, 3, 16)) for n in step_noises]
-    monkeypatch.setattr(conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
+    monkeypatch.setattr(ltx_conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
     video = pipe(_photo(), PROMPT, last_image=last, latents=noise, image_cond_noise_scale=0.15, **COMMON)
     assert not queue and video.frames.shape == expected.shape == (FRAMES, HEIGHT, WIDTH, 3)
     assert np.abs(video.frames - expected).max() < 2e-3
@@ -385,7 +386,7 @@ def test_posterior_noise_is_the_seeds_own_draw_per_image():
     head, tail = (np.array(conditioning.posterior_noise(3, i, shape)) for i in (0, 1))
     assert head.shape == shape and np.array_equal(head, np.array(conditioning.posterior_noise(3, 0, shape)))
     others = [tail, np.array(conditioning.posterior_noise(4, 0, shape)),
-              np.array(conditioning.keyframe_noise(3, 0, shape)), np.array(conditioning.keyframe_noise(3, 1, shape)),
+              np.array(ltx_conditioning.keyframe_noise(3, 0, shape)), np.array(ltx_conditioning.keyframe_noise(3, 1, shape)),
               np.array(conditioning.posterior_noise(3, 2, shape)), np.array(ltx_family.decode_noises(shape, 3)[0])]
     assert all(np.abs(a - b).max() > 0.1 for i, a in enumerate([head, *others]) for b in others[i:])
     key = mx.random.split(mx.random.split(mx.random.key(3), 5)[3], 1)[0]

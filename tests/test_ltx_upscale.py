@@ -28,6 +28,7 @@ from test_cli import _run
 from test_ltx_pipeline import NEGATIVE, PROMPT, TORCH_SEED, FixedNoise, _noise, _same_decode_noise
 
 from mlx_i2v import conditioning, load_pipeline
+from mlx_i2v.families.ltx import conditioning as ltx_conditioning
 from mlx_i2v import pipeline as pipeline_module
 from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.models.ltx.latent_upsampler import load_ltx_latent_upsampler, upsampler_source
@@ -109,7 +110,7 @@ def test_upscale_recipe_matches_diffusers(setup, monkeypatch, inputs, tone_map):
     _same_decode_noise(monkeypatch, mix)
     _same_posterior_noise_by_shape(monkeypatch, *posteriors, *posteriors_2x)
     keys_ours = {k.shape[3:]: mx.array(k.transpose(0, 2, 3, 4, 1)) for k in keys}
-    monkeypatch.setattr(conditioning, "keyframe_noise", lambda seed, index, shape: keys_ours[tuple(shape[2:4])])
+    monkeypatch.setattr(ltx_conditioning, "keyframe_noise", lambda seed, index, shape: keys_ours[tuple(shape[2:4])])
     noise_2x_ours = mx.array(noise_2x.transpose(0, 2, 3, 4, 1))
     monkeypatch.setattr(pipeline_module, "refine_noise", lambda shape, seed: noise_2x_ours)
     steps = []
@@ -182,7 +183,7 @@ def test_video_to_video_matches_denoise_strength(setup, monkeypatch, strength, s
     _same_decode_noise(monkeypatch, mix)
     _same_posterior_noise_by_shape(monkeypatch, posterior)
     queue = [mx.array(n.reshape(1, 3, 2, 3, 16)) for n in step_noises]
-    monkeypatch.setattr(conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
+    monkeypatch.setattr(ltx_conditioning, "conditioning_noise", lambda seed, t, shape: queue.pop(0))
     passes = []
     torch.manual_seed(TORCH_SEED)
     video = pipe(photo, PROMPT, video=clip, strength=strength, negative_prompt=NEGATIVE, num_inference_steps=steps,

@@ -8,7 +8,7 @@ Which semantics a checkpoint gets follows its ``model_index.json`` ``_class_name
   held at timestep 0 (the per-token ``t * (1 - mask)``); RoPE positions are the latent grid scaled by
   ``(8 / fps, 32, 32)``; sigmas ``linspace(1, 1/N, N)`` shifted by ``mu = calculate_shift(tokens, ...)``;
   prompts of 128 tokens, the encoder unmasked.
-* ``LTXConditionPipeline`` (0.9.5+): see :class:`~mlx_i2v.conditioning.FrameConditions`; pixel-space
+* ``LTXConditionPipeline`` (0.9.5+): see :class:`~mlx_i2v.families.ltx.conditioning.FrameConditions`; pixel-space
   ``video_coords``; timesteps ``linear_quadratic_schedule(N) * 1000``; prompts of 256 tokens, masked.
 """
 
@@ -20,7 +20,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ...conditioning import FirstFrameLatent, FrameConditions, Keyframes, extra_latent_frames
+from ...conditioning import FirstFrameLatent, Keyframes
+from .conditioning import FrameConditions, extra_latent_frames
 from ...errors import InvalidInputError
 from ...family import Family, MaskedPrompts
 from ...models.ltx.transformer import pack_latents, pixel_coords, unpack_latents
@@ -57,7 +58,7 @@ class LTXForward:
     Positions: the latent grid scaled by ``(temporal ratio / fps, spatial ratio, spatial ratio)``
     (``LTXPipeline`` / ``LTXImageToVideoPipeline``), or, with ``pixel_coords`` set, pixel-space coordinates
     (``LTXConditionPipeline``: frame ``max(0, 8k - 7) / fps``, rows and columns times 32). Latent frames
-    beyond the clip's ``latent_frames`` are keyframes' (:class:`~mlx_i2v.conditioning.FrameConditions`):
+    beyond the clip's ``latent_frames`` are keyframes' (:class:`~mlx_i2v.families.ltx.conditioning.FrameConditions`):
     ``extras`` lists, in order, how many latent frames each keyframe has and the pixel frame index it is
     placed at (diffusers' ``_scale_video_ids(..., frame_index)``)."""
 
