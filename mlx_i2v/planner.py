@@ -31,7 +31,8 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,6 +44,7 @@ from .memory import GB, memory_budget
 from .models.attention import attention_workspace, query_chunk_size
 from .models.conv import conv_plan, conv_workspace
 from .models.umt5 import UMT5Config
+from .weights import config_from_dict, read_config
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,13 @@ def _tiling_text(tiling: VAETiling | None) -> str:
 
 def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).removeprefix("mlx.core.")
+
+
+def read_component_configs(model_dir: str | Path, **config_classes: type) -> dict[str, Any]:
+    """Each component folder's ``config.json`` of a checkpoint as its config dataclass (no weights):
+    ``read_component_configs(d, vae=WanVAEConfig)`` -> ``{"vae": WanVAEConfig(...)}`` from ``d/vae``."""
+    d = Path(model_dir)
+    return {name: config_from_dict(cls, read_config(d / name)) for name, cls in config_classes.items()}
 
 
 def module_weight_bytes(

@@ -24,8 +24,14 @@ from ...models.ltx.vae import AutoencoderKLLTXVideo, LTXVAEConfig
 from ...models.ltx.vae_memory import decode_activation_bytes, encode_activation_bytes
 from ...models.ltx.vae_tiling import SpatialTiling, TemporalTiling
 from ...models.umt5 import T5Encoder, UMT5Config
-from ...planner import TEXT_ENCODER_BITS, Plan, module_weight_bytes, plan_generation, text_activations
-from ...weights import config_from_dict, read_config
+from ...planner import (
+    TEXT_ENCODER_BITS,
+    Plan,
+    module_weight_bytes,
+    plan_generation,
+    read_component_configs,
+    text_activations,
+)
 
 
 @dataclass(frozen=True)
@@ -65,12 +71,9 @@ class LTXDims:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> LTXDims:
         """Read the three ``config.json`` files of an LTX checkpoint (no weights)."""
-        d = Path(model_dir)
-        return cls(
-            transformer=config_from_dict(LTXTransformerConfig, read_config(d / "transformer")),
-            vae=config_from_dict(LTXVAEConfig, read_config(d / "vae")),
-            text_encoder=config_from_dict(UMT5Config, read_config(d / "text_encoder")),
-        )
+        configs = read_component_configs(model_dir, transformer=LTXTransformerConfig, vae=LTXVAEConfig,
+                                         text_encoder=UMT5Config)  # fmt: skip
+        return cls(**configs)
 
     @property
     def frame_stride(self) -> int:

@@ -30,9 +30,9 @@ from ...planner import (
     largest_conv_workspace,
     module_weight_bytes,
     plan_generation,
+    read_component_configs,
     text_activations,
 )
-from ...weights import config_from_dict, read_config
 
 LATENT_FRAME_STRIDE = 4  # video frames per latent frame after the first
 # VAE: activation peak as a multiple of one 4-frame activation of the largest stage (decoder: the last
@@ -68,12 +68,9 @@ class ModelDims:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ModelDims:
         """Read the three ``config.json`` files of a diffusers-layout checkpoint (no weights)."""
-        d = Path(model_dir)
-        return cls(
-            transformer=config_from_dict(WanTransformerConfig, read_config(d / "transformer")),
-            vae=config_from_dict(WanVAEConfig, read_config(d / "vae")),
-            text_encoder=config_from_dict(UMT5Config, read_config(d / "text_encoder")),
-        )
+        configs = read_component_configs(model_dir, transformer=WanTransformerConfig, vae=WanVAEConfig,
+                                         text_encoder=UMT5Config)  # fmt: skip
+        return cls(**configs)
 
 
     def limits(self) -> Limits:
