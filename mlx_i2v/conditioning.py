@@ -120,6 +120,13 @@ def encode_mode(vae, video: np.ndarray) -> mx.array:
     return vae.normalize_latents(encode_raw(vae, video))
 
 
+def channels_last_normal(shape: tuple[int, ...], key: mx.array) -> mx.array:
+    """Standard-normal latents of channels-last ``shape`` (B, T, h, w, C), drawn in diffusers' (B, C, T, h, w)
+    order: a key fills the same element positions as diffusers' draw of that shape."""
+    b, t, h, w, c = shape
+    return mx.random.normal((b, c, t, h, w), key=key).transpose(0, 2, 3, 4, 1)
+
+
 def condition_key(seed: int, draw: int, index: int) -> mx.array:
     """The random key of the ``index``-th frame condition's ``draw`` (0: its VAE posterior sample, 1: the
     noise a keyframe's latent is mixed with), from the generation's seed: each its own, apart from the
@@ -132,8 +139,7 @@ def posterior_noise(seed: int, index: int, shape: tuple[int, ...]) -> mx.array:
     """The standard-normal noise that samples the posterior of the ``index``-th image (or clip) a generation
     encodes (in :meth:`Keyframes.conditions` order: 0 is the photo), for latents of ``shape`` (1, T, h, w, C),
     drawn from the seed in diffusers' (1, C, T, h, w) order."""
-    b, t, h, w, c = shape
-    return mx.random.normal((b, c, t, h, w), key=condition_key(seed, 0, index)).transpose(0, 2, 3, 4, 1)
+    return channels_last_normal(shape, condition_key(seed, 0, index))
 
 
 def encode_sample(vae, video: np.ndarray, seed: int, index: int = 0) -> mx.array:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from . import validation
 from .clips import Clip, ClipInput, load_clip
-from .conditioning import ConditionState, Keyframe, Keyframes, encode_mode
+from .conditioning import ConditionState, Keyframe, Keyframes, channels_last_normal, encode_mode
 from .denoise import COND, UNCOND, Denoiser, Forward, StepInfo, plain_forward, take_rows
 from .errors import GenerationCancelled, InvalidInputError
 from .experts import Experts
@@ -965,18 +965,16 @@ class Pipeline:
     def _initial_noise(shape: tuple[int, ...], seed: int, latents: np.ndarray | None) -> mx.array:
         """Noise in channels-last (1, T, h, w, C). Drawn in diffusers' (1, C, T, h, w) order, so a given
         seed fills the same element positions whichever layout the caller thinks in."""
+        if latents is None:
+            return channels_last_normal(shape, mx.random.key(seed))
         b, t, h, w, c = shape
-        if latents is not None:
-            if not isinstance(latents, np.ndarray) or not np.issubdtype(latents.dtype, np.floating):
-                raise InvalidInputError(f"latents must be a float numpy array, got {type(latents).__name__}")
-            if latents.shape != (b, c, t, h, w):
-                raise InvalidInputError(f"latents must have shape {(b, c, t, h, w)} (1, C, T, H, W); got {latents.shape}")
-            if not np.isfinite(latents).all():
-                raise InvalidInputError("latents contain NaN or infinite values")
-            noise = mx.array(latents.astype(np.float32))
-        else:
-            noise = mx.random.normal((b, c, t, h, w), key=mx.random.key(seed))
-        return noise.transpose(0, 2, 3, 4, 1)
+        if not isinstance(latents, np.ndarray) or not np.issubdtype(latents.dtype, np.floating):
+            raise InvalidInputError(f"latents must be a float numpy array, got {type(latents).__name__}")
+        if latents.shape != (b, c, t, h, w):
+            raise InvalidInputError(f"latents must have shape {(b, c, t, h, w)} (1, C, T, H, W); got {latents.shape}")
+        if not np.isfinite(latents).all():
+            raise InvalidInputError("latents contain NaN or infinite values")
+        return mx.array(latents.astype(np.float32)).transpose(0, 2, 3, 4, 1)
 
 
 WanPipeline = Pipeline  # the name before LTX-Video joined

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from ...conditioning import ConditionState, Keyframe, condition_key, encode_sample
+from ...conditioning import ConditionState, Keyframe, channels_last_normal, condition_key, encode_sample
 
 @dataclass
 class HeldFrames(ConditionState):
@@ -47,8 +47,7 @@ def extra_latent_frames(condition: Keyframe, stride: int) -> int:
 def keyframe_noise(seed: int, index: int, shape: tuple[int, ...]) -> mx.array:
     """The noise the ``index``-th condition's extra latents (1, n, h, w, C) are mixed with by its strength,
     drawn from the seed in diffusers' (1, C, n, h, w) order."""
-    b, f, h, w, c = shape
-    return mx.random.normal((b, c, f, h, w), key=condition_key(seed, 1, index)).transpose(0, 2, 3, 4, 1)
+    return channels_last_normal(shape, condition_key(seed, 1, index))
 
 
 def conditioning_noise(seed: int, t: float, shape: tuple[int, ...]) -> mx.array:

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from ...conditioning import ConditionState
+from ...conditioning import ConditionState, channels_last_normal
 from ...errors import InvalidInputError
 from ...models.conv import compute_dtype
 from ...models.ltx.latent_upsampler import (
@@ -198,8 +198,7 @@ def refine_noise(shape: tuple[int, ...], seed: int) -> mx.array:
     """The noise the upsampled latents (1, T, h, w, C) are mixed with: drawn from the generation's seed in
     diffusers' (1, C, T, h, w) order, as the base pass's noise is (the recipe reseeds its generator for
     the refine call)."""
-    b, t, h, w, c = shape
-    return mx.random.normal((b, c, t, h, w), key=mx.random.key(seed)).transpose(0, 2, 3, 4, 1)
+    return channels_last_normal(shape, mx.random.key(seed))
 
 
 @dataclass

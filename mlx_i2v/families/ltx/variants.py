@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ...conditioning import FirstFrameLatent, Keyframes
+from ...conditioning import FirstFrameLatent, Keyframes, channels_last_normal
 from .conditioning import FrameConditions, extra_latent_frames
 from ...errors import InvalidInputError
 from ...family import Family, MaskedPrompts
@@ -104,9 +104,7 @@ def decode_noises(shape: tuple[int, ...], seed: int) -> tuple[mx.array, Any]:
     the noise mixed into the latents (drawn in diffusers' (1, C, T, h, w) order, returned channels-last)
     and the decoder's own injected-noise source (0.9.1 decoders)."""
     mix_key, inject_key = mx.random.split(mx.random.key(seed))
-    b, t, h, w, c = shape
-    noise = mx.random.normal((b, c, t, h, w), key=mix_key).transpose(0, 2, 3, 4, 1)
-    return noise, noise_source(inject_key)
+    return channels_last_normal(shape, mix_key), noise_source(inject_key)
 
 
 def decode_ltx(vae, latents: mx.array, settings, tiling) -> Any:
