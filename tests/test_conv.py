@@ -172,6 +172,53 @@ def test_tap_major_weights_give_the_same_convolution():
     assert mx.array_equal(conv.weight, before).item() and set(conv.parameters()) == {"weight", "bias"}
 
 
+@pytest.mark.parametrize("layout", ["torch", "mlx"])
+@pytest.mark.parametrize("padding,bias", [((1, 1), True), ((0, 0), False)])
+def test_unfolded_rows_equal_direct_convolution(layout, padding, bias):
+    """Wide channels on small frames (the LTX VAE at its latent size, narrowed to 256 channels): one
+    matmul on gathered rows, with the kernel stored in PyTorch's order (read in place) or MLX's, padded
+    or not, on a video that is a slice of a batch."""
+    assert conv_plan(3, 3, 4, 6, 256, 256, 4, 1 << 40, True, layout)[0] == "unfold"
+    x = random((2, 5, 4, 6, 256), 21)
+    w_torch = random((256, 256, 3, 3, 3), 22) * 0.02
+    w = w_torch.transpose(0, 2, 3, 4, 1) if layout == "torch" else mx.contiguous(w_torch.transpose(0, 2, 3, 4, 1))
+    b = random((256,), 23) if bias else None
+    assert rel_err(conv3d(x, w, b, padding, layout=layout), torch_conv3d(x, w, b, padding)) < TOL
+
+
+def test_plan_by_layout():
+    """Gathered rows where frames are small and channels wide, unless the kernel is stored tap-major (it
+    would be copied); large frames stay Winograd whatever the layout, which then copies the kernel."""
+    big = 1 << 40
+    for layout in ("torch", "mlx"):
+        assert conv_plan(5, 3, 8, 12, 1024, 1024, 4, big, True, layout)[0] == "unfold"
+        assert conv_plan(1, 3, 8, 12, 2048, 2048, 4, big, True, layout)[0] == "unfold"
+        assert conv_plan(17, 3, 32, 48, 256, 256, 4, big, True, layout)[0] == "winograd"
+        assert conv_plan(1, 3, 64, 96, 128, 128, 4, big, True, layout)[0] == "winograd"
+    assert conv_plan(1, 3, 8, 12, 2048, 2048, 4, big, True, "tap-major")[0] == "taps"
+    # the copy to tap-major costs more from PyTorch's order than from MLX's
+    assert conv_cost("winograd", 9, 3, 16, 24, 512, 512, 4, "torch") > conv_cost("winograd", 9, 3, 16, 24, 512, 512, 4, "mlx")
+    # rows that do not fit the workspace are gathered a frame group at a time, or not at all
+    one = conv_plan(1, 3, 8, 12, 1024, 1024, 4, big, True, "torch")[2]
+    assert conv_plan(5, 3, 8, 12, 1024, 1024, 4, 2 * one, True, "torch")[:2] == ("unfold", 2)
+    assert conv_plan(5, 3, 8, 12, 1024, 1024, 4, one - 1, True, "torch")[0] != "unfold"
+
+
+def test_unfolded_rows_read_the_kernel_in_place():
+    """A PyTorch-ordered kernel much larger than the activations: the gathered-rows convolution allocates
+    far less than the kernel (a copy of it would allocate all of it)."""
+    w = random((512, 512, 3, 3, 3), 24) * 0.02  # 28 MB
+    x = random((1, 3, 2, 2, 512), 25)
+    mx.eval(w, x)
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    y = conv3d(x, w.transpose(0, 2, 3, 4, 1), None, (1, 1), layout="torch")
+    mx.eval(y)
+    assert mx.get_peak_memory() - before < w.nbytes / 4
+    assert rel_err(y, torch_conv3d(x, w.transpose(0, 2, 3, 4, 1), None, (1, 1))) < TOL
+
+
 def test_norm_silu_on_two_streams_equals_one_call():
     norm = RMSNorm(64)
     norm.gamma = random((64,), 12)

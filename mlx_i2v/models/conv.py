@@ -1,4 +1,4 @@
-"""Convolutions for the Wan VAE that avoid MLX's im2col buffer and do fewer multiplications.
+"""Convolutions for the VAEs that avoid MLX's im2col buffer and do fewer multiplications.
 
 MLX's CPU convolution copies its input into an im2col buffer (27x the input for a 3x3x3 kernel) before
 one large matmul: hundreds of megabytes per frame for the VAE's wide, high-resolution layers, copied on
@@ -14,6 +14,11 @@ one thread. Everything here is built from plain matmuls on views instead, channe
 - :func:`upsample2x_conv2d`: nearest 2x upsampling followed by a 3x3 conv, as four 2x2 convs of the
   source (2.25x fewer multiplications, no upsampled tensor).
 - :func:`conv3d_by_taps`: any stride-1 kernel, one matmul per kernel tap on a shifted view.
+- one matmul on gathered rows (im2col) where frames are small and channels wide (the LTX VAE at its
+  latent size, an image encoded alone): it wastes no products on padding and reads the weights in
+  place, in whichever order they are stored, so a kernel loaded from a PyTorch checkpoint is never
+  copied. Winograd and per-tap matmuls read tap-major weights (:func:`tap_major`) and copy others once
+  per call; :func:`conv3d`'s ``layout`` says which order a kernel is in.
 
 Results equal the direct convolution to float32 rounding (the Winograd transforms only add, subtract and
 halve; about 1e-6 relative). The work is sums of matmuls plus element-wise passes; the element-wise
@@ -48,6 +53,15 @@ KERNEL_TRANSFORM_PASSES = 1 + 4 / 3 + 4 / 3 + 16 / 9
 # are good to about 15 %, and at the near-tie measured (the Wan VAE's 1024-channel convolutions on one
 # 16x24 frame) the two traded places between runs, so the established method keeps it.
 TAPS_MARGIN = 0.85
+# How a kernel of MLX's shape (O, kt, kh, kw, C) may be stored (see :func:`conv3d`).
+LAYOUTS = ("mlx", "tap-major", "torch")
+# Copying weights to tap-major order (:func:`tap_major`), in passes over them: measured on the CPU for a
+# 2048-channel 3x3x3 kernel (453 MB), 0.375 s from MLX's order and 0.71 s from PyTorch's (two copies).
+RELAYOUT_PASSES = {"tap-major": 0.0, "mlx": 4.0, "torch": 8.0}
+# Gathering the unfolded rows, in passes over them: each row is kt*kh*kw runs of C contiguous inputs
+# for MLX-ordered weights, C runs of single inputs for PyTorch-ordered ones (measured, 256 channels on
+# 17 frames of 32x48: 0.5 s for 722 MB of rows).
+UNFOLD_PASSES = {"mlx": 2.0, "torch": 4.0}
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, 2015). B^T transforms 4-pixel input tiles, G the 3-tap kernels,
 # A^T the 4 products back into 2 outputs; applied along height and width in turn.
@@ -78,17 +92,22 @@ def conv3d(
     bias: mx.array | None = None,
     padding: tuple[int, int] = (0, 0),
     workspace: int | None = None,
+    layout: str = "tap-major",
 ) -> mx.array:
     """Stride-1 3D convolution, channels-last, with symmetric zero padding in height and width only:
-    Winograd where it applies and one output frame's buffers fit ``workspace``, per-tap matmuls
-    otherwise, a group of output frames at a time (see :func:`conv_plan`).
+    Winograd, per-tap matmuls or one gathered matmul, whichever :func:`conv_plan` rates fastest with
+    buffers that fit ``workspace``, a group of output frames at a time.
 
     Args:
         x: (B, T, H, W, C); any time padding is already applied.
-        weight: (O, kt, kh, kw, C), MLX's Conv3d layout.
+        weight: (O, kt, kh, kw, C), MLX's Conv3d layout, its values stored in ``layout`` order.
         bias: (O,) or None.
         padding: (ph, pw) zeros on each side of height and width.
         workspace: bytes of transient buffers allowed (default :func:`conv_workspace`).
+        layout: how ``weight``'s values are stored (:data:`LAYOUTS`): "tap-major", by :func:`tap_major`
+            (the Wan VAE's kernels after their first call); "mlx", row-major in its shape; "torch", in the
+            checkpoints' (O, C, kt, kh, kw) order (a transposed view of a PyTorch kernel, as the LTX VAE
+            keeps them). Any layout gives the same result; it decides which methods copy the weights.
 
     Returns:
         (B, T - kt + 1, H + 2ph - kh + 1, W + 2pw - kw + 1, O) in x's dtype, evaluated (computed in
@@ -100,14 +119,18 @@ def conv3d(
     workspace = conv_workspace() if workspace is None else workspace
     shaped = winograd_applies(weight, padding, h, w)
     compute = compute_dtype(x.dtype)
-    method, group, _ = conv_plan(frames, kt, h, w, c, o, compute.size, workspace, shaped)
-    weight = weight.astype(compute)
+    method, group, _ = conv_plan(frames, kt, h, w, c, o, compute.size, workspace, shaped, layout)
+    weight = weight.astype(compute)  # element-wise: keeps the storage order
     bias = None if bias is None else bias.astype(compute)
-    if method == "winograd":
-        kernel = _winograd_kernel(weight)
-        run = lambda frames_in: _winograd_frames(frames_in, kernel, bias)  # noqa: E731
+    if method == "unfold":
+        run = lambda frames_in: _unfold_one_video(frames_in, weight, bias, padding, layout)  # noqa: E731
     else:
-        run = lambda frames_in: _taps_one_video(frames_in, weight, bias, padding)  # noqa: E731
+        weight = weight if layout == "tap-major" else tap_major(weight)
+        if method == "winograd":
+            kernel = _winograd_kernel(weight)
+            run = lambda frames_in: _winograd_frames(frames_in, kernel, bias)  # noqa: E731
+        else:
+            run = lambda frames_in: _taps_one_video(frames_in, weight, bias, padding)  # noqa: E731
     videos = []
     for video in x:
         parts = []
@@ -122,42 +145,67 @@ def conv3d(
 
 
 def conv_plan(
-    frames: int, kt: int, h: int, w: int, c: int, o: int, itemsize: int, workspace: int, winograd: bool = True
+    frames: int,
+    kt: int,
+    h: int,
+    w: int,
+    c: int,
+    o: int,
+    itemsize: int,
+    workspace: int,
+    winograd: bool = True,
+    layout: str = "tap-major",
 ) -> tuple[str, int, int]:
     """How :func:`conv3d` computes ``frames`` output frames of a (kt, 3, 3)-or-smaller kernel on (h, w)
-    frames, C -> O channels: ("winograd" or "taps", output frames per group, transient bytes). Winograd
-    is used when ``winograd`` (its shape condition) holds, one frame's buffers fit ``workspace`` and
-    :func:`conv_cost` does not rate per-tap matmuls clearly cheaper (:data:`TAPS_MARGIN`) for the whole
-    call. Winograd needs about 7 input and 7 output sizes plus the transformed kernel; per-tap matmuls
-    the padded input and about 3 outputs on the padded grid."""
-    def winograd_bytes(n: int) -> int:
-        return winograd_workspace(n, kt, h, w, c, o, itemsize)
+    frames, C -> O channels, with weights stored in ``layout`` order: ("winograd", "taps" or "unfold",
+    output frames per group, transient bytes).
 
-    def taps_bytes(n: int) -> int:
-        return itemsize * (h + 2) * (w + 2) * ((n + kt - 1) * c + 3 * n * o)
+    The method :func:`conv_cost` rates fastest among those whose one-frame buffers fit ``workspace``:
+    Winograd when ``winograd`` (its shape condition) holds, the gathered matmul unless the weights are
+    stored tap-major, per-tap matmuls always (they are the fallback). Winograd keeps near-ties: another
+    method replaces it only when rated below :data:`TAPS_MARGIN` of its cost. Winograd needs about 7
+    input and 7 output sizes plus the transformed kernel; per-tap matmuls the padded input and about 3
+    outputs on the padded grid; the gathered matmul its rows (kt * 9 input sizes) and 2 outputs."""
+    sizes = {
+        "taps": lambda n: itemsize * (h + 2) * (w + 2) * ((n + kt - 1) * c + 3 * n * o),
+        "winograd": lambda n: winograd_workspace(n, kt, h, w, c, o, itemsize),
+        "unfold": lambda n: itemsize * ((n + kt - 1) * (h + 2) * (w + 2) * c + n * h * w * (kt * 9 * c + 2 * o)),
+    }
+    allowed = ["taps"] + (["winograd"] if winograd else []) + (["unfold"] if layout != "tap-major" else [])
+    candidates = [m for m in allowed if m == "taps" or sizes[m](1) <= workspace]
+    rated = {m: conv_cost(m, frames, kt, h, w, c, o, itemsize, layout) for m in candidates}
+    method = min(candidates, key=lambda m: rated[m] * (TAPS_MARGIN if m == "winograd" else 1))
+    group = max(1, min(frames, workspace // sizes[method](1)))
+    return method, group, sizes[method](group)
 
-    taps_cheaper = conv_cost("taps", frames, kt, h, w, c, o, itemsize) < TAPS_MARGIN * conv_cost(
-        "winograd", frames, kt, h, w, c, o, itemsize
-    )
-    use_winograd = winograd and not taps_cheaper and winograd_bytes(1) <= workspace
-    method, cost = ("winograd", winograd_bytes) if use_winograd else ("taps", taps_bytes)
-    group = max(1, min(frames, workspace // cost(1)))
-    return method, group, cost(group)
 
-
-def conv_cost(method: str, frames: int, kt: int, h: int, w: int, c: int, o: int, itemsize: int) -> float:
+def conv_cost(
+    method: str, frames: int, kt: int, h: int, w: int, c: int, o: int, itemsize: int, layout: str = "tap-major"
+) -> float:
     """Estimated time of one stride-1 (kt, 3, 3) convolution of ``frames`` output frames of (h, w), C -> O
-    channels, by ``method``, in FLOP-equivalents (:data:`BYTE_FLOPS`): "taps", kt * 9 matmuls over the
-    padded grid's rows, each added into the output; "winograd", kt * 16 matmuls over the 2x2 tiles plus
-    the kernel transform (weights stored tap-major, :func:`tap_major`), paid once per call whatever the
-    frame count. Winograd's input and output transforms are left out: at every shape measured, narrow or
-    wide (benchmarks/README.md, "VAE convolutions"), Winograd without its kernel transform was at least as
-    fast as the per-tap matmuls, so they are covered by the products saved. What can outweigh that saving
-    is the kernel transform, on small frames with wide channels (the LTX VAE's latent resolution)."""
+    channels, by ``method``, weights stored in ``layout`` order, in FLOP-equivalents (:data:`BYTE_FLOPS`):
+
+    - "taps": kt * 9 matmuls over the padded grid's rows, each added into the output;
+    - "winograd": kt * 16 matmuls over the 2x2 tiles plus the kernel transform, paid once per call
+      whatever the frame count. Its input and output transforms are left out: at every shape measured,
+      narrow or wide (benchmarks/README.md, "VAE convolutions"), Winograd without its kernel transform
+      was at least as fast as the per-tap matmuls, so they are covered by the products saved. What can
+      outweigh that saving is the kernel transform, on small frames with wide channels (the LTX VAE's
+      latent resolution);
+    - "unfold": gathering every output pixel's kt * 9 * C inputs into a row (:data:`UNFOLD_PASSES`), then
+      one matmul with the weights read in place; on small frames it wastes no products on the padding;
+    - both Winograd and per-tap matmuls read tap-major weights: stored otherwise, they are copied once per
+      call (:data:`RELAYOUT_PASSES`).
+    """
+    weights = kt * 9 * c * o
+    relayout = 0.0 if method == "unfold" else BYTE_FLOPS * itemsize * RELAYOUT_PASSES[layout] * weights
     if method == "taps":
-        return _matmuls_cost(kt * 9, frames * (h + 2) * (w + 2), c, o, itemsize)
-    transform = BYTE_FLOPS * itemsize * KERNEL_TRANSFORM_PASSES * kt * 9 * c * o
-    return _matmuls_cost(kt * 16, frames * (h // 2) * (w // 2), c, o, itemsize) + transform
+        return _matmuls_cost(kt * 9, frames * (h + 2) * (w + 2), c, o, itemsize) + relayout
+    if method == "unfold":
+        gather = BYTE_FLOPS * itemsize * UNFOLD_PASSES[layout] * frames * h * w * kt * 9 * c
+        return _matmuls_cost(1, frames * h * w, kt * 9 * c, o, itemsize) + gather
+    transform = BYTE_FLOPS * itemsize * KERNEL_TRANSFORM_PASSES * weights
+    return _matmuls_cost(kt * 16, frames * (h // 2) * (w // 2), c, o, itemsize) + transform + relayout
 
 
 def _matmuls_cost(count: int, m: int, k: int, n: int, itemsize: int) -> float:
@@ -191,30 +239,36 @@ def winograd_workspace(frames: int, kt: int, h: int, w: int, c: int, o: int, ite
 
 
 def _winograd_kernel(weight: mx.array) -> mx.array:
-    """G g G^T for each time tap: (O, kt, 3, 3, C) -> (kt, 4, 4, C, O), contiguous (C, O) matrices.
+    """G g G^T for each time tap: (O, kt, 3, 3, C) stored tap-major -> (kt, 4, 4, O, C), contiguous (O, C)
+    matrices (the products read them transposed).
 
-    Two small matmuls with G over the weights arranged (kt, 3, 3, C, O); that arrangement is a free view
-    of weights stored by :func:`tap_major` (else one transposing copy). Recomputed per call: keeping the
-    transformed kernels would hold 16/9 of the decoder's 2 GB of weights for the whole decode.
+    Two small matmuls with G over the weights arranged (kt, 3, 3, O, C), a free view of weights stored
+    by :func:`tap_major`. Recomputed per call: keeping the transformed kernels would hold 16/9 of the
+    decoder's 2 GB of weights for the whole decode.
     """
     o, kt, _, _, c = weight.shape
     g = mx.array(_G, dtype=weight.dtype)
-    taps = weight.transpose(1, 2, 3, 4, 0).reshape(kt, 3, 3 * c * o)
-    rows = (g @ taps).reshape(kt * 4, 3, c * o)  # G along the kernel's height
-    return (g @ rows).reshape(kt, 4, 4, c, o)  # and along its width
+    taps = weight.transpose(1, 2, 3, 0, 4).reshape(kt, 3, 3 * o * c)
+    rows = (g @ taps).reshape(kt * 4, 3, o * c)  # G along the kernel's height
+    return (g @ rows).reshape(kt, 4, 4, o, c)  # and along its width
 
 
 def tap_major(weight: mx.array) -> mx.array:
-    """The same (O, kt, kh, kw, C) weights, stored in (kt, kh, kw, C, O) order: each kernel tap's (C, O)
-    matrix contiguous, as the per-tap matmuls and the Winograd transform read them (halves the
-    transform's time and transient memory). The values and shape are unchanged."""
-    return mx.contiguous(weight.transpose(1, 2, 3, 4, 0)).transpose(4, 0, 1, 2, 3)
+    """The same (O, kt, kh, kw, C) weights, stored in (kt, kh, kw, O, C) order: each kernel tap's (O, C)
+    matrix contiguous, as the per-tap matmuls (transposed) and the Winograd kernel transform read them.
+    The values and shape are unchanged.
+
+    Two plain copies, the first a no-op for weights already row-major in MLX's order: from PyTorch's
+    (O, C, kt, kh, kw) order, (O, C, taps) -> (O, taps, C) -> (taps, O, C) took 0.71 s for a 453 MB kernel
+    where one copy to (taps, C, O) took 1.96 s (MLX's CPU copies read one input per output in order)."""
+    rows = mx.contiguous(weight)
+    return mx.contiguous(rows.transpose(1, 2, 3, 0, 4)).transpose(3, 0, 1, 2, 4)
 
 
 def _winograd_frames(x: mx.array, kernel: mx.array, bias: mx.array | None) -> mx.array:
-    """(T, H, W, C) with (kt, 4, 4, C, O) transformed kernels -> (T - kt + 1, H, W, O), lazily."""
+    """(T, H, W, C) with (kt, 4, 4, O, C) transformed kernels -> (T - kt + 1, H, W, O), lazily."""
     t, h, w, c = x.shape
-    kt, o = kernel.shape[0], kernel.shape[-1]
+    kt, o = kernel.shape[0], kernel.shape[-2]
     th, tw = h // 2, w // 2
     frames = t - kt + 1
     streams = two_streams()
@@ -235,7 +289,7 @@ def _winograd_frames(x: mx.array, kernel: mx.array, bias: mx.array | None) -> mx
         total = bias.astype(x.dtype) if (ay, bx) == (1, 1) and bias is not None else None
         for dt in range(kt):
             rows_dt = tiles[dt : dt + frames].reshape(frames * th * tw, c)
-            k = kernel[dt, ay, bx]
+            k = kernel[dt, ay, bx].T
             total = rows_dt @ k if total is None else mx.addmm(total, rows_dt, k)
         m[ay, bx] = total
     # Output transform A^T M A: output row r, then column q, of each 2x2 block.
@@ -316,6 +370,30 @@ def _taps_one_video(x: mx.array, weight: mx.array, bias: mx.array | None, paddin
                 y = taps @ tap_weight if y is None else mx.addmm(y, taps, tap_weight)
     y = mx.as_strided(y, (to, ho, wo, o), (frame * o, wp * o, o, 1))
     return mx.contiguous(y)
+
+
+def _unfold_one_video(
+    x: mx.array, weight: mx.array, bias: mx.array | None, padding: tuple[int, int], layout: str
+) -> mx.array:
+    """(T, H, W, C) -> (T', H', W', O) for one video by one matmul (im2col): each output pixel's inputs
+    gathered into a row in the order ``layout`` stores the weights ("mlx": taps then channels; "torch":
+    channels then taps), so the (O, C * taps) weight matrix is a view and is read in place."""
+    o, kt, kh, kw, c = weight.shape
+    ph, pw = padding
+    if ph or pw:
+        x = mx.pad(x, [(0, 0), (ph, ph), (pw, pw), (0, 0)])
+    t, hp, wp, _ = x.shape
+    to, ho, wo = t - kt + 1, hp - kh + 1, wp - kw + 1
+    frame, row = hp * wp * c, wp * c  # element strides of x
+    if layout == "torch":
+        shape, strides = (to, ho, wo, c, kt, kh, kw), (frame, row, c, 1, frame, row, c)
+        matrix = weight.transpose(0, 4, 1, 2, 3).reshape(o, -1)
+    else:
+        shape, strides = (to, ho, wo, kt, kh, kw, c), (frame, row, c, frame, row, c, 1)
+        matrix = weight.reshape(o, -1)
+    rows = mx.as_strided(x, shape, strides).reshape(to * ho * wo, -1)
+    y = rows @ matrix.T if bias is None else mx.addmm(bias.astype(x.dtype), rows, matrix.T)
+    return y.reshape(to, ho, wo, o)
 
 
 def upsample2x_conv2d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
