@@ -103,6 +103,19 @@ def test_encode_matches_diffusers(vaes):
     assert rel_err(logvar, to_numpy(dist.logvar)) < TOL
 
 
+def test_one_frame_encode_matches_diffusers(vaes):
+    """An image alone (how every image-to-video call conditions): each convolution runs with its kernel
+    summed over time, since all its time taps read copies of the one frame."""
+    _, _, ref, ours = vaes
+    image = _video(3, frames=1)
+    with torch.no_grad():
+        dist = ref.encode(image).latent_dist
+    mean, logvar = ours.encode(to_mlx(image))
+    assert mean.shape[1] == 1
+    assert rel_err(mean, to_numpy(dist.mean)) < TOL
+    assert rel_err(logvar, to_numpy(dist.logvar)) < TOL
+
+
 def test_decode_matches_diffusers(vaes):
     version, _, ref, ours = vaes
     z = _latents(ref)
@@ -326,30 +339,31 @@ def test_half_loading(vaes, tmp_path):
         load_ltx_vae(path, half="both")
 
 
-def _copied_bytes_to_tap_major(weight: mx.array) -> int:
-    """Bytes allocated to lay ``weight`` out tap-major: 0 when it is stored so already."""
+def _copied_bytes(weight: mx.array) -> int:
+    """Bytes allocated to make ``weight`` row-major in its own shape: 0 when it is stored so already."""
     mx.synchronize()
     before = mx.get_active_memory()
-    taps = mx.contiguous(weight.transpose(1, 2, 3, 4, 0))
-    mx.eval(taps)
+    rows = mx.contiguous(weight)
+    mx.eval(rows)
     grown = mx.get_active_memory() - before
-    del taps
+    del rows
     return grown
 
 
-def test_kernels_are_stored_tap_major_however_loaded(vaes, tmp_path):
-    """Built, loaded from the diffusers layout or from the MLX layout (which the converter writes in
-    the standard order), every convolution kernel is stored tap-major: no run copies it."""
+def test_kernels_keep_pytorch_order_however_loaded(vaes, tmp_path):
+    """Loaded from the diffusers layout or from the MLX layout (the converter writes what the model
+    holds), every convolution kernel is (O, C, kt, kh, kw) and stored so: loading copies no kernel, and
+    MLX's (O, kt, kh, kw, C) view of it is a transposed view (the gathered-rows convolution reads it in
+    place)."""
     _, path, _, ours = vaes
-    standard = mx.random.normal((8, 3, 3, 3, 4))
-    mx.eval(standard)
-    assert _copied_bytes_to_tap_major(standard) >= standard.nbytes  # the probe does see a copy
     mlx_dir = _mlx_layout(ours, path, tmp_path / "mlx")
-    for model in (ours, load_ltx_vae(mlx_dir), AutoencoderKLLTXVideo(ours.config)):
+    for model in (ours, load_ltx_vae(mlx_dir)):
         mx.eval(model.parameters())
-        kernels = [m.conv.weight for m in model.modules() if isinstance(m, vae_blocks.CausalConv3d)]
-        assert len(kernels) > 10
-        assert all(_copied_bytes_to_tap_major(k) == 0 for k in kernels)
+        convs = [m.conv for m in model.modules() if isinstance(m, vae_blocks.CausalConv3d)]
+        assert len(convs) > 10
+        assert all(c.kernel().shape == (c.weight.shape[0], *c.weight.shape[2:], c.weight.shape[1]) for c in convs)
+        assert all(_copied_bytes(c.weight) == 0 for c in convs)
+        assert _copied_bytes(convs[0].kernel()) >= convs[0].weight.nbytes  # the probe does see a copy
 
 
 def test_configs_follow_diffusers_defaults(tmp_path):

@@ -162,3 +162,28 @@ def silu(x: mx.array) -> mx.array:
         return nn.silu(x)
     x32 = x.astype(mx.float32)
     return _silu_from_exp(x32, _exp_minus_abs(x32)).astype(x.dtype)
+
+
+# Bytes of pixels per piece of :func:`rows_on_two_streams`' work on the CPU (one piece per stream at a time).
+PIECE_BYTES = 32 << 20
+
+
+def rows_on_two_streams(fn: Callable[[mx.array], mx.array], x: mx.array) -> mx.array:
+    """``fn(x)`` for a row-wise ``fn`` of (..., C) (each row's result depends on that row alone, e.g. a
+    norm followed by a SiLU), evaluated. MLX's CPU element-wise kernels run on one thread, so on the CPU
+    the rows are cut into pieces of about :data:`PIECE_BYTES`, two at a time on two streams that run at
+    once. A pair is evaluated before the next is built, so its intermediates never outlive it. On a GPU,
+    or for less than 2**20 elements, it is one call."""
+    if not on_cpu() or x.size < 1 << 20:
+        return fn(x)
+    rows = x.reshape(-1, x.shape[-1])
+    step = -(-rows.shape[0] // max(2, -(-x.nbytes // PIECE_BYTES)))
+    parts = []
+    for first in range(0, rows.shape[0], 2 * step):
+        pair = []
+        for stream, start in zip(two_streams(), range(first, min(first + 2 * step, rows.shape[0]), step)):
+            with mx.stream(stream):
+                pair.append(fn(rows[start : start + step]))
+        mx.eval(pair)
+        parts += pair
+    return mx.concatenate(parts).reshape(*x.shape[:-1], parts[0].shape[-1])

@@ -94,7 +94,7 @@ class Conv3x3(nn.Module):
             weight = weight[:, None]
         else:
             x = mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0), (0, 0)])
-        return conv3d(x, weight, self.bias, padding=(1, 1))
+        return conv3d(x, weight, self.bias, padding=(1, 1), layout="mlx")
 
 
 class PixelShuffle(nn.Module):

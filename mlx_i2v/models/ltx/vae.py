@@ -30,8 +30,7 @@ import mlx.nn as nn
 
 from ...components import ComponentType, load_component
 from ...errors import InvalidInputError, WeightLoadError
-from ...weights import IDENTITY, Rule, WeightMap, config_from_dict, conv_weight, flatten
-from ..conv import tap_major
+from ...weights import IDENTITY, Rule, WeightMap, config_from_dict, flatten
 from ..vae_ops import patchify, unpatchify
 from .vae_blocks import (
     CausalConv3d,
@@ -41,7 +40,7 @@ from .vae_blocks import (
     TimestepEmbedder,
     UpBlock3d,
     modulation,
-    rms_norm,
+    norm_silu,
 )
 
 log = logging.getLogger(__name__)
@@ -212,7 +211,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(rms_norm(x)))
+        return self.conv_out(norm_silu(x))
 
 
 class Decoder(nn.Module):
@@ -253,11 +252,10 @@ class Decoder(nn.Module):
         x = self.mid_block(x, t, noise)
         for block in self.up_blocks:
             x = block(x, t, noise)
-        x = rms_norm(x)
+        shift = scale = None
         if "time_embedder" in self:
             shift, scale = modulation(self.time_embedder(t, x.dtype), self.scale_shift_table)
-            x = x * (1 + scale) + shift
-        return unpatchify(self.conv_out(nn.silu(x)), self.patch_size)
+        return unpatchify(self.conv_out(norm_silu(x, scale, shift)), self.patch_size)
 
 
 def noise_source(noise: mx.array | NoiseSource | None) -> NoiseSource:
@@ -291,25 +289,6 @@ class AutoencoderKLLTXVideo(nn.Module):
         self.decoder = Decoder(config)
         self.latents_mean = mx.zeros((config.latent_channels,))
         self.latents_std = mx.ones((config.latent_channels,))
-        self.store_kernels_tap_major()
-
-    def load_weights(self, file_or_weights: Any, strict: bool = True) -> AutoencoderKLLTXVideo:
-        """``nn.Module.load_weights``, then every convolution kernel re-stored tap-major, whichever layout
-        it came in (diffusers' or the converter's). The copy is lazy: the loader's evaluation reads each
-        kernel once and writes it in that order, so no decode ever copies its weights (a transposing copy
-        of the 453 MB 2048-channel kernels took most of each Winograd convolution's time) and no
-        activation is alive when they are copied."""
-        super().load_weights(file_or_weights, strict=strict)
-        self.store_kernels_tap_major()
-        return self
-
-    def store_kernels_tap_major(self) -> None:
-        """Store every convolution kernel tap-major (:func:`~mlx_i2v.models.conv.tap_major`): same values
-        and shape, each tap's (C, O) matrix contiguous, as the per-tap matmuls and the Winograd kernel
-        transform read them."""
-        for module in self.modules():
-            if isinstance(module, CausalConv3d):
-                module.conv.weight = tap_major(module.conv.weight)
 
     # --- encoding ---
 
@@ -413,8 +392,9 @@ DIFFUSERS_MAP = WeightMap(
     name="diffusers AutoencoderKLLTXVideo",
     rules=(
         Rule(r".*\.per_channel_scale[12]", transform=flatten),  # noise scales (C, 1, 1) -> (C,)
-        Rule(r".*\.conv\.weight", transform=conv_weight),  # every conv kernel sits in a `.conv` module
-        IDENTITY,  # biases, LayerNorms, Linears, modulation tables, the multiplier, latent statistics
+        # conv kernels in PyTorch's (O, C, kt, kh, kw) order as the model keeps them (TorchConv3d), biases,
+        # LayerNorms, Linears, modulation tables, the multiplier, latent statistics
+        IDENTITY,
     ),
 )
 

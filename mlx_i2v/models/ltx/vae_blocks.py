@@ -4,8 +4,9 @@ Video tensors are (B, T, H, W, C). Unlike the Wan VAE, every 3x3x3 convolution s
 once: the encoder is causal (time padded by repeating the first frame twice) but the decoder is not
 (the first and the last frame repeated once each), so a frame's output depends on the next frame and
 decoding cannot stream frame by frame. The convolutions themselves are the project's memory-lean ones
-(:func:`~mlx_i2v.models.conv.conv3d`: Winograd or per-tap matmuls, a few output frames at a time); the
-replicate time padding is applied explicitly before them.
+(:func:`~mlx_i2v.models.conv.conv3d`: Winograd, per-tap matmuls or gathered rows, a few output frames at a
+time), on kernels kept in PyTorch's order (:class:`TorchConv3d`); the replicate time padding is applied
+explicitly before them.
 
 Parameter names match diffusers' state-dict keys (``conv1.conv.weight``, ``resnets.N``,
 ``upsamplers.0``, ``time_embedder.timestep_embedder.linear_1``, ...).
@@ -19,7 +20,8 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..conv import conv3d
+from ..conv import conv3d, tap_major
+from ..elementwise import rows_on_two_streams, silu
 
 # Draws the decoder's injected noise: (height, width) -> a standard-normal (height, width) array.
 NoiseSource = Callable[[tuple[int, int]], mx.array]
@@ -38,6 +40,28 @@ def _edge_frames(x: mx.array, first: bool, times: int) -> list[mx.array]:
     return [mx.repeat(frame, times, axis=1)] if times else []
 
 
+class TorchConv3d(nn.Module):
+    """A 3D convolution's parameters as PyTorch stores them: ``weight`` (O, C, kt, kh, kw), ``bias`` (O,).
+
+    Kept in that order so that loading a diffusers checkpoint copies nothing: :func:`conv3d` reads such
+    a kernel in place where it gathers rows (the wide convolutions at the latent size, which hold most
+    of the VAE's 1.2 GB of kernels) and copies it to tap-major order only for the convolutions it runs
+    by Winograd or per-tap matmuls. Re-ordering every kernel at load took 24 s of the CPU benchmark's
+    67 (benchmarks/README.md)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: tuple[int, int, int], pad: int):
+        super().__init__()
+        scale = math.sqrt(1 / (in_channels * kernel_size**3))  # nn.Conv3d's initialisation
+        self.weight = mx.random.uniform(-scale, scale, (out_channels, in_channels) + (kernel_size,) * 3)
+        self.bias = mx.random.uniform(-scale, scale, (out_channels,))
+        self.stride = stride
+        self.padding = (0, pad, pad)
+
+    def kernel(self) -> mx.array:
+        """The weights in MLX's (O, kt, kh, kw, C) shape, a view stored in PyTorch's order."""
+        return self.weight.transpose(0, 2, 3, 4, 1)
+
+
 class CausalConv3d(nn.Module):
     """diffusers' ``LTXVideoCausalConv3d``: zero padding ``k // 2`` in height and width; in time, the
     first frame repeated ``kt - 1`` times before the clip (causal) or the first and last frames repeated
@@ -53,13 +77,19 @@ class CausalConv3d(nn.Module):
         is_causal: bool = True,
     ) -> None:
         super().__init__()
-        pad = kernel_size // 2
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=(0, pad, pad))
+        stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+        self.conv = TorchConv3d(in_channels, out_channels, kernel_size, stride, kernel_size // 2)
         self.is_causal = is_causal
 
     def __call__(self, x: mx.array) -> mx.array:
         """(B, T, H, W, C_in) -> (B, T', H', W', C_out), evaluated (T' = T and H' = H at stride 1)."""
-        kt = self.conv.weight.shape[1]
+        kt = self.conv.weight.shape[2]
+        bias, padding = self.conv.bias, self.conv.padding[1:]
+        if x.shape[1] == 1 and self.conv.stride == (1, 1, 1):
+            # One frame (an image encoded alone): every time tap reads a copy of it, so the convolution is
+            # the 2-D one with the kernel summed over time, kt times fewer products.
+            kernel = self.conv.weight.sum(axis=2, keepdims=True).transpose(0, 2, 3, 4, 1)
+            return conv3d(x, kernel, bias, padding, layout="torch")
         if self.is_causal:
             parts = _edge_frames(x, True, kt - 1) + [x]
         else:
@@ -67,10 +97,9 @@ class CausalConv3d(nn.Module):
             parts = _edge_frames(x, True, half) + [x] + _edge_frames(x, False, half)
         if len(parts) > 1:
             x = mx.concatenate(parts, axis=1)
-        bias = self.conv.bias if "bias" in self.conv else None
-        if tuple(self.conv.stride) == (1, 1, 1):
-            return conv3d(x, self.conv.weight, bias, tuple(self.conv.padding[1:]))
-        return strided_conv3d(x, self.conv.weight, bias, tuple(self.conv.stride), tuple(self.conv.padding[1:]))
+        if self.conv.stride == (1, 1, 1):
+            return conv3d(x, self.conv.kernel(), bias, padding, layout="torch")
+        return strided_conv3d(x, tap_major(self.conv.kernel()), bias, self.conv.stride, padding)
 
 
 def strided_conv3d(
@@ -168,6 +197,22 @@ def modulation(temb: mx.array, table: mx.array) -> list[mx.array]:
     return [rows[:, i].reshape(b, 1, 1, 1, c) for i in range(n)]
 
 
+def norm_silu(x: mx.array, scale: mx.array | None = None, shift: mx.array | None = None) -> mx.array:
+    """``silu(rms_norm(x) * (1 + scale) + shift)`` (without the modulation when ``scale`` is None) for
+    (B, T, H, W, C) with (B, 1, 1, 1, C) ``scale``/``shift``, evaluated; on the CPU by pieces on two
+    streams with the fused :func:`~..elementwise.silu` (MLX's own SiLU runs one element at a time on one
+    thread: these were a third of the decoder's time at its full-resolution stage)."""
+
+    def one(video: mx.array, b: int) -> mx.array:
+        def rows(part: mx.array) -> mx.array:
+            h = rms_norm(part)
+            return silu(h if scale is None else h * (1 + scale[b, 0, 0]) + shift[b, 0, 0])
+
+        return rows_on_two_streams(rows, video)
+
+    return mx.stack([one(video, b) for b, video in enumerate(x)])
+
+
 # --- blocks -------------------------------------------------------------------------------------------
 
 
@@ -206,14 +251,10 @@ class ResnetBlock3d(nn.Module):
         conditioned = "scale_shift_table" in self
         if conditioned:
             shift_1, scale_1, shift_2, scale_2 = modulation(temb, self.scale_shift_table)
-        h = rms_norm(x)
-        if conditioned:
-            h = h * (1 + scale_1) + shift_1
-        h = self._inject(self.conv1(nn.silu(h)), "per_channel_scale1", noise)
-        h = rms_norm(h)
-        if conditioned:
-            h = h * (1 + scale_2) + shift_2
-        h = self._inject(self.conv2(nn.silu(h)), "per_channel_scale2", noise)
+        else:
+            shift_1 = scale_1 = shift_2 = scale_2 = None
+        h = self._inject(self.conv1(norm_silu(x, scale_1, shift_1)), "per_channel_scale1", noise)
+        h = self._inject(self.conv2(norm_silu(h, scale_2, shift_2)), "per_channel_scale2", noise)
         if "norm3" in self:
             x = self.conv_shortcut(self.norm3(x))
         return h + x

@@ -7,10 +7,11 @@ One VAE call peaks at ``max(copies * A + share * W, T)``:
   width) or the encoder's first (frames x H/4 x W/4 x its width);
 - ``W``, the largest workspace :func:`~mlx_i2v.models.conv.conv_plan` plans for one of its 3x3x3
   convolutions under the budget (Winograd or per-tap buffers, frames grouped to 1/16 of the budget);
-- ``T``, the Winograd kernel transform's intermediates for the widest convolution that runs by Winograd
-  (about :data:`KERNEL_TRANSFORM_COPIES` times its weights; on small latents the widest ones run by
-  per-tap matmuls instead, see :func:`~mlx_i2v.models.conv.conv_cost`). It happens at low resolution,
-  while the activations are still small, hence the maximum.
+- ``T``, the kernel copies of the widest convolution that runs by Winograd or per-tap matmuls: the
+  kernels are kept in PyTorch's order and copied to tap-major order for those (:data:`RELAYOUT_COPIES`),
+  and Winograd transforms them (:data:`KERNEL_TRANSFORM_COPIES`); the widest convolutions, on small
+  latents, gather rows instead and copy nothing (see :func:`~mlx_i2v.models.conv.conv_cost`). It
+  happens at low resolution, while the activations are still small, hence the maximum.
 
 A tiled decode adds the decoded tiles, all kept for blending as in diffusers, and the blended output.
 
@@ -30,7 +31,12 @@ rather than under: narrowed 4x at 4 GB, decode 1.16-1.19 and encode 1.01-1.02; n
 1.04; the real-width decode of 2x4x4 latents 1.00 (its peak fell from 2468 to 108 MB). The encode now
 lists every down stage's convolutions, since its widest kernel no longer sets ``T``; outside the fit the
 real-width encode of 9x128x128 is under-estimated (0.77: 90 of 117 MB, the transform of the 512-channel
-stage plus that convolution's workspace). Nothing was measured on Metal.
+stage plus that convolution's workspace).
+
+Since the kernels stay in PyTorch's order and the widest convolutions on small latents gather rows
+(no kernel copy at load; per call, a copy to tap-major order for Winograd and per-tap matmuls), the
+real-width 0.9.5 points read (estimate / measured, 16 GB budget): decode 2x4x4 0.94, 2x8x8 1.07, 5x8x12
+1.15; encode 9x128x128 0.85, one 256x384 image 0.74 (150 of 202 MB). Nothing was measured on Metal.
 """
 
 from __future__ import annotations
@@ -45,8 +51,11 @@ from .vae_tiling import SpatialTiling, TemporalTiling
 DECODE_COPIES, DECODE_WORKSPACE_SHARE = 6.5, 0.75
 ENCODE_COPIES, ENCODE_WORKSPACE_SHARE = 7.25, 0.6
 # The Winograd kernel transform holds about this many weight-sized buffers at once: its two products (4/3
-# and 16/9 of the weights, which are stored tap-major, so there is no transposing copy), measured 3.3.
+# and 16/9 of tap-major weights), measured 3.3 when the kernels were stored tap-major.
 KERNEL_TRANSFORM_COPIES = 3.3
+# The kernels are kept in PyTorch's order; Winograd and per-tap matmuls first copy one to tap-major order,
+# by two copies (conv.tap_major), so two more weight-sized buffers at once. Gathered rows copy nothing.
+RELAYOUT_COPIES = 2
 # Decoded tiles alive while they are blended, and the blended output, in multiples of the tiles' bytes.
 TILED_OUTPUT_COPIES = 1.6
 
@@ -54,14 +63,16 @@ Conv = tuple[int, int, int, int, int]  # output frames, height, width, input and
 
 
 def _transients(convs: list[Conv], itemsize: int, budget: int) -> tuple[int, int]:
-    """(largest planned workspace, largest Winograd kernel transform) of 3x3x3 convolutions."""
+    """(largest planned workspace, largest kernel copy and transform) of 3x3x3 convolutions."""
     workspace = conv_workspace(budget)
     planned, transform = 0, 0
     for frames, h, w, c_in, c_out in convs:
-        method, _, size = conv_plan(frames, 3, h, w, c_in, c_out, itemsize, workspace, h % 2 == 0 and w % 2 == 0)
+        method, _, size = conv_plan(
+            frames, 3, h, w, c_in, c_out, itemsize, workspace, h % 2 == 0 and w % 2 == 0, layout="torch"
+        )
         planned = max(planned, size)
-        if method == "winograd":
-            transform = max(transform, int(KERNEL_TRANSFORM_COPIES * 27 * c_in * c_out * itemsize))
+        copies = {"winograd": RELAYOUT_COPIES + KERNEL_TRANSFORM_COPIES, "taps": RELAYOUT_COPIES}.get(method, 0)
+        transform = max(transform, int(copies * 27 * c_in * c_out * itemsize))
     return planned, transform
 
 

@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from ..attention import attention
 from ..conv import conv3d, tap_major, upsample2x_conv2d
-from ..elementwise import silu, two_streams
+from ..elementwise import rows_on_two_streams, silu
 
 CACHE_T = 2  # frames of context a kernel-3 causal conv needs from the previous chunk
 
@@ -137,29 +137,11 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.gamma, 1e-24)
 
 
-# Bytes of pixels per piece of norm_silu's work on the CPU (one piece per stream at a time).
-NORM_SILU_PIECE_BYTES = 32 << 20
-
-
 def norm_silu(norm: RMSNorm, x: mx.array) -> mx.array:
-    """``silu(norm(x))`` for (..., C), evaluated on the CPU. MLX's CPU element-wise kernels run on one
-    thread, so there the pixels are cut into pieces of about :data:`NORM_SILU_PIECE_BYTES`, two at a
-    time on two streams that run at once, and the SiLU is :func:`~.elementwise.silu` (MLX's scalar
-    sigmoid took 10x PyTorch's time on 2 cores). A pair is evaluated before the next is built: its
-    intermediates (the SiLU's are three passes) then never outlive it. On a GPU it is one call."""
-    if mx.default_device() != mx.cpu or x.size < 1 << 20:
-        return silu(norm(x))
-    rows = x.reshape(-1, x.shape[-1])
-    step = -(-rows.shape[0] // max(2, -(-x.nbytes // NORM_SILU_PIECE_BYTES)))
-    parts = []
-    for first in range(0, rows.shape[0], 2 * step):
-        pair = []
-        for stream, start in zip(two_streams(), range(first, min(first + 2 * step, rows.shape[0]), step)):
-            with mx.stream(stream):
-                pair.append(silu(norm(rows[start : start + step])))
-        mx.eval(pair)
-        parts += pair
-    return mx.concatenate(parts).reshape(x.shape)
+    """``silu(norm(x))`` for (..., C), evaluated; on the CPU by pieces on two streams
+    (:func:`~.elementwise.rows_on_two_streams`) with :func:`~.elementwise.silu` (MLX's scalar sigmoid took
+    10x PyTorch's time on 2 cores)."""
+    return rows_on_two_streams(lambda rows: silu(norm(rows)), x)
 
 
 class ZeroPadRightBottom(nn.Module):
