@@ -97,12 +97,20 @@ class Conditioning(Protocol):
         """The latents to decode after the last step."""
         ...
 
+    def preview(self, x0: mx.array, state: ConditionState | None) -> mx.array:
+        """A step's predicted clean latents as a preview shows them: the clip's frames, the given ones
+        (the photo) as they will be decoded."""
+        ...
+
 
 class PlainSteps:
     """The loop as most strategies run it: from the initial latents, one sampler step on the latents."""
 
     def start(self, latents, state):
         return latents
+
+    def preview(self, x0, state):
+        return self.finalize(x0, state)
 
     def step(self, sampler, velocity, t, latents, x, timestep, state):
         return sampler.step(velocity, t, latents)

@@ -784,7 +784,7 @@ class Pipeline:
         """Builds each step's :class:`Preview` (lazily: nothing is computed unless the callback asks)."""
         projection = self.variant.family.preview_projection(self.dims.latent_channels)
         conditioning = self.variant.conditioning
-        return lambda x0: Preview(x0, projection, lambda latents: conditioning.finalize(latents, state))
+        return lambda x0: Preview(x0, projection, lambda latents: conditioning.preview(latents, state))
 
     def _scales(self, s: Settings) -> tuple[float, ...]:
         """The guidance scale of each expert: the high-noise expert takes ``guidance_scale``, the

@@ -36,7 +36,6 @@ def test_generate_ltx_writes_playable_mp4(tiny_ltx_condition_dir, photo, tmp_pat
         ("ltx", ["--motion", "1.5"], "motion amplitude (motion=): not supported on LTX-Video models"),
         ("ltx", ["--cache", "magcache"], "step caching"),
         ("ltx", ["--shift", "3"], "flow_shift"),
-        ("ltx", ["--preview", "p.png"], "no latent preview"),
         ("ltx", ["--guidance-2", "2"], "guidance_scale_2 does not apply"),
     ],
 )

@@ -29,7 +29,7 @@ from PIL import Image
 import mlx.core as mx
 
 from mlx_i2v import Pipeline, load_pipeline
-from mlx_i2v import conditioning
+from mlx_i2v import conditioning, preview
 from mlx_i2v.families.ltx import conditioning as ltx_conditioning
 from mlx_i2v.families.ltx import variants as ltx_family
 from mlx_i2v.errors import InvalidInputError
@@ -205,7 +205,8 @@ def test_ltx_image_to_video_does_not_extend(i2v):
 def test_loader_tells_the_family_and_refuses_wan_only_options(i2v, tiny_ti2v_dir):
     _, folder, pipe = i2v
     assert isinstance(pipe, Pipeline) and pipe.variant.name == "ltx-video"
-    assert pipe.variant.family.name == "LTX-Video" and not pipe.has_preview
+    assert pipe.variant.family.name == "LTX-Video" and not pipe.has_preview  # the tiny VAE has 16 channels
+    assert np.asarray(pipe.variant.family.preview_projection(128).weight).shape == (128, 3)
     wan = load_pipeline(tiny_ti2v_dir, dtype="float32")
     with pytest.raises(InvalidInputError, match="decode_timestep does not apply"):
         wan.resolve_settings(_photo(), decode_timestep=0.05)
@@ -391,3 +392,29 @@ def test_posterior_noise_is_the_seeds_own_draw_per_image():
     assert all(np.abs(a - b).max() > 0.1 for i, a in enumerate([head, *others]) for b in others[i:])
     key = mx.random.split(mx.random.split(mx.random.key(3), 5)[3], 1)[0]
     np.testing.assert_array_equal(head, np.array(mx.random.normal((1, 16, 1, 2, 3), key=key)).transpose(0, 2, 3, 4, 1))
+
+
+def test_previews_show_the_clip_with_held_frames_as_given(condition, monkeypatch):
+    """Step previews on LTX-Video: the clip's latent frames only (a last-frame keyframe's extra frames
+    dropped), x0 = x_t - sigma * v where the loop steps, and the photo held at strength 1 shown as given
+    (its latent, the same at every step) rather than as x_t - sigma * v of a token the model saw at
+    timestep 0. The tiny VAE has 16 latent channels: a 16-channel map stands in for LTX's 128-channel one."""
+    _, pipe = condition
+    rng = np.random.default_rng(0)
+    table = preview.LatentRGB(tuple(map(tuple, rng.normal(0, 0.3, (16, 3)))), (0.0, 0.1, -0.1))
+    family = replace(pipe.variant.family, latent_rgb=((16, table),))
+    monkeypatch.setattr(pipe, "variant", replace(pipe.variant, family=family))
+    assert pipe.has_preview
+    last = _photo().transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    previews, latents = [], []
+    pipe(_photo(), PROMPT, last_image=last, latents=_noise(30), image_cond_noise_scale=0.0,
+         on_step=lambda step, total, t, p: previews.append(p), **COMMON)  # fmt: skip
+    assert len(previews) == COMMON["num_inference_steps"]
+    first = [np.array(p.frames([0])) for p in previews]
+    shown = [np.array(p.frames()) for p in previews]
+    assert all(f.shape == (3, 2, 3, 3) for f in shown)  # 3 clip latent frames, not the 2 extra ones
+    assert all(np.array_equal(first[0], f) for f in first)  # the held photo: the same at every step
+    assert not np.array_equal(shown[0][1:], shown[-1][1:])  # the invented frames form
+    # The free frames are x0 = x_t - sigma * v as predicted (the loop's own x0).
+    x0 = np.array(previews[-1].latents[0, 1:3])
+    assert np.abs(shown[-1][1:].astype(int) - np.array(table(mx.array(x0))).astype(int)).max() == 0

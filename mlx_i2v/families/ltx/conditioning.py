@@ -150,3 +150,11 @@ class FrameConditions:
 
     def finalize(self, latents, state):
         return latents if state is None else latents[:, : state.clip_frames]
+
+    def preview(self, x0, state):
+        # Positions held at full strength keep their given latent (the loop never steps them; the model saw
+        # them at timestep 0, so x_t - sigma * v would distort them). Others are x0 as predicted.
+        if state is None:
+            return x0
+        shown = mx.where(state.mask > 1.0 - 1e-6, state.initial.astype(x0.dtype), x0)
+        return shown[:, : state.clip_frames]

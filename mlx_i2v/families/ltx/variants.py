@@ -22,6 +22,7 @@ import numpy as np
 
 from ...conditioning import FirstFrameLatent, Keyframes, channels_last_normal
 from .conditioning import FrameConditions, extra_latent_frames
+from .latent_rgb import LATENT_RGB
 from ...errors import InvalidInputError
 from ...family import Family, MaskedPrompts
 from ...models.ltx.transformer import pack_latents, pixel_coords, unpack_latents
@@ -126,9 +127,9 @@ def decode_ltx(vae, latents: mx.array, settings, tiling) -> Any:
 
 
 LTX_IMAGE_TO_VIDEO = Family(name="LTX-Video", frame_stride=8, forward=_forward(False), decode=decode_ltx,
-                            unsupported=LTX_IMAGE_TO_VIDEO_UNSUPPORTED)  # fmt: skip
+                            unsupported=LTX_IMAGE_TO_VIDEO_UNSUPPORTED, latent_rgb=tuple(LATENT_RGB.items()))  # fmt: skip
 LTX_CONDITION = Family(name="LTX-Video", frame_stride=8, forward=_forward(True), decode=decode_ltx,
-                       unsupported=LTX_UNSUPPORTED)  # fmt: skip
+                       unsupported=LTX_UNSUPPORTED, latent_rgb=tuple(LATENT_RGB.items()))  # fmt: skip
 
 # 0.9.0 / 0.9.1 checkpoints (diffusers' LTXPipeline and LTXImageToVideoPipeline).
 LTX_VIDEO = Variant(
