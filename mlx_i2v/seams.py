@@ -3,7 +3,9 @@
 
 A pass is ``embed`` -> blocks -> ``head``: the features run some blocks, skip others, or cut the tokens
 into shards between the seams. Wan's transformer
-(:class:`~mlx_i2v.models.wan.transformer.WanTransformer3DModel`) opens them; a family whose transformer
+(:class:`~mlx_i2v.models.wan.transformer.WanTransformer3DModel`) opens them itself; LTX-Video's opens them
+through its family's forward, which binds a generation's positions
+(:class:`~mlx_i2v.families.ltx.variants.PositionedLTX`; step caching only). A family whose transformer
 does not refuses those features before loading (``Family.unsupported``: "cache", "parallel").
 """
 

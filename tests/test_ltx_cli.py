@@ -34,7 +34,7 @@ def test_generate_ltx_writes_playable_mp4(tiny_ltx_condition_dir, photo, tmp_pat
         ("wan", ["--decode-timestep", "0.05"], "decode_timestep does not apply to wan2.2-ti2v-5b"),
         ("wan", ["--preset", "distilled"], "distilled preset is for LTX-Video models"),
         ("ltx", ["--motion", "1.5"], "motion amplitude (motion=): not supported on LTX-Video models"),
-        ("ltx", ["--cache", "magcache"], "step caching"),
+        ("ltx", ["--cache", "magcache"], "no published magcache calibration"),
         ("ltx", ["--shift", "3"], "flow_shift"),
         ("ltx", ["--guidance-2", "2"], "guidance_scale_2 does not apply"),
     ],

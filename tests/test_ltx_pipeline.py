@@ -40,6 +40,7 @@ from mlx_i2v.models.ltx.vae_tiling import SpatialTiling
 from mlx_i2v.models.ltx.transformer import load_ltx_transformer
 from mlx_i2v.models.ltx.vae import load_ltx_vae
 from mlx_i2v.models.umt5 import load_t5
+from ref_cache import record_step_caches, spy_first_block
 from ref_ltx_pipeline import build_tiny_ltx
 
 HEIGHT, WIDTH, FRAMES = 64, 96, 17  # latents (3, 2, 3): 18 tokens
@@ -96,13 +97,15 @@ def _same_posterior_noise(monkeypatch, *draws: np.ndarray) -> None:
     monkeypatch.setattr(conditioning, "posterior_noise", posterior_noise)
 
 
-def _reference(cls, folder, monkeypatch, module, draws, **kwargs) -> np.ndarray:
+def _reference(cls, folder, monkeypatch, module, draws, configure=None, **kwargs) -> np.ndarray:
     """diffusers' frames, its ``randn_tensor`` draws (the pipeline's and the posterior samples') taken from
-    ``draws`` in order."""
+    ``draws`` in order; ``configure(pipe)`` first, if given (e.g. enabling a cache hook)."""
     fixed = FixedNoise(*draws)
     monkeypatch.setattr(module, "randn_tensor", fixed)
     monkeypatch.setattr(diffusers_vae, "randn_tensor", fixed)
     ref = cls.from_pretrained(folder, dtype=torch.float32)
+    if configure is not None:
+        configure(ref)
     torch.manual_seed(TORCH_SEED)
     with torch.no_grad():
         out = ref(output_type="np", **kwargs).frames
@@ -179,7 +182,7 @@ def test_defaults_and_rounding(i2v, caplog):
         (dict(video=np.zeros((9, 64, 96, 3), np.uint8)), "restyling a clip"),
         (dict(loop=True), "a loop"),
         (dict(motion=1.5), "motion amplitude"),
-        (dict(cache="magcache"), "step caching"),
+        (dict(cache="magcache"), "no published magcache calibration for ltx-video"),
         (dict(flow_shift=3.0), "flow_shift"),
         (dict(last_image=_photo()), "last image"),
         (dict(keyframes=[(_photo(), 8)]), "keyframes at other frames"),
@@ -418,3 +421,52 @@ def test_previews_show_the_clip_with_held_frames_as_given(condition, monkeypatch
     # The free frames are x0 = x_t - sigma * v as predicted (the loop's own x0).
     x0 = np.array(previews[-1].latents[0, 1:3])
     assert np.abs(shown[-1][1:].astype(int) - np.array(table(mx.array(x0))).astype(int)).max() == 0
+
+
+FIRST_BLOCK_THRESHOLD = 0.03
+
+
+def test_first_block_cache_matches_diffusers(condition, monkeypatch):
+    """First-Block-Cache against diffusers' ``FirstBlockCacheConfig`` hook on ``LTXConditionPipeline``,
+    which runs both prompt branches in one call under one cache context ("cond_uncond"): one decision
+    per step for the batch, the same decisions and indicators, frames within 2e-3, the passes counted."""
+    from diffusers import FirstBlockCacheConfig
+
+    folder, pipe = condition
+    steps = 6
+    noise, posterior, mix = _noise(40), _noise(41, IMAGE_LATENT), _noise(42)
+    common = {**COMMON, "num_inference_steps": steps}
+    log = spy_first_block(monkeypatch)
+    recorded = record_step_caches(monkeypatch)
+    expected = _reference(LTXConditionPipeline, folder, monkeypatch, pipeline_ltx_condition, [noise, posterior, mix],
+                          configure=lambda ref: ref.transformer.enable_cache(
+                              FirstBlockCacheConfig(threshold=FIRST_BLOCK_THRESHOLD)),
+                          image=_photo(), prompt=PROMPT, image_cond_noise_scale=0.0,
+                          generator=torch.Generator().manual_seed(5), **common)  # fmt: skip
+    _same_decode_noise(monkeypatch, mix)
+    _same_posterior_noise(monkeypatch, posterior)
+    torch.manual_seed(TORCH_SEED)
+    video = pipe(_photo(), PROMPT, latents=noise, image_cond_noise_scale=0.0, cache="first-block",
+                 cache_threshold=FIRST_BLOCK_THRESHOLD, **common)  # fmt: skip
+    ours = recorded().decisions
+    assert [name for name, _, _ in log] == ["cond_uncond"] * steps
+    assert [d.computed for d in ours] == [computed for _, computed, _ in log]
+    assert {d.branch for d in ours} == {"cond+uncond"}
+    for d, (_, _, diff) in zip(ours, log):
+        assert (d.indicator is None) == (diff is None)
+        if diff is not None:
+            assert d.indicator == pytest.approx(diff, rel=1e-4)
+            assert abs(diff - FIRST_BLOCK_THRESHOLD) > 2e-4  # no decision rests on rounding
+    computed = [d.computed for d in ours]
+    assert 0 < sum(computed) < steps
+    assert np.abs(video.frames - expected).max() < 2e-3
+    passes = video.stats["transformer_passes"]
+    assert (passes["computed"], passes["skipped"]) == (sum(computed), steps - sum(computed))
+    assert video.metadata["cache"] == {"method": "first-block", "threshold": FIRST_BLOCK_THRESHOLD}
+    # threshold 0 never skips (the comparison is strict): the uncached loop's frames, bit for bit
+    torch.manual_seed(TORCH_SEED)
+    plain = pipe(_photo(), PROMPT, latents=noise, image_cond_noise_scale=0.0, **common).frames
+    torch.manual_seed(TORCH_SEED)
+    never = pipe(_photo(), PROMPT, latents=noise, image_cond_noise_scale=0.0, cache="first-block", cache_threshold=0.0,
+                 **common).frames  # fmt: skip
+    assert np.array_equal(plain, never)

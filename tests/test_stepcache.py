@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from ref_cache import record_step_caches, spy_first_block
 
-import mlx_i2v.pipeline as pipeline_module
 from mlx_i2v import load_pipeline
 from mlx_i2v.denoise import StepInfo
 from mlx_i2v.errors import InvalidInputError
@@ -64,15 +64,7 @@ def pipes(model_dirs):
 @pytest.fixture
 def recorded(monkeypatch):
     """The StepCache of every generation, to read its decisions."""
-    caches: list[StepCache] = []
-
-    class Recording(StepCache):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            caches.append(self)
-
-    monkeypatch.setattr(pipeline_module, "StepCache", Recording)
-    return lambda: [c for c in caches if c.decisions][-1]
+    return record_step_caches(monkeypatch)
 
 
 def _generate(pipe, variant: str, **kwargs):
@@ -195,24 +187,6 @@ def test_forced_skips_add_the_kept_residual(pipes, probe_blocks):
 # --- First-Block-Cache and MagCache against diffusers --------------------------------------------------
 
 
-def _spy_first_block(monkeypatch) -> list:
-    """Record each diffusers First-Block decision: (context, computed, relative change of block 0)."""
-    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
-
-    log = []
-    decide = FBCHeadBlockHook._should_compute_remaining_blocks
-
-    def spy(self, residual):
-        previous = self.state_manager.get_state().head_block_residual
-        diff = None if previous is None else ((residual - previous).abs().mean() / previous.abs().mean()).item()
-        computed = decide(self, residual)
-        log.append((self.state_manager.context.name, computed, diff))
-        return computed
-
-    monkeypatch.setattr(FBCHeadBlockHook, "_should_compute_remaining_blocks", spy)
-    return log
-
-
 # thresholds giving skips, computes and a step where one branch skips and the other computes (see top)
 FIRST_BLOCK_THRESHOLDS = {"ti2v": 0.0523, "a14b": 0.1}
 
@@ -222,7 +196,7 @@ def test_first_block_cache_matches_diffusers(pipes, model_dirs, recorded, monkey
     from diffusers import FirstBlockCacheConfig
 
     threshold = FIRST_BLOCK_THRESHOLDS[variant]
-    log = _spy_first_block(monkeypatch)
+    log = spy_first_block(monkeypatch)
     expected = _diffusers(
         model_dirs[variant], variant,
         lambda ref: [t.enable_cache(FirstBlockCacheConfig(threshold=threshold)) for t in _transformers(ref)],

@@ -6,9 +6,12 @@ and then decides, per prompt branch, whether the remaining blocks run. When they
 they added (``out - probe_out``, the residual); when they do not, it adds the last residual kept to this
 step's probe output instead. The embedding and the head always run.
 
-State is per prompt branch ("cond" / "uncond"), as diffusers keeps one cache context per branch: the
-branches decide independently, and in a batch where some skip and some compute, only the computing rows
-run the remaining blocks. State is also per expert: at Wan2.2-A14B's switch every state is dropped,
+State is per prompt branch ("cond" / "uncond"), as diffusers keeps one cache context per branch on Wan:
+the branches decide independently, and in a batch where some skip and some compute, only the computing
+rows run the remaining blocks. A family whose diffusers pipelines run both branches in one call under one
+cache context (LTX-Video's "cond_uncond") says so (``decide_branches_together`` on its forward): there the
+batch decides as one, on all its rows. A family's forward may also bind what the transformer's seams need
+besides the latents (LTX-Video's positions: ``seamed(model)``); otherwise the model opens them itself. State is also per expert: at Wan2.2-A14B's switch every state is dropped,
 because a residual of one expert is not a residual of the other (diffusers' hooks live on each
 transformer separately, to the same effect).
 """
@@ -34,11 +37,12 @@ class Probe:
 
     Attributes:
         step: where the loop is.
-        branch: the prompt branch ("cond" or "uncond").
+        branch: the prompt branch ("cond" or "uncond"), or the branches deciding together ("cond+uncond").
         model: the transformer running this step.
-        timestep: (1,) or (L,) the branch's timestep(s), as the transformer receives them.
-        block_input: (1, L, dim) the branch's tokens entering the blocks.
-        probe_output: (1, L, dim) the same after the method's probe blocks (``block_input`` if none).
+        timestep: (1,) or (L,) the branch's timestep(s), as the transformer receives them; (G, 1) or (G, L)
+            for G branches deciding together.
+        block_input: (G, L, dim) the branch's (G = 1) or branches' tokens entering the blocks.
+        probe_output: (G, L, dim) the same after the method's probe blocks (``block_input`` if none).
         has_residual: whether a residual is kept for this branch (skipping needs one).
     """
 
@@ -114,32 +118,41 @@ class StepCache:
             self._branches.clear()
             self._expert = step.expert
 
-        tokens = model.embed(x, timestep)
+        seamed = _seams(self.plain, model)
+        tokens = seamed.embed(x, timestep)
         k = self.method.probe_blocks
-        probed = model.run_blocks(tokens.x, tokens, context, blocks=slice(0, k))
+        probed = seamed.run_blocks(tokens.x, tokens, context, blocks=slice(0, k))
         times = np.asarray(timestep.astype(mx.float32)).reshape(len(branches), -1)
-        compute = [self._decide(model, tokens.x, probed, times, row, b, step) for row, b in enumerate(branches)]
-        ran = _remaining_blocks(model, probed, tokens, context, compute, k)
-        rows = []
-        for row, branch in enumerate(branches):
-            cached = self._branches[branch]
-            if compute[row]:
-                cached.residual = ran[row] - probed[row : row + 1]
-                rows.append(ran[row])
+        together = getattr(self.plain, "decide_branches_together", False)
+        groups = [slice(0, len(branches))] if together else [slice(row, row + 1) for row in range(len(branches))]
+        compute = [False] * len(branches)
+        for rows in groups:
+            name = "+".join(branches[rows])
+            computed = self._decide(seamed, tokens.x[rows], probed[rows], times[rows], name, step)
+            compute[rows] = [computed] * (rows.stop - rows.start)
+        ran = _remaining_blocks(seamed, probed, tokens, context, compute, k)
+        out = []
+        for rows in groups:
+            cached = self._branches["+".join(branches[rows])]
+            if compute[rows.start]:
+                computed_rows = mx.concatenate(ran[rows], axis=0)
+                cached.residual = computed_rows - probed[rows]
+                out.append(computed_rows)
             else:
-                rows.append(probed[row : row + 1] + cached.residual)
+                out.append(probed[rows] + cached.residual)
         mx.eval([b.residual for b in self._branches.values()])  # keep the residuals, not the graphs behind them
-        return model.head(mx.concatenate(rows, axis=0), tokens)
+        return seamed.head(mx.concatenate(out, axis=0), tokens)
 
     def _decide(
-        self, model: SeamedTransformer, block_input: mx.array, probed: mx.array, times: np.ndarray, row: int, branch: str,
+        self, model: SeamedTransformer, block_input: mx.array, probed: mx.array, times: np.ndarray, branch: str,
         step: StepInfo,
     ) -> bool:  # fmt: skip
         cached = self._branches.get(branch)
         if cached is None:
             cached = self._branches[branch] = _Branch(self.method.new_state(step))
         kept = cached.residual is not None
-        probe = Probe(step, branch, model, times[row], block_input[row : row + 1], probed[row : row + 1], kept)
+        timestep = times[0] if len(times) == 1 else times
+        probe = Probe(step, branch, model, timestep, block_input, probed, kept)
         computed, indicator = self.method.decide(cached.state, probe)
         if not computed and not kept:
             raise RuntimeError(f"{self.method.name}: skipped the {branch} pass with no residual kept")
@@ -160,6 +173,13 @@ class StepCache:
             "probe_blocks": self.method.probe_blocks if self.method is not None else 0,
             "by_branch": by_branch,
         }
+
+
+def _seams(forward: Forward, model: Any) -> SeamedTransformer:
+    """The seams of a pass: the family forward's view of the model where it binds more than the latents
+    (LTX-Video's positions), else the model itself (Wan)."""
+    seamed = getattr(forward, "seamed", None)
+    return model if seamed is None else seamed(model)
 
 
 def kept_bytes(method: CacheMethod | None, dtype: mx.Dtype) -> int:

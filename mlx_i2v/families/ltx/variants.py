@@ -15,7 +15,7 @@ Which semantics a checkpoint gets follows its ``model_index.json`` ``_class_name
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import numpy as np
@@ -25,7 +25,7 @@ from .conditioning import FrameConditions, extra_latent_frames
 from .latent_rgb import LATENT_RGB
 from ...errors import InvalidInputError
 from ...family import Family, MaskedPrompts
-from ...models.ltx.transformer import pack_latents, pixel_coords, unpack_latents
+from ...models.ltx.transformer import LTXPassTokens, RopeTables, pack_latents, pixel_coords, unpack_latents
 from ...models.ltx.vae import noise_source
 from ...models.ltx.vae_tiling import tiled_decode
 from ...models.umt5 import LTX_CONDITION_PROMPTS, LTX_PROMPTS
@@ -46,7 +46,7 @@ LTX_DEFAULTS = Defaults(
 LTX_CONDITION_DEFAULTS = replace(LTX_DEFAULTS, image_cond_noise_scale=0.15)
 
 # What the pipeline has for Wan that LTX-Video does not have yet.
-LTX_UNSUPPORTED = frozenset({"motion", "cache", "parallel", "flow_shift"})
+LTX_UNSUPPORTED = frozenset({"motion", "parallel", "flow_shift"})
 # What the 0.9.0 / 0.9.1 pipelines (one image at latent frame 0, no denoise_strength) do not have on top of that.
 LTX_IMAGE_TO_VIDEO_UNSUPPORTED = LTX_UNSUPPORTED | {"last_image", "keyframes", "extend", "loop", "restyle", "upscale"}
 
@@ -70,22 +70,66 @@ class LTXForward:
     latent_frames: int = 0
     extras: tuple[tuple[int, int], ...] = ()
 
+    # diffusers' LTX pipelines run both prompt branches in one transformer call under one cache context
+    # ("cond_uncond"): a step cache decides for the batch, not per branch (mlx_i2v.stepcache.StepCache).
+    decide_branches_together: ClassVar[bool] = True
+
     def __call__(self, model, x, timestep, context, branches, step):
+        seamed = self.seamed(model)
+        tokens = seamed.embed(x, timestep)
+        return seamed.head(seamed.run_blocks(tokens.x, tokens, context), tokens)
+
+    def seamed(self, model) -> PositionedLTX:
+        """``model`` with this generation's positions bound: the seams of a pass (step caching)."""
+        return PositionedLTX(model, self)
+
+    def positions(self, model, frames: int, h: int, w: int) -> tuple[tuple[int, int, int], RopeTables]:
+        """The token grid of (frames, h, w) latents and its RoPE tables."""
         cfg = model.config
-        _, frames, h, w, _ = x.shape
         grid = (frames // cfg.patch_size_t, h // cfg.patch_size, w // cfg.patch_size)
-        tokens = pack_latents(x, cfg.patch_size, cfg.patch_size_t)
         if self.pixel_coords:
             scales = dict(frame_rate=self.frame_rate, spatial_scale=self.spatial_ratio,
                           temporal_scale=self.temporal_ratio, patch_size=cfg.patch_size, patch_size_t=cfg.patch_size_t)
             coords = [pixel_coords(min(frames, self.latent_frames), h, w, **scales)]
             coords += [pixel_coords(n, h, w, frame_index=index, **scales) for n, index in self.extras]
-            rope = model.rope_tables(video_coords=np.concatenate(coords))
-        else:
-            scale = (self.temporal_ratio / self.frame_rate, self.spatial_ratio, self.spatial_ratio)
-            rope = model.rope_tables(*grid, rope_interpolation_scale=scale)
-        out = model(tokens, timestep, context=context, rope=rope)
-        return unpack_latents(out, grid, cfg.patch_size, cfg.patch_size_t)
+            return grid, model.rope_tables(video_coords=np.concatenate(coords))
+        scale = (self.temporal_ratio / self.frame_rate, self.spatial_ratio, self.spatial_ratio)
+        return grid, model.rope_tables(*grid, rope_interpolation_scale=scale)
+
+
+@dataclass(frozen=True)
+class PositionedLTX:
+    """The LTX transformer on channels-last latents with a generation's positions bound (a
+    :class:`~mlx_i2v.seams.SeamedTransformer`): tokens packed and positioned by ``embed``, unpacked by
+    ``head``."""
+
+    model: Any
+    forward: LTXForward
+
+    def embed(self, hidden_states: mx.array, timestep: mx.array) -> LTXPassTokens:
+        """Latents (B, T, h, w, C) and timesteps (B,) or (B, L) -> the blocks' input."""
+        cfg = self.model.config
+        _, frames, h, w, _ = hidden_states.shape
+        grid, rope = self.forward.positions(self.model, frames, h, w)
+        tokens = self.model.embed(pack_latents(hidden_states, cfg.patch_size, cfg.patch_size_t), timestep, rope)
+        return tokens._replace(grid=grid)
+
+    def run_blocks(self, x: mx.array, tokens: LTXPassTokens, context: Any, blocks: slice = slice(None)) -> mx.array:
+        """The ``blocks`` on x (B, L, dim)."""
+        return self.model.run_blocks(x, tokens, context, blocks)
+
+    def project_out(self, x: mx.array, tokens: LTXPassTokens) -> mx.array:
+        """(B, L, dim) -> (B, L, out_channels)."""
+        return self.model.project_out(x, tokens)
+
+    def unpatchify(self, x: mx.array, grid: tuple[int, ...]) -> mx.array:
+        """(B, L, out_channels) -> (B, T, h, w, C)."""
+        cfg = self.model.config
+        return unpack_latents(x, grid, cfg.patch_size, cfg.patch_size_t)
+
+    def head(self, x: mx.array, tokens: LTXPassTokens) -> mx.array:
+        """``unpatchify(project_out(x))``."""
+        return self.unpatchify(self.project_out(x, tokens), tokens.grid)
 
 
 def _forward(pixel: bool):

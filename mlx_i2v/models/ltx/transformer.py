@@ -430,6 +430,33 @@ def distinct_timesteps(timestep: mx.array | np.ndarray, batch: int, num_tokens: 
     return mx.array(values), mx.array(index.reshape(t.shape).astype(np.int32))
 
 
+class LTXPassTokens(NamedTuple):
+    """One pass's embedded input (the :class:`~mlx_i2v.seams.PassTokens` of LTX's seams).
+
+    Attributes:
+        x: (B, L, dim) tokens.
+        grid: (L,); the token grid is the caller's (:class:`~mlx_i2v.families.ltx.variants.LTXForward`).
+        time_index: (B, 1) or (B, L) index of each row's / token's timestep.
+        rope: the tokens' positions.
+        gather_kv: always None (no sequence parallelism on LTX-Video).
+        time_proj: (U, 6, dim) modulation projections of the U distinct timesteps.
+        embedded: (U, dim) their embeddings (the output norm's modulation).
+    """
+
+    x: mx.array
+    grid: tuple[int, ...]
+    time_index: mx.array
+    rope: RopeTables
+    gather_kv: None
+    time_proj: mx.array
+    embedded: mx.array
+
+    def take_rows(self, picked: mx.array) -> LTXPassTokens:
+        """The rows ``picked`` of the batch."""
+        rope = self.rope if self.rope.cos.shape[0] == 1 else RopeTables(self.rope.cos[picked], self.rope.sin[picked])
+        return self._replace(x=self.x[picked], time_index=self.time_index[picked], rope=rope)
+
+
 # --- the model -------------------------------------------------------------------------------------------
 
 
@@ -548,19 +575,35 @@ class LTXVideoTransformer3DModel(nn.Module):
             raise ValueError("encoder_attention_mask is already part of context")
         if rope is None:
             rope = self.rope_tables(num_frames, height, width, rope_interpolation_scale, video_coords)
+        tokens = self.embed(hidden_states, timestep, rope)
+        return self.project_out(self.run_blocks(tokens.x, tokens, context), tokens)
+
+    # --- the seams of a pass (step caching: mlx_i2v.seams.SeamedTransformer, through LTXForward) ---
+
+    def embed(self, hidden_states: mx.array, timestep: mx.array | np.ndarray, rope: RopeTables) -> LTXPassTokens:
+        """Packed tokens (B, L, in_channels), timesteps (B,), (B, 1) or (B, L) and their positions -> the
+        blocks' input (:class:`LTXPassTokens`)."""
         B, L, _ = hidden_states.shape
         if rope.cos.shape[1] != L or rope.cos.shape[0] not in (1, B):
             raise ValueError(f"positions for {tuple(rope.cos.shape[:2])} tokens, hidden_states has ({B}, {L})")
-
-        x = self.proj_in(hidden_states.astype(self.dtype))
         t_values, t_index = distinct_timesteps(timestep, B, L)
         time_proj, embedded = self.time_embed(t_values, self.dtype)
-        modulation = Modulation(time_proj, t_index)
-        kvs = context.kv or [None] * len(self.transformer_blocks)
-        for block, kv in zip(self.transformer_blocks, kvs):
-            x = block(x, context, kv, modulation, rope)
+        x = self.proj_in(hidden_states.astype(self.dtype))
+        return LTXPassTokens(x, (L,), t_index, rope, None, time_proj, embedded)
 
-        shift, scale = Modulation(embedded[:, None], t_index).rows(self.scale_shift_table)
+    def run_blocks(
+        self, x: mx.array, tokens: LTXPassTokens, context: TextContext, blocks: slice = slice(None)
+    ) -> mx.array:
+        """The transformer ``blocks`` on x (B, L, dim)."""
+        modulation = Modulation(tokens.time_proj, tokens.time_index)
+        kvs = context.kv or [None] * len(self.transformer_blocks)
+        for block, kv in list(zip(self.transformer_blocks, kvs))[blocks]:
+            x = block(x, context, kv, modulation, tokens.rope)
+        return x
+
+    def project_out(self, x: mx.array, tokens: LTXPassTokens) -> mx.array:
+        """The timestep-modulated output norm and projection: (B, L, dim) -> (B, L, out_channels)."""
+        shift, scale = Modulation(tokens.embedded[:, None], tokens.time_index).rows(self.scale_shift_table)
         x = mx.fast.layer_norm(x, None, None, 1e-6) * (1 + scale) + shift
         return self.proj_out(x)
 
