@@ -89,7 +89,9 @@ def test_decode_memory_does_not_grow_with_frames(vaes):
         for _ in ours.decode_frames(z):
             pass
         peaks.append(mx.get_peak_memory() - base)
-    assert peaks[1] <= 1.05 * peaks[0]
+    # Growth with the frames would be ~7/3; the two element-wise streams' allocation order moves the peak by
+    # a few percent from run to run (1.06 seen once in a full-suite run, 1.00 alone).
+    assert peaks[1] <= 1.1 * peaks[0]
 
 
 def test_latent_normalization(vaes):
