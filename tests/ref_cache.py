@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mlx_i2v import pipeline as pipeline_module
 from mlx_i2v.stepcache import StepCache
 
@@ -35,3 +37,13 @@ def spy_first_block(monkeypatch) -> list:
 
     monkeypatch.setattr(FBCHeadBlockHook, "_should_compute_remaining_blocks", spy)
     return log
+
+
+def assert_same_indicators(ours: list, log: list, threshold: float) -> None:
+    """Our decisions' indicators equal diffusers' logged ones (None where neither compared), and none lies
+    so close to the threshold that the decision rests on rounding."""
+    for d, (_, _, diff) in zip(ours, log, strict=True):
+        assert (d.indicator is None) == (diff is None)
+        if diff is not None:
+            assert d.indicator == pytest.approx(diff, rel=1e-4)
+            assert abs(diff - threshold) > 2e-4
