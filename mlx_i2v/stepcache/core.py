@@ -11,9 +11,10 @@ the branches decide independently, and in a batch where some skip and some compu
 rows run the remaining blocks. A family whose diffusers pipelines run both branches in one call under one
 cache context (LTX-Video's "cond_uncond") says so (``decide_branches_together`` on its forward): there the
 batch decides as one, on all its rows. A family's forward may also bind what the transformer's seams need
-besides the latents (LTX-Video's positions: ``seamed(model)``); otherwise the model opens them itself. State is also per expert: at Wan2.2-A14B's switch every state is dropped,
-because a residual of one expert is not a residual of the other (diffusers' hooks live on each
-transformer separately, to the same effect).
+besides the latents (LTX-Video's positions: ``seamed(model)``); otherwise the model opens them itself.
+
+State is also per expert: at Wan2.2-A14B's switch every state is dropped, because a residual of one expert
+is not a residual of the other (diffusers' hooks live on each transformer separately, to the same effect).
 """
 
 from __future__ import annotations
