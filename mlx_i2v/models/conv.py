@@ -49,9 +49,10 @@ BYTE_FLOPS = 30
 # The Winograd kernel transform's memory traffic in weight sizes: read the weights, write and read 4/3 of
 # them, write 16/9 (_winograd_kernel's two matmuls with G over tap-major weights).
 KERNEL_TRANSFORM_PASSES = 1 + 4 / 3 + 4 / 3 + 16 / 9
-# Per-tap matmuls replace Winograd only when estimated at most this fraction of its cost: the estimates
-# are good to about 15 %, and at the near-tie measured (the Wan VAE's 1024-channel convolutions on one
-# 16x24 frame) the two traded places between runs, so the established method keeps it.
+# Another method (per-tap matmuls, gathered rows) replaces Winograd only when estimated at most this
+# fraction of its cost: the estimates are good to about 15 %, and at the near-tie measured (the Wan VAE's
+# 1024-channel convolutions on one 16x24 frame) per-tap and Winograd traded places between runs, so the
+# established method keeps it.
 TAPS_MARGIN = 0.85
 # How a kernel of MLX's shape (O, kt, kh, kw, C) may be stored (see :func:`conv3d`).
 LAYOUTS = ("mlx", "tap-major", "torch")
