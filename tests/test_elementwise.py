@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlx_i2v.models.attention import attention, softmax_attention
-from mlx_i2v.models.elementwise import exp2_nonpositive, gelu_tanh, silu
+from mlx_i2v.models.elementwise import exp2_kernel, exp2_nonpositive, gelu_tanh, silu
 
 
 def wide_range(seed: int, n: int = 200_000) -> np.ndarray:
@@ -39,6 +39,13 @@ def test_exp2_nonpositive_edge_values():
     got = np.array(exp2_nonpositive(y))
     assert got[:5].tolist() == pytest.approx([1.0, 2**-0.5, 0.5, 2**-1.5, 2**-2.5], rel=3e-7)
     assert got[5] == 0.0 and got[6] == 0.0 and np.isnan(got[7])
+
+
+def test_exp2_of_a_finite_argument_is_the_same_without_the_clamp():
+    y = -np.abs(wide_range(5)[:-2]) * 6
+    y = mx.array(np.concatenate([y, np.array([-3.4e38, -1e30, -2.0**23 - 0.5], np.float32)]))
+    finite = exp2_kernel(lambda x: x, finite=True)
+    assert np.array_equal(np.array(finite(y)), np.array(exp2_nonpositive(y)))
 
 
 def test_gelu_tanh_matches_float64_and_mlx():
@@ -69,14 +76,17 @@ def test_half_precision_round_trips():
     assert mx.allclose(gelu_tanh(x).astype(mx.float32), want.astype(mx.float32), rtol=1e-2, atol=1e-3).item()
 
 
+# The element-wise work is split on the first axis longer than 1: batch, heads, queries, or not at all.
+@pytest.mark.parametrize("batch, heads, queries", [(2, 3, 40), (1, 3, 40), (1, 1, 40), (1, 1, 1), (3, 1, 5)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_softmax_attention_equals_mlx_sdpa(masked):
+def test_softmax_attention_equals_mlx_sdpa(masked, batch, heads, queries):
     key = mx.random.key(4)
-    q, k, v = (mx.random.normal((2, 3, n, 16), key=mx.random.split(key, 3)[i]) * 2 for i, n in enumerate((40, 24, 24)))
+    shapes = [(batch, heads, n, 16) for n in (queries, 24, 24)]
+    q, k, v = (mx.random.normal(shape, key=mx.random.split(key, 3)[i]) * 2 for i, shape in enumerate(shapes))
     mask = None
-    if masked:  # UMT5's padding mask: the most negative float on the padded keys
-        keep = mx.arange(24)[None, None, None, :] < mx.array([24, 9])[:, None, None, None]
-        mask = mx.where(keep, mx.random.normal((1, 3, 40, 24)), mx.finfo(mx.float32).min)
+    if masked:  # UMT5's padding mask (the most negative float on the padded keys) over a position bias
+        keep = mx.arange(24)[None, None, None, :] < mx.array([24, 9, 17])[:batch, None, None, None]
+        mask = mx.where(keep, mx.random.normal((1, heads, queries, 24)), mx.finfo(mx.float32).min)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
     got = softmax_attention(q, k, v, scale=0.3, mask=mask)
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()

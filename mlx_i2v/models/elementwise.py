@@ -80,13 +80,18 @@ def _round(y: mx.array) -> mx.array:
     return (y + _ROUNDER) - _ROUNDER
 
 
-def exp2_kernel(argument: Callable[..., mx.array]) -> Callable[..., mx.array]:
+def exp2_kernel(argument: Callable[..., mx.array], *, finite: bool = False) -> Callable[..., mx.array]:
     """``2 ** argument(*inputs)`` for arguments that are never positive, as two fused passes.
 
     The first pass writes the IEEE bits of ``2**n``, ``n = round(argument)`` (0 below ``2**-126``), the
     second reads them as float32 and multiplies by the polynomial for ``2**(argument - n)``. Both
     recompute ``argument`` (a cheap expression of the inputs, at most two operations deep) rather than
     storing it: a pass over memory costs more than a few multiplies. NaN stays NaN.
+
+    ``finite``: the caller guarantees the argument is never ``-inf``, so the second pass skips the clamp
+    that keeps ``-inf`` out of the polynomial (any finite argument leaves the fraction finite). With the
+    clamp the host compiler leaves that pass unvectorised: 22 ms against 8 ms for 8.4M elements (2-core
+    EPYC). ``-inf`` then gives NaN.
     """
 
     @mx.compile
@@ -98,7 +103,8 @@ def exp2_kernel(argument: Callable[..., mx.array]) -> Callable[..., mx.array]:
     @mx.compile
     def times_fraction(pow2n: mx.array, *inputs: mx.array) -> mx.array:
         y = argument(*inputs)
-        y = mx.where(y < _EXP2_FLOOR, _EXP2_FLOOR, y)  # keeps -inf out of the polynomial
+        if not finite:
+            y = mx.where(y < _EXP2_FLOOR, _EXP2_FLOOR, y)  # keeps -inf out of the polynomial
         f = y - _round(y)  # in [-0.5, 0.5]
         c = _EXP2_POLY  # Estrin's form: a shallow graph
         f2 = f * f
