@@ -204,10 +204,18 @@ def test_encode_prompts_matches_diffusers(tiny: types.SimpleNamespace) -> None:
     with torch.no_grad():
         ref = WanImageToVideoPipeline._get_t5_prompt_embeds(pipe, prompt=prompts, max_sequence_length=512)
     input_ids, attention_mask = tiny.tokenizer(prompts, max_length=512)
-    ours = encode_prompts(tiny.encoder, input_ids, attention_mask, max_length=512)
+    seen = []
+
+    def encoder(ids: mx.array, mask: mx.array) -> mx.array:
+        seen.append(ids.shape)
+        return tiny.encoder(ids, mask)
+
+    ours = encode_prompts(encoder, input_ids, attention_mask, max_length=512)
     assert ours.shape == tuple(ref.shape) == (3, 512, 48)
     assert rel_diff(ours, ref) < 1e-4
     assert (as_numpy(ours)[attention_mask == 0] == 0).all()
+    # the encoder ran on the longest prompt's tokens, not on all 512 positions
+    assert seen == [(3, int(attention_mask.sum(1).max()))]
 
 
 def test_encode_prompts_pads_short_inputs(tiny: types.SimpleNamespace) -> None:

@@ -329,11 +329,19 @@ def encode_prompts(
     input_ids, attention_mask: (B, L) with L <= ``max_length``, right-padded. The encoder runs with the
     mask; each row is then cut to its real length and zero-padded back to ``max_length``, so the
     transformer later sees exact zeros at padded positions. Returns (B, max_length, d_model).
+
+    The encoder runs on the longest prompt's tokens only: with the padding masked out of every key, a real
+    token's output depends on the real tokens alone (T5's position bias is a function of the distance
+    between two tokens, not of the sequence length), and the padded rows are zeroed anyway. The reference
+    encodes all 512 positions; a prompt of 20 tokens costs ~25x fewer FLOPs this way, with the same rows.
     """
     input_ids, attention_mask = mx.array(input_ids), mx.array(attention_mask)
     L = input_ids.shape[1]
     if L > max_length:
         raise InvalidInputError(f"{L} prompt tokens do not fit max_length={max_length}")
+    # One past the last real token of any row (the same as the longest length when right-padded).
+    L = max(1, int(mx.max((attention_mask > 0) * mx.arange(1, L + 1)).item()))
+    input_ids, attention_mask = input_ids[:, :L], attention_mask[:, :L]
     hidden = encoder(input_ids, attention_mask)
     lengths = mx.sum(attention_mask > 0, axis=1)
     real = mx.arange(L)[None, :] < lengths[:, None]
