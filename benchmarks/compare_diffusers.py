@@ -455,6 +455,7 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
     return {
         "load_s": load_s,
         "seconds": video.stats["seconds"],
+        "loading_seconds": video.stats["loading_seconds"],
         "generate_s": end - start,
         "generate_cpu_s": cpu,
         "loadavg_before_after": [load_before[0], os.getloadavg()[0]],
@@ -543,6 +544,7 @@ def compare(results: dict[str, Any], work: Path) -> dict[str, Any]:
     diff = np.abs(ours - ref)
     d, m = results["diffusers"], results["mlx"]
     stages = {k: m["seconds"][k] / d["seconds"][k] for k in d["seconds"]}
+    stages["denoise_loop"] = denoise_loop(m) / denoise_loop(d)
     return {
         "frames_shape": list(ref.shape),
         "max_abs_diff": float(diff.max()),
@@ -558,9 +560,20 @@ def compare(results: dict[str, Any], work: Path) -> dict[str, Any]:
     }
 
 
+def denoise_loop(result: dict[str, Any]) -> float:
+    """A side's denoise stage less the time it spent loading components: mlx-i2v loads the transformer
+    when the stage starts (``Video.stats["loading_seconds"]``), diffusers in ``from_pretrained`` (its
+    ``load_s``), so the loops compare like with like. Runs from before it was recorded count it all."""
+    return result["seconds"]["denoise"] - result.get("loading_seconds", {}).get("denoise", 0.0)
+
+
+def _loading(result: dict[str, Any]) -> float:
+    return sum(result.get("loading_seconds", {}).values())
+
+
 def _over_matmuls(result: dict[str, Any]) -> float | None:
     matmul = result.get("denoise_matmul")
-    return result["seconds"]["denoise"] / matmul["seconds"] if matmul else None
+    return denoise_loop(result) / matmul["seconds"] if matmul else None
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -570,16 +583,18 @@ def markdown(report: dict[str, Any]) -> str:
         ("text encoder (s)", d["seconds"]["text"], m["seconds"]["text"]),
         ("image encode (s)", d["seconds"]["image"], m["seconds"]["image"]),
         ("denoise (s)", d["seconds"]["denoise"], m["seconds"]["denoise"]),
+        ("denoise, its loading left out (s)", denoise_loop(d), denoise_loop(m)),
         ("VAE decode (s)", d["seconds"]["decode"], m["seconds"]["decode"]),
         ("**generate, end to end (s)**", d["generate_s"], m["generate_s"]),
         ("generate, CPU time (s)", d["generate_cpu_s"], m["generate_cpu_s"]),
         ("load (s, not in the above)", d["load_s"], m["load_s"]),
+        ("components loaded inside the stages above (s)", _loading(d), _loading(m)),
         ("peak RSS after load (GB)", d["peak_rss_load_gb"], m["peak_rss_load_gb"]),
         ("**peak RSS (GB)**", d["peak_rss_gb"], m["peak_rss_gb"]),
     ]
     if d.get("denoise_matmul") and m.get("denoise_matmul"):
-        rows.insert(3, ("denoise: its matmuls alone (s)", d["denoise_matmul"]["seconds"], m["denoise_matmul"]["seconds"]))
-    table = "\n".join(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f}x |" for name, a, b in rows)
+        rows.insert(4, ("denoise: its matmuls alone (s)", d["denoise_matmul"]["seconds"], m["denoise_matmul"]["seconds"]))
+    table = "\n".join(f"| {name} | {a:.2f} | {b:.2f} | {f'{b / a:.2f}x' if a else '-'} |" for name, a, b in rows)
     t = report["targets"]
     verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
     load = lambda r: "{:.1f} -> {:.1f}".format(*r["loadavg_before_after"])  # noqa: E731
@@ -621,9 +636,11 @@ def matmul_line(report: dict[str, Any]) -> str:
     t = report["targets"]
     verdict = "met" if t["denoise_matmuls"] else "**missed**"
     theirs = f" (diffusers: {over['diffusers']:.2f}x its own)" if over.get("diffusers") else ""
-    ratio = report["comparison"]["ratio_stage_s"]["denoise"]
+    ratios = report["comparison"]["ratio_stage_s"]
+    ratio = ratios.get("denoise_loop", ratios["denoise"])
     return (
-        f"\nDenoise stage: {ratio:.2f}x diffusers' (target ≤ 0.9x: {'met' if t['denoise'] else '**missed**'});"
+        f"\nDenoise loop (the stage less loading the transformer, which diffusers does in `from_pretrained`):"
+        f" {ratio:.2f}x diffusers' (target ≤ 0.9x: {'met' if t['denoise'] else '**missed**'});"
         f" {over['mlx']:.2f}x the time of its own matmuls alone{theirs} (target ≤ 1.15x: {verdict})."
     )
 
@@ -800,7 +817,7 @@ def main() -> None:
             "rss": comparison["ratio_peak_rss"] <= 0.75,
             "plan": "plan_peak_gb" in results["mlx"]
             and abs(results["mlx"]["plan_peak_gb"] / results["mlx"]["mlx_peak_memory_gb"] - 1) <= 0.15,
-            "denoise": comparison["ratio_stage_s"]["denoise"] <= 0.9,
+            "denoise": comparison["ratio_stage_s"]["denoise_loop"] <= 0.9,
             "denoise_matmuls": None if over_matmuls is None else over_matmuls <= 1.15,  # None: not timed
         },
     }

@@ -84,9 +84,11 @@ def _report(pipe, video, load_s: float, step_ends: list[float]) -> dict[str, Any
     shape = pipe.dims.flop_shape(text_tokens)
     tokens = pipe.dims.tokens(m["height"], m["width"], m["num_frames"])
     passes = 2 if cfg else 1
-    denoise_s = seconds["denoise"]
+    loading = video.stats["loading_seconds"]
+    # The denoise loop alone: the stage also loads the transformer (its load time is reported apart).
+    denoise_s = seconds["denoise"] - loading.get("denoise", 0.0)
     # on_step fires as each step ends and the stage ends just after the last one, so the first step's time
-    # is what the others leave of the stage (it also embeds the text context, once per generation).
+    # is what the others leave of the loop (it also embeds the text context, once per generation).
     per_step = [denoise_s - (step_ends[-1] - step_ends[0]), *np.diff(step_ends)]
     # A pass the step cache skipped still ran the embedding, the head and its probe blocks.
     counted = video.stats["transformer_passes"]
@@ -105,6 +107,7 @@ def _report(pipe, video, load_s: float, step_ends: list[float]) -> dict[str, Any
         "cache": m["cache"],
         "transformer_passes": {k: counted[k] for k in ("computed", "skipped", "by_branch")},
         "seconds": seconds,
+        "loading_seconds": loading,
         "total_s": sum(seconds.values()),
         "seconds_per_step": denoise_s / steps,
         "step_seconds": [float(s) for s in per_step],
@@ -125,7 +128,8 @@ def _text(r: dict[str, Any]) -> str:
     return "\n".join([
         f"{r['variant']} ({r['dtype']}{', q' + str(r['quantize']) if r['quantize'] else ''}) on {r['device']['device']}"
         f" [{r['device']['cpu']}]: {r['width']}x{r['height']}, {r['frames']} frames, {r['steps']} steps",
-        f"time: {stages} | total {r['total_s']:.1f}s",
+        f"time: {stages} | total {r['total_s']:.1f}s"
+        + (" | of which loading: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["loading_seconds"].items()) if r["loading_seconds"] else ""),
         f"denoise: {r['seconds_per_step']:.2f} s/step (" + ", ".join(f"{x:.2f}" for x in r["step_seconds"]) + ")",
         f"DiT: {r['dit_tokens']:,} tokens x {passes}, {r['tflop_per_step']:.3g} TFLOP/step -> "
         f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops']:.3g} TFLOP/s",

@@ -9,7 +9,7 @@ from typing import Callable
 
 import mlx.nn as nn
 
-from .resident import free_memory
+from .resident import free_memory, timed_load
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Experts:
             if not self.keep_resident:
                 self.release()
             log.info("loading transformer expert %d", index)
-            self._resident[index] = self.loaders[index]()
+            self._resident[index] = timed_load(self.loaders[index])
         return self._resident[index]
 
     def resident(self) -> list[int]:

@@ -40,7 +40,7 @@ from .parallel import Parallel
 from .planner import GROUP_SIZE, FamilyDims, Plan, VAETiling, check_fits
 from .preview import Preview
 from .request import Request, close_loop, keep_frames
-from .resident import Resident
+from .resident import Resident, loading_seconds
 from .restyle import DEFAULT_STRENGTH, check_strength, clip_frames, restyle_start
 from .runtime import dtype_name
 from .sampling import Samplers, choose_sampling
@@ -639,36 +639,37 @@ class Pipeline:
         check_fits(plan)  # stop before loading anything rather than run out of memory halfway
         noise = self._initial_noise(self._latent_shape(s), s.seed, latents)
         timings: dict[str, float] = {}
+        loading: dict[str, float] = {}  # of each stage's seconds, those spent loading its components
         active_while_loading = mx.get_active_memory()
         mx.reset_peak_memory()
 
-        with _timed(timings, "text"):
+        with _timed(timings, loading, "text"):
             prompts = {COND: prompt, UNCOND: s.negative_prompt}
             text = self.encode_text([prompts[b] for b in branches], names=[PROMPT_NAMES[b] for b in branches])
             text = {b: take_rows(text, i, i + 1) for i, b in enumerate(branches)}
             image_tokens = self.encode_image_tokens(request.photos)
-        with _timed(timings, "image", request.read_seconds):
+        with _timed(timings, loading, "image", request.read_seconds):
             state, source = self.encode_inputs(request, noise.shape)
         up = request.upscale
         steps = s.num_inference_steps - request.start
         total = steps + (0 if up is None else up.refine.settings.num_inference_steps - up.refine.start)
         context = (text, image_tokens, scales)
         try:
-            with _timed(timings, "denoise"):
+            with _timed(timings, loading, "denoise"):
                 observe = _observer(on_step, self._previewer(state), total=total)
                 final = self._denoise(denoiser, s, request.start, source, noise, state, context, observe)
             if up is not None:  # the transformer stays loaded for the refine pass
-                with _timed(timings, "upsample"):
+                with _timed(timings, loading, "upsample"):
                     upsampled = up.upsample(final)
                 s = up.refine.settings
-                with _timed(timings, "refine"):
+                with _timed(timings, loading, "refine"):
                     observe = _observer(on_step, self._previewer(up.state), offset=steps, total=total)
                     noise = refine_noise(upsampled.shape, s.seed)
                     final = self._denoise(denoiser, s, up.refine.start, upsampled, noise, up.state, context, observe)
         finally:
             self.experts.done()
         finish = request.finish if up is None else lambda frames: request.finish(up.finish(frames))
-        with _timed(timings, "decode"):
+        with _timed(timings, loading, "decode"):
             if self.parallel.decodes():
                 frames = finish(self.decode(final, s, tiling=plan.vae_tiling))
             else:  # rank 0 decodes; the other ranks' part is done
@@ -678,7 +679,12 @@ class Pipeline:
         # throughout, or the Pillow buffers alive at once while loading and fitting them, if larger.
         report = request.report
         peak = max(mx.get_peak_memory() + report.held, active_while_loading + report.peak)
-        stats = {"seconds": timings, "peak_memory_gb": peak / 1e9, "transformer_passes": step_cache.passes()}
+        stats = {
+            "seconds": timings,
+            "loading_seconds": {stage: t for stage, t in loading.items() if t > 0},
+            "peak_memory_gb": peak / 1e9,
+            "transformer_passes": step_cache.passes(),
+        }
         metadata = self._metadata(request, prompt)
         if self.parallel.size > 1:
             metadata["parallel"] = self.parallel.describe(scales)
@@ -1039,8 +1045,10 @@ def _takes_four_arguments(fn: Callable) -> bool:
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str, before: float = 0.0) -> Iterator[None]:
-    """Time a stage into ``timings[stage]``, adding ``before`` (time already spent on it elsewhere)."""
-    tic = time.perf_counter()
+def _timed(timings: dict[str, float], loading: dict[str, float], stage: str, before: float = 0.0) -> Iterator[None]:
+    """Time a stage into ``timings[stage]``, adding ``before`` (time already spent on it elsewhere), and
+    the part of it spent loading components into ``loading[stage]``."""
+    tic, loaded = time.perf_counter(), loading_seconds()
     yield
     timings[stage] = before + time.perf_counter() - tic
+    loading[stage] = loading_seconds() - loaded

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
+import time
 from typing import Callable, Generic, TypeVar
 
 import mlx.core as mx
@@ -11,6 +13,25 @@ import mlx.core as mx
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+# Per thread: a Mac app may run generations on several worker threads.
+_LOADING = threading.local()
+
+
+def loading_seconds() -> float:
+    """Seconds this thread has spent in component loaders (:func:`timed_load`) since it started."""
+    return getattr(_LOADING, "seconds", 0.0)
+
+
+def timed_load(loader: Callable[[], T]) -> T:
+    """``loader()``, its time added to :func:`loading_seconds`: components load inside the stage that
+    first needs them, and the pipeline reports how much of each stage was loading."""
+    tic = time.perf_counter()
+    try:
+        return loader()
+    finally:
+        _LOADING.seconds = loading_seconds() + time.perf_counter() - tic
 
 
 def free_memory() -> None:
@@ -36,7 +57,7 @@ class Resident(Generic[T]):
     def get(self) -> T:
         if self._value is None:
             log.info("loading %s", self.name)
-            self._value = self._loader()
+            self._value = timed_load(self._loader)
         return self._value
 
     @property

@@ -118,14 +118,20 @@ def test_each_model_is_loaded_only_for_its_stage(tiny_ti2v_dir):
 
     assert loaded() == (False, False, False, [])
     during = []
-    pipe(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=2, seed=0,
-         on_step=lambda *_: during.append(loaded()))
+    video = pipe(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=2, seed=0,
+                 on_step=lambda *_: during.append(loaded()))
     # while denoising only the transformer is in memory; afterwards nothing is
     assert during == [(False, False, False, [0])] * 2
     assert loaded() == (False, False, False, [])
+    # each stage reports the part of its time spent loading its components
+    seconds, loading = video.stats["seconds"], video.stats["loading_seconds"]
+    assert set(loading) == {"text", "image", "denoise", "decode"}
+    assert all(0 < loading[stage] < seconds[stage] for stage in loading)
 
     kept = load_pipeline(tiny_ti2v_dir, dtype="float32", keep_resident=True)
     kept(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=1, seed=0)
+    again = kept(_photo(), "x", height=HEIGHT, width=WIDTH, num_frames=5, num_inference_steps=1, seed=0)
+    assert again.stats["loading_seconds"] == {}  # nothing loaded twice
     assert kept.text_encoder.loaded and kept.vae_encoder.loaded and kept.vae_decoder.loaded
     assert kept.experts.resident() == [0]
     assert "decoder" not in kept.vae_encoder.get() and "encoder" not in kept.vae_decoder.get()
