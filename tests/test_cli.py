@@ -31,6 +31,7 @@ def test_generate_writes_playable_mp4(tiny_ti2v_dir, photo, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout
     assert "peak memory" in result.stdout and "denoise" in result.stdout
+    assert "of which loading models: text " in result.stdout  # the stages' load times, said apart
     with av.open(str(out)) as c:
         stream = c.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
