@@ -369,8 +369,9 @@ def test_cli_two_ranks_write_one_clip_equal_to_one_process(tiny_ti2v_dir, tmp_pa
                                *_cli(*args, "-o", str(tmp_path / "ranks"))],
                               capture_output=True, text=True, timeout=300)  # fmt: skip
     lines = launched.stdout.splitlines()  # both ranks' output: only rank 0's lines
-    assert len(lines) == 4 and lines[0].startswith(f"wrote {tmp_path / 'ranks'}"), launched
-    assert lines[3].startswith("parallel: 2 ranks (cfg), rank 0 received")
+    assert len(lines) == 5 and lines[0].startswith(f"wrote {tmp_path / 'ranks'}"), launched
+    assert lines[2].startswith("of which loading models: ")
+    assert lines[4].startswith("parallel: 2 ranks (cfg), rank 0 received")
     assert "error" not in launched.stderr
     for i in range(5):
         a = np.asarray(Image.open(tmp_path / "alone" / f"frame_{i:05d}.png"), np.int16)
