@@ -289,7 +289,7 @@ def _report(video, path: Path, echo: Callable) -> None:
     echo(f"wrote {path} ({video.num_frames} frames, {m['width']}x{m['height']}, {video.fps:g} fps, seed {m['seed']})")
     seconds = video.stats["seconds"]
     echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + f", total {sum(seconds.values()):.1f}s")
-    loading = video.stats.get("loading_seconds")
+    loading = video.stats["loading_seconds"]
     if loading:  # components load in the stage that needs them: say how much of each stage that was
         echo("of which loading models: " + ", ".join(f"{k} {v:.1f}s" for k, v in loading.items()))
     echo(f"peak memory: {video.stats['peak_memory_gb']:.2f} GB")

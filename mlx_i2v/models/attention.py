@@ -158,10 +158,9 @@ def softmax_attention(
 
 def _numerators(scores: mx.array, mask: mx.array | None) -> tuple[mx.array, mx.array]:
     """exp(scores + mask - row max) and their row sums."""
-    if mask is None:
-        numerators = _exp_of_finite_shifted(scores - mx.max(scores, axis=-1, keepdims=True))
-    else:
+    exp = _exp_of_finite_shifted if mask is None else _exp_of_shifted
+    if mask is not None:
         scores = scores + mask
-        numerators = _exp_of_shifted(scores - mx.max(scores, axis=-1, keepdims=True))
+    numerators = exp(scores - mx.max(scores, axis=-1, keepdims=True))
     return numerators, mx.sum(numerators, axis=-1, keepdims=True)
 
