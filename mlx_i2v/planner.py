@@ -43,6 +43,7 @@ from .flops import DiTShape
 from .memory import GB, memory_budget
 from .models.attention import attention_workspace, query_chunk_size
 from .models.conv import conv_plan, conv_workspace
+from .models.layers import FEED_FORWARD_COPIES, feed_forward_chunk, feed_forward_workspace
 from .models.umt5 import UMT5Config
 from .weights import config_from_dict, read_config
 
@@ -274,10 +275,10 @@ def denoise_activations(
     """Activation peak of one transformer forward and the attention chunk it uses (None: unchunked).
 
     Terms: hidden-state-sized tensors (float32 islands and compute-dtype ones), the self-attention scores
-    (none with a fused kernel; else one chunk), the text cross-attention scores, FFN intermediate and
-    activation, and a fixed part. With ``shards`` > 1 (sequence parallel) every per-token term covers
-    this rank's shard, the attention keys span every token, and the gathered keys and values of the
-    whole sequence are held twice (as gathered, and in the attention's layout). ``cpu``: chunked as on
+    (none with a fused kernel; else one chunk), the text cross-attention scores, the FFN intermediate
+    and activation of one token chunk, and a fixed part. With ``shards`` > 1 (sequence parallel) every
+    per-token term covers this rank's shard, the attention keys span every token, and the gathered keys
+    and values of the whole sequence are held twice (as gathered, and in the attention's layout). ``cpu``: chunked as on
     the CPU (see :func:`~mlx_i2v.models.attention.attention_workspace`).
     """
     dim, heads = cfg.inner_dim, cfg.num_attention_heads
@@ -292,7 +293,9 @@ def denoise_activations(
         self_scores = batch * heads * rows * tokens * dtype.size
         cross_scores = batch * heads * local * TEXT_TOKENS * dtype.size
     gathered_kv = 2 * (2 * batch * tokens * dim * dtype.size) if shards > 1 else 0
-    ffn = 2 * batch * local * cfg.ffn_dim * dtype.size
+    # the feed-forward runs on token chunks that fit its workspace (models.layers.by_token_chunks)
+    ffn_tokens = feed_forward_chunk(batch, local, cfg.ffn_dim, dtype.size, feed_forward_workspace(budget))
+    ffn = FEED_FORWARD_COPIES * batch * ffn_tokens * cfg.ffn_dim * dtype.size
     per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size) + max(self_scores, ffn) + cross_scores
     if not fused and dtype.size < 4:
         per_block += 3 * hidden * 4  # the unfused fallback runs half precision on float32 q, k, v

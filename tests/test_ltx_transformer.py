@@ -25,11 +25,14 @@ from ref_ltx_transformer import (
 from torch.utils.flop_counter import FlopCounterMode
 
 from mlx_i2v.errors import WeightLoadError
+from mlx_i2v.memory import ENV_VAR, GB
 from mlx_i2v.flops import context_flops, forward_flops, ltx_shape, ltx_video_tokens
 from mlx_i2v.models.ltx.single_file import split_single_file
+from mlx_i2v.models import layers
 from mlx_i2v.models.ltx.transformer import (
     ORIGINAL_MAP,
     LTXRotaryPosEmbed,
+    LTXTransformerBlock,
     LTXTransformerConfig,
     LTXVideoTransformer3DModel,
     load_ltx_transformer,
@@ -109,6 +112,30 @@ def test_per_token_timesteps_image_to_video(tiny):
     first_frame[:, :24] = 1
     t = torch.tensor([993.75, 500.0])[:, None] * (1 - first_frame)
     got, want = both(ref, model, x, t, text, mask, **GRID_KW, rope_interpolation_scale=SCALE_25FPS)
+    assert rel_err(got, want) < TOL
+
+
+def test_feed_forward_on_token_chunks_matches_diffusers(tiny, monkeypatch):
+    """The feed-forward sub-layer on 10-token chunks (72 tokens: seven and a ragged one) with per-token
+    timesteps, whose modulation rows are cut with the tokens."""
+    ref, model, _ = tiny
+    ffn_dim = model.transformer_blocks[0].ffn_dim
+    workspace = 10 * layers.FEED_FORWARD_COPIES * 2 * ffn_dim * 4  # ten tokens' (batch 2, float32)
+    calls: list[int] = []
+    original = LTXTransformerBlock._feed_forward
+
+    def spy(self, x, *rows):
+        calls.append(x.shape[1])
+        return original(self, x, *rows)
+
+    monkeypatch.setattr(LTXTransformerBlock, "_feed_forward", spy)
+    x, text, mask = inputs(2, 72, 10, seed=1)
+    first_frame = torch.zeros(2, 72)
+    first_frame[:, :24] = 1
+    t = torch.tensor([993.75, 500.0])[:, None] * (1 - first_frame)
+    monkeypatch.setenv(ENV_VAR, str(workspace / layers.FEED_FORWARD_FRACTION / GB))
+    got, want = both(ref, model, x, t, text, mask, **GRID_KW, rope_interpolation_scale=SCALE_25FPS)
+    assert calls == ([10] * 7 + [2]) * 2  # two blocks
     assert rel_err(got, want) < TOL
 
 

@@ -13,6 +13,7 @@ from mlx_i2v.families.wan import planner as wan_planner
 from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.memory import ENV_VAR, GB, memory_budget, set_memory_limit
 from mlx_i2v.models import attention as attn
+from mlx_i2v.models import layers
 from mlx_i2v.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig
 from mlx_i2v.models.wan.vae import load_wan_vae
 from mlx_i2v.models.wan.vae_tiling import Tiling, tiled_decode, tiled_encode
@@ -119,6 +120,34 @@ def test_chunked_attention_peak_is_much_lower():
     chunked, out = measure_peak(lambda: attn.attention(q, k, v))
     assert chunked - base < (whole - base) / 3
     assert rel_err(out, expected) < 1e-5
+
+
+def test_feed_forward_chunk_respects_the_workspace():
+    B, L, F = 2, 75600, 13824
+    per_token = layers.FEED_FORWARD_COPIES * B * F * 2
+    for workspace in (10**6, 10**8, 2 * 10**9):
+        chunk = layers.feed_forward_chunk(B, L, F, 2, workspace)
+        assert chunk * per_token <= workspace < (chunk + 1) * per_token or chunk == 1
+    assert layers.feed_forward_chunk(B, L, F, 2, 1) == 1  # always progresses
+    assert layers.feed_forward_chunk(1, 10, 64, 4, 10**12) == 10  # never more than the tokens
+    assert layers.feed_forward_workspace(8 * GB) == int(8 * GB * layers.FEED_FORWARD_FRACTION)
+
+
+def test_chunked_feed_forward_peak_is_much_lower():
+    """A feed-forward sub-layer over 2048 tokens with a workspace of 1/8 of its intermediates."""
+    dim, inner, L = 256, 4096, 2048
+    ffn = layers.FeedForward(dim, inner, dim, approximate=True)
+    x = mx.random.normal((1, L, dim), key=mx.random.key(0))
+    mx.eval(ffn.parameters(), x)
+    base = mx.get_active_memory()
+    whole, expected = measure_peak(lambda: ffn(x))
+    intermediates = layers.FEED_FORWARD_COPIES * L * inner * 4
+    assert whole - base > intermediates
+    set_memory_limit(intermediates / 8 / GB / layers.FEED_FORWARD_FRACTION)
+    assert layers.feed_forward_chunk(1, L, inner, 4, layers.feed_forward_workspace()) == L // 8
+    chunked, out = measure_peak(lambda: layers.by_token_chunks(lambda t: ffn(t), x, (), inner))
+    assert chunked - base < (whole - base) / 3
+    assert rel_err(out, expected) < 1e-6
 
 
 # --- tiled VAE ----------------------------------------------------------------------------------------

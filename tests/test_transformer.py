@@ -20,8 +20,11 @@ from ref_transformer import (
 )
 
 from mlx_i2v.errors import WeightLoadError
+from mlx_i2v.memory import ENV_VAR, GB
+from mlx_i2v.models import layers
 from mlx_i2v.models.wan.transformer import (
     WanTransformer3DModel,
+    WanTransformerBlock,
     WanTransformerConfig,
     load_wan_transformer,
 )
@@ -84,6 +87,33 @@ def test_ti2v_per_token_timesteps_batch2(tiny):
     context = model.embed_context(to_mx(text))
     reused = model(latents_to_mx(x), to_mx(t), context=context)
     assert mx.array_equal(reused, got).item()
+
+
+def test_feed_forward_on_token_chunks_matches_diffusers(tiny, monkeypatch):
+    """The feed-forward sub-layer on 7-token chunks (48 tokens: six and a ragged one), the per-token
+    modulation rows cut with them: diffusers' output, and the unchunked one to float32 rounding."""
+    ref, model, _ = tiny("ti2v")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 48, 3, 8, 8, generator=g)
+    text = torch.randn(2, 24, 48, generator=g)
+    t = per_token_timesteps(16, 48, [999, 500])
+    whole = model(latents_to_mx(x), to_mx(t), to_mx(text))
+
+    # a budget whose feed-forward workspace holds 7 tokens' float32 intermediates (batch 2, ffn_dim 64)
+    workspace = 7 * layers.FEED_FORWARD_COPIES * 2 * 64 * 4
+    monkeypatch.setenv(ENV_VAR, str(workspace / layers.FEED_FORWARD_FRACTION / GB))
+    calls: list[int] = []
+    original = WanTransformerBlock._feed_forward
+
+    def spy(self, x, *rows):
+        calls.append(x.shape[1])
+        return original(self, x, *rows)
+
+    monkeypatch.setattr(WanTransformerBlock, "_feed_forward", spy)
+    got = model(latents_to_mx(x), to_mx(t), to_mx(text))
+    assert calls == [7] * 6 + [6] + [7] * 6 + [6]  # two blocks
+    assert rel_err(got, reference_forward(ref, x, t, text)) < TOL
+    assert float(mx.abs(got - whole).max()) <= 1e-6 * float(mx.abs(whole).max())
 
 
 def test_i2v_image_branch(tiny):

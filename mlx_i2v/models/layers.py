@@ -1,15 +1,27 @@
 """Layers shared by the model families' transformers, named as diffusers names them so weight maps stay
-one to one: the GELU feed-forward, the sinusoidal timestep embedding and its MLP, the caption projection,
-and the interleaved-pair RoPE rotation. Channels-last: tokens are (B, L, dim)."""
+one to one: the GELU feed-forward (and its sub-layer run over chunks of tokens), the sinusoidal timestep
+embedding and its MLP, the caption projection, and the interleaved-pair RoPE rotation. Channels-last:
+tokens are (B, L, dim)."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..memory import memory_budget
 from .elementwise import gelu_tanh
+
+# A feed-forward's (tokens, ffn_dim) intermediates are the largest per-token tensors of a transformer
+# block: 8.4 GB in bfloat16 for Wan2.1-14B at 720p with guidance. Where they would exceed this share of
+# the memory budget, the block's feed-forward sub-layer runs on chunks of tokens (:func:`by_token_chunks`).
+# Unlike attention there is no smaller cap on the CPU: there a TI2V-5B-width feed-forward over 2 x 1056
+# tokens took 3-5 % longer in 64-128 MB chunks than whole (benchmarks/feed_forward_chunks.py).
+FEED_FORWARD_FRACTION = 1 / 16
+# (tokens, ffn_dim) tensors alive at once per token: the projection and its activation.
+FEED_FORWARD_COPIES = 2
 
 
 class GELU(nn.Module):
@@ -39,6 +51,50 @@ class FeedForward(nn.Module):
         for layer in self.net:
             x = layer(x)
         return x
+
+
+def feed_forward_workspace(budget: int | None = None) -> int:
+    """Bytes a feed-forward's intermediates may take: :data:`FEED_FORWARD_FRACTION` of the budget
+    (default: this process's)."""
+    return int((memory_budget() if budget is None else budget) * FEED_FORWARD_FRACTION)
+
+
+def feed_forward_chunk(batch: int, tokens: int, ffn_dim: int, itemsize: int, workspace: int) -> int:
+    """Tokens per chunk so that ``FEED_FORWARD_COPIES * batch * chunk * ffn_dim * itemsize <= workspace``
+    (at least one token, at most ``tokens``)."""
+    per_token = FEED_FORWARD_COPIES * batch * ffn_dim * itemsize
+    return max(1, min(tokens, workspace // per_token))
+
+
+def by_token_chunks(
+    sublayer: Callable[..., mx.array], x: mx.array, rows: tuple[mx.array, ...], ffn_dim: int
+) -> mx.array:
+    """``sublayer(x, *rows)`` for a block's feed-forward sub-layer, on chunks of tokens whose intermediates
+    fit :func:`feed_forward_workspace`; every token's output depends on that token alone, so the result
+    equals the unchunked one.
+
+    Args:
+        sublayer: (B, l, dim) tokens and their rows -> (B, l, dim).
+        x: (B, L, dim).
+        rows: per-row or per-token tensors (B, T, ...) with T = 1 (shared by every token) or L (cut with
+            the tokens), such as modulation rows.
+        ffn_dim: the feed-forward's inner width.
+
+    Returns:
+        (B, L, dim); evaluated when chunked.
+    """
+    batch, tokens = x.shape[:2]
+    chunk = feed_forward_chunk(batch, tokens, ffn_dim, x.dtype.size, feed_forward_workspace())
+    if chunk >= tokens:
+        return sublayer(x, *rows)
+    outputs = []
+    for start in range(0, tokens, chunk):
+        part = slice(start, start + chunk)
+        outputs.append(sublayer(x[:, part], *(r[:, part] if r.shape[1] > 1 else r for r in rows)))
+        # Evaluated chunk by chunk, as attention's query chunks are: MLX allocates the buffers of every
+        # queued operation before the first one finishes.
+        mx.eval(outputs[-1])
+    return mx.concatenate(outputs, axis=1)
 
 
 def timestep_embedding(t: mx.array, dim: int) -> mx.array:

@@ -39,7 +39,7 @@ from ...errors import WeightLoadError
 from ...quantize import Quantization, quantize_transformer
 from ...weights import IDENTITY, Rule, WeightMap, config_from_dict
 from ..attention import attention
-from ..layers import FeedForward, TextProjection, TimestepEmbedding, apply_rope, timestep_embedding
+from ..layers import FeedForward, TextProjection, TimestepEmbedding, apply_rope, by_token_chunks, timestep_embedding
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +368,7 @@ class LTXTransformerBlock(nn.Module):
         self.norm2 = RMSNorm(dim, config.norm_eps, config.norm_elementwise_affine)
         self.attn2 = LTXAttention(config, config.cross_attention_dim)
         self.ff = FeedForward(dim, config.ffn_dim, dim, approximate=ACTIVATIONS[config.activation_fn])
+        self.ffn_dim = config.ffn_dim
         self.scale_shift_table = mx.zeros((6, dim))
 
     def __call__(
@@ -383,8 +384,11 @@ class LTXTransformerBlock(nn.Module):
         h = self.norm1(x) * (1 + scale) + shift
         x = x + self.attn1(h, rope=rope) * gate
         x = x + self.attn2(x, context.states, kv=kv, bias=context.bias)
-        h = self.norm2(x) * (1 + ff_scale) + ff_shift
-        return x + self.ff(h) * ff_gate
+        return by_token_chunks(self._feed_forward, x, (ff_shift, ff_scale, ff_gate), self.ffn_dim)
+
+    def _feed_forward(self, x: mx.array, shift: mx.array, scale: mx.array, gate: mx.array) -> mx.array:
+        """The modulated feed-forward sub-layer with its residual: x (B, l, dim), rows (B, 1 or l, dim)."""
+        return x + self.ff(self.norm2(x) * (1 + scale) + shift) * gate
 
 
 class CombinedTimestepEmbedding(nn.Module):

@@ -33,7 +33,7 @@ from ...weights import (
     conv_weight,
 )
 from ..attention import attention
-from ..layers import FeedForward, TextProjection, TimestepEmbedding, apply_rope, timestep_embedding
+from ..layers import FeedForward, TextProjection, TimestepEmbedding, apply_rope, by_token_chunks, timestep_embedding
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ class WanTransformerBlock(nn.Module):
         self.attn2 = WanAttention(dim, config.num_attention_heads, eps, config.added_kv_proj_dim)
         self.norm2 = FP32LayerNorm(dim, eps=eps, affine=True) if config.cross_attn_norm else nn.Identity()
         self.ffn = FeedForward(dim, config.ffn_dim, dim, approximate=True)
+        self.ffn_dim = config.ffn_dim
         self.norm3 = FP32LayerNorm(dim, eps=eps, affine=False)
         self.scale_shift_table = mx.zeros((1, 6, dim))
 
@@ -292,8 +293,12 @@ class WanTransformerBlock(nn.Module):
         else:
             x = x + self.attn2(h, context)
 
-        h = modulate(self.norm3(x.astype(f32)), c_scale, c_shift).astype(x.dtype)
-        return gated_residual(x, self.ffn(h), c_gate)
+        return by_token_chunks(self._feed_forward, x, (c_shift, c_scale, c_gate), self.ffn_dim)
+
+    def _feed_forward(self, x: mx.array, shift: mx.array, scale: mx.array, gate: mx.array) -> mx.array:
+        """The modulated feed-forward sub-layer with its residual: x (B, l, dim), rows (B, 1 or l, dim)."""
+        h = modulate(self.norm3(x.astype(mx.float32)), scale, shift).astype(x.dtype)
+        return gated_residual(x, self.ffn(h), gate)
 
 
 # --- conditioning -------------------------------------------------------------------------------------

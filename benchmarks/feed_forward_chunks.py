@@ -1,0 +1,83 @@
+"""How large should a token chunk of a block's feed-forward be? Times mlx-i2v's tanh-GELU feed-forward at
+one shape with several workspaces (the bytes of (tokens, ffn_dim) intermediates one chunk may hold, as
+``models.layers.by_token_chunks`` cuts it), next to diffusers' ``FeedForward`` on the same inputs, and
+reports each one's time and MLX's peak memory above its inputs and weights.
+
+    python benchmarks/feed_forward_chunks.py                          # TI2V-5B's, compare_diffusers job
+    python benchmarks/feed_forward_chunks.py --shape 2 1056 5120 13824  # Wan 14B's widths
+
+Each variant runs ``--repeats`` times, interleaved with the others (other load then spreads over all of
+them); the minimum and the median are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_i2v.models import layers
+
+MB = 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=int, nargs=4, default=(2, 1056, 3072, 14336), metavar=("B", "L", "DIM", "FFN"))
+    parser.add_argument("--workspaces-mb", type=int, nargs="+", default=(1024, 128, 64, 32))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    b, length, dim, inner = args.shape
+    ffn = layers.FeedForward(dim, inner, dim, approximate=True)
+    x_np = np.random.default_rng(0).standard_normal((b, length, dim), dtype=np.float32)
+    x = mx.array(x_np)
+    mx.eval(ffn.parameters(), x)
+    runs = {f"mlx {ws} MB": _mlx_run(ffn, x, inner, ws * MB) for ws in args.workspaces_mb}
+    if args.torch:
+        import torch
+        from diffusers.models.attention import FeedForward
+
+        ref = FeedForward(dim, inner_dim=inner, activation_fn="gelu-approximate").eval()
+        tx = torch.from_numpy(x_np)
+
+        def torch_run() -> float:
+            with torch.no_grad():
+                ref(tx)
+            return 0.0
+
+        runs["diffusers"] = torch_run
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            peaks[name] = run()
+            times[name].append(time.perf_counter() - start)
+    print(f"shape B={b} L={length} dim={dim} ffn={inner}; load average {os.getloadavg()[0]:.1f} after")
+    for name, ts in times.items():
+        peak = f"peak {peaks[name]:.2f} GB" if name.startswith("mlx") else ""
+        print(f"{name:>14}: min {min(ts):.3f} s, median {float(np.median(ts)):.3f} s {peak}")
+
+
+def _mlx_run(ffn: layers.FeedForward, x: mx.array, inner: int, workspace: int):
+    chunk = layers.feed_forward_chunk(x.shape[0], x.shape[1], inner, x.dtype.size, workspace)
+
+    def run() -> float:
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        outs = []
+        for start in range(0, x.shape[1], chunk):
+            outs.append(ffn(x[:, start : start + chunk]))
+            mx.eval(outs[-1])
+        mx.eval(mx.concatenate(outs, axis=1))
+        return (mx.get_peak_memory() - base) / 1e9
+
+    return run
+
+
+if __name__ == "__main__":
+    main()
