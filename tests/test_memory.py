@@ -14,7 +14,7 @@ from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.memory import ENV_VAR, GB, memory_budget, set_memory_limit
 from mlx_i2v.models import attention as attn
 from mlx_i2v.models import layers
-from mlx_i2v.models.wan.transformer import WanTransformer3DModel, WanTransformerConfig
+from mlx_i2v.models.wan.transformer import WanTransformer3DModel, WanTransformerBlock, WanTransformerConfig
 from mlx_i2v.models.wan.vae import load_wan_vae
 from mlx_i2v.models.wan.vae_tiling import Tiling, tiled_decode, tiled_encode
 from ref_vae import build_tiny_vae
@@ -148,6 +148,31 @@ def test_chunked_feed_forward_peak_is_much_lower():
     chunked, out = measure_peak(lambda: layers.by_token_chunks(lambda t: ffn(t), x, (), inner))
     assert chunked - base < (whole - base) / 3
     assert rel_err(out, expected) < 1e-6
+
+
+def test_per_token_modulation_costs_no_whole_rows_in_a_chunked_block():
+    """TI2V's per-token timesteps: each modulation row is a float32 copy of the hidden state. With the
+    feed-forward on 8 chunks, a block's peak is the same as with one timestep per sample (holding the
+    feed-forward's three rows whole added three hidden-state copies)."""
+    dim, heads, ffn_dim, L = 256, 2, 8192, 512
+    cfg = WanTransformerConfig(
+        num_attention_heads=heads, attention_head_dim=dim // heads, ffn_dim=ffn_dim, num_layers=1,
+        in_channels=4, out_channels=4, text_dim=32,
+    )  # fmt: skip
+    block = WanTransformerBlock(cfg)
+    keys = mx.random.split(mx.random.key(0), 5)
+    x = mx.random.normal((2, L, dim), key=keys[0])
+    kv = block.attn2.project_kv(mx.random.normal((2, 16, dim), key=keys[1]))
+    time_proj = mx.random.normal((2, 6, dim), key=keys[2]) * 0.1
+    rope = tuple(mx.random.normal((L, dim // heads // 2), key=k) for k in keys[3:])
+    shared = mx.zeros((2, 1), mx.int32)
+    per_token = mx.broadcast_to((mx.arange(L) >= L // 4).astype(mx.int32)[None], (2, L))
+    mx.eval(block.parameters(), x, kv, time_proj, rope, shared, per_token)
+    set_memory_limit(layers.FEED_FORWARD_COPIES * 2 * (L // 8) * ffn_dim * 4 / layers.FEED_FORWARD_FRACTION / GB)
+    base = mx.get_active_memory()
+    peaks = [measure_peak(lambda: block(x, kv, time_proj, index, rope))[0] - base for index in (shared, per_token)]
+    hidden_f32 = 2 * L * dim * 4
+    assert peaks[1] - peaks[0] < hidden_f32, peaks
 
 
 # --- tiled VAE ----------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def by_token_chunks(
         sublayer: (B, l, dim) tokens and their rows -> (B, l, dim).
         x: (B, L, dim).
         rows: per-row or per-token tensors (B, T, ...) with T = 1 (shared by every token) or L (cut with
-            the tokens), such as modulation rows.
+            the tokens), such as the index of each token's timestep.
         ffn_dim: the feed-forward's inner width.
 
     Returns:

@@ -349,10 +349,12 @@ class Modulation(NamedTuple):
     proj: mx.array
     index: mx.array
 
-    def rows(self, table: mx.array) -> list[mx.array]:
-        """``table`` (n, dim) + projection, as n arrays (B, T, dim) in the projection's dtype."""
+    def rows(self, table: mx.array, *which: int) -> list[mx.array]:
+        """Rows ``which`` (default: all n) of ``table`` (n, dim) + projection, as arrays (B, T, dim) in the
+        projection's dtype. Gathered where they are used: with per-token timesteps each is a copy of the
+        hidden state."""
         mod = table.astype(self.proj.dtype)[None] + self.proj
-        return [mod[:, i][self.index] for i in range(mod.shape[1])]
+        return [mod[:, i][self.index] for i in (which or range(mod.shape[1]))]
 
 
 class LTXTransformerBlock(nn.Module):
@@ -380,14 +382,21 @@ class LTXTransformerBlock(nn.Module):
         rope: RopeTables,
     ) -> mx.array:
         """x (B, L, dim) -> (B, L, dim); ``kv`` this block's cached cross-attention keys/values or None."""
-        shift, scale, gate, ff_shift, ff_scale, ff_gate = modulation.rows(self.scale_shift_table)
+        shift, scale = modulation.rows(self.scale_shift_table, 0, 1)
         h = self.norm1(x) * (1 + scale) + shift
-        x = x + self.attn1(h, rope=rope) * gate
+        x = x + self.attn1(h, rope=rope) * modulation.rows(self.scale_shift_table, 2)[0]
         x = x + self.attn2(x, context.states, kv=kv, bias=context.bias)
-        return by_token_chunks(self._feed_forward, x, (ff_shift, ff_scale, ff_gate), self.ffn_dim)
+        return by_token_chunks(
+            lambda x, index: self._feed_forward(x, modulation._replace(index=index)),
+            x,
+            (modulation.index,),
+            self.ffn_dim,
+        )
 
-    def _feed_forward(self, x: mx.array, shift: mx.array, scale: mx.array, gate: mx.array) -> mx.array:
-        """The modulated feed-forward sub-layer with its residual: x (B, l, dim), rows (B, 1 or l, dim)."""
+    def _feed_forward(self, x: mx.array, modulation: Modulation) -> mx.array:
+        """The modulated feed-forward sub-layer with its residual: x (B, l, dim), the modulation's index
+        (B, 1 or l)."""
+        shift, scale, gate = modulation.rows(self.scale_shift_table, 3, 4, 5)
         return x + self.ff(self.norm2(x) * (1 + scale) + shift) * gate
 
 

@@ -217,19 +217,19 @@ class WanAttention(nn.Module):
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-def modulation(table: mx.array, proj: mx.array, index: mx.array) -> list[mx.array]:
-    """Split per-timestep modulation into per-token tensors.
+def modulation(table: mx.array, proj: mx.array) -> mx.array:
+    """Per-timestep modulation: (1, n, dim) float32 learned table + (U, n, dim) projection of the U distinct
+    timesteps -> (U, n, dim) float32; :func:`modulation_rows` spreads it over rows or tokens."""
+    return table + proj.astype(mx.float32)
 
-    Args:
-        table: (1, n, dim) float32 learned table.
-        proj: (U, n, dim) projection of the U distinct timesteps.
-        index: (B, T) int, which distinct timestep each row/token uses (T = 1 or the token count).
 
-    Returns:
-        n float32 arrays (B, T, dim), in the table's order.
-    """
-    mod = table + proj.astype(mx.float32)
-    return [mod[:, i][index] for i in range(mod.shape[1])]
+def modulation_rows(mod: mx.array, index: mx.array, *which: int) -> list[mx.array]:
+    """Rows ``which`` of per-timestep modulation ``mod`` (U, n, dim) for each row or token: index (B, T) int
+    says which distinct timestep each uses (T = 1 or the token count). Returns float32 arrays (B, T, dim).
+
+    Gathered where they are used: with per-token timesteps (TI2V) each is a float32 copy of the hidden
+    state, and a block holding all six through its sub-layers held six such copies."""
+    return [mod[:, i][index] for i in which]
 
 
 # The reference's float32 islands around the blocks' sub-layers, each compiled into one element-wise pass.
@@ -279,13 +279,12 @@ class WanTransformerBlock(nn.Module):
     ) -> mx.array:
         """x (B, L, dim); context (B, L_ctx, dim) or its cross-attention K/V; time_proj (U, 6, dim);
         time_index (B, T); gather_kv: see :class:`WanAttention` (self-attention over a token shard)."""
-        shift, scale, gate, c_shift, c_scale, c_gate = modulation(
-            self.scale_shift_table, time_proj, time_index
-        )
+        mod = modulation(self.scale_shift_table, time_proj)
         f32 = mx.float32
 
-        h = modulate(self.norm1(x.astype(f32)), scale, shift).astype(x.dtype)
-        x = gated_residual(x, self.attn1(h, rope=rope, gather_kv=gather_kv), gate)
+        h = modulate(self.norm1(x.astype(f32)), *modulation_rows(mod, time_index, 1, 0)).astype(x.dtype)
+        out = self.attn1(h, rope=rope, gather_kv=gather_kv)
+        x = gated_residual(x, out, *modulation_rows(mod, time_index, 2))
 
         h = self.norm2(x.astype(f32)).astype(x.dtype)
         if isinstance(context, CrossKV):
@@ -293,10 +292,13 @@ class WanTransformerBlock(nn.Module):
         else:
             x = x + self.attn2(h, context)
 
-        return by_token_chunks(self._feed_forward, x, (c_shift, c_scale, c_gate), self.ffn_dim)
+        # the feed-forward's modulation rows are gathered per chunk of tokens, from a cut of the index
+        return by_token_chunks(lambda x, index: self._feed_forward(x, index, mod), x, (time_index,), self.ffn_dim)
 
-    def _feed_forward(self, x: mx.array, shift: mx.array, scale: mx.array, gate: mx.array) -> mx.array:
-        """The modulated feed-forward sub-layer with its residual: x (B, l, dim), rows (B, 1 or l, dim)."""
+    def _feed_forward(self, x: mx.array, index: mx.array, mod: mx.array) -> mx.array:
+        """The modulated feed-forward sub-layer with its residual: x (B, l, dim), index (B, 1 or l), mod
+        (U, 6, dim)."""
+        shift, scale, gate = modulation_rows(mod, index, 3, 4, 5)
         h = modulate(self.norm3(x.astype(mx.float32)), scale, shift).astype(x.dtype)
         return gated_residual(x, self.ffn(h), gate)
 
@@ -531,7 +533,8 @@ class WanTransformer3DModel(nn.Module):
 
     def project_out(self, x: mx.array, tokens: PassTokens) -> mx.array:
         """The output norm, modulation and projection per token: (B, L, dim) -> (B, L, pt*ph*pw*C_out)."""
-        shift, scale = modulation(self.scale_shift_table, tokens.temb[:, None], tokens.time_index)
+        mod = modulation(self.scale_shift_table, tokens.temb[:, None])
+        shift, scale = modulation_rows(mod, tokens.time_index, 0, 1)
         x = modulate(self.norm_out(x.astype(mx.float32)), scale, shift).astype(x.dtype)
         return self.proj_out(x)
 
