@@ -293,9 +293,12 @@ def denoise_activations(
         self_scores = batch * heads * rows * tokens * dtype.size
         cross_scores = batch * heads * local * TEXT_TOKENS * dtype.size
     gathered_kv = 2 * (2 * batch * tokens * dim * dtype.size) if shards > 1 else 0
-    # the feed-forward runs on token chunks that fit its workspace (models.layers.by_token_chunks)
+    # the feed-forward runs on token chunks that fit its workspace (models.layers.by_token_chunks); chunked,
+    # the chunks' outputs and their concatenation are both held once
     ffn_tokens = feed_forward_chunk(batch, local, cfg.ffn_dim, dtype.size, feed_forward_workspace(budget))
     ffn = FEED_FORWARD_COPIES * batch * ffn_tokens * cfg.ffn_dim * dtype.size
+    if ffn_tokens < local:
+        ffn += hidden * dtype.size
     per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size) + max(self_scores, ffn) + cross_scores
     if not fused and dtype.size < 4:
         per_block += 3 * hidden * 4  # the unfused fallback runs half precision on float32 q, k, v

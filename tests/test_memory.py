@@ -219,8 +219,11 @@ def test_tiled_encode_matches_diffusers(tiny_vaes):
 # --- planner ------------------------------------------------------------------------------------------
 
 
-def test_planner_matches_measured_denoise_peak():
-    """One block at TI2V-5B widths, CFG batch, 384 tokens: weights + activations within 15 %."""
+@pytest.mark.parametrize("budget_gb", [None, 0.5])
+def test_planner_matches_measured_denoise_peak(budget_gb):
+    """One block at TI2V-5B widths, CFG batch, 384 tokens: weights + activations within 15 %, with the
+    device's budget and with one that puts the feed-forward on three chunks."""
+    set_memory_limit(budget_gb)
     cfg = WanTransformerConfig(
         num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48, ffn_dim=14336,
         num_layers=1,
@@ -238,6 +241,8 @@ def test_planner_matches_measured_denoise_peak():
     weights = planner.module_weight_bytes(WanTransformer3DModel(cfg), mx.float32)
     activations, chunk = planner.denoise_activations(cfg, tokens, 2, mx.float32, False, memory_budget())
     assert chunk is None
+    ffn_tokens = layers.feed_forward_chunk(2, tokens, cfg.ffn_dim, 4, layers.feed_forward_workspace())
+    assert ffn_tokens == (tokens if budget_gb is None else 136)
     estimate = weights + activations
     assert abs(estimate - measured) / measured < PLANNER_TOL, (estimate, measured)
 
