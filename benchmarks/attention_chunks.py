@@ -5,18 +5,18 @@ several workspaces (the bytes of scores one chunk may hold), next to PyTorch's
     python benchmarks/attention_chunks.py                    # TI2V-5B's pass in the compare_diffusers job
     python benchmarks/attention_chunks.py --shape 2 32 480 64  # LTX 2B's
 
-Each variant runs ``--repeats`` times, interleaved with the others (other load then spreads over all of
-them); the minimum and the median are reported.
+Each variant runs ``--repeats`` times, interleaved with the others (``interleaved.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import mlx.core as mx
 import numpy as np
+
+from interleaved import report, time_interleaved
 
 from mlx_i2v.models import attention as attn
 
@@ -41,17 +41,9 @@ def main() -> None:
 
         tq, tk, tv = (torch.from_numpy(a) for a in arrays)
         runs["torch sdpa"] = lambda: (torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), 0.0)[1]
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    peaks: dict[str, float] = {}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            peaks[name] = run()
-            times[name].append(time.perf_counter() - start)
+    times, peaks = time_interleaved(runs, args.repeats)
     print(f"shape B={b} heads={heads} L={length} D={dim}; load average {os.getloadavg()[0]:.1f} after")
-    for name, ts in times.items():
-        peak = f"peak {peaks[name]:.2f} GB" if name.startswith("mlx") else ""
-        print(f"{name:>14}: min {min(ts):.3f} s, median {float(np.median(ts)):.3f} s {peak}")
+    report(times, peaks)
 
 
 def _mlx_run(q: mx.array, k: mx.array, v: mx.array, workspace: int):

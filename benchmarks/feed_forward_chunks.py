@@ -6,18 +6,18 @@ reports each one's time and MLX's peak memory above its inputs and weights.
     python benchmarks/feed_forward_chunks.py                          # TI2V-5B's, compare_diffusers job
     python benchmarks/feed_forward_chunks.py --shape 2 1056 5120 13824  # Wan 14B's widths
 
-Each variant runs ``--repeats`` times, interleaved with the others (other load then spreads over all of
-them); the minimum and the median are reported.
+Each variant runs ``--repeats`` times, interleaved with the others (``interleaved.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import mlx.core as mx
 import numpy as np
+
+from interleaved import report, time_interleaved
 
 from mlx_i2v.models import layers
 
@@ -50,17 +50,9 @@ def main() -> None:
             return 0.0
 
         runs["diffusers"] = torch_run
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    peaks: dict[str, float] = {}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            peaks[name] = run()
-            times[name].append(time.perf_counter() - start)
+    times, peaks = time_interleaved(runs, args.repeats)
     print(f"shape B={b} L={length} dim={dim} ffn={inner}; load average {os.getloadavg()[0]:.1f} after")
-    for name, ts in times.items():
-        peak = f"peak {peaks[name]:.2f} GB" if name.startswith("mlx") else ""
-        print(f"{name:>14}: min {min(ts):.3f} s, median {float(np.median(ts)):.3f} s {peak}")
+    report(times, peaks)
 
 
 def _mlx_run(ffn: layers.FeedForward, x: mx.array, inner: int, workspace: int):

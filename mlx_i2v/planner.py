@@ -278,8 +278,8 @@ def denoise_activations(
     (none with a fused kernel; else one chunk), the text cross-attention scores, the FFN intermediate
     and activation of one token chunk, and a fixed part. With ``shards`` > 1 (sequence parallel) every
     per-token term covers this rank's shard, the attention keys span every token, and the gathered keys
-    and values of the whole sequence are held twice (as gathered, and in the attention's layout). ``cpu``: chunked as on
-    the CPU (see :func:`~mlx_i2v.models.attention.attention_workspace`).
+    and values of the whole sequence are held twice (as gathered, and in the attention's layout).
+    ``cpu``: chunked as on the CPU (see :func:`~mlx_i2v.models.attention.attention_workspace`).
     """
     dim, heads = cfg.inner_dim, cfg.num_attention_heads
     local = math.ceil(tokens / shards)

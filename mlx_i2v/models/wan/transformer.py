@@ -228,7 +228,8 @@ def modulation_rows(mod: mx.array, index: mx.array, *which: int) -> list[mx.arra
     says which distinct timestep each uses (T = 1 or the token count). Returns float32 arrays (B, T, dim).
 
     Gathered where they are used: with per-token timesteps (TI2V) each is a float32 copy of the hidden
-    state, and a block holding all six through its sub-layers held six such copies."""
+    state, so a block does not hold all six through its sub-layers, and the feed-forward's are gathered
+    per chunk of tokens."""
     return [mod[:, i][index] for i in which]
 
 
