@@ -19,6 +19,7 @@ import numpy as np
 
 from interleaved import report, time_interleaved
 
+from mlx_i2v.memory import GB, set_memory_limit
 from mlx_i2v.models import layers
 
 MB = 2**20
@@ -56,16 +57,16 @@ def main() -> None:
 
 
 def _mlx_run(ffn: layers.FeedForward, x: mx.array, inner: int, workspace: int):
-    chunk = layers.feed_forward_chunk(x.shape[0], x.shape[1], inner, x.dtype.size, workspace)
+    """The library's own chunking (``by_token_chunks``), under a budget whose feed-forward share is
+    ``workspace`` bytes."""
+    budget_gb = workspace / layers.FEED_FORWARD_FRACTION / GB
 
     def run() -> float:
+        set_memory_limit(budget_gb)
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        outs = []
-        for start in range(0, x.shape[1], chunk):
-            outs.append(ffn(x[:, start : start + chunk]))
-            mx.eval(outs[-1])
-        mx.eval(mx.concatenate(outs, axis=1))
+        mx.eval(layers.by_token_chunks(ffn, x, (), inner))
+        set_memory_limit(None)
         return (mx.get_peak_memory() - base) / 1e9
 
     return run

@@ -145,7 +145,7 @@ def test_chunked_feed_forward_peak_is_much_lower():
     assert whole - base > intermediates
     set_memory_limit(intermediates / 8 / GB / layers.FEED_FORWARD_FRACTION)
     assert layers.feed_forward_chunk(1, L, inner, 4, layers.feed_forward_workspace()) == L // 8
-    chunked, out = measure_peak(lambda: layers.by_token_chunks(lambda t: ffn(t), x, (), inner))
+    chunked, out = measure_peak(lambda: layers.by_token_chunks(ffn, x, (), inner))
     assert chunked - base < (whole - base) / 3
     assert rel_err(out, expected) < 1e-6
 
