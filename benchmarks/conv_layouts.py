@@ -1,9 +1,9 @@
 """Time one VAE convolution by each method, with its kernel stored in PyTorch's or MLX's order, next to
 the method :func:`mlx_i2v.models.conv.conv_plan` picks for that order.
 
-Methods: one matmul on gathered rows (reads the kernel in place), Winograd and per-tap matmuls (both
-after the copy to tap-major order that :func:`~mlx_i2v.models.conv.conv3d` makes for such kernels). The
-shapes are the LTX-Video 0.9.5 VAE's and the narrow Wan VAE's at 256x384. Random weights, float32, best
+Methods: one matmul on gathered rows (reads the kernel in place), Winograd F(2x2, 3x3) and F(4x4, 3x3)
+(where the frame size allows it) and per-tap matmuls (all three after the copy to tap-major order that
+:func:`~mlx_i2v.models.conv.conv3d` makes for such kernels). The shapes are the LTX-Video 0.9.5 VAE's and the narrow Wan VAE's at 256x384. Random weights, float32, best
 of 2; malloc keeps freed memory as the pipeline sets it.
 
     python benchmarks/conv_layouts.py torch     # the LTX VAE's kernels, as loaded from diffusers
@@ -38,10 +38,15 @@ def best_of(fn, repeats: int = 2) -> float:
     return best
 
 
+def winograd(x: mx.array, weight: mx.array, bias: mx.array, tiles: conv.WinogradTiles) -> mx.array:
+    """One video's convolution by Winograd with ``tiles``, the kernel transform included (once per call)."""
+    return conv._winograd_frames(x, conv._winograd_kernel(weight, tiles), bias, tiles)
+
+
 def main(layout: str) -> None:
     runtime.keep_freed_memory()
-    print(f"| input (frames, h, w, C -> O) | gathered rows | Winograd | per-tap | plan picks ({layout} order) |")
-    print("|---|---:|---:|---:|---|")
+    print(f"| input (frames, h, w, C -> O) | gathered rows | Winograd F(2x2) | Winograd F(4x4) | per-tap | plan picks ({layout} order) |")
+    print("|---|---:|---:|---:|---:|---|")
     for t, h, w, c, o in SHAPES:
         x = mx.random.normal((t, h, w, c))
         torch_order = mx.random.normal((o, c, 3, 3, 3)) * 0.02
@@ -53,12 +58,19 @@ def main(layout: str) -> None:
             mx.eval(weight)
         seconds = {
             "unfold": best_of(lambda: conv._unfold_one_video(x, weight, bias, (1, 1), layout)),
-            "winograd": best_of(lambda: conv._winograd_frames(x, conv._winograd_kernel(conv.tap_major(weight)), bias)),
+            **{
+                tiles.method: best_of(lambda: winograd(x, conv.tap_major(weight), bias, tiles))
+                for tiles in conv.winograd_tiles(h, w)
+            },
             "taps": best_of(lambda: conv._taps_one_video(x, conv.tap_major(weight), bias, (1, 1))),
         }
         pick = conv.conv_plan(t - 2, 3, h, w, c, o, 4, 1 << 40, True, layout)[0]
         fastest = min(seconds, key=seconds.get)
-        cells = " | ".join(f"**{s:.3f} s**" if m == fastest else f"{s:.3f} s" for m, s in seconds.items())
+        methods = ["unfold", *conv.WINOGRAD, "taps"]  # a tiling that does not fit the frame is "-"
+        cells = " | ".join(
+            "-" if m not in seconds else f"**{seconds[m]:.3f} s**" if m == fastest else f"{seconds[m]:.3f} s"
+            for m in methods
+        )
         print(f"| {t - 2} x {h}x{w}, {c} -> {o} | {cells} | {pick} |")
 
 

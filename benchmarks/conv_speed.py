@@ -3,14 +3,13 @@
 Two parts, each comparing the alternatives within one run (alternating, best of ``--repeats``) so that
 other load on the machine affects them alike:
 
-- **Single convolutions** at the shapes that dominate the VAEs (random weights, float32): Winograd with
-  kernels in MLX's standard layout (what the LTX VAE did before its kernels were stored tap-major),
-  Winograd with tap-major kernels (the kernel transform included: it runs once per call), per-tap
-  matmuls, and the method ``conv_plan`` picks with its cost model.
+- **Single convolutions** at the shapes that dominate the VAEs (random weights, float32, tap-major
+  kernels): Winograd by F(2x2, 3x3) and by F(4x4, 3x3) tiles (the kernel transform included: it runs
+  once per call), per-tap matmuls, and the method ``conv_plan`` picks with its cost model.
 - **Whole VAE calls** (``--vae``): the LTX-Video 0.9.5 VAE (real widths, random weights) encoding one
   256x384 frame and decoding 5 latent frames at 8x12, and the narrow Wan2.2 VAE (``compare_diffusers.py
-  --vae small``) decoding 11 latent frames at 16x24; "before" stores the kernels in the standard layout
-  and uses Winograd wherever it fits (the library before this change), "after" is the library as it is.
+  --vae small``) decoding 11 latent frames at 16x24; "before" allows Winograd by F(2x2, 3x3) tiles only
+  (the library before F(4x4, 3x3)), "after" is the library as it is.
 
     python benchmarks/conv_speed.py                 # single convolutions, ~2 minutes on 2 cores
     python benchmarks/conv_speed.py --vae ltx wan   # plus the whole VAE calls, ~10 minutes
@@ -39,6 +38,7 @@ SHAPES = [
     ("LTX decoder 512 ch, 9 frames 16x24", 9, 16, 24, 512, 512),
     ("Wan real 1024 ch, 1 frame 16x24", 1, 16, 24, 1024, 1024),
     ("Wan real 512 ch, 4 frames 64x96", 4, 64, 96, 512, 512),
+    ("Wan real 256 ch, 4 frames 128x192", 4, 128, 192, 256, 256),
     ("Wan narrow 128 ch, 2 frames 32x48", 2, 32, 48, 128, 128),
     ("Wan narrow 64 ch, 4 frames 64x96", 4, 64, 96, 64, 64),
     ("Wan narrow 32 ch, 4 frames 128x192", 4, 128, 192, 32, 32),
@@ -57,65 +57,54 @@ def best_of(fn: Callable[[], mx.array], repeats: int) -> float:
 
 
 def single_convolutions(repeats: int) -> None:
-    print("| convolution | Winograd, standard layout | Winograd, tap-major | per-tap | plan picks | plan's time |")
+    methods = [*conv.WINOGRAD, "taps"]
+    print("| convolution | Winograd F(2x2) | Winograd F(4x4) | per-tap | plan picks | plan's time |")
     print("|---|---:|---:|---:|---|---:|")
     for name, frames, h, w, c, o in SHAPES:
         x = mx.random.normal((frames + 2, h, w, c))
-        standard = mx.random.normal((o, 3, 3, 3, c)) * 0.01
-        stored = conv.tap_major(standard)
-        mx.eval(x, standard, stored)
+        stored = conv.tap_major(mx.random.normal((o, 3, 3, 3, c)) * 0.01)
+        mx.eval(x, stored)
         runs = {
-            "standard": lambda: conv._winograd_frames(x, conv._winograd_kernel(standard), None),
-            "winograd": lambda: conv._winograd_frames(x, conv._winograd_kernel(stored), None),
-            "taps": lambda: conv._taps_one_video(x, stored, None, (1, 1)),
+            tiles.method: lambda tiles=tiles: conv._winograd_frames(x, conv._winograd_kernel(stored, tiles), None, tiles)
+            for tiles in conv.winograd_tiles(h, w)
         }
+        runs["taps"] = lambda: conv._taps_one_video(x, stored, None, (1, 1))
         times: dict[str, float] = {k: float("inf") for k in runs}
         for _ in range(repeats):  # alternate, so that load changes hit every method alike
             for key, run in runs.items():
                 times[key] = min(times[key], best_of(run, 1))
         method = conv.conv_plan(frames, 3, h, w, c, o, 4, 1 << 40)[0]
-        print(
-            f"| {name} | {times['standard']:.3f} s | {times['winograd']:.3f} s | {times['taps']:.3f} s "
-            f"| {method} | {times[method]:.3f} s |",
-            flush=True,
-        )
+        cells = " | ".join(f"{times[m]:.3f} s" if m in times else "-" for m in methods)
+        print(f"| {name} | {cells} | {method} | {times[method]:.3f} s |", flush=True)
 
 
 @contextmanager
-def before_this_change(modules: list) -> Iterator[None]:
-    """Kernels in MLX's standard layout and Winograd wherever it fits, as the library was before."""
-    cost = conv.conv_cost
-    saved = [(m, m.weight) for m in modules]
-    conv.conv_cost = lambda method, *args: 0.0 if method == "winograd" else 1.0
-    for m, weight in saved:
-        m.weight = mx.contiguous(weight)  # a fresh row-major copy: the standard layout
-    mx.eval([m.weight for m in modules])
+def before_this_change() -> Iterator[None]:
+    """Winograd by F(2x2, 3x3) tiles only, as the library was before F(4x4, 3x3)."""
+    tilings = dict(conv.WINOGRAD)
+    conv.WINOGRAD.clear()
+    conv.WINOGRAD[conv.F2X2.method] = conv.F2X2
     try:
         yield
     finally:
-        conv.conv_cost = cost
-        for m, weight in saved:
-            m.weight = weight
+        conv.WINOGRAD.update(tilings)
 
 
-def ltx_calls() -> list[tuple[str, Callable[[], mx.array], list]]:
+def ltx_calls() -> list[tuple[str, Callable[[], mx.array]]]:
     from mlx_i2v.models.ltx.vae import GENERATION_CONFIGS, AutoencoderKLLTXVideo, LTXVAEConfig
-    from mlx_i2v.models.ltx.vae_blocks import CausalConv3d
 
     vae = AutoencoderKLLTXVideo(LTXVAEConfig(**GENERATION_CONFIGS["0.9.5"]))
     mx.eval(vae.parameters())
-    convs = [m.conv for m in vae.modules() if isinstance(m, CausalConv3d)]
     frame = mx.random.uniform(-1, 1, (1, 1, 256, 384, 3))
     z = mx.random.normal((1, 5, 8, 12, 128))
     return [
-        ("LTX 0.9.5 encode, 1 frame 256x384", lambda: vae.encode(frame)[0], convs),
-        ("LTX 0.9.5 decode, 5 x 8x12 latents", lambda: vae.decode(z, 0.05), convs),
+        ("LTX 0.9.5 encode, 1 frame 256x384", lambda: vae.encode(frame)[0]),
+        ("LTX 0.9.5 decode, 5 x 8x12 latents", lambda: vae.decode(z, 0.05)),
     ]
 
 
-def wan_calls() -> list[tuple[str, Callable[[], mx.array], list]]:
+def wan_calls() -> list[tuple[str, Callable[[], mx.array]]]:
     from mlx_i2v.models.wan.vae import AutoencoderKLWan, WanVAEConfig
-    from mlx_i2v.models.wan.vae_blocks import CausalConv3d
 
     cfg = WanVAEConfig(
         base_dim=20, decoder_base_dim=32, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2, attn_scales=(),
@@ -126,18 +115,17 @@ def wan_calls() -> list[tuple[str, Callable[[], mx.array], list]]:
     mx.eval(vae.parameters())
     z = mx.random.normal((1, 11, 16, 24, 48))
     vae.decode(z[:, :1])  # stores the kernels tap-major (on first use)
-    convs = [m for m in vae.modules() if isinstance(m, CausalConv3d)]
-    return [("narrow Wan2.2 decode, 11 x 16x24 latents", lambda: vae.decode(z), convs)]
+    return [("narrow Wan2.2 decode, 11 x 16x24 latents", lambda: vae.decode(z))]
 
 
 def vae_calls(which: list[str], repeats: int) -> None:
     print("\n| VAE call | before | after | after / before |")
     print("|---|---:|---:|---:|")
     for family in which:
-        for name, run, convs in {"ltx": ltx_calls, "wan": wan_calls}[family]():
+        for name, run in {"ltx": ltx_calls, "wan": wan_calls}[family]():
             before, after = float("inf"), float("inf")
             for _ in range(repeats):
-                with before_this_change(convs):
+                with before_this_change():
                     before = min(before, best_of(run, 1))
                 after = min(after, best_of(run, 1))
             print(f"| {name} | {before:.2f} s | {after:.2f} s | {after / before:.2f}x |", flush=True)

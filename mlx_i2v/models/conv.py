@@ -5,12 +5,14 @@ one large matmul: hundreds of megabytes per frame for the VAE's wide, high-resol
 one thread. Everything here is built from plain matmuls on views instead, channels-last:
 
 - :func:`conv3d`: stride-1 3D convolutions, by :func:`winograd_conv3d` for (kt, 3, 3) kernels with
-  spatial padding 1 (every residual-block conv): Winograd F(2x2, 3x3) in height and width, 16 products
-  per 2x2 output block instead of 36; otherwise by :func:`conv3d_by_taps`. Winograd is chosen where a
-  cost model of both (:func:`conv_cost`) says it is faster: on small frames with wide channels (the
-  LTX VAE at its latent resolution) transforming the kernels costs more than the multiplications it
-  saves. Output frames are computed in groups whose transient buffers fit :data:`CONV_FRACTION` of the
-  memory budget.
+  spatial padding 1 (every residual-block conv): Winograd in height and width, F(2x2, 3x3) (16 products
+  per 2x2 output block instead of 36) or F(4x4, 3x3) (36 per 4x4 block instead of 144, with more
+  element-wise work per product saved); otherwise by :func:`conv3d_by_taps`. The method is chosen where
+  a cost model of each (:func:`conv_cost`) says it is fastest: F(4x4) for wide channels on large
+  frames, F(2x2) where the channels are few (the transforms' memory traffic decides), per-tap matmuls
+  where transforming the kernels costs more than the multiplications saved (small frames with wide
+  channels: the LTX VAE at its latent resolution). Output frames are computed in groups whose transient
+  buffers fit :data:`CONV_FRACTION` of the memory budget.
 - :func:`upsample2x_conv2d`: nearest 2x upsampling followed by a 3x3 conv, as four 2x2 convs of the
   source (2.25x fewer multiplications, no upsampled tensor).
 - :func:`conv3d_by_taps`: any stride-1 kernel, one matmul per kernel tap on a shifted view.
@@ -20,9 +22,10 @@ one thread. Everything here is built from plain matmuls on views instead, channe
   copied. Winograd and per-tap matmuls read tap-major weights (:func:`tap_major`) and copy others once
   per call; :func:`conv3d`'s ``layout`` says which order a kernel is in.
 
-Results equal the direct convolution to float32 rounding (the Winograd transforms only add, subtract and
-halve; about 1e-6 relative). The work is sums of matmuls plus element-wise passes; the element-wise
-passes alternate between two streams because MLX's CPU element-wise kernels use one thread each.
+Results equal the direct convolution to float32 rounding: about 1e-6 relative by F(2x2), whose transforms
+only add, subtract and halve, and 1e-5 by F(4x4), whose transforms scale by up to 8 and 1/24. The work
+is sums of matmuls plus element-wise passes; the element-wise passes alternate between two streams
+because MLX's CPU element-wise kernels use one thread each.
 
 Half-precision inputs are convolved in float32 and the output rounded once, as PyTorch's convolutions
 accumulate: rounding every tap's partial sum and every Winograd transform to bfloat16 lost 2-4 dB more
@@ -31,6 +34,9 @@ stay within the workspace, are float32; the tensors between layers keep the inpu
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 
@@ -46,9 +52,6 @@ CONV_FRACTION = 1 / 16
 # large matmuls run at ~150 GFLOP/s and memory-bound passes at ~5 GB/s; Apple GPUs (~14 TFLOP/s against
 # ~400 GB/s on an M2 Max) have about the same ratio, so one constant serves every backend.
 BYTE_FLOPS = 30
-# The Winograd kernel transform's memory traffic in weight sizes: read the weights, write and read 4/3 of
-# them, write 16/9 (_winograd_kernel's two matmuls with G over tap-major weights).
-KERNEL_TRANSFORM_PASSES = 1 + 4 / 3 + 4 / 3 + 16 / 9
 # Another method (per-tap matmuls, gathered rows) replaces Winograd only when estimated at most this
 # fraction of its cost: the estimates are good to about 15 %, and at the near-tie measured (the Wan VAE's
 # 1024-channel convolutions on one 16x24 frame) per-tap and Winograd traded places between runs, so the
@@ -64,11 +67,75 @@ RELAYOUT_PASSES = {"tap-major": 0.0, "mlx": 4.0, "torch": 8.0}
 # 17 frames of 32x48: 0.5 s for 722 MB of rows).
 UNFOLD_PASSES = {"mlx": 2.0, "torch": 4.0}
 
-# Winograd F(2x2, 3x3) (Lavin & Gray, 2015). B^T transforms 4-pixel input tiles, G the 3-tap kernels,
-# A^T the 4 products back into 2 outputs; applied along height and width in turn.
-_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+@dataclass(frozen=True)
+class WinogradTiles:
+    """Winograd F(m x m, 3 x 3) (Lavin & Gray, 2015), applied along height and width in turn: B^T
+    transforms n-pixel input tiles (n = m + 2, consecutive tiles overlapping by 2), G the 3-tap kernels,
+    A^T the n products back into m outputs."""
+
+    method: str  # its name in :func:`conv_plan`
+    BT: tuple[tuple[float, ...], ...]  # (n, n)
+    G: tuple[tuple[float, ...], ...]  # (n, 3)
+    AT: tuple[tuple[float, ...], ...]  # (m, n)
+    # Transient buffers alive at once, in input and output sizes (:func:`winograd_workspace`): measured
+    # with MLX 0.32 on the CPU from 12 -> 160 channels on 192x320 to 512 -> 512 on 32x48.
+    workspace_copies: tuple[float, float]
+
+    @property
+    def m(self) -> int:
+        """Outputs per tile along an axis."""
+        return len(self.AT)
+
+    @property
+    def n(self) -> int:
+        """Inputs per tile (and products) along an axis."""
+        return len(self.BT)
+
+    @property
+    def bias_component(self) -> int:
+        """The product index every output takes with coefficient 1 (a column of ones in A^T): adding the
+        bias to the (j, j) component adds it to every output."""
+        return next(j for j in range(self.n) if all(row[j] == 1 for row in self.AT))
+
+    @property
+    def kernel_copies(self) -> float:
+        """Weight-sized buffers the kernel transform writes: its two products with G."""
+        return self.n / 3 + (self.n / 3) ** 2
+
+    def transform_passes(self) -> tuple[float, float]:
+        """Memory traffic of the input and output transforms, in passes over the input and over the output
+        (each element written once and read once per term it enters): B^T along the width, then the
+        height; A^T along the height, then the width, and the stacking of the output blocks (two
+        copies). The products' own traffic is counted with the matmuls."""
+        r = self.n / self.m
+        terms_in = sum(c != 0 for row in self.BT for c in row) / self.n
+        terms_out = sum(c != 0 for row in self.AT for c in row) / self.m
+        return (r + r * r) * (1 + terms_in), (r + 1) * (1 + terms_out) + 4
+
+
+# F(2x2, 3x3): the transforms only add, subtract and halve.
+F2X2 = WinogradTiles(
+    "winograd2x2",
+    BT=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    G=((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    AT=((1, 1, 1, 0), (0, 1, -1, -1)),
+    workspace_copies=(4.0, 7.0),
+)
+# F(4x4, 3x3) with interpolation points 0, +-1, +-2 and infinity (Lavin & Gray's Table 2).
+F4X4 = WinogradTiles(
+    "winograd4x4",
+    BT=(
+        (4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1),
+    ),
+    G=(
+        (1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0),
+    ),
+    AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+    workspace_copies=(2.7, 4.5),
+)  # fmt: skip
+WINOGRAD = {tiles.method: tiles for tiles in (F2X2, F4X4)}
 
 
 def compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
@@ -83,8 +150,13 @@ def conv_workspace(budget: int | None = None) -> int:
 
 def winograd_applies(weight: mx.array, padding: tuple[int, int], height: int, width: int) -> bool:
     """Whether this stride-1 conv has Winograd's shape: a (kt, 3, 3) kernel with spatial padding 1 on
-    even-sized frames."""
+    even-sized frames (F(2x2, 3x3); F(4x4, 3x3) needs both sizes divisible by 4)."""
     return tuple(weight.shape[2:4]) == (3, 3) and tuple(padding) == (1, 1) and height % 2 == 0 and width % 2 == 0
+
+
+def winograd_tiles(height: int, width: int) -> list[WinogradTiles]:
+    """The Winograd tilings that cover (height, width) frames exactly."""
+    return [tiles for tiles in WINOGRAD.values() if height % tiles.m == 0 and width % tiles.m == 0]
 
 
 def conv3d(
@@ -127,9 +199,10 @@ def conv3d(
         run = lambda frames_in: _unfold_one_video(frames_in, weight, bias, padding, layout)  # noqa: E731
     else:
         weight = weight if layout == "tap-major" else tap_major(weight)
-        if method == "winograd":
-            kernel = _winograd_kernel(weight)
-            run = lambda frames_in: _winograd_frames(frames_in, kernel, bias)  # noqa: E731
+        if method in WINOGRAD:
+            tiles = WINOGRAD[method]
+            kernel = _winograd_kernel(weight, tiles)
+            run = lambda frames_in: _winograd_frames(frames_in, kernel, bias, tiles)  # noqa: E731
         else:
             run = lambda frames_in: _taps_one_video(frames_in, weight, bias, padding)  # noqa: E731
     videos = []
@@ -158,24 +231,27 @@ def conv_plan(
     layout: str = "tap-major",
 ) -> tuple[str, int, int]:
     """How :func:`conv3d` computes ``frames`` output frames of a (kt, 3, 3)-or-smaller kernel on (h, w)
-    frames, C -> O channels, with weights stored in ``layout`` order: ("winograd", "taps" or "unfold",
-    output frames per group, transient bytes).
+    frames, C -> O channels, with weights stored in ``layout`` order: ("winograd2x2", "winograd4x4",
+    "taps" or "unfold", output frames per group, transient bytes).
 
     The method :func:`conv_cost` rates fastest among those whose one-frame buffers fit ``workspace``:
-    Winograd when ``winograd`` (its shape condition) holds, the gathered matmul unless the weights are
-    stored tap-major, per-tap matmuls always (they are the fallback). Winograd keeps near-ties: another
-    method replaces it only when rated below :data:`TAPS_MARGIN` of its cost. Winograd needs about 7
-    input and 7 output sizes plus the transformed kernel; per-tap matmuls the padded input and about 3
-    outputs on the padded grid; the gathered matmul its rows (kt * 9 input sizes) and 2 outputs."""
+    Winograd when ``winograd`` (its kernel and padding condition) holds, by the tilings that cover the
+    frame (:func:`winograd_tiles`), the gathered matmul unless the weights are stored tap-major, per-tap
+    matmuls always (they are the fallback). Winograd keeps near-ties: another method replaces it only
+    when rated below :data:`TAPS_MARGIN` of its cost. Winograd needs its transforms' buffers
+    (:func:`winograd_workspace`) and the transformed kernel; per-tap matmuls the padded input and about
+    3 outputs on the padded grid; the gathered matmul its rows (kt * 9 input sizes) and 2 outputs."""
+    tilings = winograd_tiles(h, w) if winograd else []
     sizes = {
         "taps": lambda n: itemsize * (h + 2) * (w + 2) * ((n + kt - 1) * c + 3 * n * o),
-        "winograd": lambda n: winograd_workspace(n, kt, h, w, c, o, itemsize),
         "unfold": lambda n: itemsize * ((n + kt - 1) * (h + 2) * (w + 2) * c + n * h * w * (kt * 9 * c + 2 * o)),
     }
-    allowed = ["taps"] + (["winograd"] if winograd else []) + (["unfold"] if layout != "tap-major" else [])
+    for tiles in tilings:
+        sizes[tiles.method] = lambda n, tiles=tiles: winograd_workspace(n, kt, h, w, c, o, itemsize, tiles)
+    allowed = ["taps"] + [t.method for t in tilings] + (["unfold"] if layout != "tap-major" else [])
     candidates = [m for m in allowed if m == "taps" or sizes[m](1) <= workspace]
     rated = {m: conv_cost(m, frames, kt, h, w, c, o, itemsize, layout) for m in candidates}
-    method = min(candidates, key=lambda m: rated[m] * (TAPS_MARGIN if m == "winograd" else 1))
+    method = min(candidates, key=lambda m: rated[m] * (TAPS_MARGIN if m in WINOGRAD else 1))
     group = max(1, min(frames, workspace // sizes[method](1)))
     return method, group, sizes[method](group)
 
@@ -187,12 +263,12 @@ def conv_cost(
     channels, by ``method``, weights stored in ``layout`` order, in FLOP-equivalents (:data:`BYTE_FLOPS`):
 
     - "taps": kt * 9 matmuls over the padded grid's rows, each added into the output;
-    - "winograd": kt * 16 matmuls over the 2x2 tiles plus the kernel transform, paid once per call
-      whatever the frame count. Its input and output transforms are left out: at every shape measured,
-      narrow or wide (benchmarks/README.md, "VAE convolutions"), Winograd without its kernel transform
-      was at least as fast as the per-tap matmuls, so they are covered by the products saved. What can
-      outweigh that saving is the kernel transform, on small frames with wide channels (the LTX VAE's
-      latent resolution);
+    - "winograd2x2", "winograd4x4": kt * n^2 matmuls over the m x m tiles, the input and output
+      transforms' memory traffic (:meth:`WinogradTiles.transform_passes`), and the kernel transform,
+      paid once per call whatever the frame count: on small frames with wide channels (the LTX VAE's
+      latent resolution) that outweighs the products saved. F(4x4) does 1.8x fewer products than
+      F(2x2) with about as much transform traffic per pixel, which wins where products dominate (wide
+      channels) and not where the traffic does (32-64 channels);
     - "unfold": gathering every output pixel's kt * 9 * C inputs into a row (:data:`UNFOLD_PASSES`), then
       one matmul with the weights read in place; on small frames it wastes no products on the padding;
     - both Winograd and per-tap matmuls read tap-major weights: stored otherwise, they are copied once per
@@ -205,8 +281,15 @@ def conv_cost(
     if method == "unfold":
         gather = BYTE_FLOPS * itemsize * UNFOLD_PASSES[layout] * frames * h * w * kt * 9 * c
         return _matmuls_cost(1, frames * h * w, kt * 9 * c, o, itemsize) + gather
-    transform = BYTE_FLOPS * itemsize * KERNEL_TRANSFORM_PASSES * weights
-    return _matmuls_cost(kt * 16, frames * (h // 2) * (w // 2), c, o, itemsize) + transform + relayout
+    tiles = WINOGRAD[method]
+    n, m = tiles.n, tiles.m
+    # read the weights, write and read the first product with G, write the second
+    kernel = BYTE_FLOPS * itemsize * (1 + 2 * n / 3 + (n / 3) ** 2) * weights
+    passes_in, passes_out = tiles.transform_passes()
+    pixels = frames * h * w
+    transforms = BYTE_FLOPS * itemsize * (passes_in * (frames + kt - 1) * h * w * c + passes_out * pixels * o)
+    products = _matmuls_cost(kt * n * n, pixels // (m * m), c, o, itemsize)
+    return products + transforms + kernel + relayout
 
 
 def _matmuls_cost(count: int, m: int, k: int, n: int, itemsize: int) -> float:
@@ -215,43 +298,52 @@ def _matmuls_cost(count: int, m: int, k: int, n: int, itemsize: int) -> float:
     return count * (2 * m * k * n + BYTE_FLOPS * itemsize * (m * k + k * n + 2 * m * n))
 
 
-def winograd_conv3d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+def winograd_conv3d(
+    x: mx.array, weight: mx.array, bias: mx.array | None = None, tiles: WinogradTiles = F2X2
+) -> mx.array:
     """Stride-1 convolution with a (kt, 3, 3) kernel and zero padding 1 in height and width, every frame
-    at once (:func:`conv3d` groups frames to a workspace).
+    at once (:func:`conv3d` groups frames to a workspace and picks the tiling).
 
     Args:
-        x: (B, T, H, W, C), H and W even; any time padding is already applied.
+        x: (B, T, H, W, C), H and W multiples of ``tiles.m``; any time padding is already applied.
         weight: (O, kt, 3, 3, C), MLX's Conv3d layout.
         bias: (O,) or None.
+        tiles: F(2x2, 3x3) or F(4x4, 3x3).
 
     Returns:
         (B, T - kt + 1, H, W, O), lazily.
     """
-    kernel = _winograd_kernel(weight)
-    return mx.stack([_winograd_frames(video, kernel, bias) for video in x])
+    kernel = _winograd_kernel(weight, tiles)
+    return mx.stack([_winograd_frames(video, kernel, bias, tiles) for video in x])
 
 
-def winograd_workspace(frames: int, kt: int, h: int, w: int, c: int, o: int, itemsize: int) -> int:
-    """Bytes of transient buffers Winograd builds for ``frames`` output frames: the padded input and its
-    two transform stages (about 7 input sizes), the products and the output transform (about 7 output
-    sizes) and the transformed kernel (16/9 of the weights)."""
+def winograd_workspace(
+    frames: int, kt: int, h: int, w: int, c: int, o: int, itemsize: int, tiles: WinogradTiles = F2X2
+) -> int:
+    """Bytes of transient buffers Winograd builds for ``frames`` output frames: ``tiles.workspace_copies``
+    input and output sizes (the padded input, its transform stages, the products, the output transform
+    and the stacked output blocks, as many as are alive at once) and the transformed kernel (n^2/9 of
+    the weights)."""
     inputs = (frames + kt - 1) * (h + 2) * (w + 2) * c
-    return itemsize * (7 * inputs + 7 * frames * h * w * o + 16 * kt * c * o)
+    outputs = frames * h * w * o
+    per_input, per_output = tiles.workspace_copies
+    return int(itemsize * (per_input * inputs + per_output * outputs + tiles.n**2 * kt * c * o))
 
 
-def _winograd_kernel(weight: mx.array) -> mx.array:
-    """G g G^T for each time tap: (O, kt, 3, 3, C) stored tap-major -> (kt, 4, 4, O, C), contiguous (O, C)
+def _winograd_kernel(weight: mx.array, tiles: WinogradTiles) -> mx.array:
+    """G g G^T for each time tap: (O, kt, 3, 3, C) stored tap-major -> (kt, n, n, O, C), contiguous (O, C)
     matrices (the products read them transposed).
 
     Two small matmuls with G over the weights arranged (kt, 3, 3, O, C), a free view of weights stored
-    by :func:`tap_major`. Recomputed per call: keeping the transformed kernels would hold 16/9 of the
+    by :func:`tap_major`. Recomputed per call: keeping the transformed kernels would hold n^2/9 of the
     decoder's 2 GB of weights for the whole decode.
     """
     o, kt, _, _, c = weight.shape
-    g = mx.array(_G, dtype=weight.dtype)
+    n = tiles.n
+    g = mx.array(tiles.G, dtype=weight.dtype)
     taps = weight.transpose(1, 2, 3, 0, 4).reshape(kt, 3, 3 * o * c)
-    rows = (g @ taps).reshape(kt * 4, 3, o * c)  # G along the kernel's height
-    return (g @ rows).reshape(kt, 4, 4, o, c)  # and along its width
+    rows = (g @ taps).reshape(kt * n, 3, o * c)  # G along the kernel's height
+    return (g @ rows).reshape(kt, n, n, o, c)  # and along its width
 
 
 def tap_major(weight: mx.array) -> mx.array:
@@ -266,59 +358,72 @@ def tap_major(weight: mx.array) -> mx.array:
     return mx.contiguous(rows.transpose(1, 2, 3, 0, 4)).transpose(3, 0, 1, 2, 4)
 
 
-def _winograd_frames(x: mx.array, kernel: mx.array, bias: mx.array | None) -> mx.array:
-    """(T, H, W, C) with (kt, 4, 4, O, C) transformed kernels -> (T - kt + 1, H, W, O), lazily."""
+def _winograd_frames(x: mx.array, kernel: mx.array, bias: mx.array | None, tiles: WinogradTiles) -> mx.array:
+    """(T, H, W, C) with (kt, n, n, O, C) transformed kernels -> (T - kt + 1, H, W, O), lazily."""
     t, h, w, c = x.shape
     kt, o = kernel.shape[0], kernel.shape[-2]
-    th, tw = h // 2, w // 2
+    m, n = tiles.m, tiles.n
+    th, tw = h // m, w // m
     frames = t - kt + 1
     streams = two_streams()
     p = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
-    # Input transform B^T d B, width then height; tile j of an axis starts at padded index 2j.
-    cols = [p[:, :, i : i + w : 2] for i in range(4)]
+    # Input transform B^T d B, width then height; tile j of an axis starts at padded index m * j.
+    cols = [p[:, :, i : i + w : m] for i in range(n)]
     v = {}
-    for bx, row in enumerate(_BT):
+    for bx, row in enumerate(tiles.BT):
         with mx.stream(streams[bx % 2]):
             u = _combine(cols, row)
-            rows = [u[:, i : i + h : 2] for i in range(4)]
-            for ay, column in enumerate(_BT):
+            rows = [u[:, i : i + h : m] for i in range(n)]
+            for ay, column in enumerate(tiles.BT):
                 v[ay, bx] = _combine(rows, column).reshape(t, th * tw, c)
-    # One matmul per transform component and time tap. Component (1, 1) enters every output with
-    # coefficient +1, so the bias starts its sum.
-    m = {}
-    for (ay, bx), tiles in v.items():
-        total = bias.astype(x.dtype) if (ay, bx) == (1, 1) and bias is not None else None
+    # One matmul per transform component and time tap. The bias starts the sum of the component that
+    # enters every output with coefficient 1.
+    biased = (tiles.bias_component,) * 2
+    products = {}
+    for (ay, bx), tile_rows in v.items():
+        total = bias.astype(x.dtype) if (ay, bx) == biased and bias is not None else None
         for dt in range(kt):
-            rows_dt = tiles[dt : dt + frames].reshape(frames * th * tw, c)
+            rows_dt = tile_rows[dt : dt + frames].reshape(frames * th * tw, c)
             k = kernel[dt, ay, bx].T
             total = rows_dt @ k if total is None else mx.addmm(total, rows_dt, k)
-        m[ay, bx] = total
-    # Output transform A^T M A: output row r, then column q, of each 2x2 block.
+        products[ay, bx] = total
+    # Output transform A^T M A: output row r, then column q, of each m x m block.
     half_rows = {}
-    for bx in range(4):
+    for bx in range(n):
         with mx.stream(streams[bx % 2]):
-            for r, row in enumerate(_AT):
-                half_rows[r, bx] = _combine([m[ay, bx] for ay in range(4)], row)
+            for r, row in enumerate(tiles.AT):
+                half_rows[r, bx] = _combine([products[ay, bx] for ay in range(n)], row)
     out_rows = []
-    for r in range(2):
-        with mx.stream(streams[r]):
-            out_rows.append(mx.stack([_combine([half_rows[r, bx] for bx in range(4)], q) for q in _AT], axis=1))
+    for r in range(m):
+        with mx.stream(streams[r % 2]):
+            terms = [half_rows[r, bx] for bx in range(n)]
+            out_rows.append(mx.stack([_combine(terms, q) for q in tiles.AT], axis=1))
     y = mx.stack(out_rows, axis=1)  # (frames * th * tw, r, q, O)
-    y = y.reshape(frames, th, tw, 2, 2, o).transpose(0, 1, 3, 2, 4, 5)
+    y = y.reshape(frames, th, tw, m, m, o).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(frames, h, w, o)
 
 
-def _combine(terms: list[mx.array], coefficients: tuple[int, ...]) -> mx.array:
-    """sum(c * term) for coefficients in {-1, 0, 1}: adds and subtracts only."""
-    out = None
-    for coefficient, term in zip(coefficients, terms):
-        if coefficient == 0:
-            continue
-        if out is None:
-            out = term if coefficient == 1 else -term
-        else:
-            out = out + term if coefficient == 1 else out - term
-    return out
+# One compiled weighted sum per distinct list of non-zero coefficients: a single pass over memory
+# instead of one per term.
+_WEIGHTED_SUMS: dict[tuple[float, ...], Callable[..., mx.array]] = {}
+
+
+def _combine(terms: list[mx.array], coefficients: tuple[float, ...]) -> mx.array:
+    """sum(c * term) over the non-zero coefficients, as one fused element-wise pass."""
+    used = [(float(k), term) for k, term in zip(coefficients, terms) if k != 0]
+    weights = tuple(k for k, _ in used)
+    weighted_sum = _WEIGHTED_SUMS.get(weights)
+    if weighted_sum is None:
+
+        def unfused(*parts: mx.array) -> mx.array:
+            total = None
+            for k, part in zip(weights, parts):
+                term = part if k == 1 else -part if k == -1 else k * part
+                total = term if total is None else total + term
+            return total
+
+        weighted_sum = _WEIGHTED_SUMS[weights] = mx.compile(unfused)
+    return weighted_sum(*(term for _, term in used))
 
 
 def conv3d_by_taps(

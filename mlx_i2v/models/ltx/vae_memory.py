@@ -17,26 +17,13 @@ A tiled decode adds the decoded tiles, all kept for blending as in diffusers, an
 
 ``copies`` and ``share`` were fitted with ``benchmarks/ltx_vae_memory.py`` on the CPU (MLX 0.32,
 float32) on the 0.9.5 VAE narrowed 4x and 8x (its structure at 1/16 and 1/64 of the compute), untiled,
-at budgets of 2, 4 and 16 GB: on those 18 points decode estimates are within 0.91-1.07 and encode
-estimates within 0.92-1.08 of the measured peak. Outside the fit: tiled decodes 0.89-1.17; the
-0.9.0/0.9.1 decoders (narrowed 4x) 1.17-1.19 and encoders 1.02; the VAE narrowed 16x (narrower than any
-real one, where fixed-width layers weigh more) 0.74-0.77. Those ranges were measured when the Winograd
-kernel transform was an einsum (5.4 weight copies at one real-width point). Since then the kernels are
-stored tap-major and :func:`~mlx_i2v.models.conv.conv_plan` leaves Winograd for per-tap matmuls where the
-kernel transform would cost more than it saves (the widest convolutions on small latents), so the
-transform is only its two products; ``KERNEL_TRANSFORM_COPIES`` was re-measured as 3.3 on the real-width
-0.9.5 decoder (2x8x8 latents, 16 GB budget, where the transform is the peak: estimate 0.99 of it). The
-other constants were not refitted; with the peaks that change lowered, the estimates now run over
-rather than under: narrowed 4x at 4 GB, decode 1.16-1.19 and encode 1.01-1.02; narrowed 8x, decode
-1.04; the real-width decode of 2x4x4 latents 1.00 (its peak fell from 2468 to 108 MB). The encode now
-lists every down stage's convolutions, since its widest kernel no longer sets ``T``; outside the fit the
-real-width encode of 9x128x128 is under-estimated (0.77: 90 of 117 MB, the transform of the 512-channel
-stage plus that convolution's workspace).
-
-Since the kernels stay in PyTorch's order and the widest convolutions on small latents gather rows
-(no kernel copy at load; per call, a copy to tap-major order for Winograd and per-tap matmuls), the
-real-width 0.9.5 points read (estimate / measured, 16 GB budget): decode 2x4x4 0.94, 2x8x8 1.07, 5x8x12
-1.15; encode 9x128x128 0.85, one 256x384 image 0.74 (150 of 202 MB). Nothing was measured on Metal.
+at budgets of 2, 4 and 16 GB, last after the convolutions gained F(4x4, 3x3) Winograd: on those 18
+points decode estimates are within 0.87-1.15 and encode estimates within 0.88-1.13 of the measured
+peak. Outside the fit (same run): the real-width decode of 2x4x4, 2x8x8 and 3x4x6 latents 1.00, 1.05 and
+0.95 (there the kernel transform ``T`` is the peak; :data:`KERNEL_TRANSFORM_COPIES` was measured on the
+real-width 2x8x8 decode), the real-width encode of 9x128x128 0.83, a tiled decode (narrowed 8x, 3x16x24
+latents, 256/192 px tiles) 0.93. The history of these constants is in benchmarks/README.md. Nothing was
+measured on Metal.
 """
 
 from __future__ import annotations
@@ -44,14 +31,15 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ...memory import memory_budget
-from ..conv import conv_plan, conv_workspace
+from ..conv import F2X2, WINOGRAD, conv_plan, conv_workspace
 from .vae import LTXVAEConfig, decoder_stages
 from .vae_tiling import SpatialTiling, TemporalTiling
 
-DECODE_COPIES, DECODE_WORKSPACE_SHARE = 6.5, 0.75
-ENCODE_COPIES, ENCODE_WORKSPACE_SHARE = 7.25, 0.6
+DECODE_COPIES, DECODE_WORKSPACE_SHARE = 5.8, 0.87
+ENCODE_COPIES, ENCODE_WORKSPACE_SHARE = 6.1, 0.82
 # The Winograd kernel transform holds about this many weight-sized buffers at once: its two products (4/3
-# and 16/9 of tap-major weights), measured 3.3 when the kernels were stored tap-major.
+# and 16/9 of tap-major weights for F(2x2, 3x3)), measured 3.3 when the kernels were stored tap-major;
+# F(4x4, 3x3)'s products are 2 and 4 weight sizes, scaled alike (WinogradTiles.kernel_copies).
 KERNEL_TRANSFORM_COPIES = 3.3
 # The kernels are kept in PyTorch's order; Winograd and per-tap matmuls first copy one to tap-major order,
 # by two copies (conv.tap_major), so two more weight-sized buffers at once. Gathered rows copy nothing.
@@ -71,7 +59,10 @@ def _transients(convs: list[Conv], itemsize: int, budget: int) -> tuple[int, int
             frames, 3, h, w, c_in, c_out, itemsize, workspace, h % 2 == 0 and w % 2 == 0, layout="torch"
         )
         planned = max(planned, size)
-        copies = {"winograd": RELAYOUT_COPIES + KERNEL_TRANSFORM_COPIES, "taps": RELAYOUT_COPIES}.get(method, 0)
+        copies = RELAYOUT_COPIES if method == "taps" else 0.0
+        if method in WINOGRAD:
+            scale = WINOGRAD[method].kernel_copies / F2X2.kernel_copies
+            copies = RELAYOUT_COPIES + KERNEL_TRANSFORM_COPIES * scale
         transform = max(transform, int(copies * 27 * c_in * c_out * itemsize))
     return planned, transform
 
