@@ -78,7 +78,7 @@ def test_winograd_tilings_by_frame_size():
 
 def test_plan_picks_the_tiling_by_channels_and_frame_size():
     """Measured (benchmarks/README.md, "Winograd F(4x4, 3x3)"): F(4x4) does 1.8x fewer products and wins
-    wherever the frames are large, 1.5x at 256-512 channels, 1.2-1.3x at 32-64; on the latents' small
+    where the frames are large, 1.6x at 256-512 channels, 1.3x at 64, a tie at 32; on the latents' small
     frames the per-call kernel transform (4x the weights, against 16/9) leaves F(2x2) or per-tap
     matmuls ahead."""
     big = 1 << 40

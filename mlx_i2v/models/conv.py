@@ -8,10 +8,11 @@ one thread. Everything here is built from plain matmuls on views instead, channe
   spatial padding 1 (every residual-block conv): Winograd in height and width, F(2x2, 3x3) (16 products
   per 2x2 output block instead of 36) or F(4x4, 3x3) (36 per 4x4 block instead of 144, with more
   element-wise work per product saved); otherwise by :func:`conv3d_by_taps`. The method is chosen where
-  a cost model of each (:func:`conv_cost`) says it is fastest: F(4x4) for wide channels on large
-  frames, F(2x2) where the channels are few (the transforms' memory traffic decides), per-tap matmuls
-  where transforming the kernels costs more than the multiplications saved (small frames with wide
-  channels: the LTX VAE at its latent resolution). Output frames are computed in groups whose transient
+  a cost model of each (:func:`conv_cost`) says it is fastest: F(4x4) on large frames, F(2x2) for wide
+  kernels on small frames (where F(4x4)'s larger kernel transform outweighs the products it saves) and
+  on frames whose sides are not multiples of 4, per-tap matmuls where transforming the kernels costs
+  more than the multiplications saved (tiny frames with wide channels: the LTX VAE at its latent
+  resolution). Output frames are computed in groups whose transient
   buffers fit :data:`CONV_FRACTION` of the memory budget.
 - :func:`upsample2x_conv2d`: nearest 2x upsampling followed by a 3x3 conv, as four 2x2 convs of the
   source (2.25x fewer multiplications, no upsampled tensor).
