@@ -3,8 +3,9 @@ the method :func:`mlx_i2v.models.conv.conv_plan` picks for that order.
 
 Methods: one matmul on gathered rows (reads the kernel in place), Winograd F(2x2, 3x3) and F(4x4, 3x3)
 (where the frame size allows it) and per-tap matmuls (all three after the copy to tap-major order that
-:func:`~mlx_i2v.models.conv.conv3d` makes for such kernels). The shapes are the LTX-Video 0.9.5 VAE's and the narrow Wan VAE's at 256x384. Random weights, float32, best
-of 2; malloc keeps freed memory as the pipeline sets it.
+:func:`~mlx_i2v.models.conv.conv3d` makes for such kernels). The shapes are the LTX-Video 0.9.5 VAE's and
+the narrow Wan VAE's at 256x384. Random weights, float32, best of 2; malloc keeps freed memory as the
+pipeline sets it.
 
     python benchmarks/conv_layouts.py torch     # the LTX VAE's kernels, as loaded from diffusers
     python benchmarks/conv_layouts.py mlx       # row-major in MLX's shape (the latent upsampler's)
@@ -45,7 +46,10 @@ def winograd(x: mx.array, weight: mx.array, bias: mx.array, tiles: conv.Winograd
 
 def main(layout: str) -> None:
     runtime.keep_freed_memory()
-    print(f"| input (frames, h, w, C -> O) | gathered rows | Winograd F(2x2) | Winograd F(4x4) | per-tap | plan picks ({layout} order) |")
+    print(
+        "| input (frames, h, w, C -> O) | gathered rows | Winograd F(2x2) | Winograd F(4x4) | per-tap "
+        f"| plan picks ({layout} order) |"
+    )
     print("|---|---:|---:|---:|---:|---|")
     for t, h, w, c, o in SHAPES:
         x = mx.random.normal((t, h, w, c))

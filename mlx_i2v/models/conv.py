@@ -268,8 +268,9 @@ def conv_cost(
       transforms' memory traffic (:meth:`WinogradTiles.transform_passes`), and the kernel transform,
       paid once per call whatever the frame count: on small frames with wide channels (the LTX VAE's
       latent resolution) that outweighs the products saved. F(4x4) does 1.8x fewer products than
-      F(2x2) with about as much transform traffic per pixel, which wins where products dominate (wide
-      channels) and not where the traffic does (32-64 channels);
+      F(2x2) with about as much transform traffic per pixel, but its kernel transform is 2.25x larger:
+      it wins on large frames (1.6x at 256-512 channels, a tie at 32) and loses on small ones with wide
+      channels;
     - "unfold": gathering every output pixel's kt * 9 * C inputs into a row (:data:`UNFOLD_PASSES`), then
       one matmul with the weights read in place; on small frames it wastes no products on the padding;
     - both Winograd and per-tap matmuls read tap-major weights: stored otherwise, they are copied once per
