@@ -3,6 +3,8 @@ against peaks measured with ``mx.get_peak_memory`` (CPU, float32)."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -31,8 +33,16 @@ def no_override(monkeypatch):
     set_memory_limit(None)
 
 
+def active_memory() -> int:
+    """Bytes MLX holds now, once arrays that earlier tests left in reference cycles are collected (else a
+    later collection would move the peaks measured from here, depending on the tests run before)."""
+    gc.collect()
+    return mx.get_active_memory()
+
+
 def measure_peak(fn) -> tuple[int, object]:
     """Peak bytes of all MLX allocations while ``fn()`` runs and is evaluated."""
+    gc.collect()
     mx.synchronize()
     mx.reset_peak_memory()
     out = fn()
@@ -112,7 +122,7 @@ def test_chunked_attention_peak_is_much_lower():
     keys = mx.random.split(mx.random.key(0), 3)
     q, k, v = (mx.random.normal((1, H, L, D), key=kk) for kk in keys)
     mx.eval(q, k, v)
-    base = mx.get_active_memory()
+    base = active_memory()
     whole, expected = measure_peak(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5))
     scores = H * L * L * 4
     assert whole - base > scores  # the CPU fallback materialises every score
@@ -139,7 +149,7 @@ def test_chunked_feed_forward_peak_is_much_lower():
     ffn = layers.FeedForward(dim, inner, dim, approximate=True)
     x = mx.random.normal((1, L, dim), key=mx.random.key(0))
     mx.eval(ffn.parameters(), x)
-    base = mx.get_active_memory()
+    base = active_memory()
     whole, expected = measure_peak(lambda: ffn(x))
     intermediates = layers.FEED_FORWARD_COPIES * L * inner * 4
     assert whole - base > intermediates
@@ -169,8 +179,13 @@ def test_per_token_modulation_costs_no_whole_rows_in_a_chunked_block():
     per_token = mx.broadcast_to((mx.arange(L) >= L // 4).astype(mx.int32)[None], (2, L))
     mx.eval(block.parameters(), x, kv, time_proj, rope, shared, per_token)
     set_memory_limit(layers.FEED_FORWARD_COPIES * 2 * (L // 8) * ffn_dim * 4 / layers.FEED_FORWARD_FRACTION / GB)
-    base = mx.get_active_memory()
-    peaks = [measure_peak(lambda: block(x, kv, time_proj, index, rope))[0] - base for index in (shared, per_token)]
+    base = active_memory()
+    # The least of three peaks each: the softmax halves on two CPU streams finish in either order, which
+    # moves a single peak by about one hidden-state copy from call to call.
+    peaks = [
+        min(measure_peak(lambda: block(x, kv, time_proj, index, rope))[0] for _ in range(3)) - base
+        for index in (shared, per_token)
+    ]
     hidden_f32 = 2 * L * dim * 4
     assert peaks[1] - peaks[0] < hidden_f32, peaks
 

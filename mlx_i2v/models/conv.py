@@ -285,8 +285,8 @@ def conv_cost(
         return _matmuls_cost(1, frames * h * w, kt * 9 * c, o, itemsize) + gather
     tiles = WINOGRAD[method]
     n, m = tiles.n, tiles.m
-    # read the weights, write and read the first product with G, write the second
-    kernel = BYTE_FLOPS * itemsize * (1 + 2 * n / 3 + (n / 3) ** 2) * weights
+    # read the weights, write both products with G (kernel_copies) and read the first back
+    kernel = BYTE_FLOPS * itemsize * (1 + tiles.kernel_copies + n / 3) * weights
     passes_in, passes_out = tiles.transform_passes()
     pixels = frames * h * w
     transforms = BYTE_FLOPS * itemsize * (passes_in * (frames + kt - 1) * h * w * c + passes_out * pixels * o)
