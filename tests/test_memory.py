@@ -16,7 +16,12 @@ from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.memory import ENV_VAR, GB, memory_budget, set_memory_limit
 from mlx_i2v.models import attention as attn
 from mlx_i2v.models import layers
-from mlx_i2v.models.wan.transformer import WanTransformer3DModel, WanTransformerBlock, WanTransformerConfig
+from mlx_i2v.models.wan.transformer import (
+    WanTransformer3DModel,
+    WanTransformerBlock,
+    WanTransformerConfig,
+    modulation,
+)
 from mlx_i2v.models.wan.vae import load_wan_vae
 from mlx_i2v.models.wan.vae_tiling import Tiling, tiled_decode, tiled_encode
 from ref_vae import build_tiny_vae
@@ -160,34 +165,32 @@ def test_chunked_feed_forward_peak_is_much_lower():
     assert rel_err(out, expected) < 1e-6
 
 
-def test_per_token_modulation_costs_no_whole_rows_in_a_chunked_block():
+def test_per_token_modulation_costs_no_whole_rows_in_a_chunked_feed_forward():
     """TI2V's per-token timesteps: each modulation row is a float32 copy of the hidden state. With the
-    feed-forward on 8 chunks, a block's peak is the same as with one timestep per sample (holding the
-    feed-forward's three rows whole added three hidden-state copies)."""
+    feed-forward on 8 chunks, its peak is within a chunk's rows of the peak with one timestep per sample
+    (holding its three rows whole added three hidden-state copies). Measured on the block's feed-forward
+    sub-layer: the whole block's peak is its self-attention's."""
     dim, heads, ffn_dim, L = 256, 2, 8192, 512
     cfg = WanTransformerConfig(
         num_attention_heads=heads, attention_head_dim=dim // heads, ffn_dim=ffn_dim, num_layers=1,
         in_channels=4, out_channels=4, text_dim=32,
     )  # fmt: skip
     block = WanTransformerBlock(cfg)
-    keys = mx.random.split(mx.random.key(0), 5)
-    x = mx.random.normal((2, L, dim), key=keys[0])
-    kv = block.attn2.project_kv(mx.random.normal((2, 16, dim), key=keys[1]))
-    time_proj = mx.random.normal((2, 6, dim), key=keys[2]) * 0.1
-    rope = tuple(mx.random.normal((L, dim // heads // 2), key=k) for k in keys[3:])
+    x = mx.random.normal((2, L, dim), key=mx.random.key(0))
+    mod = modulation(block.scale_shift_table, mx.random.normal((2, 6, dim), key=mx.random.key(1)) * 0.1)
     shared = mx.zeros((2, 1), mx.int32)
     per_token = mx.broadcast_to((mx.arange(L) >= L // 4).astype(mx.int32)[None], (2, L))
-    mx.eval(block.parameters(), x, kv, time_proj, rope, shared, per_token)
+    mx.eval(block.parameters(), x, mod, shared, per_token)
     set_memory_limit(layers.FEED_FORWARD_COPIES * 2 * (L // 8) * ffn_dim * 4 / layers.FEED_FORWARD_FRACTION / GB)
     base = active_memory()
-    # The least of three peaks each: the softmax halves on two CPU streams finish in either order, which
-    # moves a single peak by about one hidden-state copy from call to call.
+    # The median of five peaks each: when MLX frees a temporary depends on how its CPU stream's thread
+    # interleaves with this one, which can move a single peak by a hidden-state copy.
     peaks = [
-        min(measure_peak(lambda: block(x, kv, time_proj, index, rope))[0] for _ in range(3)) - base
+        float(np.median([measure_peak(lambda: block.feed_forward(x, index, mod))[0] for _ in range(5)])) - base
         for index in (shared, per_token)
     ]
     hidden_f32 = 2 * L * dim * 4
-    assert peaks[1] - peaks[0] < hidden_f32, peaks
+    assert peaks[1] - peaks[0] < 1.5 * hidden_f32, peaks  # a chunk's rows: 3/8 of a copy
 
 
 # --- tiled VAE ----------------------------------------------------------------------------------------

@@ -103,13 +103,13 @@ def test_feed_forward_on_token_chunks_matches_diffusers(tiny, monkeypatch):
     workspace = 7 * layers.FEED_FORWARD_COPIES * 2 * 64 * 4
     monkeypatch.setenv(ENV_VAR, str(workspace / layers.FEED_FORWARD_FRACTION / GB))
     calls: list[int] = []
-    original = WanTransformerBlock._feed_forward
+    original = WanTransformerBlock._feed_forward_chunk
 
     def spy(self, x, *rows):
         calls.append(x.shape[1])
         return original(self, x, *rows)
 
-    monkeypatch.setattr(WanTransformerBlock, "_feed_forward", spy)
+    monkeypatch.setattr(WanTransformerBlock, "_feed_forward_chunk", spy)
     got = model(latents_to_mx(x), to_mx(t), to_mx(text))
     assert calls == [7] * 6 + [6] + [7] * 6 + [6]  # two blocks
     assert rel_err(got, reference_forward(ref, x, t, text)) < TOL

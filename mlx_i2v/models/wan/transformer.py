@@ -293,12 +293,17 @@ class WanTransformerBlock(nn.Module):
         else:
             x = x + self.attn2(h, context)
 
-        # the feed-forward's modulation rows are gathered per chunk of tokens, from a cut of the index
-        return by_token_chunks(lambda x, index: self._feed_forward(x, index, mod), x, (time_index,), self.ffn_dim)
+        return self.feed_forward(x, time_index, mod)
 
-    def _feed_forward(self, x: mx.array, index: mx.array, mod: mx.array) -> mx.array:
-        """The modulated feed-forward sub-layer with its residual: x (B, l, dim), index (B, 1 or l), mod
-        (U, 6, dim)."""
+    def feed_forward(self, x: mx.array, time_index: mx.array, mod: mx.array) -> mx.array:
+        """The modulated feed-forward sub-layer with its residual, on chunks of tokens
+        (:func:`~..layers.by_token_chunks`): x (B, L, dim), time_index (B, T), mod (U, 6, dim) ->
+        (B, L, dim). Its modulation rows are gathered per chunk, from a cut of the index: with per-token
+        timesteps, whole rows would be three float32 copies of the hidden state."""
+        return by_token_chunks(lambda x, index: self._feed_forward_chunk(x, index, mod), x, (time_index,), self.ffn_dim)
+
+    def _feed_forward_chunk(self, x: mx.array, index: mx.array, mod: mx.array) -> mx.array:
+        """:meth:`feed_forward` on one chunk: x (B, l, dim), index (B, 1 or l)."""
         shift, scale, gate = modulation_rows(mod, index, 3, 4, 5)
         h = modulate(self.norm3(x.astype(mx.float32)), scale, shift).astype(x.dtype)
         return gated_residual(x, self.ffn(h), gate)
