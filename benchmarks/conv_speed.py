@@ -8,8 +8,9 @@ other load on the machine affects them alike:
   once per call), per-tap matmuls, and the method ``conv_plan`` picks with its cost model.
 - **Whole VAE calls** (``--vae``): the LTX-Video 0.9.5 VAE (real widths, random weights) encoding one
   256x384 frame and decoding 5 latent frames at 8x12, and the narrow Wan2.2 VAE (``compare_diffusers.py
-  --vae small``) decoding 11 latent frames at 16x24; "before" allows Winograd by F(2x2, 3x3) tiles only
-  (the library before F(4x4, 3x3)), "after" is the library as it is.
+  --vae small``) decoding 11 latent frames at 16x24; "after" is the library as it is, "before" the
+  library without one change (``--before``): ``phases-apart`` queues the Winograd phases together, as
+  before they ran apart on the CPU; ``winograd4x4`` allows F(2x2, 3x3) tiles only, as before F(4x4, 3x3).
 
     python benchmarks/conv_speed.py                 # single convolutions, ~2 minutes on 2 cores
     python benchmarks/conv_speed.py --vae ltx wan   # plus the whole VAE calls, ~10 minutes
@@ -81,7 +82,7 @@ def single_convolutions(repeats: int) -> None:
 
 
 @contextmanager
-def before_this_change() -> Iterator[None]:
+def without_winograd4x4() -> Iterator[None]:
     """Winograd by F(2x2, 3x3) tiles only, as the library was before F(4x4, 3x3)."""
     tilings = dict(conv.WINOGRAD)
     conv.WINOGRAD.clear()
@@ -90,6 +91,20 @@ def before_this_change() -> Iterator[None]:
         yield
     finally:
         conv.WINOGRAD.update(tilings)
+
+
+@contextmanager
+def without_phases_apart() -> Iterator[None]:
+    """The Winograd phases queued together, as the library did before it evaluated each apart."""
+    apart = conv._phase_apart
+    conv._phase_apart = lambda phase: phase
+    try:
+        yield
+    finally:
+        conv._phase_apart = apart
+
+
+BEFORE = {"phases-apart": without_phases_apart, "winograd4x4": without_winograd4x4}
 
 
 def ltx_calls() -> list[tuple[str, Callable[[], mx.array]]]:
@@ -120,7 +135,7 @@ def wan_calls() -> list[tuple[str, Callable[[], mx.array]]]:
     return [("narrow Wan2.2 decode, 11 x 16x24 latents", lambda: vae.decode(z))]
 
 
-def vae_calls(which: list[str], repeats: int) -> None:
+def vae_calls(which: list[str], repeats: int, before_this_change: Callable[[], Iterator[None]]) -> None:
     print("\n| VAE call | before | after | after / before |")
     print("|---|---:|---:|---:|")
     for family in which:
@@ -138,6 +153,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vae", nargs="*", default=[], choices=["ltx", "wan"])
     parser.add_argument("--no-single", action="store_true", help="skip the single convolutions")
+    parser.add_argument(
+        "--before", choices=sorted(BEFORE), default="phases-apart", help="the change the VAE calls are timed without"
+    )
     args = parser.parse_args()
     keep_freed_memory()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} on "
@@ -145,7 +163,7 @@ def main() -> None:
     if not args.no_single:
         single_convolutions(args.repeats)
     if args.vae:
-        vae_calls(args.vae, args.repeats)
+        vae_calls(args.vae, args.repeats, BEFORE[args.before])
     print(f"1-minute load average after: {os.getloadavg()[0]:.1f}")
 
 

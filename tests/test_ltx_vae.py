@@ -429,7 +429,8 @@ def _peak_above_weights(fn) -> int:
 
 def test_memory_estimates_match_measured_peaks():
     """The 0.9.5 VAE narrowed 8x (its structure, 1/64 of the compute), budget 4 GB: untiled and tiled
-    decode and untiled encode peaks within 25 % of the estimates (fitted on other sizes and widths)."""
+    decode and untiled encode peaks (the most of three) within 25 % of the estimates (fitted on other
+    sizes and widths)."""
     cfg = _narrowed(8)
     set_memory_limit(4)
     try:
@@ -446,7 +447,9 @@ def test_memory_estimates_match_measured_peaks():
             "encode": (lambda: vae.encode(video)[0], encode_activation_bytes(cfg, (9, 128, 256))),
         }
         for name, (run, estimate) in cases.items():
-            measured = _peak_above_weights(run)
+            # The most of three: on the CPU the convolutions' phases run apart on two streams, and when a
+            # buffer is freed depends on how they interleave, which moves single peaks down by up to 30 %.
+            measured = max(_peak_above_weights(run) for _ in range(3))
             assert abs(estimate - measured) / measured < 0.25, (name, estimate, measured)
     finally:
         set_memory_limit(None)
