@@ -371,16 +371,17 @@ def _winograd_frames(x: mx.array, kernel: mx.array, bias: mx.array | None, tiles
     cols = [padded[:, :, i : i + w : tiles.m] for i in range(tiles.n)]
     products = {}
     for first in range(0, tiles.n, 2):
-        transformed = _phase_apart(_input_transform(cols, tiles, (first, first + 1), (t, h, w, c)))
+        columns = tuple(range(first, min(first + 2, tiles.n)))
+        transformed = _phase_apart(_input_transform(cols, tiles, columns, (t, h, w, c)))
         products |= _phase_apart(_products(transformed, kernel, bias, tiles, x.dtype))
     return _output_transform(products, tiles, (h, w))
 
 
 def _phase_apart(phase: dict[tuple[int, int], mx.array]) -> dict[tuple[int, int], mx.array]:
     """``phase``, evaluated on the CPU. There the transforms run on two streams, a core each, and the
-    products' BLAS calls on both cores: queued together they contend for the two cores, and the phases
-    run apart were 8-15 % faster at 32-128 channels (F(4x4), (6, 128, 192, 32 -> 32): 63 against 74 ms,
-    median of 12). Two tile columns at a time, the transformed input a product consumes is freed before
+    products' BLAS calls on both cores: queued together they contend for the two cores, and F(4x4) with
+    its phases apart was 5-19 % faster at 32-512 channels (median of 12; (6, 128, 192, 32 -> 32): 66
+    against 72 ms), F(2x2) no slower (benchmarks/README.md). Two tile columns at a time, the transformed input a product consumes is freed before
     the next columns are transformed, as when MLX interleaved the phases."""
     if on_cpu():
         mx.eval(list(phase.values()))
