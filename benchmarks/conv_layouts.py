@@ -39,11 +39,6 @@ def best_of(fn, repeats: int = 2) -> float:
     return best
 
 
-def winograd(x: mx.array, weight: mx.array, bias: mx.array, tiles: conv.WinogradTiles) -> mx.array:
-    """One video's convolution by Winograd with ``tiles``, the kernel transform included (once per call)."""
-    return conv._winograd_frames(x, conv._winograd_kernel(weight, tiles), bias, tiles)
-
-
 def main(layout: str) -> None:
     runtime.keep_freed_memory()
     print(
@@ -63,7 +58,7 @@ def main(layout: str) -> None:
         seconds = {
             "unfold": best_of(lambda: conv._unfold_one_video(x, weight, bias, (1, 1), layout)),
             **{
-                tiles.method: best_of(lambda: winograd(x, conv.tap_major(weight), bias, tiles))
+                tiles.method: best_of(lambda: conv.winograd_conv3d(x[None], conv.tap_major(weight), bias, tiles))
                 for tiles in conv.winograd_tiles(h, w)
             },
             "taps": best_of(lambda: conv._taps_one_video(x, conv.tap_major(weight), bias, (1, 1))),

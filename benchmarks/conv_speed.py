@@ -66,9 +66,7 @@ def single_convolutions(repeats: int) -> None:
         stored = conv.tap_major(mx.random.normal((o, 3, 3, 3, c)) * 0.01)
         mx.eval(x, stored)
         runs = {
-            tiles.method: lambda tiles=tiles: conv._winograd_frames(
-                x, conv._winograd_kernel(stored, tiles), None, tiles
-            )
+            tiles.method: lambda tiles=tiles: conv.winograd_conv3d(x[None], stored, None, tiles)
             for tiles in conv.winograd_tiles(h, w)
         }
         runs["taps"] = lambda: conv._taps_one_video(x, stored, None, (1, 1))

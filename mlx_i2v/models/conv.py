@@ -12,8 +12,8 @@ one thread. Everything here is built from plain matmuls on views instead, channe
   kernels on small frames (where F(4x4)'s larger kernel transform outweighs the products it saves) and
   on frames whose sides are not multiples of 4, per-tap matmuls where transforming the kernels costs
   more than the multiplications saved (tiny frames with wide channels: the LTX VAE at its latent
-  resolution). Output frames are computed in groups whose transient
-  buffers fit :data:`CONV_FRACTION` of the memory budget.
+  resolution). Output frames are computed in groups whose transient buffers fit :data:`CONV_FRACTION`
+  of the memory budget.
 - :func:`upsample2x_conv2d`: nearest 2x upsampling followed by a 3x3 conv, as four 2x2 convs of the
   source (2.25x fewer multiplications, no upsampled tensor).
 - :func:`conv3d_by_taps`: any stride-1 kernel, one matmul per kernel tap on a shifted view.
@@ -365,14 +365,14 @@ def _winograd_frames(x: mx.array, kernel: mx.array, bias: mx.array | None, tiles
     """(T, H, W, C) with (kt, n, n, O, C) transformed kernels -> (T - kt + 1, H, W, O): the input transform
     and products two tile columns at a time (one per stream), then the output transform; each phase is
     evaluated before the next on the CPU (:func:`_phase_apart`), else all lazily."""
-    t, h, w, c = x.shape
+    h, w = x.shape[1:3]
     padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
     # tile j of an axis starts at padded index m * j
     cols = [padded[:, :, i : i + w : tiles.m] for i in range(tiles.n)]
     products = {}
     for first in range(0, tiles.n, 2):
         columns = tuple(range(first, min(first + 2, tiles.n)))
-        transformed = _phase_apart(_input_transform(cols, tiles, columns, (t, h, w, c)))
+        transformed = _phase_apart(_input_transform(cols, tiles, columns))
         products |= _phase_apart(_products(transformed, kernel, bias, tiles, x.dtype))
     return _output_transform(products, tiles, (h, w))
 
@@ -381,20 +381,22 @@ def _phase_apart(phase: dict[tuple[int, int], mx.array]) -> dict[tuple[int, int]
     """``phase``, evaluated on the CPU. There the transforms run on two streams, a core each, and the
     products' BLAS calls on both cores: queued together they contend for the two cores, and F(4x4) with
     its phases apart was 5-19 % faster at 32-512 channels (median of 12; (6, 128, 192, 32 -> 32): 66
-    against 72 ms), F(2x2) no slower (benchmarks/README.md). Two tile columns at a time, the transformed input a product consumes is freed before
-    the next columns are transformed, as when MLX interleaved the phases."""
+    against 72 ms), F(2x2) no slower (benchmarks/README.md). Two tile columns at a time, the transformed
+    input a product consumes is freed before the next columns are transformed, as when MLX interleaved
+    the phases."""
     if on_cpu():
         mx.eval(list(phase.values()))
     return phase
 
 
 def _input_transform(
-    cols: list[mx.array], tiles: WinogradTiles, columns: tuple[int, ...], shape: tuple[int, int, int, int]
+    cols: list[mx.array], tiles: WinogradTiles, columns: tuple[int, ...]
 ) -> dict[tuple[int, int], mx.array]:
     """B^T d B, width then height, for the tile columns ``columns`` of B: ``cols[i]`` (T, H + 2, W / m, C)
-    is every tile's padded column i of a (T, H, W, C) input of ``shape``; component (ay, bx) -> (T,
-    tiles, C), lazily, the columns alternating between two streams."""
-    t, h, w, c = shape
+    is every tile's padded column i of a (T, H, W, C) input; component (ay, bx) -> (T, tiles, C), lazily,
+    the columns alternating between two streams."""
+    t, h, tiles_across, c = cols[0].shape
+    h -= 2
     m = tiles.m
     streams = two_streams()
     transformed = {}
@@ -403,7 +405,7 @@ def _input_transform(
             u = _combine(cols, tiles.BT[bx])
             rows = [u[:, i : i + h : m] for i in range(tiles.n)]
             for ay, column in enumerate(tiles.BT):
-                transformed[ay, bx] = _combine(rows, column).reshape(t, (h // m) * (w // m), c)
+                transformed[ay, bx] = _combine(rows, column).reshape(t, (h // m) * tiles_across, c)
     return transformed
 
 
