@@ -11,7 +11,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..memory import memory_budget
+from ..memory import evaluate_on_cpu, memory_budget
 from .elementwise import gelu_tanh
 
 # A feed-forward's (tokens, ffn_dim) intermediates are the largest per-token tensors of a transformer
@@ -34,6 +34,10 @@ class GELU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.proj(x)
+        # Else the LayerNorm, modulation and projection queued ahead are held beside the activation's
+        # (tokens, inner) tensors: a TI2V-5B feed-forward sub-layer peaked at 16.3 hidden-state copies,
+        # 11.3 with this, in the same time.
+        evaluate_on_cpu(x)
         return gelu_tanh(x) if self.approximate else nn.gelu(x)
 
 
@@ -106,13 +110,18 @@ def timestep_embedding(t: mx.array, dim: int) -> mx.array:
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
 
 
-@mx.compile  # one pass instead of six (1.8x faster on the CPU), bit-identical
+@mx.compile  # one pass over the tokens (1.8x faster than the operations one by one on the CPU), bit-identical
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, heads, L, D) by (L, D/2) tables, in
-    float32, returning x's dtype."""
-    pairs = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    out = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    float32, returning x's dtype: ``(x1 cos - x2 sin, x1 sin + x2 cos)`` for each pair.
+
+    One broadcast expression over (..., D/2, 2), with the pair axis of the tables holding (cos, sin) and
+    (-sin, cos): the same results as two rotated halves stacked, which held two hidden-state copies at
+    once where this writes one."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    firsts = mx.stack([cos, sin], axis=-1)
+    seconds = mx.stack([-sin, cos], axis=-1)
+    out = pairs[..., :1].astype(mx.float32) * firsts + pairs[..., 1:].astype(mx.float32) * seconds
     return out.reshape(x.shape).astype(x.dtype)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from ...components import ComponentType, load_component
 from ...errors import WeightLoadError
+from ...memory import evaluate_on_cpu
 from ...quantize import Quantization, quantize_transformer
 from ...seams import GatherKV
 from ...weights import (
@@ -286,12 +287,16 @@ class WanTransformerBlock(nn.Module):
         h = modulate(self.norm1(x.astype(f32)), *modulation_rows(mod, time_index, 1, 0)).astype(x.dtype)
         out = self.attn1(h, rope=rope, gather_kv=gather_kv)
         x = gated_residual(x, out, *modulation_rows(mod, time_index, 2))
+        # On the CPU each sub-layer's output is evaluated before the next is queued: else the chain of
+        # operations behind it is held beside the next one's (memory.evaluate_on_cpu).
+        evaluate_on_cpu(x)
 
         h = self.norm2(x.astype(f32)).astype(x.dtype)
         if isinstance(context, CrossKV):
             x = x + self.attn2(h, kv=context)
         else:
             x = x + self.attn2(h, context)
+        evaluate_on_cpu(x)
 
         return self.feed_forward(x, time_index, mod)
 
