@@ -71,9 +71,9 @@ def evaluate_on_cpu(*arrays: mx.array) -> None:
     MLX allocates the output of every queued operation when it queues it, before the first one finishes,
     so one evaluation of a long chain holds every intermediate of the chain at once. An evaluation point
     bounds that, in about the same time on the CPU: a TI2V-5B block (2 x 1056 tokens) peaked at 21.3
-    hidden-state copies, 14.1 with its attention's and feed-forward's inner points
-    (benchmarks/README.md). On a GPU an evaluation also stops the host from encoding ahead of the device,
-    which could not be measured here, so the graph there stays as it was.
+    hidden-state copies as one chain, 14.1 with its evaluation points (benchmarks/README.md, "The
+    denoise block's peak on the CPU"). On a GPU an evaluation also stops the host from encoding ahead of
+    the device, which could not be measured here, so the graph there stays as it was.
     """
     if mx.default_device() == mx.cpu:
         mx.eval(*arrays)
