@@ -97,9 +97,10 @@ def attention(
         f32 = mx.float32
         out = attention(q.astype(f32), k.astype(f32), v.astype(f32), scale=scale, mask=mask)
         return out.astype(q.dtype)
-    # Keys and values are often head views of (B, L, heads * D) projections; MLX's matmul copies an operand
-    # whose rows are not packed, and would do so for every query chunk. Once is enough (a no-op when packed).
-    k, v = mx.contiguous(k), mx.contiguous(v)
+    if on_cpu():
+        # Keys and values are often head views of (B, L, heads * D) projections. MLX's CPU matmul copies an
+        # operand whose rows are not packed, for every query chunk; once is enough (a no-op when packed).
+        k, v = mx.contiguous(k), mx.contiguous(v)
     sdpa = softmax_attention if on_cpu() and q.dtype == mx.float32 else mx.fast.scaled_dot_product_attention
     chunk = query_chunk_size(B, heads, q_len, k_len, attention_workspace())
     if chunk >= q_len:
