@@ -20,6 +20,7 @@ import os
 import mlx.core as mx
 
 from .errors import InvalidInputError
+from .models.elementwise import on_cpu
 
 ENV_VAR = "MLX_I2V_MEMORY_LIMIT"
 GB = 10**9
@@ -75,7 +76,7 @@ def evaluate_on_cpu(*arrays: mx.array) -> None:
     denoise block's peak on the CPU"). On a GPU an evaluation also stops the host from encoding ahead of
     the device, which could not be measured here, so the graph there stays as it was.
     """
-    if mx.default_device() == mx.cpu:
+    if on_cpu():
         mx.eval(*arrays)
 
 

@@ -42,8 +42,8 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..memory import memory_budget
-from .elementwise import on_cpu, two_streams
+from ..memory import evaluate_on_cpu, memory_budget
+from .elementwise import two_streams
 
 # Share of the memory budget one convolution may spend on transient buffers (as attention does): output
 # frames are computed in groups that fit, and Winograd is used only where one frame fits.
@@ -384,8 +384,7 @@ def _phase_apart(phase: dict[tuple[int, int], mx.array]) -> dict[tuple[int, int]
     against 72 ms), F(2x2) no slower (benchmarks/README.md). Two tile columns at a time, the transformed
     input a product consumes is freed before the next columns are transformed, as when MLX interleaved
     the phases."""
-    if on_cpu():
-        mx.eval(list(phase.values()))
+    evaluate_on_cpu(*phase.values())
     return phase
 
 
