@@ -53,8 +53,9 @@ def _mlx_run(q: mx.array, k: mx.array, v: mx.array, workspace: int):
         mx.reset_peak_memory()
         base = mx.get_active_memory()
         outs = []
+        v_ones = attn.with_ones_column(v)
         for start in range(0, q.shape[2], chunk):
-            out = attn.softmax_attention(q[:, :, start : start + chunk], k, v, scale=q.shape[-1] ** -0.5)
+            out = attn.softmax_attention(q[:, :, start : start + chunk], k, v_ones, scale=q.shape[-1] ** -0.5)
             mx.eval(out)
             outs.append(out)
         mx.eval(mx.concatenate(outs, axis=2))

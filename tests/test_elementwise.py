@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_i2v.models.attention import attention, softmax_attention
+from mlx_i2v.models.attention import attention, softmax_attention, with_ones_column
 from mlx_i2v.models.elementwise import exp2_kernel, exp2_nonpositive, gelu_tanh, silu
 
 
@@ -88,7 +88,7 @@ def test_softmax_attention_equals_mlx_sdpa(masked, batch, heads, queries):
         keep = mx.arange(24)[None, None, None, :] < mx.array([24, 9, 17])[:batch, None, None, None]
         mask = mx.where(keep, mx.random.normal((1, heads, queries, 24)), mx.finfo(mx.float32).min)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
-    got = softmax_attention(q, k, v, scale=0.3, mask=mask)
+    got = softmax_attention(q, k, with_ones_column(v), scale=0.3, mask=mask)
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
     # the chunked path (queries split to a small workspace) gives the same on the CPU
     assert mx.allclose(attention(q, k, v, scale=0.3, mask=mask), want, rtol=1e-5, atol=1e-6).item()
