@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_i2v.models.attention import attention, softmax_attention, with_ones_column
+from mlx_i2v.models.attention import _row_split, attention, row_max, softmax_attention, with_ones_column
 from mlx_i2v.models.elementwise import exp2_kernel, exp2_nonpositive, gelu_tanh, silu
 
 
@@ -92,3 +92,20 @@ def test_softmax_attention_equals_mlx_sdpa(masked, batch, heads, queries):
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
     # the chunked path (queries split to a small workspace) gives the same on the CPU
     assert mx.allclose(attention(q, k, v, scale=0.3, mask=mask), want, rtol=1e-5, atol=1e-6).item()
+
+
+@pytest.mark.parametrize("n", [1056, 512, 27280, 1021, 96, 40, 17, 1])
+def test_row_max_equals_the_plain_max(n):
+    """The max in two steps (over rows of a split of the last axis, then the rest) is the plain max: the
+    same values, whatever n's divisors, including -inf rows and NaN."""
+    x = mx.random.normal((2, 3, 5, n), key=mx.random.key(n)) * 10
+    x[0, 0, 0] = -mx.inf
+    x[1, 2, 4, n // 2] = mx.nan
+    assert mx.array_equal(row_max(x), mx.max(x, axis=-1, keepdims=True), equal_nan=True).item()
+
+
+def test_row_split_is_a_divisor_in_the_vectorised_range():
+    assert _row_split(1056) == 32 and _row_split(512) == 32 and _row_split(27280) == 40
+    assert _row_split(1021) is None and _row_split(17) is None  # prime: the plain max
+    assert _row_split(40) == 20  # below 32 only: the greatest
+
