@@ -38,7 +38,8 @@ Usage::
     python benchmarks/compare_diffusers.py --family ltx --json benchmarks/results_ltx.json  # 33 frames, CFG 3
 
 On Linux, MLX's CPU wheel ships a slow reference BLAS; the MLX subprocess gets Debian's OpenBLAS with
-``LD_PRELOAD`` (``--blas``), while PyTorch keeps the MKL it is built with (no preload: it has its own).
+``LD_PRELOAD`` (``--blas``) and ``OPENBLAS_THREAD_TIMEOUT=4``, as the README's Linux notes say to run it,
+while PyTorch keeps the MKL it is built with (no preload: it has its own, and OpenMP threads).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 README = Path(__file__).resolve().parent / "README.md"
 DEFAULT_BLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+# OpenBLAS's idle threads spin (sched_yield) for 2**28 cycles after each call by default; 2**4 lets them
+# sleep at once. README.md, "Linux and other notes".
+OPENBLAS_SETTINGS = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 PROMPT = "a red fox runs through snow, the camera slowly pans"
 NEGATIVE_PROMPT = "blurry, static, worst quality"
 RESULTS_END = "<!-- results-end -->"
@@ -602,7 +606,7 @@ def markdown(report: dict[str, Any]) -> str:
 ### {mach.get('cpu', '?')}, {mach['cores']} cores, {mach.get('ram_gb', '?')} GB RAM ({report['date'][:10]})
 
 - Software: {mach['os']}, Python {mach['python']}; mlx {mach['mlx']} on `{m['device']}` with BLAS
-  `{report['mlx_blas'] or 'as shipped'}`; torch {mach['torch']} on `{job['torch_device']}` ({d['threads']} threads{', ' + mach['cuda'] if mach.get('cuda') else ''});
+  `{report['mlx_blas'] or 'as shipped'}`{blas_env(report)}; torch {mach['torch']} on `{job['torch_device']}` ({d['threads']} threads{', ' + mach['cuda'] if mach.get('cuda') else ''});
   diffusers {mach['diffusers']}; transformers {mach['transformers']}; {job['dtype']} on both sides.
 - Model: {FAMILIES[job.get('family', 'wan')].describe(job)}
 - Job: height {job['height']} x width {job['width']}, {job['frames']} frames, {job['steps']} steps, guidance
@@ -625,6 +629,13 @@ VAE_NAMES = {
     "full": "the real Wan2.2 VAE",
     "small": "a narrow Wan2.2 VAE (base 20, decoder base 32: an eighth of the real widths)",
 }
+
+
+def blas_env(report: dict[str, Any]) -> str:
+    """The OpenBLAS settings the MLX side ran with, as shell assignments (none in runs before they were
+    recorded)."""
+    settings = report.get("mlx_blas_env") or {}
+    return "".join(f" (`{k}={v}`)" for k, v in settings.items())
 
 
 def matmul_line(report: dict[str, Any]) -> str:
@@ -792,7 +803,7 @@ def main() -> None:
     job_file.write_text(json.dumps(job, indent=2))
 
     blas = args.blas if sys.platform == "linux" and args.blas and Path(args.blas).exists() else None
-    mlx_env = dict(env, LD_PRELOAD=blas) if blas else env
+    mlx_env = dict(env, LD_PRELOAD=blas, **{k: env.get(k, v) for k, v in OPENBLAS_SETTINGS.items()}) if blas else env
     for side, side_env in (("diffusers", env), ("mlx", mlx_env)):
         if args.only not in (None, side):
             continue
@@ -809,6 +820,7 @@ def main() -> None:
         "marker": f"<!-- bench:{key} -->",
         "machine": mach,
         "mlx_blas": blas,
+        "mlx_blas_env": {k: mlx_env[k] for k in OPENBLAS_SETTINGS if k in mlx_env},
         "job": job,
         **results,
         "comparison": comparison,
