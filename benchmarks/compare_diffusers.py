@@ -809,7 +809,7 @@ def main() -> None:
     job_file.write_text(json.dumps(job, indent=2))
 
     blas = args.blas if sys.platform == "linux" and args.blas and Path(args.blas).exists() else None
-    mlx_env = dict(env, LD_PRELOAD=blas, **{k: env.get(k, v) for k, v in OPENBLAS_SETTINGS.items()}) if blas else env
+    mlx_env = dict(OPENBLAS_SETTINGS, **env, LD_PRELOAD=blas) if blas else env  # the caller's settings win
     for side, side_env in (("diffusers", env), ("mlx", mlx_env)):
         if args.only not in (None, side):
             continue

@@ -108,4 +108,3 @@ def test_row_split_is_a_divisor_in_the_vectorised_range():
     assert _row_split(1056) == 32 and _row_split(512) == 32 and _row_split(27280) == 40
     assert _row_split(1021) is None and _row_split(17) is None  # prime: the plain max
     assert _row_split(40) == 20  # below 32 only: the greatest
-

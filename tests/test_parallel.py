@@ -257,7 +257,7 @@ def test_restyle_and_extend_under_parallel_ranks_match_one_process(tiny_ti2v_dir
     # Split over the guidance branches, each rank encodes its own prompt, and the UMT5 runs over the longest
     # prompt of its batch (encode_prompts): those embeddings differ from one process's by rounding (1.4e-6
     # for a 7- and a 20-token prompt), which two steps and the decode carry to 7.7e-6 in the frames at
-    # 995bdb6, 1.1e-5 since the CPU attention's sums come from a matmul (cdd07fa). A wrong branch would be
+    # 995bdb6, 1.1e-5 since the CPU attention's sums come from a matmul (fc309a6). A wrong branch would be
     # far above 2e-5.
     assert frames.shape == expected.shape == (13, 64, 96, 3) and np.abs(frames - expected).max() < 2e-5
     assert _rank_stats(tmp_path, 0)["metadata"]["parallel"]["mode"] == "cfg"
