@@ -69,6 +69,13 @@ def test_silu_matches_float64():
     assert np.isnan(np.array(silu(mx.array([float("nan")])))).all()
 
 
+def test_silu_of_an_infinite_input_is_nan():
+    """The exponential skips its clamp (a finite x keeps its argument finite), so infinities give NaN,
+    as PyTorch's silu does for -inf; finite extremes are still exact."""
+    got = np.array(silu(mx.array([float("inf"), -float("inf"), 3.4e38, -3.4e38])))
+    assert np.isnan(got[:2]).all() and got[2] == np.float32(3.4e38) and got[3] == 0.0
+
+
 def test_half_precision_round_trips():
     x = mx.array(wide_range(3)[:1000]).astype(mx.bfloat16)
     assert gelu_tanh(x).dtype == mx.bfloat16 and silu(x).dtype == mx.bfloat16
