@@ -10,8 +10,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_i2v.models.attention import _row_split, attention, row_max, softmax_attention, with_ones_column
+from mlx_i2v.models.attention import attention, softmax_attention, with_ones_column
 from mlx_i2v.models.elementwise import exp2_kernel, exp2_nonpositive, gelu_tanh, silu
+from mlx_i2v.models.rows import _row_split, row_max
 
 
 def wide_range(seed: int, n: int = 200_000) -> np.ndarray:

@@ -20,7 +20,7 @@ On the CPU that fallback's softmax costs more than its two matmuls (MLX's CPU ``
 there float32 attention is computed here, the same three steps with the exponentials from
 :mod:`~mlx_i2v.models.elementwise` and the normalisation applied to the (Lq, D) result instead of the
 (Lq, Lk) weights. Its row sums come out of the second matmul and its row maxima are taken in two
-vectorised steps (:func:`softmax_attention`, :func:`row_max`), since MLX's CPU reductions along a row go
+vectorised steps (:func:`softmax_attention`, :func:`~.rows.row_max`), since MLX's CPU reductions along a row go
 one element at a time.
 """
 
@@ -30,6 +30,7 @@ import mlx.core as mx
 
 from ..memory import memory_budget
 from .elementwise import LOG2E, exp2_kernel, on_cpu, two_streams
+from .rows import row_max
 
 # Share of the memory budget one attention call may spend on its score matrix.
 ATTENTION_FRACTION = 1 / 8
@@ -188,29 +189,3 @@ def _numerators(scores: mx.array, mask: mx.array | None) -> mx.array:
     if mask is not None:
         scores = scores + mask
     return exp(scores - row_max(scores))
-
-
-def row_max(x: mx.array) -> mx.array:
-    """``mx.max(x, axis=-1, keepdims=True)`` for a contiguous x (..., n), the same values in a third of the
-    time on the CPU.
-
-    MLX's CPU reduction along the last axis goes one element at a time (3.5 ms for (1, 24, 165, 1056)
-    float32 scores on a 2-core EPYC), while one across rows runs element-wise along them (1.0 ms). So
-    with n split as (a, b) the max is taken over a first, then over the b that are left; a max does not
-    depend on the order, so the result is identical. Without a divisor b of n in [16, 128] it is the
-    plain max.
-    """
-    n = x.shape[-1]
-    b = _row_split(n)
-    if b is None:
-        return mx.max(x, axis=-1, keepdims=True)
-    return mx.max(mx.max(x.reshape(*x.shape[:-1], n // b, b), axis=-2), axis=-1, keepdims=True)
-
-
-def _row_split(n: int) -> int | None:
-    """The length b of the vectorised inner axis for :func:`row_max`: the least divisor of n in [32, 128],
-    else the greatest in [16, 32), else None. (For rows of 1056 scores, b = 32-66 ran fastest; 16 and 132
-    were 1.2-1.5x slower.)"""
-    divisors = [b for b in range(16, 129) if n % b == 0 and b < n]
-    wide = [b for b in divisors if b >= 32]
-    return wide[0] if wide else (divisors[-1] if divisors else None)
