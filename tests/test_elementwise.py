@@ -12,6 +12,7 @@ import pytest
 
 from mlx_i2v.models.attention import attention, softmax_attention, with_ones_column
 from mlx_i2v.models.elementwise import exp2_kernel, exp2_nonpositive, gelu_tanh, silu
+from mlx_i2v.models import rows
 from mlx_i2v.models.rows import _row_split, row_max
 
 
@@ -116,3 +117,19 @@ def test_row_split_is_a_divisor_in_the_vectorised_range():
     assert _row_split(1056) == 32 and _row_split(512) == 32 and _row_split(27280) == 40
     assert _row_split(1021) is None and _row_split(17) is None  # prime: the plain max
     assert _row_split(40) == 20  # below 32 only: the greatest
+
+
+@pytest.mark.parametrize("shape", [(2, 33, 3072), (1, 7, 2048), (3, 40), (2, 5, 17), (4, 96)])
+def test_row_norms_match_mlx_fast(shape):
+    """The CPU's LayerNorm and RMSNorm from two-step row sums equal mx.fast's to float32 rounding, with and
+    without weights, on rows that split and (17: prime) on the fallback, which is mx.fast itself."""
+    mx.random.seed(3)
+    x = mx.random.normal(shape) * 3 + 1.5
+    w, b = mx.random.normal(shape[-1:]), mx.random.normal(shape[-1:])
+    for weight, bias in ((None, None), (w, None), (w, b)):
+        got, want = rows.layer_norm(x, weight, bias, 1e-6), mx.fast.layer_norm(x, weight, bias, 1e-6)
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
+    for weight in (None, w):
+        got, want = rows.rms_norm(x, weight, 1e-6), mx.fast.rms_norm(x, weight, 1e-6)
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
+    assert mx.allclose(rows.row_sum(x), mx.sum(x, axis=-1, keepdims=True), rtol=1e-5, atol=1e-4).item()

@@ -40,6 +40,7 @@ from ...quantize import Quantization, quantize_transformer
 from ...weights import IDENTITY, Rule, WeightMap, config_from_dict
 from ..attention import attention
 from ..layers import FeedForward, TextProjection, TimestepEmbedding, apply_rope, by_token_chunks, timestep_embedding
+from ..rows import layer_norm, rms_norm
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,9 @@ class LTXRotaryPosEmbed:
 
 
 class RMSNorm(nn.Module):
-    """diffusers' ``RMSNorm``: statistics in float32, result in the input dtype; the learned scale is
-    present only with ``elementwise_affine`` (no released LTX checkpoint has one)."""
+    """diffusers' ``RMSNorm`` (:func:`~..rows.rms_norm`): statistics in float32, result in the input dtype;
+    the learned scale is present only with ``elementwise_affine`` (the q/k norms; no released LTX checkpoint
+    has one on the blocks' norms)."""
 
     def __init__(self, dim: int, eps: float, elementwise_affine: bool = False):
         super().__init__()
@@ -276,7 +278,7 @@ class RMSNorm(nn.Module):
             self.weight = mx.ones((dim,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.get("weight"), self.eps)
+        return rms_norm(x, self.get("weight"), self.eps)
 
 
 class TextContext(NamedTuple):
@@ -306,8 +308,8 @@ class LTXAttention(nn.Module):
         self.to_k = nn.Linear(kv_dim, dim, bias=bias)
         self.to_v = nn.Linear(kv_dim, dim, bias=bias)
         self.to_out = [nn.Linear(dim, dim, bias=config.attention_out_bias)]  # to_out.1 is a no-op Dropout
-        self.norm_q = nn.RMSNorm(dim, eps=1e-5)
-        self.norm_k = nn.RMSNorm(dim, eps=1e-5)
+        self.norm_q = RMSNorm(dim, 1e-5, elementwise_affine=True)
+        self.norm_k = RMSNorm(dim, 1e-5, elementwise_affine=True)
 
     def _heads(self, x: mx.array) -> mx.array:
         """(B, L, heads*D) -> (B, heads, L, D)"""
@@ -617,7 +619,7 @@ class LTXVideoTransformer3DModel(nn.Module):
     def project_out(self, x: mx.array, tokens: LTXPassTokens) -> mx.array:
         """The timestep-modulated output norm and projection: (B, L, dim) -> (B, L, out_channels)."""
         shift, scale = Modulation(tokens.embedded[:, None], tokens.time_index).rows(self.scale_shift_table)
-        x = mx.fast.layer_norm(x, None, None, 1e-6) * (1 + scale) + shift
+        x = layer_norm(x, None, None, 1e-6) * (1 + scale) + shift
         return self.proj_out(x)
 
 

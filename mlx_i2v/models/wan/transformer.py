@@ -34,7 +34,16 @@ from ...weights import (
     conv_weight,
 )
 from ..attention import attention
-from ..layers import FeedForward, TextProjection, TimestepEmbedding, apply_rope, by_token_chunks, timestep_embedding
+from ..layers import (
+    FeedForward,
+    RMSNorm,
+    TextProjection,
+    TimestepEmbedding,
+    apply_rope,
+    by_token_chunks,
+    timestep_embedding,
+)
+from ..rows import layer_norm
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +94,11 @@ class WanTransformerConfig:
 
 
 class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (weights are kept float32 too), returning the input's dtype."""
+    """LayerNorm computed in float32 (weights are kept float32 too; :func:`~..rows.layer_norm`), returning
+    the input's dtype."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return super().__call__(x.astype(mx.float32)).astype(x.dtype)
+        return layer_norm(x.astype(mx.float32), self.get("weight"), self.get("bias"), self.eps).astype(x.dtype)
 
 
 class WanRotaryPosEmbed:
@@ -156,13 +166,13 @@ class WanAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.to_out = [nn.Linear(dim, dim)]  # the reference's to_out.1 is a no-op Dropout
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.norm_q = RMSNorm(dim, eps=eps)
+        self.norm_k = RMSNorm(dim, eps=eps)
         self.has_image_kv = added_kv_proj_dim is not None
         if self.has_image_kv:
             self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
             self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
-            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+            self.norm_added_k = RMSNorm(dim, eps=eps)
 
     def _heads(self, x: mx.array) -> mx.array:
         """(B, L, heads*D) -> (B, heads, L, D)"""
