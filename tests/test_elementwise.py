@@ -1,5 +1,5 @@
-"""The CPU's rebuilt transcendental functions (exp, tanh-GELU, SiLU, softmax attention) against float64
-NumPy and against the MLX functions they replace."""
+"""The CPU's rebuilt transcendental functions (exp, tanh-GELU, SiLU, softmax attention) and row reductions
+(max, sum, LayerNorm, RMSNorm) against float64 NumPy and against the MLX functions they replace."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_i2v.models import rows
 from mlx_i2v.models.attention import attention, softmax_attention, with_ones_column
 from mlx_i2v.models.elementwise import exp2_kernel, exp2_nonpositive, gelu_tanh, silu
-from mlx_i2v.models import rows
 from mlx_i2v.models.rows import _row_split, row_max
 
 
