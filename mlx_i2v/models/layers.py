@@ -1,6 +1,6 @@
 """Layers shared by the model families' transformers, named as diffusers names them so weight maps stay
 one to one: the GELU feed-forward (and its sub-layer run over chunks of tokens), the sinusoidal timestep
-embedding and its MLP, the caption projection, the q/k RMSNorm, and the interleaved-pair RoPE rotation.
+embedding and its MLP, the caption projection, diffusers' RMSNorm, and the interleaved-pair RoPE rotation.
 Channels-last: tokens are (B, L, dim)."""
 
 from __future__ import annotations
@@ -42,12 +42,19 @@ class GELU(nn.Module):
         return gelu_tanh(x) if self.approximate else nn.gelu(x)
 
 
-class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` (same parameters) whose statistics come from :func:`~.rows.rms_norm`, faster on the
-    CPU."""
+class RMSNorm(nn.Module):
+    """diffusers' ``RMSNorm`` (:func:`~.rows.rms_norm`): statistics in float32, result in the input dtype;
+    the learned scale is present only with ``elementwise_affine`` (every q/k norm; no released LTX-Video
+    checkpoint has one on its blocks' norms)."""
+
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool = False):
+        super().__init__()
+        self.eps = eps
+        if elementwise_affine:
+            self.weight = mx.ones((dim,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.get("weight"), self.eps)
 
 
 class FeedForward(nn.Module):

@@ -39,8 +39,16 @@ from ...errors import WeightLoadError
 from ...quantize import Quantization, quantize_transformer
 from ...weights import IDENTITY, Rule, WeightMap, config_from_dict
 from ..attention import attention
-from ..layers import FeedForward, TextProjection, TimestepEmbedding, apply_rope, by_token_chunks, timestep_embedding
-from ..rows import layer_norm, rms_norm
+from ..layers import (
+    FeedForward,
+    RMSNorm,
+    TextProjection,
+    TimestepEmbedding,
+    apply_rope,
+    by_token_chunks,
+    timestep_embedding,
+)
+from ..rows import layer_norm
 
 log = logging.getLogger(__name__)
 
@@ -264,21 +272,6 @@ class LTXRotaryPosEmbed:
 
 
 # --- building blocks -------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    """diffusers' ``RMSNorm`` (:func:`~..rows.rms_norm`): statistics in float32, result in the input dtype;
-    the learned scale is present only with ``elementwise_affine`` (the q/k norms; no released LTX checkpoint
-    has one on the blocks' norms)."""
-
-    def __init__(self, dim: int, eps: float, elementwise_affine: bool = False):
-        super().__init__()
-        self.eps = eps
-        if elementwise_affine:
-            self.weight = mx.ones((dim,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return rms_norm(x, self.get("weight"), self.eps)
 
 
 class TextContext(NamedTuple):

@@ -166,13 +166,13 @@ class WanAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.to_out = [nn.Linear(dim, dim)]  # the reference's to_out.1 is a no-op Dropout
-        self.norm_q = RMSNorm(dim, eps=eps)
-        self.norm_k = RMSNorm(dim, eps=eps)
+        self.norm_q = RMSNorm(dim, eps, elementwise_affine=True)
+        self.norm_k = RMSNorm(dim, eps, elementwise_affine=True)
         self.has_image_kv = added_kv_proj_dim is not None
         if self.has_image_kv:
             self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
             self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
-            self.norm_added_k = RMSNorm(dim, eps=eps)
+            self.norm_added_k = RMSNorm(dim, eps, elementwise_affine=True)
 
     def _heads(self, x: mx.array) -> mx.array:
         """(B, L, heads*D) -> (B, heads, L, D)"""
