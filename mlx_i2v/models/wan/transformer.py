@@ -546,6 +546,10 @@ class WanTransformer3DModel(nn.Module):
         for i in indices:
             block_context = context[i] if isinstance(context, list) else context
             x = self.blocks[i](x, block_context, tokens.time_proj, tokens.time_index, tokens.rope, tokens.gather_kv)
+            # On the CPU each block's output is evaluated here, once the block's own references are gone: else
+            # its feed-forward's tail is evaluated with the next block's self-attention, at a higher peak
+            # (benchmarks/README.md, "Each block's output evaluated").
+            evaluate_on_cpu(x)
         return x
 
     def head(self, x: mx.array, tokens: PassTokens) -> mx.array:
