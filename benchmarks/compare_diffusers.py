@@ -28,7 +28,9 @@ likewise), as ``tests/test_ltx_pipeline.py`` does. The VAE's posterior is made d
 tests (log-variance at the clamp, -30), since diffusers samples it and mlx-i2v takes its mean.
 
 Each side also times its denoise stage's matmuls alone (``matmuls.py``: the same products at the job's
-shapes, back to back; Wan only), so the report says how far each framework's denoise stage is from its matmuls.
+shapes, back to back; Wan only), so the report says how far each framework's denoise stage is from its matmuls,
+and how far its last step is from that step's (the steady cost of a pass, with what the stage runs once behind
+it: the first block's fresh memory, mlx-i2v's text context).
 
 Usage::
 
@@ -352,6 +354,13 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
     pipe.vae.decode = timed("decode", pipe.vae.decode)
     pipe.vae.decoder.forward = timed("decoder chunk", pipe.vae.decoder.forward)  # one per latent frame
 
+    step_ends: list[float] = []
+
+    def step_end(pipe, step, timestep, callback_kwargs) -> dict:
+        sync()
+        step_ends.append(time.perf_counter() - start)
+        return {}
+
     load_before = os.getloadavg()
     start, cpu_start = time.perf_counter(), _cpu_s()
     with torch.no_grad():
@@ -359,7 +368,7 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
             image=Image.open(job["photo"]).convert("RGB"), prompt=job["prompt"],
             negative_prompt=job["negative_prompt"], height=job["height"], width=job["width"],
             num_frames=job["frames"], num_inference_steps=job["steps"], guidance_scale=job["guidance"],
-            output_type="np", **family_kwargs,
+            output_type="np", callback_on_step_end=step_end, **family_kwargs,
         ).frames[0]  # fmt: skip
     sync()
     end, cpu = time.perf_counter(), _cpu_s() - cpu_start
@@ -384,6 +393,7 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
             "decode": end - decode_start,
         },
         "transformer_calls": sum(n == "transformer" for n, _, _ in events),
+        "step_ends_s": step_ends,
         "generate_s": end - start,
         "generate_cpu_s": cpu,
         "loadavg_before_after": [load_before[0], os.getloadavg()[0]],
@@ -436,13 +446,18 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
     load_s = time.perf_counter() - tic
     rss_after_load = _peak_rss_gb()
     plan = pipe.plan(height=job["height"], width=job["width"], num_frames=job["frames"], guidance=job["guidance"] > 1)
+    step_ends: list[float] = []
+
+    def step_end(step: int, total: int, t: float) -> None:
+        step_ends.append(time.perf_counter() - start)
+        _say(f"step {step}/{total} at {step_ends[-1]:.1f}s")
+
     load_before = os.getloadavg()
     start, cpu_start = time.perf_counter(), _cpu_s()
     video = pipe(
         Image.open(job["photo"]).convert("RGB"), job["prompt"], negative_prompt=job["negative_prompt"],
         height=job["height"], width=job["width"], num_frames=job["frames"], num_inference_steps=job["steps"],
-        guidance_scale=job["guidance"], **family_kwargs,
-        on_step=lambda step, total, t: _say(f"step {step}/{total} at {time.perf_counter() - start:.1f}s"),
+        guidance_scale=job["guidance"], on_step=step_end, **family_kwargs,
     )  # fmt: skip
     end, cpu = time.perf_counter(), _cpu_s() - cpu_start
     check()
@@ -460,6 +475,7 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
         "load_s": load_s,
         "seconds": video.stats["seconds"],
         "loading_seconds": video.stats["loading_seconds"],
+        "step_ends_s": step_ends,
         "generate_s": end - start,
         "generate_cpu_s": cpu,
         "loadavg_before_after": [load_before[0], os.getloadavg()[0]],
@@ -561,6 +577,8 @@ def compare(results: dict[str, Any], work: Path) -> dict[str, Any]:
         "ratio_load_s": m["load_s"] / d["load_s"],
         # each side's denoise stage over its own matmuls alone (None when a side did not time them)
         "denoise_over_matmuls": {side: _over_matmuls(r) for side, r in results.items()},
+        # each side's last step over one step's matmuls: a pass with the stage's first-use costs behind it
+        "last_step_over_matmuls": {side: _last_step_over_matmuls(r) for side, r in results.items()},
     }
 
 
@@ -578,6 +596,18 @@ def _loading(result: dict[str, Any]) -> float:
 def _over_matmuls(result: dict[str, Any]) -> float | None:
     matmul = result.get("denoise_matmul")
     return denoise_loop(result) / matmul["seconds"] if matmul else None
+
+
+def _last_step_over_matmuls(result: dict[str, Any]) -> float | None:
+    """The last denoising step's wall time over one step's matmuls (``matmuls.seconds_per_step``). The
+    stage as a whole also pays what runs once: its first block in fresh memory, the text context's K/V
+    (mlx-i2v). None without the matmul timing or a second step."""
+    from matmuls import seconds_per_step
+
+    matmul, ends = result.get("denoise_matmul"), result.get("step_ends_s") or []
+    if not matmul or len(ends) < 2:
+        return None
+    return (ends[-1] - ends[-2]) / seconds_per_step(matmul, len(ends))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -649,10 +679,18 @@ def matmul_line(report: dict[str, Any]) -> str:
     theirs = f" (diffusers: {over['diffusers']:.2f}x its own)" if over.get("diffusers") else ""
     ratios = report["comparison"]["ratio_stage_s"]
     ratio = ratios.get("denoise_loop", ratios["denoise"])
+    last = report["comparison"].get("last_step_over_matmuls") or {}
+    last_step = (
+        f" Its last step alone: {last['mlx']:.2f}x that step's matmuls"
+        + (f" (diffusers: {last['diffusers']:.2f}x)." if last.get("diffusers") else ".")
+        if last.get("mlx")
+        else ""
+    )
     return (
         f"\nDenoise loop (the stage less loading the transformer, which diffusers does in `from_pretrained`):"
         f" {ratio:.2f}x diffusers' (target ≤ 0.9x: {'met' if t['denoise'] else '**missed**'});"
         f" {_near(over['mlx'], 1.15)}x the time of its own matmuls alone{theirs} (target ≤ 1.15x: {verdict})."
+        f"{last_step}"
     )
 
 

@@ -42,6 +42,7 @@ class Matmul:
     b: tuple[int, ...]
     bias: bool
     count: int
+    once: bool = False  # run once per generation, not in every pass (mlx-i2v's text context and its K/V)
 
     @property
     def flop(self) -> float:
@@ -76,8 +77,8 @@ def denoise_matmuls(
         Matmul("FFN up", (n, d), (d, ffn), True, layers * passes),
         Matmul("FFN down", (n, ffn), (ffn, d), True, layers * passes),
         Matmul("output projection", (n, d), (d, (config.get("out_channels") or config["in_channels"]) * pt * ph * pw), True, passes),
-        Matmul("text projection 1", (rows * TEXT_TOKENS, config["text_dim"]), (config["text_dim"], d), True, context),
-        Matmul("text projection 2, cross k, v", (rows * TEXT_TOKENS, d), (d, d), True, context * (1 + 2 * layers)),
+        Matmul("text projection 1", (rows * TEXT_TOKENS, config["text_dim"]), (config["text_dim"], d), True, context, context_once),
+        Matmul("text projection 2, cross k, v", (rows * TEXT_TOKENS, d), (d, d), True, context * (1 + 2 * layers), context_once),
     ]  # fmt: skip
     for keys, label in ((tokens, "self-attention"), (TEXT_TOKENS, "cross-attention")):
         chunk = max(1, min(tokens, SCORE_BYTES_PER_CHUNK // (rows * heads * keys * 4)))
@@ -153,7 +154,14 @@ def _report(matmuls: list[Matmul], seconds_of: Callable[[Matmul], float]) -> dic
         "tflop": flop / 1e12,
         "gflops": flop / total / 1e9,
         "products": [
-            {"name": m.name, "a": list(m.a), "b": list(m.b), "count": m.count, "seconds_each": per_call[m]}
+            {"name": m.name, "a": list(m.a), "b": list(m.b), "count": m.count, "once": m.once,
+             "seconds_each": per_call[m]}
             for m in matmuls
         ],
     }
+
+
+def seconds_per_step(report: Mapping[str, Any], steps: int) -> float:
+    """One denoising step's share of a timed list (:func:`time_mlx`, :func:`time_torch`): every product but
+    those run once per generation, divided by the ``steps`` the list was made for."""
+    return sum(p["seconds_each"] * p["count"] for p in report["products"] if not p.get("once")) / steps
