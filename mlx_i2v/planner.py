@@ -41,7 +41,7 @@ from mlx.utils import tree_flatten
 from .errors import InvalidInputError
 from .flops import DiTShape
 from .memory import GB, memory_budget
-from .models.attention import attention_workspace, query_chunk_size
+from .models.attention import SCORE_BYTES, attention_workspace, query_chunk_size
 from .models.conv import conv_plan, conv_workspace
 from .models.layers import FEED_FORWARD_COPIES, feed_forward_chunk, feed_forward_workspace
 from .models.umt5 import UMT5Config
@@ -60,6 +60,13 @@ HIDDEN_F32_COPIES = 8
 HIDDEN_COPIES = 4
 # A fixed working set of a denoising step independent of the token count (context K/V, tables, queue).
 DENOISE_FIXED = 150 * 10**6
+# A block that evaluates its sub-layers and its output one at a time (Wan's, on the CPU) peaks in its
+# largest sub-layer: the feed-forward, its two (tokens, ffn) tensors beside this many float32 hidden-state
+# copies, or the self-attention, a chunk's two score buffers beside this many. Measured on one-block passes
+# (2 x 1056 and 2 x 2016 tokens at TI2V-5B widths, 2 x 1056 at 14B widths: the model gives 368, 680 and
+# 569 MB against 356, 680 and 567 measured).
+STAGED_FFN_HIDDEN_COPIES = 4.4
+STAGED_ATTENTION_HIDDEN_COPIES = 11.6
 
 
 class VAETiling(Protocol):
@@ -90,6 +97,7 @@ class FamilyDims(Protocol):
 
     transformer: TransformerDims
     frame_stride: int  # video frames per latent frame after the first
+    blocks_staged_on_cpu: bool  # the transformer's blocks evaluate their sub-layers one at a time on the CPU
     tilings: tuple[VAETiling, ...]  # the VAE tilings to try, largest first
 
     @property
@@ -270,7 +278,7 @@ def largest_conv_workspace(
 
 def denoise_activations(
     cfg: TransformerDims, tokens: int, batch: int, dtype: mx.Dtype, fused: bool, budget: int, shards: int = 1,
-    cpu: bool = True,
+    cpu: bool = True, staged: bool = False,
 ) -> tuple[int, int | None]:
     """Activation peak of one transformer forward and the attention chunk it uses (None: unchunked).
 
@@ -280,6 +288,9 @@ def denoise_activations(
     per-token term covers this rank's shard, the attention keys span every token, and the gathered keys
     and values of the whole sequence are held twice (as gathered, and in the attention's layout).
     ``cpu``: chunked as on the CPU (see :func:`~mlx_i2v.models.attention.attention_workspace`).
+    ``staged``: the blocks evaluate their sub-layers one at a time (Wan's on the CPU), so a block's terms
+    are those of its largest sub-layer (:data:`STAGED_FFN_HIDDEN_COPIES`,
+    :data:`STAGED_ATTENTION_HIDDEN_COPIES`) instead of their sum.
     """
     dim, heads = cfg.inner_dim, cfg.num_attention_heads
     local = math.ceil(tokens / shards)
@@ -299,10 +310,16 @@ def denoise_activations(
     ffn = FEED_FORWARD_COPIES * batch * ffn_tokens * cfg.ffn_dim * dtype.size
     if ffn_tokens < local:
         ffn += hidden * dtype.size
-    per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size) + max(self_scores, ffn) + cross_scores
-    if not fused and dtype.size < 4:
-        per_block += 3 * hidden * 4  # the unfused fallback runs half precision on float32 q, k, v
-    return per_block + gathered_kv + DENOISE_FIXED, chunk
+    if staged:
+        score_pair = self_scores // dtype.size * SCORE_BYTES  # the CPU attention's scores are float32
+        per_block = max(
+            ffn + hidden * 4 * STAGED_FFN_HIDDEN_COPIES, score_pair + hidden * 4 * STAGED_ATTENTION_HIDDEN_COPIES
+        )
+    else:
+        per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size) + max(self_scores, ffn) + cross_scores
+        if not fused and dtype.size < 4:
+            per_block += 3 * hidden * 4  # the unfused fallback runs half precision on float32 q, k, v
+    return int(per_block) + gathered_kv + DENOISE_FIXED, chunk
 
 
 def text_activations(cfg: UMT5Config, batch: int, dtype: mx.Dtype) -> int:
@@ -379,7 +396,10 @@ def plan_generation(
     tokens = dims.tokens(height, width, num_frames)
     # The steel kernel serves head dims 64/80/128 (those of every Wan and LTX-Video transformer).
     fused = backend == "metal" and dims.transformer.attention_head_dim in (64, 80, 128)
-    denoise, chunk = denoise_activations(dims.transformer, tokens, batch, dtype, fused, budget, shards, backend == "cpu")
+    cpu = backend == "cpu"
+    denoise, chunk = denoise_activations(
+        dims.transformer, tokens, batch, dtype, fused, budget, shards, cpu, cpu and dims.blocks_staged_on_cpu
+    )
     denoise += batch * -(-tokens // shards) * dims.transformer.inner_dim * cache_bytes
 
     def vae_pass(stage: str, activations) -> tuple[VAETiling | None, int]:

@@ -80,6 +80,7 @@ class LTXDims:
         return self.vae.temporal_ratio
 
     tilings = LTX_TILINGS
+    blocks_staged_on_cpu = False  # its blocks run as one chain (benchmarks/README.md: staging them gained nothing)
 
     @property
     def latent_channels(self) -> int:

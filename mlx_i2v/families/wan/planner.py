@@ -107,6 +107,7 @@ class ModelDims:
     # --- what the planner asks of a family's dims (see :func:`plan_generation`) ---
 
     frame_stride = LATENT_FRAME_STRIDE
+    blocks_staged_on_cpu = True  # WanTransformer3DModel: memory.evaluate_on_cpu after each sub-layer and block
 
     @property
     def latent_channels(self) -> int:
