@@ -58,7 +58,8 @@ TEXT_ENCODER_BITS = 8  # the text encoder is kept at 8 bits whenever the transfo
 # residual, LayerNorm, per-token modulation, RoPE), and compute-dtype ones (q, k, v, projections).
 HIDDEN_F32_COPIES = 8
 HIDDEN_COPIES = 4
-# A fixed working set of a denoising step independent of the token count (context K/V, tables, queue).
+# A fixed working set of a denoising step independent of the token count (tables, queue; the held context K/V
+# is counted apart).
 DENOISE_FIXED = 150 * 10**6
 # A block that evaluates its sub-layers and its output one at a time (Wan's, on the CPU) peaks in its
 # largest sub-layer: the feed-forward, its two (tokens, ffn) tensors beside this many float32 hidden-state
@@ -322,6 +323,13 @@ def denoise_activations(
     return int(per_block) + gathered_kv + DENOISE_FIXED, chunk
 
 
+def context_kv_bytes(shape: DiTShape, batch: int, dtype: mx.Dtype) -> int:
+    """Every block's cross-attention keys and values (text and image tokens), which the loop computes once
+    per generation and holds throughout (``Denoiser._context``): 755 MB for TI2V-5B's 30 blocks in float32
+    with guidance."""
+    return shape.num_layers * 2 * batch * shape.context_tokens * shape.dim * dtype.size
+
+
 def text_activations(cfg: UMT5Config, batch: int, dtype: mx.Dtype) -> int:
     """UMT5 over ``batch`` prompts of 512 tokens: hidden states, gated FFN, scores and position bias."""
     n = batch * TEXT_TOKENS
@@ -401,6 +409,7 @@ def plan_generation(
         dims.transformer, tokens, batch, dtype, fused, budget, shards, cpu, cpu and dims.blocks_staged_on_cpu
     )
     denoise += batch * -(-tokens // shards) * dims.transformer.inner_dim * cache_bytes
+    denoise += context_kv_bytes(dims.flop_shape(TEXT_TOKENS), batch, dtype)
 
     def vae_pass(stage: str, activations) -> tuple[VAETiling | None, int]:
         """The untiled pass, else the largest tiling whose peak fits (the smallest if none does)."""

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_i2v import planner
 from mlx_i2v.families.wan import planner as wan_planner
+from mlx_i2v.flops import DiTShape
 from mlx_i2v.errors import InvalidInputError
 from mlx_i2v.memory import ENV_VAR, GB, memory_budget, set_memory_limit
 from mlx_i2v.models import attention as attn
@@ -370,6 +372,23 @@ def test_planner_matches_measured_denoise_peak(budget_gb, frames):
     assert ffn_tokens == (tokens if budget_gb is None else 136)
     estimate = weights + activations
     assert abs(estimate - measured) / measured < PLANNER_TOL, (estimate / measured, estimate, measured)
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_planner_counts_the_held_cross_attention_cache(image):
+    """The loop holds every block's cross-attention keys and values (text, and the photo's CLIP tokens for
+    Wan2.1-I2V) from its first step to its last; the plan counts exactly their bytes."""
+    cfg = WanTransformerConfig(
+        num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=3, in_channels=4, out_channels=4,
+        text_dim=32, image_dim=48 if image else None, added_kv_proj_dim=64 if image else None,
+    )  # fmt: skip
+    model = WanTransformer3DModel(cfg)
+    text = mx.random.normal((2, 512, 32), key=mx.random.key(0))
+    images = mx.random.normal((2, 257, 48), key=mx.random.key(1)) if image else None
+    kv = model.cross_attention_cache(model.embed_context(text, images))
+    mx.eval(kv)
+    held = sum(a.nbytes for _, a in tree_flatten(kv) if isinstance(a, mx.array))
+    assert held == planner.context_kv_bytes(DiTShape.from_config(cfg), 2, mx.float32)
 
 
 def test_planner_matches_measured_vae_decode_peak(tiny_vaes):
