@@ -297,12 +297,12 @@ def denoise_activations(
     local = math.ceil(tokens / shards)
     hidden = batch * local * dim
     chunk = None
-    self_scores = 0
+    scores = 0  # self-attention scores of one query chunk
     cross_scores = 0
     if not fused:
         rows = query_chunk_size(batch, heads, local, tokens, attention_workspace(budget, cpu=cpu))
         chunk = rows if rows < local else None
-        self_scores = batch * heads * rows * tokens * dtype.size
+        scores = batch * heads * rows * tokens
         cross_scores = batch * heads * local * TEXT_TOKENS * dtype.size
     gathered_kv = 2 * (2 * batch * tokens * dim * dtype.size) if shards > 1 else 0
     # the feed-forward runs on token chunks that fit its workspace (models.layers.by_token_chunks); chunked,
@@ -312,12 +312,14 @@ def denoise_activations(
     if ffn_tokens < local:
         ffn += hidden * dtype.size
     if staged:
-        score_pair = self_scores // dtype.size * SCORE_BYTES  # the CPU attention's scores are float32
+        # the CPU attention holds two float32 buffers per score (SCORE_BYTES), whatever the compute dtype
         per_block = max(
-            ffn + hidden * 4 * STAGED_FFN_HIDDEN_COPIES, score_pair + hidden * 4 * STAGED_ATTENTION_HIDDEN_COPIES
+            ffn + hidden * 4 * STAGED_FFN_HIDDEN_COPIES,
+            scores * SCORE_BYTES + hidden * 4 * STAGED_ATTENTION_HIDDEN_COPIES,
         )
     else:
-        per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size) + max(self_scores, ffn) + cross_scores
+        per_block = hidden * (HIDDEN_F32_COPIES * 4 + HIDDEN_COPIES * dtype.size)
+        per_block += max(scores * dtype.size, ffn) + cross_scores
         if not fused and dtype.size < 4:
             per_block += 3 * hidden * 4  # the unfused fallback runs half precision on float32 q, k, v
     return int(per_block) + gathered_kv + DENOISE_FIXED, chunk
