@@ -9,8 +9,8 @@ implementation stays within ~15 % of its matmuls.
 What is counted, per denoising step and pass (``rows`` = 2 with classifier-free guidance) and per block:
 the self-attention q, k, v and output projections, the cross-attention q and output projections, the
 attention scores and weighted values of both attentions (in query chunks of at most
-:data:`SCORE_BYTES_PER_CHUNK` of float32 scores, as mlx-i2v's CPU attention computes them; the values
-as D columns, though that attention multiplies by D + 1, a column of ones that returns the softmax's
+:data:`SCORE_BYTES_PER_CHUNK` of float32 scores, as mlx-i2v's CPU attention computes them, on a 2-core
+CPU in two halves on two streams with a one-thread BLAS, as it runs them there; the values as D columns, though that attention multiplies by D + 1, a column of ones that returns the softmax's
 sums: 1/128 more of those products, left out to the ratio's disfavour), the FFN's
 two linears; per pass the patch embedding (as the matmul it is) and the output projection; the text projection and every
 block's cross-attention keys and values once per generation (mlx-i2v) or once per pass (diffusers
@@ -101,8 +101,29 @@ def _time(run: Callable[[], None], repeats: int) -> float:
 
 
 def time_mlx(matmuls: list[Matmul], repeats: int = 3) -> dict[str, Any]:
-    """Seconds of the whole list in MLX (each product evaluated on its own, as in a real pass)."""
+    """Seconds of the whole list in MLX (each product evaluated on its own, as in a real pass). The
+    attention products (batched over rows and heads) run as mlx-i2v's CPU attention runs them: where its
+    two halves each have a core (``attention.halves_on_own_cores``), in two halves on two streams with the
+    BLAS held to one thread."""
     import mlx.core as mx
+
+    from mlx_i2v.models import attention, blas
+    from mlx_i2v.models.elementwise import two_streams
+
+    halves = attention.halves_on_own_cores()
+
+    def in_halves(a: mx.array, b: mx.array) -> None:
+        # As softmax_attention cuts its work: on the first axis longer than 1, keys and values only when it
+        # is the batch or the heads.
+        axis = next(i for i in range(3) if a.shape[i] > 1)
+        half = a.shape[axis] // 2
+        cuts = [(slice(None),) * axis + (part,) for part in (slice(0, half), slice(half, None))]
+        outputs = []
+        with blas.one_thread():
+            for stream, cut in zip(two_streams(), cuts):
+                with mx.stream(stream):
+                    outputs.append(a[cut] @ (b[cut] if axis < 2 else b))
+            mx.eval(outputs)
 
     def product(m: Matmul) -> Callable[[], None]:
         a = mx.random.normal(m.a)
@@ -110,6 +131,8 @@ def time_mlx(matmuls: list[Matmul], repeats: int = 3) -> dict[str, Any]:
         bias = mx.random.normal((m.b[-1],)) if m.bias else None
         mx.eval(a, w, bias)
         b = w.swapaxes(-1, -2)
+        if halves and len(m.a) == 4:
+            return lambda: in_halves(a, b)
         return lambda: mx.eval(mx.addmm(bias, a, b) if m.bias else a @ b)
 
     return _report(matmuls, lambda m: _time(product(m), repeats))

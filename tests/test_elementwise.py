@@ -86,9 +86,11 @@ def test_half_precision_round_trips():
 
 
 # The element-wise work is split on the first axis longer than 1: batch, heads, queries, or not at all.
+# With own_cores each half runs its matmuls too, on its own stream.
 @pytest.mark.parametrize("batch, heads, queries", [(2, 3, 40), (1, 3, 40), (1, 1, 40), (1, 1, 1), (3, 1, 5)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_softmax_attention_equals_mlx_sdpa(masked, batch, heads, queries):
+@pytest.mark.parametrize("own_cores", [False, True])
+def test_softmax_attention_equals_mlx_sdpa(own_cores, masked, batch, heads, queries):
     key = mx.random.key(4)
     shapes = [(batch, heads, n, 16) for n in (queries, 24, 24)]
     q, k, v = (mx.random.normal(shape, key=mx.random.split(key, 3)[i]) * 2 for i, shape in enumerate(shapes))
@@ -97,7 +99,7 @@ def test_softmax_attention_equals_mlx_sdpa(masked, batch, heads, queries):
         keep = mx.arange(24)[None, None, None, :] < mx.array([24, 9, 17])[:batch, None, None, None]
         mask = mx.where(keep, mx.random.normal((1, heads, queries, 24)), mx.finfo(mx.float32).min)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
-    got = softmax_attention(q, k, with_ones_column(v), scale=0.3, mask=mask)
+    got = softmax_attention(q, k, with_ones_column(v), scale=0.3, mask=mask, own_cores=own_cores)
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
     # the chunked path (queries split to a small workspace) gives the same on the CPU
     assert mx.allclose(attention(q, k, v, scale=0.3, mask=mask), want, rtol=1e-5, atol=1e-6).item()

@@ -21,14 +21,21 @@ there float32 attention is computed here, the same three steps with the exponent
 :mod:`~mlx_i2v.models.elementwise` and the normalisation applied to the (Lq, D) result instead of the
 (Lq, Lk) weights. Its row sums come out of the second matmul and its row maxima are taken in two
 vectorised steps (:func:`softmax_attention`, :func:`~.rows.row_max`), since MLX's CPU reductions along a row go
-one element at a time.
+one element at a time. Its work is cut in two halves on two streams. Where the process has at most two
+cores and OpenBLAS can be held to one thread, each half runs its matmuls as well, on a core of its own
+(:func:`halves_on_own_cores`: 9-35 % less time for the same results).
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import mlx.core as mx
 
 from ..memory import memory_budget
+from . import blas
+from .blas import cpu_cores
 from .elementwise import LOG2E, exp2_kernel, on_cpu, two_streams
 from .rows import row_max
 
@@ -101,15 +108,31 @@ def attention(
         out = attention(q.astype(f32), k.astype(f32), v.astype(f32), scale=scale, mask=mask)
         return out.astype(q.dtype)
     sdpa = mx.fast.scaled_dot_product_attention
+    own_cores = False
     if on_cpu() and q.dtype == mx.float32:
-        sdpa = softmax_attention
+        own_cores = halves_on_own_cores()
+        sdpa = functools.partial(softmax_attention, own_cores=own_cores)
         # Keys and values are often head views of (B, L, heads * D) projections. MLX's CPU matmul copies an
         # operand whose rows are not packed, for every query chunk; once is enough. The values' copy takes
         # the column of ones softmax_attention sums its rows with.
         k, v = mx.contiguous(k), with_ones_column(v)
     chunk = query_chunk_size(B, heads, q_len, k_len, attention_workspace())
-    if chunk >= q_len:
-        return sdpa(q, k, v, scale=scale, mask=mask)
+    if not own_cores:
+        if chunk >= q_len:
+            return sdpa(q, k, v, scale=scale, mask=mask)
+        return _by_query_chunks(sdpa, q, k, v, scale, mask, chunk)
+    # With the halves' matmuls on their own cores, every chunk (even a single one) is evaluated while the
+    # BLAS is held to one thread; the projections behind q, k and v are evaluated before, on every core.
+    mx.eval(q, k, v)
+    with blas.one_thread():
+        return _by_query_chunks(sdpa, q, k, v, scale, mask, chunk)
+
+
+def _by_query_chunks(
+    sdpa: Callable[..., mx.array], q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,
+    chunk: int,
+) -> mx.array:  # fmt: skip
+    """``sdpa`` over ``chunk`` queries at a time, each chunk evaluated before the next is queued."""
     # MLX allocates the outputs of every queued operation before the first one finishes, so the first
     # chunk's evaluation would also hold every intermediate of the projections behind q, k and v (a TI2V-5B
     # self-attention peaked at 16 hidden-state copies, 11 with this).
@@ -117,7 +140,7 @@ def attention(
     # A mask with a real query axis is cut with the queries; one broadcast over queries is shared.
     split_mask = mask is not None and mask.ndim >= 2 and mask.shape[-2] != 1
     outputs = []
-    for start in range(0, q_len, chunk):
+    for start in range(0, q.shape[2], chunk):
         chunk_mask = mask[..., start : start + chunk, :] if split_mask else mask
         out = sdpa(q[:, :, start : start + chunk], k, v, scale=scale, mask=chunk_mask)
         # Evaluated chunk by chunk, for the same reason: a lazily built list of chunks would hold all their
@@ -125,6 +148,14 @@ def attention(
         mx.eval(out)
         outputs.append(out)
     return mx.concatenate(outputs, axis=2)
+
+
+def halves_on_own_cores() -> bool:
+    """Whether :func:`softmax_attention`'s two halves can each run their matmuls on a core of their own: the
+    process may use at most two cores and the BLAS can be held to one thread (:mod:`.blas`). With more
+    cores each half would need several BLAS threads, and two callers of OpenBLAS contend for its one
+    thread pool; that could not be measured here, so those machines keep the matmuls on every core."""
+    return cpu_cores() <= 2 and blas.can_hold_to_one_thread()
 
 
 # exp(s - max) = 2**((s - max) log2 e) from the max-subtracted scores. The subtraction is MLX's own
@@ -142,7 +173,13 @@ def with_ones_column(v: mx.array) -> mx.array:
 
 
 def softmax_attention(
-    q: mx.array, k: mx.array, v_ones: mx.array, *, scale: float, mask: mx.array | None = None
+    q: mx.array,
+    k: mx.array,
+    v_ones: mx.array,
+    *,
+    scale: float,
+    mask: mx.array | None = None,
+    own_cores: bool = False,
 ) -> mx.array:
     """``softmax(scale * q k^T + mask) v`` for float32 (B, heads, Lq, D) queries, (B, heads, Lk, D) keys and
     values given with a column of ones (B, heads, Lk, D + 1) (:func:`with_ones_column`), as MLX's CPU
@@ -152,30 +189,46 @@ def softmax_attention(
     the wider matmul costs 0.6 ms more): a whole self-attention over 2 x 24 heads x 1056 tokens took
     346-350 ms against 364-374 ms with the separate sum (alternately, three times each; 2-core EPYC).
 
-    The two matmuls run on the default stream (the BLAS uses every core); the element-wise work between
-    them (MLX's CPU kernels use one thread each) is cut in two halves that run at once on two streams: on
-    the batch, else the heads, else the queries, whichever is the first axis longer than 1, so that each
-    half is a contiguous block of the scores. Together they hold two (Lq, Lk) float32 buffers per head at
-    a time, as the fallback does. A (2, 24, 165, 1056) chunk: 55 ms, where whole halves on two streams
-    (matmuls included, which then contend for the cores) took 80 ms (2-core EPYC).
+    The work is cut in two halves that run at once on two streams: on the batch, else the heads, else the
+    queries, whichever is the first axis longer than 1, so that each half is a contiguous block of the
+    scores. With ``own_cores`` (:func:`halves_on_own_cores`; the caller holds the BLAS to one thread and
+    evaluates the result) each half runs its two matmuls too, on its own core: that whole self-attention
+    took 230-250 ms against 263-363 ms, a cross-attention over 512 keys 115-140 ms against 129-194 ms
+    (five times each, alternately, in two sessions an hour apart; bit-identical). The BLAS's two threads
+    meet at the end of every small product, so a core that this VM slows holds both; two one-thread
+    products do not wait for each other. Otherwise the matmuls run on the default stream, where
+    the BLAS uses every core, and only the element-wise work between them (one thread per MLX kernel) is
+    halved: a (2, 24, 165, 1056) chunk took 55 ms so, where halves whose matmuls each used every core took
+    80 ms. Either way the halves hold two (Lq, Lk) float32 buffers per head at a time, as the fallback does.
 
     Returns:
         (B, heads, Lq, D) float32.
     """
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    axis = next((i for i in range(3) if scores.shape[i] > 1), None)
+    axis = next((i for i in range(3) if q.shape[i] > 1), None)
     if axis is None:  # a single query row
-        return _normalised(_numerators(scores, mask) @ v_ones)
+        return _normalised(_numerators(_scores(q, k, scale), mask) @ v_ones)
     mask = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    half = scores.shape[axis] // 2
+    scores = None if own_cores else _scores(q, k, scale)
+    half = q.shape[axis] // 2
     outputs = []
     for stream, part in zip(two_streams(), (slice(0, half), slice(half, None))):
         cut = (slice(None),) * axis + (part,)
         part_mask = mask[cut] if mask is not None and mask.shape[axis] > 1 else mask
+        # A half of the queries attends to every key.
+        k_part, v_part = (k[cut], v_ones[cut]) if axis < 2 else (k, v_ones)
         with mx.stream(stream):
-            numerators = _numerators(scores[cut], part_mask)
-        outputs.append(_normalised(numerators @ (v_ones[cut] if axis < 2 else v_ones)))
+            weighted = _numerators(_scores(q[cut], k_part, scale) if own_cores else scores[cut], part_mask)
+            if own_cores:
+                weighted = weighted @ v_part
+        if not own_cores:
+            weighted = weighted @ v_part
+        outputs.append(_normalised(weighted))
     return mx.concatenate(outputs, axis=axis)
+
+
+def _scores(q: mx.array, k: mx.array, scale: float) -> mx.array:
+    """(..., Lq, D) queries, (..., Lk, D) keys -> (..., Lq, Lk) scaled scores."""
+    return (q * scale) @ k.swapaxes(-1, -2)
 
 
 def _normalised(weighted: mx.array) -> mx.array:
