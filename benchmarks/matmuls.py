@@ -10,8 +10,9 @@ What is counted, per denoising step and pass (``rows`` = 2 with classifier-free 
 the self-attention q, k, v and output projections, the cross-attention q and output projections, the
 attention scores and weighted values of both attentions (in query chunks of at most
 :data:`SCORE_BYTES_PER_CHUNK` of float32 scores, as mlx-i2v's CPU attention computes them, on a 2-core
-CPU in two halves on two streams with a one-thread BLAS, as it runs them there; the values as D columns, though that attention multiplies by D + 1, a column of ones that returns the softmax's
-sums: 1/128 more of those products, left out to the ratio's disfavour), the FFN's
+CPU in two halves on two streams with a one-thread BLAS, as it runs them there; the values as D columns,
+though that attention multiplies by D + 1, a column of ones that returns the softmax's sums: 1/128 more
+of those products, left out to the ratio's disfavour), the FFN's
 two linears; per pass the patch embedding (as the matmul it is) and the output projection; the text projection and every
 block's cross-attention keys and values once per generation (mlx-i2v) or once per pass (diffusers
 recomputes them in every forward). Left out, because they are tiny (a few distinct timesteps, not
