@@ -114,11 +114,8 @@ def time_mlx(matmuls: list[Matmul], repeats: int = 3) -> dict[str, Any]:
     halves = attention.halves_on_own_cores()
 
     def in_halves(a: mx.array, b: mx.array) -> None:
-        # As softmax_attention cuts its work: on the first axis longer than 1, keys and values only when it
-        # is the batch or the heads.
-        axis = next(i for i in range(3) if a.shape[i] > 1)
-        half = a.shape[axis] // 2
-        cuts = [(slice(None),) * axis + (part,) for part in (slice(0, half), slice(half, None))]
+        # As softmax_attention cuts its work; keys and values are cut only on the batch or the heads.
+        axis, cuts = attention.half_cuts(a.shape)
         outputs = []
         with blas.one_thread():
             for stream, cut in zip(two_streams(), cuts):

@@ -407,8 +407,9 @@ def plan_generation(
     # The steel kernel serves head dims 64/80/128 (those of every Wan and LTX-Video transformer).
     fused = backend == "metal" and dims.transformer.attention_head_dim in (64, 80, 128)
     cpu = backend == "cpu"
+    blocks_staged = cpu and dims.blocks_staged_on_cpu  # not ``staged``, which is the models' residency
     denoise, chunk = denoise_activations(
-        dims.transformer, tokens, batch, dtype, fused, budget, shards, cpu, cpu and dims.blocks_staged_on_cpu
+        dims.transformer, tokens, batch, dtype, fused, budget, shards, cpu=cpu, staged=blocks_staged
     )
     denoise += batch * -(-tokens // shards) * dims.transformer.inner_dim * cache_bytes
     denoise += context_kv_bytes(dims.flop_shape(TEXT_TOKENS), batch, dtype)

@@ -204,26 +204,35 @@ def softmax_attention(
     Returns:
         (B, heads, Lq, D) float32.
     """
-    axis = next((i for i in range(3) if q.shape[i] > 1), None)
-    if axis is None:  # a single query row
+    halves = half_cuts(q.shape)
+    if halves is None:  # a single query row
         return _normalised(_numerators(_scores(q, k, scale), mask) @ v_ones)
+    axis, cuts = halves
     mask = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     scores = None if own_cores else _scores(q, k, scale)
-    half = q.shape[axis] // 2
     outputs = []
-    for stream, part in zip(two_streams(), (slice(0, half), slice(half, None))):
-        cut = (slice(None),) * axis + (part,)
+    for stream, cut in zip(two_streams(), cuts):
         part_mask = mask[cut] if mask is not None and mask.shape[axis] > 1 else mask
         # A half of the queries attends to every key.
         k_part, v_part = (k[cut], v_ones[cut]) if axis < 2 else (k, v_ones)
         with mx.stream(stream):
             weighted = _numerators(_scores(q[cut], k_part, scale) if own_cores else scores[cut], part_mask)
-            if own_cores:
-                weighted = weighted @ v_part
-        if not own_cores:
+        # the values matmul on the half's own core, or with every core on the default stream
+        with mx.stream(stream if own_cores else mx.default_stream(mx.default_device())):
             weighted = weighted @ v_part
         outputs.append(_normalised(weighted))
     return mx.concatenate(outputs, axis=axis)
+
+
+def half_cuts(shape: tuple[int, ...]) -> tuple[int, list[tuple[slice, ...]]] | None:
+    """How :func:`softmax_attention` cuts the work for queries of ``shape`` (B, heads, Lq, ...) in two: on
+    the batch, else the heads, else the queries, whichever is the first axis longer than 1. Returns that
+    axis and the index of each half, or None for a single query row."""
+    axis = next((i for i in range(3) if shape[i] > 1), None)
+    if axis is None:
+        return None
+    half = shape[axis] // 2
+    return axis, [(slice(None),) * axis + (part,) for part in (slice(0, half), slice(half, None))]
 
 
 def _scores(q: mx.array, k: mx.array, scale: float) -> mx.array:
