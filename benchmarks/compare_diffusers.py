@@ -158,7 +158,7 @@ def build_wan_model(model_dir: Path, layers: int, text_layers: int, text_vocab: 
         text_encoder=build_text_encoder(None, dict(UMT5_XXL, vocab_size=text_vocab, num_layers=text_layers)),
         vae=vae,
         scheduler=tiny_scheduler(5.0),
-        transformer=build_transformer(parts / "transformer", dict(TI2V_5B_TRANSFORMER, num_layers=layers)),
+        transformer=build_transformer(None, dict(TI2V_5B_TRANSFORMER, num_layers=layers)),
         transformer_2=None,
         boundary_ratio=None,
         expand_timesteps=True,
@@ -312,6 +312,12 @@ def diffusers_ltx(job: dict[str, Any], device: str, dtype: Any) -> tuple[type, d
     return LTXConditionPipeline, kwargs, draws.check_used
 
 
+def _diffusers_vae(model_dir: str, dtype: Any) -> Any:
+    from diffusers import AutoModel
+
+    return AutoModel.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+
+
 def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
     """The family's diffusers pipeline with its components timed: stage boundaries are the end of the last
     text-encoder call, the end of ``vae.encode`` and the start of ``vae.decode``."""
@@ -322,7 +328,10 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
     dtype = getattr(torch, job["dtype"])
     pipeline_class, family_kwargs, check = FAMILIES[job["family"]].diffusers(job, device, dtype)
     tic = time.perf_counter()
-    pipe = pipeline_class.from_pretrained(job["model_dir"], torch_dtype=dtype).to(device)
+    vae_dtype = getattr(torch, job.get("vae_dtype", job["dtype"]))
+    # A VAE in another dtype is loaded on its own, as diffusers' Wan docs load a float32 one (bf16 jobs).
+    own_vae = {} if vae_dtype == dtype else {"vae": _diffusers_vae(job["model_dir"], vae_dtype)}
+    pipe = pipeline_class.from_pretrained(job["model_dir"], torch_dtype=dtype, **own_vae).to(device)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - tic
     rss_after_load = _peak_rss_gb()
@@ -361,15 +370,26 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
         step_ends.append(time.perf_counter() - start)
         return {}
 
+    def generate() -> np.ndarray:
+        with torch.no_grad():
+            return pipe(
+                image=Image.open(job["photo"]).convert("RGB"), prompt=job["prompt"],
+                negative_prompt=job["negative_prompt"], height=job["height"], width=job["width"],
+                num_frames=job["frames"], num_inference_steps=job["steps"], guidance_scale=job["guidance"],
+                output_type="np", callback_on_step_end=step_end, **family_kwargs,
+            ).frames[0]  # fmt: skip
+
+    start = time.perf_counter()  # step_end's origin in the warm-up too
+    if job.get("warmup"):
+        _say("warm-up run")
+        generate()
+        sync()
+        events.clear()
+        step_ends.clear()
+        family_kwargs, check = FAMILIES[job["family"]].diffusers(job, device, dtype)[1:]  # fresh draws
     load_before = os.getloadavg()
     start, cpu_start = time.perf_counter(), _cpu_s()
-    with torch.no_grad():
-        frames = pipe(
-            image=Image.open(job["photo"]).convert("RGB"), prompt=job["prompt"],
-            negative_prompt=job["negative_prompt"], height=job["height"], width=job["width"],
-            num_frames=job["frames"], num_inference_steps=job["steps"], guidance_scale=job["guidance"],
-            output_type="np", callback_on_step_end=step_end, **family_kwargs,
-        ).frames[0]  # fmt: skip
+    frames = generate()
     sync()
     end, cpu = time.perf_counter(), _cpu_s() - cpu_start
     check()
@@ -378,6 +398,8 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
     decode_start = min(s for n, s, _ in events if n == "decode")
     np.save(out / "frames_diffusers.npy", np.asarray(frames, dtype=np.float32))
     peak_rss = _peak_rss_gb()  # before the matmul timing below allocates its operands
+    cuda = device == "cuda"
+    device_peak = [torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9] if cuda else None
     matmul = None
     if job["matmul_repeats"]:
         from matmuls import time_torch
@@ -400,6 +422,8 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
         "peak_rss_load_gb": rss_after_load,
         "peak_rss_gb": peak_rss,
         "threads": torch.get_num_threads(),
+        "device_peak_gb": device_peak[0] if device_peak else None,  # allocated (reserved: the allocator's)
+        "device_reserved_gb": device_peak[1] if device_peak else None,
         "denoise_matmul": matmul,
     }
 
@@ -442,7 +466,7 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
 
     family_kwargs, check = FAMILIES[job["family"]].mlx(job)
     tic = time.perf_counter()
-    pipe = load_pipeline(job["model_dir"], dtype=job["dtype"])
+    pipe = load_pipeline(job["model_dir"], dtype=job["dtype"], vae_dtype=job.get("vae_dtype"))
     load_s = time.perf_counter() - tic
     rss_after_load = _peak_rss_gb()
     plan = pipe.plan(height=job["height"], width=job["width"], num_frames=job["frames"], guidance=job["guidance"] > 1)
@@ -452,13 +476,22 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
         step_ends.append(time.perf_counter() - start)
         _say(f"step {step}/{total} at {step_ends[-1]:.1f}s")
 
+    def generate() -> Any:
+        return pipe(
+            Image.open(job["photo"]).convert("RGB"), job["prompt"], negative_prompt=job["negative_prompt"],
+            height=job["height"], width=job["width"], num_frames=job["frames"], num_inference_steps=job["steps"],
+            guidance_scale=job["guidance"], on_step=step_end, **family_kwargs,
+        )  # fmt: skip
+
+    start = time.perf_counter()  # step_end's origin in the warm-up too
+    if job.get("warmup"):
+        _say("warm-up run")
+        generate()
+        step_ends.clear()
+        family_kwargs, check = FAMILIES[job["family"]].mlx(job)  # fresh draws
     load_before = os.getloadavg()
     start, cpu_start = time.perf_counter(), _cpu_s()
-    video = pipe(
-        Image.open(job["photo"]).convert("RGB"), job["prompt"], negative_prompt=job["negative_prompt"],
-        height=job["height"], width=job["width"], num_frames=job["frames"], num_inference_steps=job["steps"],
-        guidance_scale=job["guidance"], on_step=step_end, **family_kwargs,
-    )  # fmt: skip
+    video = generate()
     end, cpu = time.perf_counter(), _cpu_s() - cpu_start
     check()
     if "torch" in sys.modules:
@@ -575,6 +608,8 @@ def compare(results: dict[str, Any], work: Path) -> dict[str, Any]:
         "ratio_peak_rss": m["peak_rss_gb"] / d["peak_rss_gb"],
         "ratio_stage_s": stages,
         "ratio_load_s": m["load_s"] / d["load_s"],
+        # on a GPU: MLX's peak allocation over PyTorch's (torch.cuda.max_memory_allocated)
+        "ratio_device_peak": m["mlx_peak_memory_gb"] / d["device_peak_gb"] if d.get("device_peak_gb") else None,
         # each side's denoise stage over its own matmuls alone (None when a side did not time them)
         "denoise_over_matmuls": {side: _over_matmuls(r) for side, r in results.items()},
         # each side's last step over one step's matmuls: a pass with the stage's first-use costs behind it
@@ -626,6 +661,8 @@ def markdown(report: dict[str, Any]) -> str:
         ("peak RSS after load (GB)", d["peak_rss_load_gb"], m["peak_rss_load_gb"]),
         ("**peak RSS (GB)**", d["peak_rss_gb"], m["peak_rss_gb"]),
     ]
+    if d.get("device_peak_gb"):  # a CUDA run: PyTorch's peak allocation against MLX's
+        rows.append(("**GPU peak allocation (GB)**", d["device_peak_gb"], m["mlx_peak_memory_gb"]))
     if d.get("denoise_matmul") and m.get("denoise_matmul"):
         rows.insert(4, ("denoise: its matmuls alone (s)", d["denoise_matmul"]["seconds"], m["denoise_matmul"]["seconds"]))
     table = "\n".join(f"| {name} | {a:.2f} | {b:.2f} | {f'{b / a:.2f}x' if a else '-'} |" for name, a, b in rows)
@@ -637,7 +674,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 - Software: {mach['os']}, Python {mach['python']}; mlx {mach['mlx']} on `{m['device']}` with BLAS
   `{report['mlx_blas'] or 'as shipped'}`{blas_env(report)}; torch {mach['torch']} on `{job['torch_device']}` ({d['threads']} threads{', ' + mach['cuda'] if mach.get('cuda') else ''});
-  diffusers {mach['diffusers']}; transformers {mach['transformers']}; {job['dtype']} on both sides.
+  diffusers {mach['diffusers']}; transformers {mach['transformers']}; {job['dtype']} on both sides{_vae_note(job)}.
 - Model: {FAMILIES[job.get('family', 'wan')].describe(job)}
 - Job: height {job['height']} x width {job['width']}, {job['frames']} frames, {job['steps']} steps, guidance
   {job['guidance']:g} (CFG: batch of 2); {c['frames_shape'][0]} frames out.
@@ -653,6 +690,14 @@ Largest difference between the two runs' frames: **{c['max_abs_diff']:.2e}** (me
 peak RSS ≤ 0.75x: {c['ratio_peak_rss']:.2f}x, {verdict(t['rss'])}.{matmul_line(report)}{plan_line(m, t)}
 <!-- /{report['marker'][5:-4]} -->
 """
+
+
+def _vae_note(job: dict[str, Any]) -> str:
+    """The VAE's dtype where it differs from the compute dtype, and whether each side generated once before
+    the timed run."""
+    vae = job.get("vae_dtype", job["dtype"])
+    note = "" if vae == job["dtype"] else f", the VAE in {vae}"
+    return note + (" (each side warmed up by one untimed generation)" if job.get("warmup") else "")
 
 
 VAE_NAMES = {
@@ -797,7 +842,11 @@ def main() -> None:
     parser.add_argument("--vae", choices=list(VAE_WIDTHS), default="full", help="Wan: the real VAE or an eighth of it")
     parser.add_argument("--matmul-repeats", type=int, default=3, help="Wan: timings of each denoise matmul (0: skip)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="both sides' VAE (float32: mlx-i2v's default and diffusers' Wan docs)")
     parser.add_argument("--torch-device", default="auto", help="cpu, cuda, mps or auto")
+    parser.add_argument("--warmup", action="store_true",
+                        help="each side generates once before the timed run (GPUs: kernel compilation, autotuning)")
     parser.add_argument("--blas", default=DEFAULT_BLAS, help="library preloaded for MLX on Linux ('' for none)")
     parser.add_argument("--only", choices=["diffusers", "mlx"], help="rerun one side, reusing the other's result")
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results.json")
@@ -836,10 +885,10 @@ def main() -> None:
         "family": args.family, "model_dir": str(model_dir),
         **_inputs(work, family, args.height, args.width, frames, args.steps), "prompt": PROMPT,
         "negative_prompt": NEGATIVE_PROMPT, "height": args.height, "width": args.width, "frames": frames,
-        "steps": args.steps, "guidance": guidance, "dtype": args.dtype,
+        "steps": args.steps, "guidance": guidance, "dtype": args.dtype, "vae_dtype": args.vae_dtype,
         "torch_device": _torch_device(args.torch_device), "layers": args.layers,
         "text_layers": args.text_layers, "text_vocab": args.text_vocab, "vae": args.vae,
-        "matmul_repeats": args.matmul_repeats if family.matmuls else 0,
+        "matmul_repeats": args.matmul_repeats if family.matmuls else 0, "warmup": args.warmup,
     }  # fmt: skip
     if args.family == "ltx":
         job["ltx"] = LTX_SETTINGS

@@ -71,14 +71,15 @@ def _perturb_default_init(model: WanTransformer3DModel, generator: torch.Generat
 
 
 def build_transformer(
-    path: str | Path, config: dict, *, seed: int = 0, max_shard_size: str = "10GB"
+    path: str | Path | None, config: dict, *, seed: int = 0, max_shard_size: str = "10GB"
 ) -> WanTransformer3DModel:
-    """Save a seeded, randomly initialised ``WanTransformer3DModel`` to ``path`` and return it (float32,
-    eval mode)."""
+    """Save a seeded, randomly initialised ``WanTransformer3DModel`` to ``path`` (unless None) and return it
+    (float32, eval mode)."""
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**config).eval()
     _perturb_default_init(model, torch.Generator().manual_seed(seed + 1))
-    model.save_pretrained(path, max_shard_size=max_shard_size)
+    if path is not None:
+        model.save_pretrained(path, max_shard_size=max_shard_size)
     return model
 
 
