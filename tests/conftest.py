@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# MLX runs float32 matmuls, convolutions and attention at TF32-class precision on GPUs with matrix units
+# (CUDA tensor cores, Apple M5) unless MLX_ENABLE_TF32=0 when the process starts (MLX's "Numerical
+# Precision" docs; MLX's own tests pin it). The parity tests hold float32 to ~1e-4, as PyTorch's float32
+# matmuls compute by default; on the CPU the setting changes nothing. Subprocesses inherit it.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 sys.path.insert(0, str(Path(__file__).parent))  # the ref_* builders
 
