@@ -256,15 +256,17 @@ def _say(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def _denoise_matmuls(job: dict[str, Any], context_once: bool) -> list:
+def _denoise_matmuls(job: dict[str, Any], context_once: bool, text_tokens: int | None = None) -> list:
     """The job's denoise-stage matmuls (``matmuls.py``) from the saved transformer's config; diffusers
-    projects the text context and its cross-attention K/V in every pass (``context_once=False``)."""
-    from matmuls import denoise_matmuls
+    projects the text context and its cross-attention K/V in every pass (``context_once=False``), over
+    512 text rows; mlx-i2v over ``text_tokens`` (:data:`CROSS_ATTENTION_KEYS`)."""
+    from matmuls import TEXT_TOKENS, denoise_matmuls
 
     config = json.loads((Path(job["model_dir"]) / "transformer" / "config.json").read_text())
     latent = ((job["frames"] - 1) // 4 + 1, job["height"] // 16, job["width"] // 16)
     rows = 2 if job["guidance"] > 1 else 1
-    return denoise_matmuls(config, latent_shape=latent, rows=rows, steps=job["steps"], context_once=context_once)
+    return denoise_matmuls(config, latent_shape=latent, rows=rows, steps=job["steps"], context_once=context_once,
+                           text_tokens=text_tokens or TEXT_TOKENS)  # fmt: skip
 
 
 class FixedDraws:
@@ -428,8 +430,25 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
     }
 
 
+# The text keys mlx-i2v's Wan cross-attention ran with, per generation (its step_context folds the padding
+# after the longest prompt), so that its matmul timing has the products its stage ran.
+CROSS_ATTENTION_KEYS: list[int] = []
+
+
 def mlx_wan(job: dict[str, Any]) -> tuple[dict[str, Any], Callable]:
-    """The Wan call's own arguments: the initial noise as ``latents``."""
+    """The Wan call's own arguments: the initial noise as ``latents``; records the cross-attention's keys."""
+    from mlx_i2v.models.wan.transformer import WanTransformer3DModel
+
+    step_context = WanTransformer3DModel.step_context
+    if not hasattr(step_context, "spied"):
+
+        def spy(self, *args):
+            kv = step_context(self, *args)
+            CROSS_ATTENTION_KEYS.append(kv[0].k.shape[2])
+            return kv
+
+        spy.spied = True
+        WanTransformer3DModel.step_context = spy
     return dict(latents=np.load(job["noise"])), lambda: None
 
 
@@ -503,7 +522,8 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
         from matmuls import time_mlx
 
         _say("timing the denoise matmuls")
-        matmul = time_mlx(_denoise_matmuls(job, context_once=True), job["matmul_repeats"])
+        keys = CROSS_ATTENTION_KEYS[-1] if CROSS_ATTENTION_KEYS else None
+        matmul = time_mlx(_denoise_matmuls(job, context_once=True, text_tokens=keys), job["matmul_repeats"])
     return {
         "load_s": load_s,
         "seconds": video.stats["seconds"],
@@ -517,6 +537,7 @@ def run_mlx(job: dict[str, Any], out: Path) -> dict[str, Any]:
         "mlx_peak_memory_gb": mlx_peak,
         "plan_peak_gb": plan.peak / 1e9,
         "device": str(mx.default_device()),
+        "cross_attention_keys": CROSS_ATTENTION_KEYS[-1] if CROSS_ATTENTION_KEYS else None,
         "denoise_matmul": matmul,
     }
 

@@ -52,7 +52,8 @@ class Matmul:
 
 
 def denoise_matmuls(
-    config: Mapping[str, Any], *, latent_shape: tuple[int, int, int], rows: int, steps: int, context_once: bool = True
+    config: Mapping[str, Any], *, latent_shape: tuple[int, int, int], rows: int, steps: int, context_once: bool = True,
+    text_tokens: int = TEXT_TOKENS,
 ) -> list[Matmul]:
     """The denoise stage's matmuls for a diffusers ``WanTransformer3DModel`` config.
 
@@ -63,6 +64,8 @@ def denoise_matmuls(
         steps: denoising steps (one pass each).
         context_once: the text context and its cross-attention K/V are projected once per generation
             (mlx-i2v), not in every pass (diffusers).
+        text_tokens: rows of the text context: 512 (diffusers), or fewer where mlx-i2v folds the padding
+            after the longest prompt into one key (``WanTransformer3DModel.step_context``).
     """
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     d, ffn = heads * head_dim, config["ffn_dim"]
@@ -78,10 +81,10 @@ def denoise_matmuls(
         Matmul("FFN up", (n, d), (d, ffn), True, layers * passes),
         Matmul("FFN down", (n, ffn), (ffn, d), True, layers * passes),
         Matmul("output projection", (n, d), (d, (config.get("out_channels") or config["in_channels"]) * pt * ph * pw), True, passes),
-        Matmul("text projection 1", (rows * TEXT_TOKENS, config["text_dim"]), (config["text_dim"], d), True, context, context_once),
-        Matmul("text projection 2, cross k, v", (rows * TEXT_TOKENS, d), (d, d), True, context * (1 + 2 * layers), context_once),
+        Matmul("text projection 1", (rows * text_tokens, config["text_dim"]), (config["text_dim"], d), True, context, context_once),
+        Matmul("text projection 2, cross k, v", (rows * text_tokens, d), (d, d), True, context * (1 + 2 * layers), context_once),
     ]  # fmt: skip
-    for keys, label in ((tokens, "self-attention"), (TEXT_TOKENS, "cross-attention")):
+    for keys, label in ((tokens, "self-attention"), (text_tokens, "cross-attention")):
         chunk = max(1, min(tokens, SCORE_BYTES_PER_CHUNK // (rows * heads * keys * 4)))
         full, rest = divmod(tokens, chunk)
         for q_len, count in ((chunk, full), (rest, 1 if rest else 0)):

@@ -192,7 +192,7 @@ class Denoiser:
         args = tuple(rows) if isinstance(rows, tuple) else (rows,)
         if image_tokens is not None:
             args += (mx.concatenate([image_tokens] * len(branches), axis=0).astype(self.dtype),)
-        kv = model.cross_attention_cache(model.embed_context(*args))
+        kv = model.step_context(*args)
         mx.eval(kv)
         return kv
 

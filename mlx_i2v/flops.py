@@ -9,9 +9,12 @@ width ``f``:
   scores and values: ``2 * 2 L C d``;
 - the FFN: ``2 * 2 L d f``;
 
-plus the patch embedding and the output head once per pass. Left out, because they do not grow with the
-clip: the text/image context projection (run once per generation, :func:`context_flops`), the time MLP
-(once per distinct timestep, not per token) and the norms, modulations and RoPE (elementwise).
+plus the patch embedding and the output head once per pass. These are the reference's FLOP (its 512 text
+tokens), in which achieved-TFLOP/s figures are stated; on the CPU mlx-i2v runs fewer, as it folds the
+padding after the longest prompt into one key (``WanTransformer3DModel.step_context``). Left out, because
+they do not grow with the clip: the text/image context projection (run once per generation,
+:func:`context_flops`), the time MLP (once per distinct timestep, not per token) and the norms,
+modulations and RoPE (elementwise).
 
 At 832x480x81 this gives 196 TFLOP per TI2V-5B step with classifier-free guidance (two passes), the
 figure the project's anchors use (see ``tests/test_flops.py`` for all four).

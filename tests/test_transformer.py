@@ -135,6 +135,49 @@ def test_i2v_image_branch(tiny):
     assert mx.allclose(model(latents_to_mx(x), to_mx(t), context=cache), got, rtol=1e-6, atol=1e-6).item()
 
 
+def _padded_prompts(g: torch.Generator, lengths: list[int], total: int = 512) -> torch.Tensor:
+    """UMT5 states as the pipeline passes them: each prompt's rows, then zero rows up to ``total``."""
+    text = torch.zeros(len(lengths), total, 48)
+    for row, length in enumerate(lengths):
+        text[row, :length] = torch.randn(length, 48, generator=g)
+    return text
+
+
+@pytest.mark.parametrize("variant", ["ti2v", "i2v"])
+def test_step_context_folds_the_padding(tiny, variant):
+    """The zero rows after the longest prompt are one key with log(n) added to its score: the pass equals
+    diffusers' over all 512 rows, and the unfolded cache's to float32 rounding; the image branch still
+    takes what precedes the text."""
+    ref, model, _ = tiny(variant)
+    g = torch.Generator().manual_seed(4)
+    text = _padded_prompts(g, [9, 20])  # the negative prompt shorter: rows 9-19 of it are zero, unfolded
+    if variant == "ti2v":
+        x, t, image = torch.randn(2, 48, 3, 8, 8, generator=g), per_token_timesteps(16, 48, [999, 500]), None
+    else:
+        x, t = torch.randn(2, 36, 2, 8, 8, generator=g), torch.tensor([999, 750])
+        image = torch.randn(2, TINY_IMAGE_TOKENS, 24, generator=g)
+    args = (to_mx(text),) if image is None else (to_mx(text), to_mx(image))
+
+    folded = model.step_context(*args)
+    assert folded[0].k.shape[2] == 21 and folded[0].bias.tolist()[-2:] == [0.0, pytest.approx(np.log(492))]
+    assert (folded[0].image is not None) == (image is not None)
+    got = model(latents_to_mx(x), to_mx(t), context=folded)
+    whole = model(latents_to_mx(x), to_mx(t), context=model.cross_attention_cache(model.embed_context(*args)))
+    assert float(mx.abs(got - whole).max()) <= 1e-5 * float(mx.abs(whole).max())
+    assert rel_err(got, reference_forward(ref, x, t, text, image)) < TOL
+
+
+def test_step_context_leaves_unpadded_text_alone(tiny):
+    """Without common zero rows, or with an image branch and a text other than 512 rows long (the
+    reference then routes by its literal 512), nothing is folded."""
+    _, model, _ = tiny("i2v")
+    g = torch.Generator().manual_seed(5)
+    image = to_mx(torch.randn(1, TINY_IMAGE_TOKENS, 24, generator=g))
+    assert model.step_context(to_mx(torch.randn(1, 512, 48, generator=g)))[0].bias is None
+    assert model.step_context(to_mx(_padded_prompts(g, [9], total=300)), image)[0].bias is None
+    assert model.step_context(to_mx(_padded_prompts(g, [9], total=512)), image)[0].k.shape[2] == 10
+
+
 def test_flf2v_pos_embed(tiny):
     ref, model, _ = tiny("flf2v")
     g = torch.Generator().manual_seed(2)

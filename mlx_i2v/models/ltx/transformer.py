@@ -527,6 +527,13 @@ class LTXVideoTransformer3DModel(nn.Module):
         kv = [block.attn2.project_kv(context.states) for block in self.transformer_blocks]
         return context._replace(kv=kv)
 
+    def step_context(
+        self, encoder_hidden_states: mx.array, encoder_attention_mask: mx.array | None = None
+    ) -> TextContext:
+        """What the blocks take from the caption at every denoising step, computed once per generation:
+        :meth:`embed_context` (same arguments), then :meth:`cross_attention_cache`."""
+        return self.cross_attention_cache(self.embed_context(encoder_hidden_states, encoder_attention_mask))
+
     def rope_tables(
         self,
         num_frames: int | None = None,

@@ -34,6 +34,7 @@ from ...weights import (
     conv_weight,
 )
 from ..attention import attention
+from ..elementwise import on_cpu
 from ..layers import (
     FeedForward,
     RMSNorm,
@@ -142,16 +143,18 @@ class WanRotaryPosEmbed:
 
 
 class CrossKV(NamedTuple):
-    """Projected keys and values (B, heads, L, D) of a context, and of its image tokens (Wan2.1 I2V)."""
+    """Projected keys and values (B, heads, L, D) of a context, and of its image tokens (Wan2.1 I2V);
+    ``bias`` (L,) float32 is added to the text keys' scores (see :meth:`WanTransformer3DModel.step_context`)."""
 
     k: mx.array
     v: mx.array
     image: tuple[mx.array, mx.array] | None = None
+    bias: mx.array | None = None
 
     def take_rows(self, picked: mx.array) -> CrossKV:
         """The rows ``picked`` of the batch (a step cache's computing branches)."""
         image = None if self.image is None else tuple(a[picked] for a in self.image)
-        return CrossKV(self.k[picked], self.v[picked], image)
+        return CrossKV(self.k[picked], self.v[picked], image, self.bias)
 
 
 class WanAttention(nn.Module):
@@ -179,16 +182,20 @@ class WanAttention(nn.Module):
         B, L, _ = x.shape
         return x.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
 
-    def project_kv(self, context: mx.array) -> CrossKV:
+    def project_kv(
+        self, context: mx.array, text_tokens: int = TEXT_CONTEXT_LENGTH, last_repeats: int = 1
+    ) -> CrossKV:
         """Keys and values of a cross-attention context (B, L_ctx, dim), each (B, heads, L, D).
 
         The context is the same at every denoising step, so the pipeline computes these once per
-        generation (:meth:`WanTransformer3DModel.cross_attention_cache`).
+        generation (:meth:`WanTransformer3DModel.cross_attention_cache`). With an image branch the last
+        ``text_tokens`` tokens are text; with ``last_repeats`` > 1 the last text token stands for that many
+        identical ones (:meth:`WanTransformer3DModel.step_context`).
         """
         image = None
         if self.has_image_kv:
             # Copied literally from diffusers: mis-routes tokens unless the text part is exactly 512 long.
-            image_context_length = context.shape[1] - TEXT_CONTEXT_LENGTH
+            image_context_length = context.shape[1] - text_tokens
             context_img = context[:, :image_context_length]
             context = context[:, image_context_length:]
             # No image tokens (a 512-token text-only context): the reference's SDPA over zero keys adds zeros.
@@ -197,7 +204,13 @@ class WanAttention(nn.Module):
                     self._heads(self.norm_added_k(self.add_k_proj(context_img))),
                     self._heads(self.add_v_proj(context_img)),
                 )
-        return CrossKV(self._heads(self.norm_k(self.to_k(context))), self._heads(self.to_v(context)), image)
+        bias = None
+        if last_repeats > 1:  # n equal keys weigh exp(s) n = exp(s + log n)
+            bias = np.zeros(context.shape[1], np.float32)
+            bias[-1] = math.log(last_repeats)
+            bias = mx.array(bias)
+        k, v = self._heads(self.norm_k(self.to_k(context))), self._heads(self.to_v(context))
+        return CrossKV(k, v, image, bias)
 
     def __call__(
         self,
@@ -220,12 +233,18 @@ class WanAttention(nn.Module):
         if gather_kv is not None:
             k, v = gather_kv(k, v)
 
-        out = attention(q, k, v)
+        out = attention(q, k, v, mask=kv.bias)
         if kv.image is not None:
             out = out + attention(q, *kv.image)
 
         B, _, L, _ = out.shape
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def trailing_zero_rows(states: mx.array) -> int:
+    """How many rows at the end of (B, L, D) ``states`` are zero in every sample."""
+    used = np.flatnonzero(np.array(mx.any(states != 0, axis=(0, 2))))
+    return states.shape[1] - (int(used[-1]) + 1 if used.size else 0)
 
 
 def modulation(table: mx.array, proj: mx.array) -> mx.array:
@@ -452,14 +471,44 @@ class WanTransformer3DModel(nn.Module):
             context = mx.concatenate([image, context], axis=1)
         return context
 
-    def cross_attention_cache(self, context: mx.array) -> list[CrossKV]:
-        """Every block's cross-attention keys and values for ``context`` (from :meth:`embed_context`).
+    def cross_attention_cache(
+        self, context: mx.array, text_tokens: int = TEXT_CONTEXT_LENGTH, last_repeats: int = 1
+    ) -> list[CrossKV]:
+        """Every block's cross-attention keys and values for ``context`` (from :meth:`embed_context`);
+        ``text_tokens`` and ``last_repeats`` as :meth:`WanAttention.project_kv` takes them.
 
         They do not change between denoising steps; pass the list as ``context=`` to skip recomputing
         2 x num_layers projections of all context tokens per step. Costs 2 * num_layers * B * L_ctx * dim
         values of memory (about 0.4 GB for TI2V-5B in bfloat16 with guidance).
         """
-        return [block.attn2.project_kv(context) for block in self.blocks]
+        return [block.attn2.project_kv(context, text_tokens, last_repeats) for block in self.blocks]
+
+    def step_context(
+        self, encoder_hidden_states: mx.array, encoder_hidden_states_image: mx.array | None = None
+    ) -> list[CrossKV]:
+        """What the blocks take from the conditioning at every denoising step, computed once per generation:
+        :meth:`embed_context`, then :meth:`cross_attention_cache`, with the text's padding folded.
+
+        diffusers pads each prompt's UMT5 states with zero rows up to 512 (``_get_t5_prompt_embeds``), and
+        Wan's cross-attention attends to every row. The n rows after the longest prompt are zero in every
+        sample, so they give n equal keys and values: they are kept as one, whose score gets log n
+        (n exp(s) = exp(s + log n)). The softmax is the same to float32 rounding, with a fraction of the
+        cross-attention's work (a 20-token prompt: 21 keys instead of 512). Folded only where the attention
+        adds that bias in float32 (on the CPU, or a float32 model; MLX's fused GPU kernels round it to the
+        compute dtype), and, with an image branch, for a text of exactly 512 rows (the reference's routing).
+
+        Args:
+            encoder_hidden_states, encoder_hidden_states_image: as :meth:`embed_context` takes them.
+
+        Returns:
+            one :class:`CrossKV` per block, to pass as ``context=``.
+        """
+        text, image = encoder_hidden_states, encoder_hidden_states_image
+        repeats = trailing_zero_rows(text) if on_cpu() or self.dtype == mx.float32 else 0
+        if repeats < 2 or (image is not None and text.shape[1] != TEXT_CONTEXT_LENGTH):
+            return self.cross_attention_cache(self.embed_context(text, image))
+        text = text[:, : text.shape[1] - repeats + 1]
+        return self.cross_attention_cache(self.embed_context(text, image), text.shape[1], repeats)
 
     def _timestep_index(
         self, timestep: mx.array | np.ndarray, batch: int, num_tokens: int
