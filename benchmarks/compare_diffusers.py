@@ -401,7 +401,8 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
     np.save(out / "frames_diffusers.npy", np.asarray(frames, dtype=np.float32))
     peak_rss = _peak_rss_gb()  # before the matmul timing below allocates its operands
     cuda = device == "cuda"
-    device_peak = [torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9] if cuda else None
+    device_peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    device_reserved = torch.cuda.max_memory_reserved() / 1e9 if cuda else None  # the allocator's whole pool
     matmul = None
     if job["matmul_repeats"]:
         from matmuls import time_torch
@@ -424,8 +425,8 @@ def run_diffusers(job: dict[str, Any], out: Path) -> dict[str, Any]:
         "peak_rss_load_gb": rss_after_load,
         "peak_rss_gb": peak_rss,
         "threads": torch.get_num_threads(),
-        "device_peak_gb": device_peak[0] if device_peak else None,  # allocated (reserved: the allocator's)
-        "device_reserved_gb": device_peak[1] if device_peak else None,
+        "device_peak_gb": device_peak,
+        "device_reserved_gb": device_reserved,
         "denoise_matmul": matmul,
     }
 
@@ -695,7 +696,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 - Software: {mach['os']}, Python {mach['python']}; mlx {mach['mlx']} on `{m['device']}` with BLAS
   `{report['mlx_blas'] or 'as shipped'}`{blas_env(report)}; torch {mach['torch']} on `{job['torch_device']}` ({d['threads']} threads{', ' + mach['cuda'] if mach.get('cuda') else ''});
-  diffusers {mach['diffusers']}; transformers {mach['transformers']}; {job['dtype']} on both sides{_vae_note(job)}.
+  diffusers {mach['diffusers']}; transformers {mach['transformers']}; {job['dtype']} on both sides{_run_note(job)}.
 - Model: {FAMILIES[job.get('family', 'wan')].describe(job)}
 - Job: height {job['height']} x width {job['width']}, {job['frames']} frames, {job['steps']} steps, guidance
   {job['guidance']:g} (CFG: batch of 2); {c['frames_shape'][0]} frames out.
@@ -713,7 +714,7 @@ peak RSS ≤ 0.75x: {c['ratio_peak_rss']:.2f}x, {verdict(t['rss'])}.{matmul_line
 """
 
 
-def _vae_note(job: dict[str, Any]) -> str:
+def _run_note(job: dict[str, Any]) -> str:
     """The VAE's dtype where it differs from the compute dtype, and whether each side generated once before
     the timed run."""
     vae = job.get("vae_dtype", job["dtype"])

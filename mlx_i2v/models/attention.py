@@ -65,6 +65,13 @@ def fused_is_memory_efficient(q_len: int, k_len: int, head_dim: int, value_dim: 
     return head_dim in _STEEL_HEAD_DIMS
 
 
+def adds_mask_in_float32(dtype: mx.Dtype) -> bool:
+    """Whether :func:`attention` adds a float32 mask to the scores of ``dtype`` queries in float32: for
+    float32, and on the CPU for every dtype (half precision is computed in float32 there). MLX's fused GPU
+    kernels take the mask in the queries' dtype."""
+    return dtype == mx.float32 or on_cpu()
+
+
 def _on_cuda() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
 

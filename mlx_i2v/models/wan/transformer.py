@@ -33,8 +33,7 @@ from ...weights import (
     config_from_dict,
     conv_weight,
 )
-from ..attention import attention
-from ..elementwise import on_cpu
+from ..attention import adds_mask_in_float32, attention
 from ..layers import (
     FeedForward,
     RMSNorm,
@@ -183,14 +182,14 @@ class WanAttention(nn.Module):
         return x.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
 
     def project_kv(
-        self, context: mx.array, text_tokens: int = TEXT_CONTEXT_LENGTH, last_repeats: int = 1
+        self, context: mx.array, text_tokens: int = TEXT_CONTEXT_LENGTH, bias: mx.array | None = None
     ) -> CrossKV:
         """Keys and values of a cross-attention context (B, L_ctx, dim), each (B, heads, L, D).
 
         The context is the same at every denoising step, so the pipeline computes these once per
         generation (:meth:`WanTransformer3DModel.cross_attention_cache`). With an image branch the last
-        ``text_tokens`` tokens are text; with ``last_repeats`` > 1 the last text token stands for that many
-        identical ones (:meth:`WanTransformer3DModel.step_context`).
+        ``text_tokens`` tokens are text; ``bias`` (text_tokens,) float32 is added to the text keys' scores
+        (:meth:`WanTransformer3DModel.step_context`).
         """
         image = None
         if self.has_image_kv:
@@ -204,11 +203,6 @@ class WanAttention(nn.Module):
                     self._heads(self.norm_added_k(self.add_k_proj(context_img))),
                     self._heads(self.add_v_proj(context_img)),
                 )
-        bias = None
-        if last_repeats > 1:  # n equal keys weigh exp(s) n = exp(s + log n)
-            bias = np.zeros(context.shape[1], np.float32)
-            bias[-1] = math.log(last_repeats)
-            bias = mx.array(bias)
         k, v = self._heads(self.norm_k(self.to_k(context))), self._heads(self.to_v(context))
         return CrossKV(k, v, image, bias)
 
@@ -472,16 +466,16 @@ class WanTransformer3DModel(nn.Module):
         return context
 
     def cross_attention_cache(
-        self, context: mx.array, text_tokens: int = TEXT_CONTEXT_LENGTH, last_repeats: int = 1
+        self, context: mx.array, text_tokens: int = TEXT_CONTEXT_LENGTH, bias: mx.array | None = None
     ) -> list[CrossKV]:
         """Every block's cross-attention keys and values for ``context`` (from :meth:`embed_context`);
-        ``text_tokens`` and ``last_repeats`` as :meth:`WanAttention.project_kv` takes them.
+        ``text_tokens`` and ``bias`` as :meth:`WanAttention.project_kv` takes them.
 
         They do not change between denoising steps; pass the list as ``context=`` to skip recomputing
         2 x num_layers projections of all context tokens per step. Costs 2 * num_layers * B * L_ctx * dim
         values of memory (about 0.4 GB for TI2V-5B in bfloat16 with guidance).
         """
-        return [block.attn2.project_kv(context, text_tokens, last_repeats) for block in self.blocks]
+        return [block.attn2.project_kv(context, text_tokens, bias) for block in self.blocks]
 
     def step_context(
         self, encoder_hidden_states: mx.array, encoder_hidden_states_image: mx.array | None = None
@@ -494,8 +488,9 @@ class WanTransformer3DModel(nn.Module):
         sample, so they give n equal keys and values: they are kept as one, whose score gets log n
         (n exp(s) = exp(s + log n)). The softmax is the same to float32 rounding, with a fraction of the
         cross-attention's work (a 20-token prompt: 21 keys instead of 512). Folded only where the attention
-        adds that bias in float32 (on the CPU, or a float32 model; MLX's fused GPU kernels round it to the
-        compute dtype), and, with an image branch, for a text of exactly 512 rows (the reference's routing).
+        adds that bias in float32 (:func:`~..attention.adds_mask_in_float32`; MLX's fused GPU kernels round
+        it to the compute dtype), and, with an image branch, for a text of exactly 512 rows (the reference's
+        routing).
 
         Args:
             encoder_hidden_states, encoder_hidden_states_image: as :meth:`embed_context` takes them.
@@ -504,11 +499,13 @@ class WanTransformer3DModel(nn.Module):
             one :class:`CrossKV` per block, to pass as ``context=``.
         """
         text, image = encoder_hidden_states, encoder_hidden_states_image
-        repeats = trailing_zero_rows(text) if on_cpu() or self.dtype == mx.float32 else 0
+        repeats = trailing_zero_rows(text) if adds_mask_in_float32(self.dtype) else 0
         if repeats < 2 or (image is not None and text.shape[1] != TEXT_CONTEXT_LENGTH):
             return self.cross_attention_cache(self.embed_context(text, image))
-        text = text[:, : text.shape[1] - repeats + 1]
-        return self.cross_attention_cache(self.embed_context(text, image), text.shape[1], repeats)
+        kept = text.shape[1] - repeats + 1
+        bias = np.zeros(kept, np.float32)
+        bias[-1] = math.log(repeats)  # n equal keys weigh n exp(s) = exp(s + log n)
+        return self.cross_attention_cache(self.embed_context(text[:, :kept], image), kept, mx.array(bias))
 
     def _timestep_index(
         self, timestep: mx.array | np.ndarray, batch: int, num_tokens: int
