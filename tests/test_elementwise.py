@@ -12,7 +12,7 @@ import pytest
 
 from mlx_i2v.models import rows
 from mlx_i2v.models.attention import attention, softmax_attention, with_ones_column
-from mlx_i2v.models.elementwise import exp2_kernel, exp2_nonpositive, gelu_tanh, silu
+from mlx_i2v.models.elementwise import exp2_kernel, exp2_nonpositive, gelu_tanh, on_two_streams, silu
 from mlx_i2v.models.rows import _row_split, row_max
 
 
@@ -84,6 +84,39 @@ def test_half_precision_round_trips():
     want = nn.gelu_approx(x.astype(mx.float32)).astype(mx.bfloat16)
     assert mx.allclose(gelu_tanh(x).astype(mx.float32), want.astype(mx.float32), rtol=1e-2, atol=1e-3).item()
 
+
+
+def test_on_two_streams_gives_each_function_its_own_input():
+    x, y = mx.random.normal((64, 48)), mx.random.normal((8, 48))
+    a, b = on_two_streams((silu, x), (lambda t: gelu_tanh(t) * 2, y))
+    assert mx.array_equal(a, silu(x)).item() and mx.array_equal(b, gelu_tanh(y) * 2).item()
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_self_attention_with_norms_on_two_streams_is_bit_identical(family):
+    """The q and k norms and rotations run on two streams (``_self_attention_qkv``); the result is the
+    sub-layer computed in one chain, exactly, with each norm on its own projection."""
+    mx.random.seed(3)
+    if family == "wan":
+        from mlx_i2v.models.layers import apply_rope
+        from mlx_i2v.models.wan.transformer import WanAttention, WanRotaryPosEmbed
+
+        attn, rope = WanAttention(64, 4, 1e-6), WanRotaryPosEmbed(16, 64)((2, 3, 4))
+        rotate = lambda t: apply_rope(attn._heads(t), *rope)  # noqa: E731
+    else:
+        from mlx_i2v.models.layers import apply_rope
+        from mlx_i2v.models.ltx.transformer import LTXAttention, LTXTransformerConfig
+
+        config = LTXTransformerConfig(num_attention_heads=4, attention_head_dim=16, cross_attention_dim=64)
+        attn = LTXAttention(config, 64)
+        rope = (mx.random.normal((1, 24, 32)), mx.random.normal((1, 24, 32)))
+        rotate = lambda t: attn._heads(apply_rope(t, *rope))  # noqa: E731
+    attn.update(nn.utils.tree_map(lambda p: mx.random.normal(p.shape), attn.parameters()))
+    x = mx.random.normal((2, 24, 64))
+    q, k = rotate(attn.norm_q(attn.to_q(x))), rotate(attn.norm_k(attn.to_k(x)))
+    out = attention(q, k, attn._heads(attn.to_v(x)))
+    want = attn.to_out[0](out.transpose(0, 2, 1, 3).reshape(2, 24, 64))
+    assert mx.array_equal(attn(x, rope=rope), want).item()
 
 # The element-wise work is split on the first axis longer than 1: batch, heads, queries, or not at all.
 # With own_cores each half runs its matmuls too, on its own stream.

@@ -28,7 +28,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,9 +36,11 @@ import numpy as np
 
 from ...components import ComponentType, load_component
 from ...errors import WeightLoadError
+from ...memory import evaluate_on_cpu
 from ...quantize import Quantization, quantize_transformer
 from ...weights import IDENTITY, Rule, WeightMap, config_from_dict
 from ..attention import attention
+from ..elementwise import on_two_streams
 from ..layers import (
     FeedForward,
     RMSNorm,
@@ -309,12 +311,29 @@ class LTXAttention(nn.Module):
         B, L, _ = x.shape
         return x.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
 
-    def project_kv(self, source: mx.array, rope: RopeTables | None = None) -> tuple[mx.array, mx.array]:
-        """Keys and values (B, heads, L_src, D) of ``source`` (B, L_src, kv_dim)."""
-        k = self.norm_k(self.to_k(source))
-        if rope is not None:
-            k = apply_rope(k, *rope)
-        return self._heads(k), self._heads(self.to_v(source))
+    def project_kv(self, source: mx.array) -> tuple[mx.array, mx.array]:
+        """Keys and values (B, heads, L_src, D) of a cross-attention ``source`` (B, L_src, kv_dim)."""
+        return self._heads(self.norm_k(self.to_k(source))), self._heads(self.to_v(source))
+
+    def _self_attention_qkv(
+        self, x: mx.array, rope: RopeTables | None
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """Queries and (keys, values) of x (B, L, dim) attending to itself, each (B, heads, L, D), the
+        queries and keys normed and rotated. As in Wan's self-attention, on the CPU the projections are
+        evaluated first and the q and k norms and rotations run at once on two streams
+        (:func:`~..elementwise.on_two_streams`)."""
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        evaluate_on_cpu(q, k, v)
+
+        def rotated(norm: RMSNorm) -> Callable[[mx.array], mx.array]:
+            def f(projected: mx.array) -> mx.array:
+                normed = norm(projected)
+                return self._heads(normed if rope is None else apply_rope(normed, *rope))
+
+            return f
+
+        q, k = on_two_streams((rotated(self.norm_q), q), (rotated(self.norm_k), k))
+        return q, (k, self._heads(v))
 
     def __call__(
         self,
@@ -327,12 +346,12 @@ class LTXAttention(nn.Module):
     ) -> mx.array:
         """x (B, L, dim) attends to itself, to ``context`` (B, L_ctx, kv_dim) or to its precomputed ``kv``;
         rope: tables for x's tokens (self-attention); bias: broadcastable to (B, heads, L, L_ctx)."""
-        q = self.norm_q(self.to_q(x))
-        if rope is not None:
-            q = apply_rope(q, *rope)
-        if kv is None:
-            kv = self.project_kv(x if context is None else context, rope)
-        out = attention(self._heads(q), *kv, mask=bias)
+        if kv is None and context is None:
+            q, kv = self._self_attention_qkv(x, rope)
+        else:
+            q = self._heads(self.norm_q(self.to_q(x)))
+            kv = self.project_kv(context) if kv is None else kv
+        out = attention(q, *kv, mask=bias)
         B, _, L, _ = out.shape
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
