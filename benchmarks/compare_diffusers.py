@@ -38,6 +38,11 @@ Usage::
     python benchmarks/compare_diffusers.py --vae small     # the same with a narrow VAE: denoise dominates
     python benchmarks/compare_diffusers.py --cache-dir /tmp/wan-bench --no-readme
     python benchmarks/compare_diffusers.py --family ltx --json benchmarks/results_ltx.json  # 33 frames, CFG 3
+    python benchmarks/compare_diffusers.py --vae small --repeat 5  # medians of 5 runs of each side, alternately
+
+``--repeat N`` runs each side N times, diffusers and mlx-i2v alternately, and reports the median of every
+figure (the targets' ratios are those of the medians) with each run's own ratios beside them: on a machine
+whose speed moves between runs, one run of each side says little.
 
 On Linux, MLX's CPU wheel ships a slow reference BLAS; the MLX subprocess gets Debian's OpenBLAS with
 ``LD_PRELOAD`` (``--blas``) and ``OPENBLAS_THREAD_TIMEOUT=4``, as the README's Linux notes say to run it,
@@ -646,6 +651,65 @@ def denoise_loop(result: dict[str, Any]) -> float:
     return result["seconds"]["denoise"] - result.get("loading_seconds", {}).get("denoise", 0.0)
 
 
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's runs as one result: every number the median of that number over the runs (lists of
+    numbers, such as the step ends, element by element), everything else the first run's."""
+    first = runs[0]
+    if all(r == first for r in runs[1:]):
+        return first
+    if isinstance(first, dict):
+        return {k: median_result([r[k] for r in runs]) for k in first}
+    if isinstance(first, list) and all(isinstance(r, list) and len(r) == len(first) for r in runs):
+        return [median_result(list(values)) for values in zip(*runs)]
+    if all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in runs):
+        return float(np.median(runs))
+    return first
+
+
+# Per-run figures kept in the report (--repeat): the targets' ratios and what moves them.
+RUN_FIGURES = {
+    "end to end": lambda c: c["ratio_generate_s"],
+    "peak RSS": lambda c: c["ratio_peak_rss"],
+    "denoise loop": lambda c: c["ratio_stage_s"]["denoise_loop"],
+    "loop / its matmuls": lambda c: c["denoise_over_matmuls"]["mlx"],
+    "last step / its matmuls": lambda c: c["last_step_over_matmuls"]["mlx"],
+    "VAE decode": lambda c: c["ratio_stage_s"]["decode"],
+}
+RUN_TARGETS = {"end to end": 0.9, "peak RSS": 0.75, "denoise loop": 0.9, "loop / its matmuls": 1.15}
+
+
+def _run_summary(comparison: dict[str, Any], runs: dict[str, list[dict[str, Any]]], i: int) -> dict[str, Any]:
+    """One run's ratios (:data:`RUN_FIGURES`) and each side's end-to-end seconds."""
+    figures = {}
+    for name, figure in RUN_FIGURES.items():
+        try:
+            figures[name] = figure(comparison)
+        except (KeyError, TypeError):  # not timed (LTX's matmuls)
+            figures[name] = None
+    seconds = {side: side_runs[min(i, len(side_runs) - 1)]["generate_s"] for side, side_runs in runs.items() if side_runs}
+    return {"ratios": figures, "generate_s": seconds, "max_abs_diff": comparison["max_abs_diff"]}
+
+
+def runs_line(report: dict[str, Any]) -> str:
+    """How the medians were taken and each run's spread (reports of one run: nothing)."""
+    per_run = report.get("per_run")
+    if not per_run:
+        return ""
+    parts = []
+    for name in RUN_FIGURES:
+        values = [r["ratios"][name] for r in per_run if r["ratios"].get(name) is not None]
+        if not values:
+            continue
+        part = f"{name} {min(values):.2f}-{max(values):.2f}x"
+        if name in RUN_TARGETS:
+            part += f" (met in {sum(v <= RUN_TARGETS[name] for v in values)} of {len(values)})"
+        parts.append(part)
+    return (
+        f"\n- Each figure is the median of {report['runs']} runs of each side, diffusers and mlx-i2v alternately,"
+        f" and so are the targets' ratios; the runs' own ratios: {'; '.join(parts)}."
+    )
+
+
 def _loading(result: dict[str, Any]) -> float:
     return sum(result.get("loading_seconds", {}).values())
 
@@ -701,7 +765,7 @@ def markdown(report: dict[str, Any]) -> str:
 - Job: height {job['height']} x width {job['width']}, {job['frames']} frames, {job['steps']} steps, guidance
   {job['guidance']:g} (CFG: batch of 2); {c['frames_shape'][0]} frames out.
 - 1-minute load average before -> after each run (other work on the machine inflates wall times, not
-  CPU times): diffusers {load(d)}, mlx-i2v {load(m)}.
+  CPU times): diffusers {load(d)}, mlx-i2v {load(m)}.{runs_line(report)}
 
 | stage | diffusers | mlx-i2v | mlx / diffusers |
 |---|---:|---:|---:|
@@ -870,6 +934,8 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true",
                         help="each side generates once before the timed run (GPUs: kernel compilation, autotuning)")
     parser.add_argument("--blas", default=DEFAULT_BLAS, help="library preloaded for MLX on Linux ('' for none)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each side, alternately; the report gives each figure's median and the spread")
     parser.add_argument("--only", choices=["diffusers", "mlx"], help="rerun one side, reusing the other's result")
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results.json")
     parser.add_argument("--no-readme", action="store_true", help="do not write benchmarks/README.md")
@@ -919,13 +985,25 @@ def main() -> None:
 
     blas = args.blas if sys.platform == "linux" and args.blas and Path(args.blas).exists() else None
     mlx_env = dict(OPENBLAS_SETTINGS, **env, LD_PRELOAD=blas) if blas else env  # the caller's settings win
-    for side, side_env in (("diffusers", env), ("mlx", mlx_env)):
-        if args.only not in (None, side):
-            continue
-        print(f"running {side} ...", flush=True)
-        _child(["--worker", side, "--job", str(job_file)], side_env, work / f"{side}.log")
-    results = {side: json.loads((work / f"result_{side}.json").read_text()) for side in ("diffusers", "mlx")}
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    runs: dict[str, list[dict[str, Any]]] = {"diffusers": [], "mlx": []}
+    per_run = []
+    for i in range(args.repeat):
+        for side, side_env in (("diffusers", env), ("mlx", mlx_env)):
+            if args.only not in (None, side):
+                continue
+            print(f"running {side}{f' ({i + 1} of {args.repeat})' if args.repeat > 1 else ''} ...", flush=True)
+            _child(["--worker", side, "--job", str(job_file)], side_env, work / f"{side}.log")
+            runs[side].append(json.loads((work / f"result_{side}.json").read_text()))
+        # a side not rerun (--only) keeps its last result
+        pair = {side: (runs[side] or [json.loads((work / f"result_{side}.json").read_text())])[-1] for side in runs}
+        per_run.append(compare(pair, work))
+    results = {side: median_result(side_runs) if side_runs else pair[side] for side, side_runs in runs.items()}
     comparison = compare(results, work)
+    if args.repeat > 1:  # the frames of every run, not just the last
+        comparison["max_abs_diff"] = max(c["max_abs_diff"] for c in per_run)
+        comparison["mean_abs_diff"] = max(c["mean_abs_diff"] for c in per_run)
     mach = machine()
     key = re.sub(r"[^a-z0-9]+", "-", f"{mach.get('cpu', '')}-{mach['cores']}c-{job['torch_device']}-"
                  f"{args.height}x{args.width}x{frames}-s{args.steps}-l{args.layers}-{args.dtype}{tag}".lower())  # fmt: skip
@@ -939,6 +1017,8 @@ def main() -> None:
         "job": job,
         **results,
         "comparison": comparison,
+        "runs": args.repeat,
+        "per_run": [_run_summary(c, runs, i) for i, c in enumerate(per_run)] if args.repeat > 1 else None,
         "targets": {
             "wall": comparison["ratio_generate_s"] <= 0.9,
             "rss": comparison["ratio_peak_rss"] <= 0.75,
