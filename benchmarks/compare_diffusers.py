@@ -686,7 +686,7 @@ def _run_summary(comparison: dict[str, Any], runs: dict[str, list[dict[str, Any]
             figures[name] = figure(comparison)
         except (KeyError, TypeError):  # not timed (LTX's matmuls)
             figures[name] = None
-    seconds = {side: side_runs[min(i, len(side_runs) - 1)]["generate_s"] for side, side_runs in runs.items() if side_runs}
+    seconds = {side: rs[i]["generate_s"] for side, rs in runs.items() if rs}  # none for a side --only skips
     return {"ratios": figures, "generate_s": seconds, "max_abs_diff": comparison["max_abs_diff"]}
 
 
@@ -704,10 +704,13 @@ def runs_line(report: dict[str, Any]) -> str:
         if name in RUN_TARGETS:
             part += f" (met in {sum(v <= RUN_TARGETS[name] for v in values)} of {len(values)})"
         parts.append(part)
-    return (
-        f"\n- Each figure is the median of {report['runs']} runs of each side, diffusers and mlx-i2v alternately,"
-        f" and so are the targets' ratios; the runs' own ratios: {'; '.join(parts)}."
+    counts = report["runs"]
+    how = (
+        f"the median of {counts['mlx']} runs of each side, diffusers and mlx-i2v alternately,"
+        if counts["mlx"] == counts["diffusers"]
+        else f"the median of mlx-i2v's {counts['mlx']} and diffusers' {counts['diffusers']} run(s),"
     )
+    return f"\n- Each figure is {how} and so are the targets' ratios; the runs' own ratios: {'; '.join(parts)}."
 
 
 def _loading(result: dict[str, Any]) -> float:
@@ -1017,7 +1020,7 @@ def main() -> None:
         "job": job,
         **results,
         "comparison": comparison,
-        "runs": args.repeat,
+        "runs": {side: len(side_runs) or 1 for side, side_runs in runs.items()},  # 1: a result --only reused
         "per_run": [_run_summary(c, runs, i) for i, c in enumerate(per_run)] if args.repeat > 1 else None,
         "targets": {
             "wall": comparison["ratio_generate_s"] <= 0.9,
