@@ -651,7 +651,7 @@ def denoise_loop(result: dict[str, Any]) -> float:
     return result["seconds"]["denoise"] - result.get("loading_seconds", {}).get("denoise", 0.0)
 
 
-def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def median_result(runs: list[Any]) -> Any:
     """One side's runs as one result: every number the median of that number over the runs (lists of
     numbers, such as the step ends, element by element), everything else the first run's."""
     first = runs[0]

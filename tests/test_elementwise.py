@@ -13,6 +13,7 @@ import pytest
 from mlx_i2v.models import rows
 from mlx_i2v.models.attention import attention, softmax_attention, with_ones_column
 from mlx_i2v.models.elementwise import exp2_kernel, exp2_nonpositive, gelu_tanh, on_two_streams, silu
+from mlx_i2v.models.layers import apply_rope
 from mlx_i2v.models.rows import _row_split, row_max
 
 
@@ -85,7 +86,6 @@ def test_half_precision_round_trips():
     assert mx.allclose(gelu_tanh(x).astype(mx.float32), want.astype(mx.float32), rtol=1e-2, atol=1e-3).item()
 
 
-
 def test_on_two_streams_gives_each_function_its_own_input():
     x, y = mx.random.normal((64, 48)), mx.random.normal((8, 48))
     a, b = on_two_streams((silu, x), (lambda t: gelu_tanh(t) * 2, y))
@@ -98,13 +98,11 @@ def test_self_attention_with_norms_on_two_streams_is_bit_identical(family):
     sub-layer computed in one chain, exactly, with each norm on its own projection."""
     mx.random.seed(3)
     if family == "wan":
-        from mlx_i2v.models.layers import apply_rope
         from mlx_i2v.models.wan.transformer import WanAttention, WanRotaryPosEmbed
 
         attn, rope = WanAttention(64, 4, 1e-6), WanRotaryPosEmbed(16, 64)((2, 3, 4))
         rotate = lambda t: apply_rope(attn._heads(t), *rope)  # noqa: E731
     else:
-        from mlx_i2v.models.layers import apply_rope
         from mlx_i2v.models.ltx.transformer import LTXAttention, LTXTransformerConfig
 
         config = LTXTransformerConfig(num_attention_heads=4, attention_head_dim=16, cross_attention_dim=64)
@@ -117,6 +115,7 @@ def test_self_attention_with_norms_on_two_streams_is_bit_identical(family):
     out = attention(q, k, attn._heads(attn.to_v(x)))
     want = attn.to_out[0](out.transpose(0, 2, 1, 3).reshape(2, 24, 64))
     assert mx.array_equal(attn(x, rope=rope), want).item()
+
 
 # The element-wise work is split on the first axis longer than 1: batch, heads, queries, or not at all.
 # With own_cores each half runs its matmuls too, on its own stream.
