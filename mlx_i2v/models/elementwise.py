@@ -179,19 +179,17 @@ def silu(x: mx.array) -> mx.array:
     return _silu_from_half_exp(x32, _exp_minus_half_abs(x32)).astype(x.dtype)
 
 
-def on_two_streams(
-    first: tuple[Callable[[mx.array], mx.array], mx.array], second: tuple[Callable[[mx.array], mx.array], mx.array]
-) -> tuple[mx.array, mx.array]:
-    """``fn(x)`` for two independent ``(fn, x)`` pieces of element-wise work (any shapes), lazily. MLX's CPU
-    element-wise kernels run on one thread each, so on the CPU each piece is queued on a stream of its own
-    and the two run at once; the caller evaluates the inputs first, so that no matmul behind them (which
-    uses every core) runs beside the pieces. On a GPU both are queued on the default stream."""
+def on_two_streams(first: Callable[[], mx.array], second: Callable[[], mx.array]) -> tuple[mx.array, mx.array]:
+    """The arrays two independent pieces of element-wise work build (``first()``, ``second()``), lazily.
+    MLX's CPU element-wise kernels run on one thread each, so on the CPU each piece is queued on a stream of
+    its own and the two run at once; the caller evaluates their inputs first, so that no matmul behind them
+    (which uses every core) runs beside the pieces. On a GPU both are queued on the default stream."""
     if not on_cpu():
-        return first[0](first[1]), second[0](second[1])
+        return first(), second()
     out = []
-    for stream, (fn, x) in zip(two_streams(), (first, second)):
+    for stream, work in zip(two_streams(), (first, second)):
         with mx.stream(stream):
-            out.append(fn(x))
+            out.append(work())
     return out[0], out[1]
 
 

@@ -28,7 +28,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -322,17 +322,14 @@ class LTXAttention(nn.Module):
         queries and keys normed and rotated. As in Wan's self-attention, on the CPU the projections are
         evaluated first and the q and k norms and rotations run at once on two streams
         (:func:`~..elementwise.on_two_streams`)."""
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        evaluate_on_cpu(q, k, v)
+        q_proj, k_proj, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        evaluate_on_cpu(q_proj, k_proj, v)
 
-        def rotated(norm: RMSNorm) -> Callable[[mx.array], mx.array]:
-            def f(projected: mx.array) -> mx.array:
-                normed = norm(projected)
-                return self._heads(normed if rope is None else apply_rope(normed, *rope))
+        def rotated(norm: RMSNorm, projected: mx.array) -> mx.array:
+            normed = norm(projected)
+            return self._heads(normed if rope is None else apply_rope(normed, *rope))
 
-            return f
-
-        q, k = on_two_streams((rotated(self.norm_q), q), (rotated(self.norm_k), k))
+        q, k = on_two_streams(lambda: rotated(self.norm_q, q_proj), lambda: rotated(self.norm_k, k_proj))
         return q, (k, self._heads(v))
 
     def __call__(

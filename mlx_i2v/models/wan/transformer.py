@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import Mapping, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -215,17 +215,14 @@ class WanAttention(nn.Module):
         rotations, element-wise work of one thread each there, then run at once on two streams
         (:func:`~..elementwise.on_two_streams`): the TI2V-5B self-attention sub-layer at 2 x 1056 tokens
         took 1052-1070 ms against 1069-1093 ms (three runs each, alternately; 2-core EPYC), bit-identical."""
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        evaluate_on_cpu(q, k, v)
+        q_proj, k_proj, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        evaluate_on_cpu(q_proj, k_proj, v)
 
-        def rotated(norm: RMSNorm) -> Callable[[mx.array], mx.array]:
-            def f(projected: mx.array) -> mx.array:
-                heads = self._heads(norm(projected))
-                return heads if rope is None else apply_rope(heads, *rope)
+        def rotated(norm: RMSNorm, projected: mx.array) -> mx.array:
+            heads = self._heads(norm(projected))
+            return heads if rope is None else apply_rope(heads, *rope)
 
-            return f
-
-        q, k = on_two_streams((rotated(self.norm_q), q), (rotated(self.norm_k), k))
+        q, k = on_two_streams(lambda: rotated(self.norm_q, q_proj), lambda: rotated(self.norm_k, k_proj))
         return q, k, self._heads(v)
 
     def __call__(
